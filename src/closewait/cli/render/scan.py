@@ -1,0 +1,142 @@
+"""The terminal view of a Snapshot (``closewait scan``)."""
+
+from __future__ import annotations
+
+import shlex
+
+from rich.console import Console
+from rich.markup import escape
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from closewait.cli.render import console
+from closewait.diagnosis import format_duration
+from closewait.model import Finding, ProcessGroup, Snapshot, TcpState
+
+#: Rows shown per process unless --wide.
+ROWS_PER_PROCESS = 10
+
+
+def _process_title(group: ProcessGroup) -> Text:
+    process = group.process
+    if process is None:
+        return Text("no owning process", style="bold yellow")
+    cmd = shlex.join(process.cmdline) if process.cmdline else f"[{process.name}]"
+    if len(cmd) > 100:
+        cmd = cmd[:97] + "..."
+    title = Text()
+    title.append(f"pid {process.pid}", style="bold")
+    title.append(f"  {process.name}", style="bold cyan")
+    title.append(f"  {cmd}", style="dim")
+    return title
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _group_summary(group: ProcessGroup, states: frozenset[TcpState]) -> Text:
+    roles = sorted({f.role.value for f in group.findings})
+    what = "socket" if len(states) != 1 else f"{next(iter(states)).name} socket"
+    line = Text("  ")
+    line.append(_plural(group.count, what), style="bold red" if TcpState.CLOSE_WAIT in states else "bold")
+    line.append(f"  role {'/'.join(roles)}")
+    if group.oldest_idle_ms is not None:
+        line.append(f"  oldest idle {format_duration(group.oldest_idle_ms)}")
+    if group.unread_bytes:
+        line.append(f"  unread {group.unread_bytes} B")
+    return line
+
+
+def _diagnosis_lines(group: ProcessGroup) -> list[Text]:
+    lines: list[Text] = []
+    seen: dict[str, Finding] = {}
+    counts = group.diagnosis_counts()
+    for finding in group.findings:
+        if finding.diagnosis and finding.diagnosis.code not in seen:
+            seen[finding.diagnosis.code] = finding
+    for code, finding in sorted(seen.items(), key=lambda item: -counts[item[0]]):
+        assert finding.diagnosis is not None
+        line = Text("  ")
+        line.append(f"{code}", style="bold magenta")
+        line.append(f" x{counts[code]}: ", style="magenta")
+        line.append(finding.diagnosis.summary)
+        lines.append(line)
+        remedy = Text("    fix: ", style="green")
+        remedy.append(finding.diagnosis.remedy)
+        lines.append(remedy)
+    return lines
+
+
+def _socket_table(group: ProcessGroup, multi_state: bool, wide: bool) -> Table:
+    table = Table(box=None, padding=(0, 2), pad_edge=False, show_edge=False, header_style="dim")
+    if multi_state:
+        table.add_column("STATE")
+    table.add_column("LOCAL")
+    table.add_column("REMOTE")
+    table.add_column("IDLE", justify="right")
+    table.add_column("RECV-Q", justify="right")
+    table.add_column("SEND-Q", justify="right")
+    table.add_column("FD", justify="right")
+    table.add_column("ROLE")
+    table.add_column("DIAGNOSIS")
+    rows = group.findings if wide else group.findings[:ROWS_PER_PROCESS]
+    pid = group.process.pid if group.process else None
+    for finding in rows:
+        sock = finding.socket
+        fds = ",".join(str(o.fd) for o in finding.owners if o.process.pid == pid) or "-"
+        cells = [
+            str(sock.local),
+            str(sock.remote),
+            format_duration(sock.idle_ms) if sock.idle_ms is not None else "-",
+            str(sock.recv_q),
+            str(sock.send_q),
+            fds,
+            finding.role.value,
+            finding.diagnosis.code if finding.diagnosis else "",
+        ]
+        if multi_state:
+            cells.insert(0, sock.state.ss_name)
+        table.add_row(*[escape(c) for c in cells])
+    return table
+
+
+def print_snapshot(snapshot: Snapshot, *, wide: bool = False, out: Console | None = None) -> None:
+    out = out or console()
+    names = ", ".join(sorted(s.name for s in snapshot.states)) if len(snapshot.states) <= 3 else "the asked states"
+    where = f" in network namespace {snapshot.netns}" if snapshot.netns else ""
+    if not snapshot.findings:
+        if snapshot.states == frozenset({TcpState.CLOSE_WAIT}):
+            out.print(f"no sockets in CLOSE_WAIT{where}")
+        else:
+            out.print(f"no sockets in {names}{where}")
+        _print_errors(snapshot)
+        return
+    groups = snapshot.by_process()
+    processes = sum(1 for g in groups if g.process is not None)
+    header = Text()
+    header.append(f"{_plural(len(snapshot.findings), 'socket')} in {names}", style="bold")
+    header.append(f", held by {_plural(processes, 'process')}".replace("processs", "processes"))
+    header.append(f"{where}  (source: {snapshot.backend})", style="dim")
+    out.print(header)
+    multi_state = len(snapshot.states) > 1
+    for group in groups:
+        out.print()
+        out.print(_process_title(group))
+        out.print(_group_summary(group, snapshot.states))
+        for line in _diagnosis_lines(group):
+            out.print(line)
+        out.print(Padding(_socket_table(group, multi_state, wide), (0, 0, 0, 2), expand=False))
+        hidden = group.count - ROWS_PER_PROCESS
+        if not wide and hidden > 0:
+            out.print(Text(f"  ... and {hidden} more (--wide shows all)", style="dim"))
+    if not snapshot.owners_resolved:
+        out.print(Text("\nowners not looked up (--no-owners): role unknown", style="dim"))
+    _print_errors(snapshot)
+
+
+def _print_errors(snapshot: Snapshot) -> None:
+    err = console(stderr=True)
+    for message in snapshot.errors:
+        err.print(Text(f"warning: {message}", style="yellow"))

@@ -1,0 +1,47 @@
+"""``closewait scan``: the sockets, grouped by owning process, with a diagnosis and remedy each."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from closewait.cli._options import backend_option, filter_options, state_option, states_from
+from closewait.scan import CLOSE_WAIT_ONLY, scan
+from closewait.serialize import snapshot_dict
+
+
+@click.command("scan")
+@state_option
+@filter_options
+@backend_option
+@click.option("--no-owners", is_flag=True, help="Skip finding the owning processes (much faster on big hosts).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (docs/json.md).")
+@click.option("--wide", is_flag=True, help="Show every socket, not only the first ones of each process.")
+def scan_command(
+    states: tuple[str, ...],
+    ports: tuple[int, ...],
+    pids: tuple[int, ...],
+    netns: str | None,
+    backend: str,
+    no_owners: bool,
+    as_json: bool,
+    wide: bool,
+) -> None:
+    """List sockets stuck in CLOSE_WAIT (or other states), who holds them, and why."""
+    snapshot = scan(
+        states_from(states, CLOSE_WAIT_ONLY),
+        ports=ports,
+        pids=pids,
+        netns=netns,
+        backend=backend,
+        owners=not no_owners,
+    )
+    if as_json:
+        json.dump(snapshot_dict(snapshot), sys.stdout, separators=(",", ":"))
+        sys.stdout.write("\n")
+        return
+    from closewait.cli.render.scan import print_snapshot
+
+    print_snapshot(snapshot, wide=wide)

@@ -1,0 +1,343 @@
+"""The data model: what a TCP socket, its owners and a scan of them are.
+
+Everything here is an immutable value. Sources (``closewait.sources``) build these objects from the
+kernel; ``closewait.diagnosis`` reads them; views render them. Nothing here imports a UI or a metrics
+library, and nothing here touches the kernel.
+
+Numbers and names follow the kernel (``include/net/tcp_states.h``, ``uapi/linux/tcp.h``) so code can
+be grepped against it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+class TcpState(enum.IntEnum):
+    """TCP states with the kernel's numbers (``include/net/tcp_states.h``)."""
+
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+    TIME_WAIT = 6
+    CLOSE = 7
+    CLOSE_WAIT = 8
+    LAST_ACK = 9
+    LISTEN = 10
+    CLOSING = 11
+    NEW_SYN_RECV = 12
+
+    @property
+    def ss_name(self) -> str:
+        """The name ``ss`` uses on its command line and in its output (``close-wait``)."""
+        return _SS_NAMES[self]
+
+    @property
+    def bit(self) -> int:
+        """This state's bit in an inet_diag ``idiag_states`` mask."""
+        return 1 << int(self)
+
+    @classmethod
+    def from_ss_name(cls, name: str) -> TcpState:
+        """Parse ``ss``'s spelling (``close-wait``); also accepts the kernel's (``CLOSE_WAIT``)."""
+        key = name.strip().lower().replace("_", "-")
+        for state, ss_name in _SS_NAMES.items():
+            if ss_name == key:
+                return state
+        raise ValueError(f"unknown TCP state {name!r}")
+
+
+_SS_NAMES: dict[TcpState, str] = {
+    TcpState.ESTABLISHED: "established",
+    TcpState.SYN_SENT: "syn-sent",
+    TcpState.SYN_RECV: "syn-recv",
+    TcpState.FIN_WAIT1: "fin-wait-1",
+    TcpState.FIN_WAIT2: "fin-wait-2",
+    TcpState.TIME_WAIT: "time-wait",
+    TcpState.CLOSE: "closed",
+    TcpState.CLOSE_WAIT: "close-wait",
+    TcpState.LAST_ACK: "last-ack",
+    TcpState.LISTEN: "listening",
+    TcpState.CLOSING: "closing",
+    TcpState.NEW_SYN_RECV: "new-syn-recv",
+}
+
+#: States a connection passes through while it is being torn down.
+TEARDOWN_STATES: frozenset[TcpState] = frozenset(
+    {
+        TcpState.FIN_WAIT1,
+        TcpState.FIN_WAIT2,
+        TcpState.TIME_WAIT,
+        TcpState.CLOSE_WAIT,
+        TcpState.LAST_ACK,
+        TcpState.CLOSING,
+    }
+)
+ALL_STATES: frozenset[TcpState] = frozenset(TcpState)
+
+
+def state_mask(states: Iterable[TcpState]) -> int:
+    """The inet_diag ``idiag_states`` bitmask selecting ``states``."""
+    mask = 0
+    for state in states:
+        mask |= state.bit
+    return mask
+
+
+def parse_states(names: Iterable[str]) -> frozenset[TcpState]:
+    """Turn ``--state`` values (ss's spelling, plus ``all`` and ``teardown``) into states.
+
+    Raises ``ValueError`` naming the first value it does not know.
+    """
+    states: set[TcpState] = set()
+    for name in names:
+        key = name.strip().lower()
+        if key == "all":
+            states |= ALL_STATES
+        elif key == "teardown":
+            states |= TEARDOWN_STATES
+        elif key in ("listen", "listening"):
+            states.add(TcpState.LISTEN)
+        else:
+            states.add(TcpState.from_ss_name(key))
+    return frozenset(states)
+
+
+class Family(enum.StrEnum):
+    IPV4 = "ipv4"
+    IPV6 = "ipv6"
+
+
+class Role(enum.StrEnum):
+    """Which end of the connection the owning process is."""
+
+    SERVER = "server"
+    CLIENT = "client"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    """One end of a connection. ``address`` is the text form (``127.0.0.1``, ``::1``)."""
+
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.address:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpInfo:
+    """The ``struct tcp_info`` fields closewait uses (netlink ``INET_DIAG_INFO`` only).
+
+    Times are milliseconds ago, as the kernel reports them.
+    """
+
+    state: int
+    retransmits: int
+    probes: int
+    backoff: int
+    rto_us: int
+    last_data_sent_ms: int
+    last_ack_recv_ms: int
+    last_data_recv_ms: int
+    rtt_us: int
+    unacked: int
+    total_retrans: int
+    bytes_acked: int | None = None
+    bytes_received: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Socket:
+    """One TCP socket as the kernel reports it.
+
+    ``recv_q`` and ``send_q`` are the kernel's numbers (``idiag_rqueue``/``idiag_wqueue``, or the
+    ``rx_queue``/``tx_queue`` columns of /proc/net/tcp). For a listening socket they are the accept
+    backlog and its limit.
+    """
+
+    state: TcpState
+    family: Family
+    local: Endpoint
+    remote: Endpoint
+    inode: int
+    uid: int
+    recv_q: int
+    send_q: int
+    #: inet_diag's socket cookie, stable for the socket's life (netlink only).
+    cookie: int | None = None
+    tcp_info: TcpInfo | None = None
+    #: Which backend produced this record: "netlink" or "procfs".
+    source: str = "netlink"
+
+    @property
+    def key(self) -> tuple[Family, Endpoint, Endpoint]:
+        """What identifies the connection in the TCP table."""
+        return (self.family, self.local, self.remote)
+
+    @property
+    def eof_read(self) -> bool:
+        """In CLOSE_WAIT, the owner has read the peer's FIN (read() returned 0).
+
+        The kernel counts the FIN as one byte of Recv-Q until the application reads past it, so a
+        Recv-Q of 0 in CLOSE_WAIT means EOF was read and the socket was still not closed.
+        """
+        return self.state == TcpState.CLOSE_WAIT and self.recv_q == 0
+
+    @property
+    def unread_bytes(self) -> int:
+        """Bytes of data waiting to be read, not counting the FIN."""
+        if self.state == TcpState.CLOSE_WAIT:
+            return max(self.recv_q - 1, 0)
+        if self.state == TcpState.LISTEN:
+            return 0
+        return self.recv_q
+
+    @property
+    def idle_ms(self) -> int | None:
+        """Milliseconds since anything arrived from the peer (for CLOSE_WAIT: since its FIN, at least).
+
+        From tcp_info's ``tcpi_last_ack_recv``: the FIN carries an ACK, a bare FIN does not update
+        ``tcpi_last_data_recv``. ``None`` when the backend has no tcp_info (procfs).
+        """
+        if self.tcp_info is None:
+            return None
+        return self.tcp_info.last_ack_recv_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    """A process, identified by pid and start time so a reused pid is never mistaken for it."""
+
+    pid: int
+    #: Start time in clock ticks since boot (field 22 of /proc/PID/stat).
+    start_time: int
+    name: str
+    cmdline: tuple[str, ...]
+    uid: int | None = None
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        return (self.pid, self.start_time)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """One descriptor of one process that refers to a socket."""
+
+    process: Process
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    """Why a socket is where it is, and what fixes it. ``code`` is stable and documented."""
+
+    code: str
+    summary: str
+    remedy: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A socket with what closewait learned about it."""
+
+    socket: Socket
+    owners: tuple[Owner, ...]
+    role: Role
+    diagnosis: Diagnosis | None
+
+    @property
+    def processes(self) -> tuple[Process, ...]:
+        seen: dict[tuple[int, int], Process] = {}
+        for owner in self.owners:
+            seen.setdefault(owner.process.identity, owner.process)
+        return tuple(seen.values())
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessGroup:
+    """The findings held by one process (or by nobody, when ``process`` is None)."""
+
+    process: Process | None
+    findings: tuple[Finding, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.findings)
+
+    @property
+    def oldest_idle_ms(self) -> int | None:
+        idles = [f.socket.idle_ms for f in self.findings if f.socket.idle_ms is not None]
+        return max(idles) if idles else None
+
+    @property
+    def unread_bytes(self) -> int:
+        return sum(f.socket.unread_bytes for f in self.findings)
+
+    def diagnosis_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for finding in self.findings:
+            code = finding.diagnosis.code if finding.diagnosis else "-"
+            counts[code] = counts.get(code, 0) + 1
+        return counts
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The result of one scan: findings, the states asked for, and what went wrong on the way.
+
+    ``errors`` are problems that did not stop the scan (for example owners that could not be read
+    without root); each is one line for a person.
+    """
+
+    findings: tuple[Finding, ...]
+    states: frozenset[TcpState]
+    taken_at: float
+    backend: str
+    netns: str | None = None
+    owners_resolved: bool = True
+    errors: tuple[str, ...] = ()
+    #: How many sockets the kernel reported per state, for every state asked for (zeros included).
+    state_counts: Mapping[TcpState, int] = field(default_factory=dict)
+
+    def in_state(self, state: TcpState) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.socket.state == state)
+
+    def by_process(self, state: TcpState | None = None) -> list[ProcessGroup]:
+        """Findings grouped by owning process, worst first (most sockets, then oldest).
+
+        A socket shared by several processes (fork, SCM_RIGHTS) appears under each of them.
+        Sockets with no known owner form one group with ``process=None``, listed last.
+        """
+        groups: dict[tuple[int, int] | None, list[Finding]] = {}
+        processes: dict[tuple[int, int], Process] = {}
+        for finding in self.findings:
+            if state is not None and finding.socket.state != state:
+                continue
+            owners = finding.processes
+            if not owners:
+                groups.setdefault(None, []).append(finding)
+            for process in owners:
+                processes[process.identity] = process
+                groups.setdefault(process.identity, []).append(finding)
+        result = [
+            ProcessGroup(processes[key] if key is not None else None, tuple(items)) for key, items in groups.items()
+        ]
+        result.sort(
+            key=lambda g: (
+                g.process is None,
+                -g.count,
+                -(g.oldest_idle_ms or 0),
+                g.process.pid if g.process else 0,
+            )
+        )
+        return result

@@ -1,0 +1,1 @@
+"""closewait's pytest plugin (entry point ``pytest11``). Inactive unless asked for."""

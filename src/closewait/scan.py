@@ -1,0 +1,119 @@
+"""Compose a Snapshot: sockets from a source, owners from /proc, role and diagnosis for each.
+
+``scan()`` is what ``closewait scan`` runs and what watch, check, the exporter, reap and the pytest
+plugin build on. It validates its arguments first (one clear ``ClosewaitError`` each), then reads
+the kernel once per source, then resolves only the owners of the sockets it kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterable
+
+from closewait import diagnosis as rules
+from closewait.errors import UsageError
+from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState
+from closewait.sources import SocketSource, get_source
+from closewait.sources import netns as netns_mod
+from closewait.sources.owners import find_owners, read_process
+
+CLOSE_WAIT_ONLY: frozenset[TcpState] = frozenset({TcpState.CLOSE_WAIT})
+
+
+def validate_ports(ports: Iterable[int]) -> frozenset[int]:
+    result = frozenset(ports)
+    for port in result:
+        if not 0 < port <= 65535:
+            raise UsageError(f"port {port} is out of range (1-65535)")
+    return result
+
+
+def validate_pids(pids: Iterable[int], proc_root: str = "/proc") -> frozenset[int]:
+    """Check each pid exists now (raises NoSuchProcess for the first that does not)."""
+    result = frozenset(pids)
+    for pid in result:
+        if pid <= 0:
+            raise UsageError(f"pid {pid} is not a process id")
+        read_process(pid, proc_root)
+    return result
+
+
+def scan(
+    states: Collection[TcpState] = CLOSE_WAIT_ONLY,
+    *,
+    ports: Iterable[int] = (),
+    pids: Iterable[int] = (),
+    netns: str | netns_mod.Netns | None = None,
+    backend: str | SocketSource = "auto",
+    owners: bool = True,
+    proc_root: str = "/proc",
+) -> Snapshot:
+    """Every TCP socket in ``states`` (default CLOSE_WAIT), with owners, role and diagnosis.
+
+    ``ports`` keeps sockets whose local or remote port is one of them. ``pids`` keeps sockets held
+    by those processes (and walks only their descriptors). ``netns`` scans another network
+    namespace; owners are still looked up across all of the host's processes. ``owners=False``
+    skips the /proc walk (role is then ``unknown``).
+    """
+    wanted_states = frozenset(states)
+    if not wanted_states:
+        raise UsageError("no TCP state asked for")
+    port_filter = validate_ports(ports)
+    pid_filter = validate_pids(pids, proc_root)
+    if pid_filter and not owners:
+        raise UsageError("--pid needs owners; drop --no-owners")
+    ns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
+    source = get_source(backend) if isinstance(backend, str) else backend
+
+    # Listening sockets tell which end of a connection its owner is; fetch them in the same dump.
+    need_listeners = owners and bool(wanted_states - {TcpState.LISTEN})
+    dump_states = wanted_states | {TcpState.LISTEN} if need_listeners else wanted_states
+    taken_at = time.time()
+    with netns_mod.entered(ns):
+        raw = list(source.sockets(dump_states))
+
+    listeners = [s for s in raw if s.state == TcpState.LISTEN]
+    targets = [s for s in raw if s.state in wanted_states]
+    if port_filter:
+        targets = [s for s in targets if s.local.port in port_filter or s.remote.port in port_filter]
+
+    errors: list[str] = []
+    owner_index: dict[int, list[Owner]] = {}
+    listening: list[tuple[int, Endpoint]] = []
+    if owners and targets:
+        inodes = {s.inode for s in targets} | {s.inode for s in listeners}
+        owner_map = find_owners(inodes, pids=sorted(pid_filter) if pid_filter else None, proc_root=proc_root)
+        owner_index = owner_map.owners
+        errors.extend(owner_map.errors())
+        for listener in listeners:
+            for owner in owner_map.owners.get(listener.inode, ()):
+                listening.append((owner.process.pid, listener.local))
+    host_ports = {s.local.port for s in listeners}
+
+    findings: list[Finding] = []
+    for sock in targets:
+        sock_owners = tuple(owner_index.get(sock.inode, ()))
+        if pid_filter and not sock_owners:
+            continue
+        role = rules.role_of(sock, sock_owners, listening, host_ports) if owners else Role.UNKNOWN
+        findings.append(Finding(sock, sock_owners, role, rules.diagnose(sock, sock_owners, role)))
+    findings.sort(key=_finding_order)
+
+    counts = dict.fromkeys(sorted(wanted_states), 0)
+    for finding in findings:
+        counts[finding.socket.state] += 1
+    return Snapshot(
+        findings=tuple(findings),
+        states=wanted_states,
+        taken_at=taken_at,
+        backend=source.name,
+        netns=ns.path if ns is not None else None,
+        owners_resolved=owners,
+        errors=tuple(errors),
+        state_counts=counts,
+    )
+
+
+def _finding_order(finding: Finding) -> tuple[int, int, int, int]:
+    sock = finding.socket
+    return (int(sock.state), -(sock.idle_ms or 0), sock.local.port, sock.remote.port)

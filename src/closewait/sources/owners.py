@@ -1,0 +1,184 @@
+"""Which processes hold which sockets: socket inode -> every (process, fd) referring to it.
+
+The kernel keeps no socket -> process index, so this walks /proc/PID/fd like ``ss -p`` and ``lsof``
+do. The walk is the expensive part of a scan, so it does the least it can:
+
+- it resolves only the inodes it is asked for (a socket may have owners in several processes, so
+  every process is visited), or only the pids the caller names;
+- it lists each fd directory through one directory descriptor and ``readlinkat`` on it, so the
+  kernel does not re-resolve ``/proc/PID/fd`` for every link;
+- it compares link text before converting anything, and reads a process's stat and cmdline only
+  when that process holds a wanted socket.
+
+Processes that exit mid-walk are skipped. Directories it may not read are counted and reported as
+one line ("owner unknown: permission denied ..."), never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from closewait.errors import AccessDenied, KernelDataError, NoSuchProcess
+from closewait.model import Owner, Process
+
+log = logging.getLogger(__name__)
+
+_SOCKET_PREFIX = "socket:["
+
+
+@dataclass
+class OwnerMap:
+    """The result of a walk: owners by inode, and what could not be read."""
+
+    owners: dict[int, list[Owner]] = field(default_factory=dict)
+    denied_pids: list[int] = field(default_factory=list)
+    #: Every process that holds at least one wanted socket, by pid.
+    processes: dict[int, Process] = field(default_factory=dict)
+
+    def errors(self) -> list[str]:
+        if not self.denied_pids:
+            return []
+        n = len(self.denied_pids)
+        return [f"owner unknown for sockets of {n} process{'es' if n != 1 else ''}: permission denied, run as root"]
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def parse_stat(text: str) -> tuple[str, int]:
+    """(comm, start time in clock ticks) from the text of /proc/PID/stat.
+
+    comm may contain spaces and parentheses, so it runs to the *last* ')'.
+    """
+    open_paren = text.find("(")
+    close_paren = text.rfind(")")
+    if open_paren < 0 or close_paren < open_paren:
+        raise KernelDataError(f"malformed /proc/PID/stat: {text[:80]!r}")
+    comm = text[open_paren + 1 : close_paren]
+    rest = text[close_paren + 2 :].split()
+    # rest[0] is field 3 (state); starttime is field 22.
+    if len(rest) < 20:
+        raise KernelDataError(f"malformed /proc/PID/stat: {len(rest) + 2} fields")
+    try:
+        return comm, int(rest[19])
+    except ValueError:
+        raise KernelDataError(f"malformed start time in /proc/PID/stat: {rest[19]!r}") from None
+
+
+def read_process(pid: int, proc_root: str = "/proc") -> Process:
+    """Name, cmdline, start time and uid of ``pid``. Raises NoSuchProcess if it is gone."""
+    base = f"{proc_root}/{pid}"
+    try:
+        comm, start_time = parse_stat(_read_bytes(f"{base}/stat").decode("utf-8", "replace"))
+        raw_cmdline = _read_bytes(f"{base}/cmdline")
+        uid: int | None
+        try:
+            uid = os.stat(base).st_uid
+        except OSError:
+            uid = None
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(pid) from None
+    except PermissionError as err:
+        raise AccessDenied(f"cannot read {base}: permission denied") from err
+    cmdline = tuple(part.decode("utf-8", "replace") for part in raw_cmdline.split(b"\0") if part)
+    return Process(pid=pid, start_time=start_time, name=comm, cmdline=cmdline, uid=uid)
+
+
+def list_pids(proc_root: str = "/proc") -> list[int]:
+    return [int(name) for name in os.listdir(proc_root) if name.isdigit()]
+
+
+def socket_fds(pid: int, proc_root: str = "/proc") -> dict[int, int]:
+    """fd -> socket inode for every socket descriptor of ``pid``.
+
+    Raises NoSuchProcess if the process is gone and AccessDenied if its fds cannot be read.
+    """
+    try:
+        dir_fd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(pid) from None
+    except PermissionError as err:
+        raise AccessDenied(f"cannot read the descriptors of pid {pid}: permission denied, run as root") from err
+    result: dict[int, int] = {}
+    try:
+        for name in os.listdir(dir_fd):
+            try:
+                link = os.readlink(name, dir_fd=dir_fd)
+            except OSError:
+                continue  # closed since listing
+            if link.startswith(_SOCKET_PREFIX):
+                result[int(name)] = int(link[8:-1])
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(pid) from None
+    finally:
+        os.close(dir_fd)
+    return result
+
+
+def find_owners(
+    inodes: Collection[int],
+    *,
+    pids: Iterable[int] | None = None,
+    proc_root: str = "/proc",
+) -> OwnerMap:
+    """Every (process, fd) holding one of ``inodes``.
+
+    ``pids`` restricts the walk to those processes (much faster when the caller knows them).
+    """
+    wanted = frozenset(i for i in inodes if i)
+    result = OwnerMap()
+    if not wanted:
+        return result
+    if pids is None:
+        try:
+            pids = list_pids(proc_root)
+        except OSError as err:
+            raise AccessDenied(f"cannot list {proc_root}: {err.strerror}") from err
+    readlink = os.readlink
+    listdir = os.listdir
+    prefix = _SOCKET_PREFIX
+    for pid in pids:
+        try:
+            dir_fd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+            continue  # exited since listing
+        except PermissionError:
+            result.denied_pids.append(pid)
+            continue
+        hits: list[tuple[int, int]] = []
+        try:
+            for name in listdir(dir_fd):
+                try:
+                    link = readlink(name, dir_fd=dir_fd)
+                except OSError:
+                    continue
+                if link.startswith(prefix):
+                    inode = int(link[8:-1])
+                    if inode in wanted:
+                        hits.append((int(name), inode))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        except PermissionError:
+            result.denied_pids.append(pid)
+            continue
+        finally:
+            os.close(dir_fd)
+        if not hits:
+            continue
+        try:
+            process = read_process(pid, proc_root)
+        except NoSuchProcess:
+            continue
+        except AccessDenied:
+            process = Process(pid=pid, start_time=0, name="?", cmdline=())
+        result.processes[pid] = process
+        for fd, inode in hits:
+            result.owners.setdefault(inode, []).append(Owner(process, fd))
+    for owner_list in result.owners.values():
+        owner_list.sort(key=lambda o: (o.process.pid, o.fd))
+    return result
