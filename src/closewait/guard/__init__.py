@@ -1,0 +1,1 @@
+"""Prevention: the remedies as reusable pieces (timing-wheel idle reaper, guarded asyncio server, tracing, sentinel)."""

@@ -1,0 +1,1 @@
+"""closewait lab: the article turned into experiments on this kernel (see docs/lab.md)."""
