@@ -253,3 +253,80 @@ def dump(
     finally:
         if own:
             nl.close()
+
+
+def count_by_state(
+    families: Iterable[Family] = (Family.IPV4, Family.IPV6),
+    *,
+    sock: socket.socket | None = None,
+) -> dict[TcpState, int]:
+    """How many TCP sockets are in each state (every state, zeros included), cheaply.
+
+    One dump of all states per family without INET_DIAG_INFO; only each message's ``idiag_state``
+    byte is read, no Socket is built. On a host with 100,000 connections this costs a fraction of
+    ``dump()``. NLMSG_ERROR and NLMSG_DONE are handled first, as in ``parse_messages``.
+    """
+    counts = dict.fromkeys(sorted(TcpState), 0)
+    by_number = {int(state): state for state in TcpState}
+    own = sock is None
+    nl = open_socket() if sock is None else sock
+    try:
+        for family in families:
+            request = build_request(family, TcpState, with_info=False)
+            seq = NLMSGHDR.unpack_from(request, 0)[3]
+            try:
+                nl.sendto(request, (0, 0))
+            except OSError as err:
+                raise NetlinkError(f"sock_diag request failed: {err.strerror}", errno=err.errno) from err
+            done = False
+            while not done:
+                try:
+                    data = nl.recv(_RECV_BUFFER)
+                except OSError as err:
+                    raise NetlinkError(f"sock_diag receive failed: {err.strerror}", errno=err.errno) from err
+                if not data:
+                    raise NetlinkError("sock_diag reply ended before NLMSG_DONE")
+                try:
+                    done = _count_messages(data, seq, counts, by_number)
+                except NetlinkError as err:
+                    if err.errno == errno_mod.ENOENT and family == Family.IPV6:
+                        break  # IPv6 disabled at boot: no tcp6 table
+                    raise
+    finally:
+        if own:
+            nl.close()
+    return counts
+
+
+def _count_messages(data: bytes, seq: int, counts: dict[TcpState, int], by_number: dict[int, TcpState]) -> bool:
+    """Add one recv()'s SOCK_DIAG_BY_FAMILY messages to ``counts`` by state. Returns True at the end."""
+    offset = 0
+    end = len(data)
+    state_at = NLMSGHDR.size + 1  # inet_diag_msg.idiag_state
+    while offset < end:
+        if end - offset < NLMSGHDR.size:
+            raise NetlinkError(f"netlink message header truncated: {end - offset} bytes left")
+        length, msg_type, _flags, msg_seq, _pid = NLMSGHDR.unpack_from(data, offset)
+        if length < NLMSGHDR.size or offset + length > end:
+            raise NetlinkError(f"netlink message length {length} does not fit the {end - offset} bytes received")
+        if msg_seq == seq:
+            if msg_type == NLMSG_ERROR:
+                if length < NLMSGHDR.size + 4:
+                    raise NetlinkError("NLMSG_ERROR truncated")
+                (error,) = struct.unpack_from("=i", data, offset + NLMSGHDR.size)
+                if error == 0:
+                    return True
+                raise NetlinkError(f"sock_diag: {os.strerror(-error)}", errno=-error)
+            if msg_type == NLMSG_DONE:
+                return True
+            if msg_type == SOCK_DIAG_BY_FAMILY:
+                if length < NLMSGHDR.size + INET_DIAG_MSG.size:
+                    raise NetlinkError(f"inet_diag_msg truncated: {length - NLMSGHDR.size} bytes")
+                state = by_number.get(data[offset + state_at])
+                if state is None:
+                    raise NetlinkError(f"inet_diag_msg with unknown TCP state {data[offset + state_at]}")
+                counts[state] += 1
+            elif msg_type != NLMSG_NOOP:
+                raise NetlinkError(f"unexpected netlink message type {msg_type}")
+        offset += _align4(length)
+    return False

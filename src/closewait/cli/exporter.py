@@ -1,0 +1,76 @@
+"""``closewait exporter``: serve CLOSE_WAIT metrics for Prometheus at http://HOST:PORT/metrics.
+
+Binds to loopback unless told otherwise. A bad ``--listen`` or a port in use is one line on stderr
+and exit 2, before anything is served. SIGTERM and SIGINT stop it cleanly: the listening socket is
+closed, in-flight scrapes finish, exit 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import click
+
+from closewait.metrics import (
+    DEFAULT_LISTEN,
+    DEFAULT_MIN_INTERVAL,
+    DEFAULT_TOP_N,
+    CloseWaitCollector,
+    MetricsServer,
+    build_registry,
+    parse_listen,
+)
+
+
+@click.command("exporter")
+@click.option(
+    "--listen",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address to serve /metrics on; [::1]:PORT for IPv6, port 0 for any free port.",
+)
+@click.option(
+    "--all-netns",
+    is_flag=True,
+    help="Cover every network namespace on the host (containers); adds a netns label. Needs root/CAP_SYS_ADMIN.",
+)
+@click.option(
+    "--top",
+    "top_n",
+    type=click.IntRange(min=0),
+    default=DEFAULT_TOP_N,
+    show_default=True,
+    help='Processes with their own series; the rest are summed into process="other".',
+)
+@click.option(
+    "--min-interval",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_MIN_INTERVAL,
+    show_default=True,
+    metavar="SECONDS",
+    help="Reuse a scan younger than this; concurrent scrapes share one scan. 0 scans on every scrape.",
+)
+def exporter_command(listen: str, all_netns: bool, top_n: int, min_interval: float) -> None:
+    """Serve CLOSE_WAIT metrics (per state, per process, per namespace) for Prometheus."""
+    host, port = parse_listen(listen)
+    collector = CloseWaitCollector(top_n=top_n, min_interval=min_interval, all_netns=all_netns)
+    server = MetricsServer(build_registry(collector), host, port)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server.start()
+    click.echo(f"closewait exporter: serving {server.url}", err=True)
+    try:
+        while not stop.wait(3600):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    click.echo("closewait exporter: stopped", err=True)

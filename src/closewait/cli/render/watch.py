@@ -1,0 +1,116 @@
+"""The terminal view of ``closewait watch``: a table refreshed in place, or plain lines for pipes and logs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from closewait.cli.render import console
+from closewait.diagnosis import format_duration
+from closewait.watch import ProcessSample, Sample, Trend
+
+_TREND_STYLE = {
+    Trend.LEAKING: "bold red",
+    Trend.GROWING: "yellow",
+    Trend.SHRINKING: "green",
+    Trend.STEADY: "",
+    Trend.NEW: "dim",
+}
+
+
+def _who(row: ProcessSample) -> tuple[str, str]:
+    if row.process is None:
+        return "-", "(no owner)"
+    return str(row.process.pid), row.process.name
+
+
+def _age(seconds: float | None) -> str:
+    return "-" if seconds is None else format_duration(int(seconds * 1000))
+
+
+def _rate(row: ProcessSample) -> str:
+    return "-" if row.rate_per_minute is None else f"{row.rate_per_minute:+.1f}"
+
+
+def _verdict(row: ProcessSample) -> str:
+    return "LEAK" if row.leaking else row.trend.value
+
+
+def _header(sample: Sample, window: int) -> str:
+    clock = time.strftime("%H:%M:%S", time.localtime(sample.taken_at))
+    where = f" in {sample.netns}" if sample.netns else ""
+    return (
+        f"{clock}  sample {sample.index + 1}  CLOSE_WAIT total {sample.total} ({sample.total_change:+d} since start)"
+        f"{where}  leak window {window} samples"
+    )
+
+
+def sample_table(sample: Sample, window: int) -> Group:
+    """The live view of one sample: a header line and one row per process."""
+    table = Table(box=None, padding=(0, 2), pad_edge=False, header_style="dim")
+    for name, justify in (
+        ("PID", "right"),
+        ("PROCESS", "left"),
+        ("COUNT", "right"),
+        ("CHANGE", "right"),
+        ("RATE/MIN", "right"),
+        ("OLDEST SEEN", "right"),
+        ("OLDEST IDLE", "right"),
+        ("DIAGNOSIS", "left"),
+        ("VERDICT", "left"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in sample.processes:
+        pid, name = _who(row)
+        table.add_row(
+            pid,
+            escape(name),
+            str(row.count),
+            f"{row.change:+d}",
+            _rate(row),
+            _age(row.oldest_first_seen_s),
+            _age(row.oldest_idle_s),
+            escape(row.diagnosis),
+            Text(_verdict(row), style=_TREND_STYLE[row.trend]),
+        )
+    parts: list[Text | Table] = [Text(_header(sample, window), style="bold")]
+    if sample.processes:
+        parts.append(table)
+    else:
+        parts.append(Text("no sockets in CLOSE_WAIT", style="green"))
+    parts.extend(Text(f"warning: {message}", style="yellow") for message in sample.errors)
+    return Group(*parts)
+
+
+def plain_lines(sample: Sample, window: int) -> list[str]:
+    """The same content as lines of text, for output that is not a terminal."""
+    lines = [_header(sample, window)]
+    for row in sample.processes:
+        pid, name = _who(row)
+        lines.append(
+            f"  pid {pid} {name}: count {row.count} ({row.change:+d}), rate {_rate(row)}/min,"
+            f" oldest seen {_age(row.oldest_first_seen_s)}, idle {_age(row.oldest_idle_s)},"
+            f" {row.diagnosis}, {_verdict(row)}"
+        )
+    lines.extend(f"  warning: {message}" for message in sample.errors)
+    return lines
+
+
+def show(samples: Iterable[Sample], window: int, *, live: bool, out: Console | None = None) -> None:
+    """Print every sample: refreshed in place when ``live`` (a terminal), else as plain lines."""
+    out = out or console()
+    if not live:
+        for sample in samples:
+            for line in plain_lines(sample, window):
+                out.print(line, markup=False, highlight=False)
+            out.file.flush()
+        return
+    with Live(console=out, auto_refresh=False, transient=False) as view:
+        for sample in samples:
+            view.update(sample_table(sample, window), refresh=True)

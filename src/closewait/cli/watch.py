@@ -1,0 +1,83 @@
+"""``closewait watch``: CLOSE_WAIT per process over time, with rate, ages and a leak verdict.
+
+Refreshes in place on a terminal, prints plain lines otherwise, or one JSON object per sample
+with ``--jsonl``. The numbers and the leak verdict are defined in ``closewait.watch``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from closewait.cli._options import backend_option, filter_options
+from closewait.model import Snapshot
+from closewait.scan import CLOSE_WAIT_ONLY, scan
+from closewait.sources import get_source
+from closewait.sources import netns as netns_mod
+from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, Tracker, sample_dict, sample_forever
+
+
+@click.command("watch")
+@click.option(
+    "-i",
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time between samples.",
+)
+@click.option(
+    "-n", "--count", type=click.IntRange(min=1), metavar="N", help="Stop after N samples (default: run until Ctrl-C)."
+)
+@click.option("--jsonl", is_flag=True, help="Print one JSON object per sample (docs/monitoring.md).")
+@click.option(
+    "--window",
+    type=click.IntRange(min=2),
+    default=DEFAULT_WINDOW,
+    show_default=True,
+    help="Leak verdict: samples the count must not decrease over.",
+)
+@click.option(
+    "--min-growth",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MIN_GROWTH,
+    show_default=True,
+    help="Leak verdict: sockets the count must grow by over the window.",
+)
+@filter_options
+@backend_option
+def watch_command(
+    interval: float,
+    count: int | None,
+    jsonl: bool,
+    window: int,
+    min_growth: int,
+    ports: tuple[int, ...],
+    pids: tuple[int, ...],
+    netns: str | None,
+    backend: str,
+) -> None:
+    """Watch CLOSE_WAIT per process: count, change, rate, oldest age, diagnosis and leak verdict."""
+    ns = netns_mod.resolve(netns) if netns else None
+    source = get_source(backend)
+
+    def take() -> Snapshot:
+        return scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, netns=ns, backend=source)
+
+    take()  # a bad --pid or --netns fails here, before any output
+    tracker = Tracker(window=window, min_growth=min_growth)
+    samples = sample_forever(take, tracker, interval=interval, count=count)
+    try:
+        if jsonl:
+            for sample in samples:
+                sys.stdout.write(json.dumps(sample_dict(sample), separators=(",", ":")) + "\n")
+                sys.stdout.flush()
+            return
+        from closewait.cli.render.watch import show
+
+        show(samples, window, live=sys.stdout.isatty())
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how an unbounded watch ends

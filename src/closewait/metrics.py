@@ -1,0 +1,449 @@
+"""closewait's Prometheus exporter: a custom Collector and the small HTTP server that serves it.
+
+Nothing is registered at import. Build a ``CloseWaitCollector`` and register it on the registry you
+choose (``registry`` and the ``/proc`` root are injected, as in prometheus_client's own
+process_collector)::
+
+    registry = CollectorRegistry()
+    registry.register(CloseWaitCollector(top_n=20, min_interval=5))
+
+``describe()`` returns the metric families without samples, so registering never scans.
+
+How a scrape is made (docs/monitoring.md has the metric reference):
+
+- **State counts** (``closewait_tcp_sockets{state}``, every state, zeros included): one netlink
+  dump of all states per family *without* tcp_info and without owners, reading only each message's
+  state byte (``netlink.count_by_state``). This is what node_exporter's tcpstat gives, minus its gap:
+  states with no sockets still emit 0, so ``rate()`` and alerts do not see series vanish.
+- **CLOSE_WAIT per process**: ``closewait.scan`` of CLOSE_WAIT (plus listeners, for the role) with
+  owners. Only CLOSE_WAIT sockets are dumped with tcp_info and only their inodes are looked for in
+  /proc/PID/fd, so 100,000 established connections cost one cheap count, not 100,000 owner lookups.
+- **Minimum interval**: a scan younger than ``min_interval`` seconds is reused, and scrapes that
+  arrive while a scan runs wait for it, so two Prometheus servers (HA pairs) or a dashboard refresh
+  storm cost one scan. ``min_interval=0`` rescans on every scrape (benchmarks).
+- **Bounded cardinality**: per-process series are kept for the ``top_n`` processes by CLOSE_WAIT
+  count; the rest are summed into ``process="other"`` (``pid=""``), sockets with no owner into
+  ``process="unowned"``. ``closewait_processes_folded`` says how many processes were folded.
+- **Errors are counted, never swallowed**: ``closewait_scan_errors_total{kind}`` with ``kind`` one
+  of ``scan`` (the scan failed; the last good values are not re-served, only the counters and
+  ``closewait_scan_success 0``), ``netns`` (a namespace vanished or could not be entered) and
+  ``owners`` (some /proc/PID/fd were unreadable: run as root or with CAP_SYS_PTRACE).
+- **All namespaces** (``all_netns=True``): every network namespace any process is in
+  (``netns.discover()``, deduplicated by inode) is counted and scanned through a netlink socket
+  opened inside it, and the series get a ``netns`` label naming the lowest pid in it and its name
+  (``"4711/nginx"``). Socket inodes are unique host-wide, so owners are found with ONE /proc walk
+  for all namespaces. Pitfall: the "local port has a listener" role fallback then sees listeners of
+  every namespace, so in a rare case a client socket whose local port some other namespace listens
+  on is called server.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from closewait.errors import ClosewaitError, NotSupported, UsageError
+from closewait.model import Snapshot, Socket, TcpState
+from closewait.scan import scan
+from closewait.sources import netlink, procfs
+from closewait.sources import netns as netns_mod
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:9947"
+DEFAULT_TOP_N = 20
+DEFAULT_MIN_INTERVAL = 5.0
+ERROR_KINDS = ("scan", "netns", "owners")
+OTHER = "other"
+UNOWNED = "unowned"
+
+_CLOSE_WAIT = frozenset({TcpState.CLOSE_WAIT})
+
+
+def state_label(state: TcpState) -> str:
+    """The ``state`` label value: the kernel's name in lower case (``close_wait``), as node_exporter spells it."""
+    return state.name.lower()
+
+
+@dataclass
+class _NamespaceSource:
+    """A SocketSource over one or more network namespaces that also counts every state in each.
+
+    ``scan()`` calls ``sockets()`` once; the counts and the inode -> namespace map it leaves behind
+    are read afterwards. ``None`` in ``namespaces`` means the caller's own namespace.
+    """
+
+    namespaces: list[tuple[netns_mod.Netns | None, str]]
+    name: str = "netlink"
+    counts: dict[str, dict[TcpState, int]] = field(default_factory=dict)
+    netns_of_inode: dict[int, str] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def sockets(self, states: frozenset[TcpState]) -> Iterable[Socket]:
+        found: list[Socket] = []
+        for ns, label in self.namespaces:
+            try:
+                counts, sockets = self._read(ns, states)
+            except ClosewaitError as err:
+                if ns is None:
+                    raise  # the host's own table: the scan as a whole has failed
+                self.failures.append(f"{label}: {err}")
+                log.info("skipping network namespace %s: %s", label, err)
+                continue
+            self.counts[label] = counts
+            for sock in sockets:
+                self.netns_of_inode[sock.inode] = label
+            found.extend(sockets)
+        return found
+
+    def _read(
+        self, ns: netns_mod.Netns | None, states: frozenset[TcpState]
+    ) -> tuple[dict[TcpState, int], list[Socket]]:
+        try:
+            with netns_mod.entered(ns):
+                # A netlink socket keeps the namespace it was opened in; dump it after leaving.
+                nl = netlink.open_socket()
+        except ClosewaitError as err:
+            if ns is not None or not isinstance(err, NotSupported):
+                raise
+            self.name = "procfs"  # no sock_diag at all: read /proc/net/tcp{,6} instead
+            every = list(procfs.dump(TcpState))
+            counts = dict.fromkeys(sorted(TcpState), 0)
+            for sock in every:
+                counts[sock.state] += 1
+            return counts, [s for s in every if s.state in states]
+        try:
+            counts = netlink.count_by_state(sock=nl)
+            return counts, list(netlink.dump(states, sock=nl))
+        finally:
+            nl.close()
+
+
+@dataclass
+class _Row:
+    """One (netns, pid, process) row of per-process series, summed over its sockets."""
+
+    by_role_diagnosis: dict[tuple[str, str], int] = field(default_factory=dict)
+    oldest_idle_s: float = 0.0
+    unread_bytes: int = 0
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_role_diagnosis.values())
+
+    def add(self, other: _Row) -> None:
+        for key, n in other.by_role_diagnosis.items():
+            self.by_role_diagnosis[key] = self.by_role_diagnosis.get(key, 0) + n
+        self.oldest_idle_s = max(self.oldest_idle_s, other.oldest_idle_s)
+        self.unread_bytes += other.unread_bytes
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What one scan produced, before it becomes metric families."""
+
+    counts: dict[str, dict[TcpState, int]]
+    rows: dict[tuple[str, str, str], _Row]
+    folded: int
+    duration_s: float
+    finished_at: float
+
+
+def fold_rows(rows: dict[tuple[str, str, str], _Row], top_n: int) -> tuple[dict[tuple[str, str, str], _Row], int]:
+    """Keep the ``top_n`` processes with the most CLOSE_WAIT; sum the rest into process="other" per netns.
+
+    Keys are (netns, pid, process). The ``unowned`` row is kept whatever ``top_n`` is (one per netns).
+    Ties are broken by pid so the choice is stable between scrapes. Returns (rows, processes folded).
+    """
+    owned = [(key, row) for key, row in rows.items() if key[2] != UNOWNED]
+    owned.sort(key=lambda item: (-item[1].count, item[0]))
+    result = {key: row for key, row in rows.items() if key[2] == UNOWNED}
+    for key, row in owned[:top_n]:
+        result[key] = row
+    for key, row in owned[top_n:]:
+        result.setdefault((key[0], "", OTHER), _Row()).add(row)
+    return result, max(0, len(owned) - top_n)
+
+
+def rows_from_snapshot(snapshot: Snapshot, netns_of_inode: dict[int, str]) -> dict[tuple[str, str, str], _Row]:
+    """Per-(netns, pid, process) sums of one snapshot's CLOSE_WAIT sockets (a shared socket counts under each owner)."""
+    rows: dict[tuple[str, str, str], _Row] = {}
+    for finding in snapshot.in_state(TcpState.CLOSE_WAIT):
+        sock = finding.socket
+        ns_label = netns_of_inode.get(sock.inode, "")
+        keys = [(ns_label, str(p.pid), p.name) for p in finding.processes] or [(ns_label, "", UNOWNED)]
+        role_diag = (finding.role.value, finding.diagnosis.code if finding.diagnosis else "")
+        for key in keys:
+            row = rows.setdefault(key, _Row())
+            row.by_role_diagnosis[role_diag] = row.by_role_diagnosis.get(role_diag, 0) + 1
+            if sock.idle_ms is not None:
+                row.oldest_idle_s = max(row.oldest_idle_s, sock.idle_ms / 1000)
+            row.unread_bytes += sock.unread_bytes
+    return rows
+
+
+class CloseWaitCollector(Collector):
+    """The exporter's Collector: ``collect()`` scans (at most once per ``min_interval``), ``describe()`` never does."""
+
+    def __init__(
+        self,
+        *,
+        proc_root: str = "/proc",
+        top_n: int = DEFAULT_TOP_N,
+        min_interval: float = DEFAULT_MIN_INTERVAL,
+        all_netns: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if top_n < 0:
+            raise UsageError(f"--top must not be negative, got {top_n}")
+        if min_interval < 0:
+            raise UsageError(f"--min-interval must not be negative, got {min_interval}")
+        self.proc_root = proc_root
+        self.top_n = top_n
+        self.min_interval = min_interval
+        self.all_netns = all_netns
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cached: list[Metric] | None = None
+        self._cached_at = 0.0
+        self._errors = dict.fromkeys(ERROR_KINDS, 0)
+        self._scans = 0
+        self._last_duration = 0.0
+
+    # -- scanning ----------------------------------------------------------------------------------
+
+    def _namespaces(self) -> list[tuple[netns_mod.Netns | None, str]]:
+        if not self.all_netns:
+            return [(None, "")]
+        found: list[tuple[netns_mod.Netns | None, str]] = []
+        for ns, pid in netns_mod.discover(self.proc_root):
+            found.append((ns, f"{pid}/{_comm(self.proc_root, pid)}"))
+        return found
+
+    def scan_once(self) -> ScanResult:
+        """One full scan (no caching). Raises ClosewaitError if the host's own tables cannot be read."""
+        started = time.perf_counter()
+        source = _NamespaceSource(self._namespaces())
+        snapshot = scan(_CLOSE_WAIT, backend=source, proc_root=self.proc_root)
+        if source.failures:
+            self._errors["netns"] += len(source.failures)
+        if snapshot.errors:
+            self._errors["owners"] += 1
+        rows, folded = fold_rows(rows_from_snapshot(snapshot, source.netns_of_inode), self.top_n)
+        return ScanResult(
+            counts=source.counts,
+            rows=rows,
+            folded=folded,
+            duration_s=time.perf_counter() - started,
+            finished_at=time.time(),
+        )
+
+    # -- the Collector interface -------------------------------------------------------------------
+
+    def describe(self) -> Iterable[Metric]:
+        """The families with no samples: lets ``registry.register()`` check names without a scan."""
+        return self._families(None, describe_only=True)
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            now = self._clock()
+            if self._cached is None or now - self._cached_at >= self.min_interval:
+                result: ScanResult | None
+                try:
+                    result = self.scan_once()
+                except ClosewaitError as err:
+                    log.warning("scan failed: %s", err)
+                    self._errors["scan"] += 1
+                    result = None
+                self._scans += 1
+                self._cached = self._families(result)
+                self._cached_at = self._clock()
+            return list(self._cached)
+
+    # -- building the families ---------------------------------------------------------------------
+
+    def _families(self, result: ScanResult | None, *, describe_only: bool = False) -> list[Metric]:
+        ns = ["netns"] if self.all_netns else []
+        tcp = GaugeMetricFamily(
+            "closewait_tcp_sockets", "TCP sockets per state (every state, zeros included).", labels=[*ns, "state"]
+        )
+        per_role = GaugeMetricFamily(
+            "closewait_close_wait_sockets",
+            'CLOSE_WAIT sockets per owning process, role and diagnosis (top processes; the rest in process="other").',
+            labels=[*ns, "pid", "process", "role", "diagnosis"],
+        )
+        oldest = GaugeMetricFamily(
+            "closewait_close_wait_oldest_idle_seconds",
+            "Longest time since the peer sent anything (tcp_info last_ack_recv) among a process's CLOSE_WAIT sockets.",
+            labels=[*ns, "pid", "process"],
+        )
+        unread = GaugeMetricFamily(
+            "closewait_close_wait_unread_bytes",
+            "Bytes the peer sent before closing that a process's CLOSE_WAIT sockets never read.",
+            labels=[*ns, "pid", "process"],
+        )
+        duration = GaugeMetricFamily("closewait_scan_duration_seconds", "How long the last scan took.")
+        success = GaugeMetricFamily("closewait_scan_success", "1 if the last scan read the host's tables, else 0.")
+        last = GaugeMetricFamily("closewait_last_scan_timestamp_seconds", "When the last scan finished (Unix time).")
+        folded = GaugeMetricFamily(
+            "closewait_processes_folded", 'Processes whose CLOSE_WAIT series were summed into process="other".'
+        )
+        errors = CounterMetricFamily(
+            "closewait_scan_errors", "Scan problems by kind: scan (failed), netns (skipped), owners.", labels=["kind"]
+        )
+        scans = CounterMetricFamily("closewait_scans", "Scans made (scrapes within the minimum interval share one).")
+        families: list[Metric] = [tcp, per_role, oldest, unread, duration, success, last, folded, errors, scans]
+        if describe_only:
+            return families
+
+        for kind in ERROR_KINDS:
+            errors.add_metric([kind], self._errors[kind])
+        scans.add_metric([], self._scans)
+        success.add_metric([], 0 if result is None else 1)
+        if result is None:
+            return families
+        duration.add_metric([], result.duration_s)
+        last.add_metric([], result.finished_at)
+        folded.add_metric([], result.folded)
+        for label, counts in result.counts.items():
+            prefix = [label] if self.all_netns else []
+            for state, n in counts.items():
+                tcp.add_metric([*prefix, state_label(state)], n)
+        for (ns_label, pid, name), row in sorted(result.rows.items(), key=lambda item: (-item[1].count, item[0])):
+            prefix = [ns_label] if self.all_netns else []
+            for (role, diagnosis), n in sorted(row.by_role_diagnosis.items()):
+                per_role.add_metric([*prefix, pid, name, role, diagnosis], n)
+            oldest.add_metric([*prefix, pid, name], row.oldest_idle_s)
+            unread.add_metric([*prefix, pid, name], row.unread_bytes)
+        return families
+
+
+def _comm(proc_root: str, pid: int) -> str:
+    try:
+        with open(f"{proc_root}/{pid}/comm", encoding="utf-8", errors="replace") as handle:
+            return handle.read().strip() or "?"
+    except OSError:
+        return "?"
+
+
+# -- serving -----------------------------------------------------------------------------------------
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port). Port 0 asks the kernel for a free port.
+
+    Raises UsageError with one line for anything else.
+    """
+    value = text.strip()
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9947 or [::1]:9947")
+    port = int(port_text)
+    if port > 65535:
+        raise UsageError(f"--listen {text!r}: port {port} is out of range (0-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise UsageError(f"--listen {text!r}: give a host (0.0.0.0 to listen on every interface)")
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV)
+    except socket.gaierror as err:
+        raise UsageError(f"--listen {text!r}: cannot resolve {host!r}: {err.strerror}") from None
+    return host, port
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Do not log every scrape to stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+def _app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            result: Iterable[bytes] = metrics_app(environ, start_response)
+            return result
+        if path == "/":
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+            return [b'<html><body><h1>closewait exporter</h1><a href="/metrics">/metrics</a></body></html>\n']
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: the metrics are at /metrics\n"]
+
+    return app
+
+
+class MetricsServer:
+    """A threaded HTTP server serving ``registry`` at /metrics. Binding happens in the constructor,
+    so a bad address or a port in use raises (UsageError) before anything else starts."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        try:
+            self._httpd = make_server(host, port, _app(registry), Server, handler_class=_QuietHandler)
+        except OSError as err:
+            raise UsageError(f"cannot listen on {format_address(host, port)}: {err.strerror or err}") from None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{format_address(*self.address)}/metrics"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="closewait-exporter", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting, let the serving thread end, close the listening socket."""
+        self._httpd.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._httpd.server_close()
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def build_registry(collector: CloseWaitCollector) -> CollectorRegistry:
+    """A fresh registry holding only ``collector`` (no process/platform collectors: one job, one set of names)."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    return registry
+
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "DEFAULT_MIN_INTERVAL",
+    "DEFAULT_TOP_N",
+    "CloseWaitCollector",
+    "MetricsServer",
+    "ScanResult",
+    "build_registry",
+    "fold_rows",
+    "parse_listen",
+    "rows_from_snapshot",
+    "state_label",
+]
