@@ -1,1 +1,45 @@
-"""Prevention: the remedies as reusable pieces (timing-wheel idle reaper, guarded asyncio server, tracing, sentinel)."""
+"""Prevention: the remedies as reusable pieces (timing-wheel idle reaper, guarded asyncio server, tracing, sentinel).
+
+- ``TimingWheel`` (``guard.wheel``): idle-timeout bookkeeping, O(1) touch, amortised O(1) per connection.
+- ``SelectorReaper``/``TransportReaper`` (``guard.reaper``): close idle connections in a selectors
+  loop or in asyncio; ``close_socket``/``close_transport`` close for sure (shutdown, then close).
+- ``serve``/``start_server`` (``guard.server``): an asyncio stream server that closes on EOF and
+  when the handler returns, applies an idle timeout and TCP keepalive, limits connections and
+  counts every close by reason (``ServerStatistics``).
+"""
+
+from __future__ import annotations
+
+from closewait.guard.reaper import (
+    CloseReason,
+    ReaperStatistics,
+    SelectorReaper,
+    TransportReaper,
+    close_socket,
+    close_transport,
+)
+from closewait.guard.server import (
+    GuardedServer,
+    Handler,
+    ServerStatistics,
+    enable_keepalive,
+    serve,
+    start_server,
+)
+from closewait.guard.wheel import TimingWheel
+
+__all__ = [
+    "CloseReason",
+    "GuardedServer",
+    "Handler",
+    "ReaperStatistics",
+    "SelectorReaper",
+    "ServerStatistics",
+    "TimingWheel",
+    "TransportReaper",
+    "close_socket",
+    "close_transport",
+    "enable_keepalive",
+    "serve",
+    "start_server",
+]
