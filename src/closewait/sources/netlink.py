@@ -330,3 +330,102 @@ def _count_messages(data: bytes, seq: int, counts: dict[TcpState, int], by_numbe
                 raise NetlinkError(f"unexpected netlink message type {msg_type}")
         offset += _align4(length)
     return False
+
+
+# --- Exact lookups and SOCK_DESTROY (``closewait reap``) ---------------------------------------------------
+#: inet_diag_sockid with idiag_if in host order (INET_DIAG_SOCKID packs it big-endian, fine only for 0).
+_SOCKID_PORTS_ADDRS = struct.Struct(">HH16s16s")
+_SOCKID_IF_COOKIE = struct.Struct("=I8s")
+
+
+def _address_bytes(family: Family, address: str) -> bytes:
+    af = _FAMILY_AF[family]
+    return socket.inet_pton(af, address).ljust(16, b"\0")
+
+
+def build_exact_request(msg_type: int, sock: Socket, *, interface: int = 0, with_info: bool = False) -> bytes:
+    """A SOCK_DIAG_BY_FAMILY (get one) or SOCK_DESTROY request naming exactly ``sock``.
+
+    The id carries both endpoints and the socket's cookie, as ``ss -K`` copies ``inet_diag_msg.id``
+    (misc/ss.c, kill_inet_sock): the kernel answers ESTALE instead of acting when another socket now
+    has the same endpoints. ``interface`` is ``idiag_if``; 0 matches every socket not bound to a device.
+    """
+    if sock.cookie is None:
+        raise ValueError("an exact sock_diag request needs the socket's cookie (netlink backend)")
+    ext = (1 << (INET_DIAG_INFO - 1)) if with_info else 0
+    body = (
+        INET_DIAG_REQ_V2_HEAD.pack(_FAMILY_AF[sock.family], socket.IPPROTO_TCP, ext, 0, state_mask(TcpState))
+        + _SOCKID_PORTS_ADDRS.pack(
+            sock.local.port,
+            sock.remote.port,
+            _address_bytes(sock.family, sock.local.address),
+            _address_bytes(sock.family, sock.remote.address),
+        )
+        + _SOCKID_IF_COOKIE.pack(interface, sock.cookie.to_bytes(8, "little"))
+    )
+    header = NLMSGHDR.pack(NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, next(_seq), 0)
+    return header + body
+
+
+def _exchange(request: bytes, sock: socket.socket | None) -> list[Socket]:
+    """Send one acknowledged request and collect its replies up to the ACK (or raise its error)."""
+    seq = NLMSGHDR.unpack_from(request, 0)[3]
+    own = sock is None
+    nl = open_socket() if sock is None else sock
+    try:
+        try:
+            nl.sendto(request, (0, 0))
+        except OSError as err:
+            raise NetlinkError(f"sock_diag request failed: {err.strerror}", errno=err.errno) from err
+        found: list[Socket] = []
+        while True:
+            try:
+                data = nl.recv(_RECV_BUFFER)
+            except OSError as err:
+                raise NetlinkError(f"sock_diag receive failed: {err.strerror}", errno=err.errno) from err
+            if not data:
+                raise NetlinkError("sock_diag reply ended before its acknowledgement")
+            batch, done = parse_messages(data, seq)
+            found.extend(batch)
+            if done:
+                return found
+    finally:
+        if own:
+            nl.close()
+
+
+def lookup(sock: Socket, *, interface: int = 0, nl: socket.socket | None = None) -> Socket | None:
+    """The kernel's current record of exactly ``sock`` (same endpoints and cookie), or None if it is gone.
+
+    Unlike a dump this asks for one socket by id, so it is cheap enough to run right before acting on
+    it. A socket that left the TCP table (closed) or whose endpoints now belong to another socket
+    (cookie mismatch, ESTALE) is None.
+    """
+    try:
+        found = _exchange(build_exact_request(SOCK_DIAG_BY_FAMILY, sock, interface=interface, with_info=True), nl)
+    except NetlinkError as err:
+        if err.errno in (errno_mod.ENOENT, errno_mod.ESTALE):
+            return None
+        raise
+    return found[0] if found else None
+
+
+def destroy(sock: Socket, *, interface: int = 0, nl: socket.socket | None = None) -> None:
+    """SOCK_DESTROY exactly ``sock``, as ``ss -K`` does: the kernel aborts it (RST to the peer).
+
+    The owner's descriptor stays open; its next read returns EOF or ECONNABORTED and its next write
+    fails with ECONNABORTED/EPIPE. Raises ``AccessDenied`` without CAP_NET_ADMIN, ``NotSupported``
+    when the kernel lacks CONFIG_INET_DIAG_DESTROY, and ``NetlinkError`` with errno ENOENT or ESTALE
+    when the socket is gone (or its endpoints now belong to another socket).
+    """
+    try:
+        _exchange(build_exact_request(SOCK_DESTROY, sock, interface=interface), nl)
+    except NetlinkError as err:
+        if err.errno == errno_mod.EPERM:
+            raise AccessDenied("permission denied: SOCK_DESTROY needs CAP_NET_ADMIN (run as root)") from err
+        if err.errno == errno_mod.EOPNOTSUPP:
+            raise NotSupported(
+                "this kernel cannot destroy sockets (SOCK_DESTROY needs CONFIG_INET_DIAG_DESTROY); "
+                "use --method shutdown"
+            ) from err
+        raise

@@ -1,0 +1,128 @@
+"""The terminal view of a reap plan and its result (``closewait reap``)."""
+
+from __future__ import annotations
+
+import shlex
+
+from rich.console import Console
+from rich.markup import escape
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from closewait.cli.render import console
+from closewait.diagnosis import format_duration
+from closewait.remediate import Method, Outcome, ReapPlan, ReapResult, ReapTarget
+
+_METHOD_WORDS = {
+    Method.SHUTDOWN: "pidfd_getfd + shutdown(SHUT_RDWR): a normal FIN; the process keeps its fd, "
+    "its next recv() returns EOF and send() fails with EPIPE",
+    Method.DESTROY: "SOCK_DESTROY (like ss -K): the kernel aborts the socket with an RST; "
+    "the process keeps its fd, its next send() fails with ECONNABORTED",
+}
+_OUTCOME_STYLE = {Outcome.DONE: "green", Outcome.SKIPPED: "yellow", Outcome.FAILED: "bold red"}
+
+
+def _plural(n: int, word: str) -> str:
+    if n == 1:
+        return f"1 {word}"
+    return f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
+
+
+def _process_line(target: ReapTarget) -> str:
+    process = target.process
+    cmd = shlex.join(process.cmdline) if process.cmdline else f"[{process.name}]"
+    if len(cmd) > 80:
+        cmd = cmd[:77] + "..."
+    return f"pid {process.pid} {process.name}  {cmd}"
+
+
+def _row(target: ReapTarget) -> list[str]:
+    sock = target.socket
+    also = ", ".join(f"pid {o.process.pid} fd {o.fd}" for o in target.other_holders) or "-"
+    return [
+        str(target.process.pid),
+        ",".join(str(fd) for fd in target.fds),
+        str(sock.local),
+        str(sock.remote),
+        format_duration(sock.idle_ms) if sock.idle_ms is not None else "-",
+        str(sock.recv_q),
+        str(sock.inode),
+        also,
+    ]
+
+
+def _table(extra: str | None = None) -> Table:
+    table = Table(box=None, padding=(0, 2), pad_edge=False, show_edge=False, header_style="dim")
+    for name, justify in (
+        ("PID", "right"),
+        ("FD", "right"),
+        ("LOCAL", "left"),
+        ("REMOTE", "left"),
+        ("IDLE", "right"),
+        ("RECV-Q", "right"),
+        ("INODE", "right"),
+        ("ALSO HELD BY", "left"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    if extra:
+        table.add_column(extra)
+    return table
+
+
+def print_plan(plan: ReapPlan, *, dry_run: bool, out: Console | None = None) -> None:
+    out = out or console()
+    header = Text()
+    header.append(f"plan: {plan.method.value} {_plural(len(plan.targets), 'CLOSE_WAIT socket')}", style="bold")
+    header.append(f" held by {_plural(len(plan.processes), 'process')} ({plan.criteria.describe()})")
+    out.print(header)
+    for process_line in dict.fromkeys(_process_line(t) for t in plan.targets):
+        out.print(Text(f"  {process_line}", style="cyan"))
+    out.print(Text(f"  method: {_METHOD_WORDS[plan.method]}", style="dim"))
+    table = _table()
+    for target in plan.targets:
+        table.add_row(*[escape(c) for c in _row(target)])
+    out.print(Padding(table, (0, 0, 0, 2), expand=False))
+    _print_excluded(plan, out)
+    if dry_run:
+        out.print(Text("dry run: nothing was changed; add --yes to release these sockets", style="bold yellow"))
+
+
+def _print_excluded(plan: ReapPlan, out: Console) -> None:
+    for item in plan.excluded:
+        out.print(Text(f"  not touched: {item.socket.local} -> {item.socket.remote}: {item.reason}", style="yellow"))
+    err = console(stderr=True)
+    for message in plan.errors:
+        err.print(Text(f"warning: {message}", style="yellow"))
+
+
+def print_nothing(plan: ReapPlan, out: Console | None = None) -> None:
+    out = out or console()
+    out.print(f"nothing to reap: no CLOSE_WAIT socket matches {plan.criteria.describe()}")
+    _print_excluded(plan, out)
+
+
+def print_result(result: ReapResult, out: Console | None = None) -> None:
+    out = out or console()
+    table = _table("OUTCOME")
+    table.add_column("WHY")
+    for outcome in result.outcomes:
+        cells = [escape(c) for c in _row(outcome.target)]
+        table.add_row(
+            *cells,
+            Text(f"{outcome.outcome.value} ({outcome.code})", style=_OUTCOME_STYLE[outcome.outcome]),
+            escape(outcome.reason),
+        )
+    out.print()
+    out.print(Padding(table, (0, 0, 0, 2), expand=False))
+    summary = Text()
+    summary.append(f"released {len(result.done)}", style="bold green")
+    summary.append(f", skipped {len(result.skipped)}", style="bold yellow" if result.skipped else "")
+    summary.append(f", failed {len(result.failed)}", style="bold red" if result.failed else "")
+    codes: dict[str, int] = {}
+    for outcome in result.outcomes:
+        if outcome.outcome != Outcome.DONE:
+            codes[outcome.code] = codes.get(outcome.code, 0) + 1
+    if codes:
+        summary.append(" (" + ", ".join(f"{n} {code}" for code, n in codes.items()) + ")")
+    out.print(summary)
