@@ -1,0 +1,5 @@
+pytest_plugins = ["pytester"]
+
+
+def test_x(pytester):
+    pass
