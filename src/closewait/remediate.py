@@ -537,7 +537,7 @@ def _shutdown_one(target: ReapTarget, nl: socket_mod.socket, proc_root: str) -> 
     finally:
         if dup >= 0:
             os.close(dup)
-    return f"FIN sent with shutdown(); socket now {_state_name(after)}, fd {target.fd} stays open in pid {pid}"
+    return f"FIN sent; socket now {_state_name(after)}; fd {target.fd} stays open"
 
 
 def _destroy_one(target: ReapTarget, nl: socket_mod.socket, proc_root: str) -> str:
@@ -557,7 +557,7 @@ def _destroy_one(target: ReapTarget, nl: socket_mod.socket, proc_root: str) -> s
             if err.errno in (errno_mod.ENOENT, errno_mod.ESTALE):
                 raise _Skip("socket-gone", "socket left the TCP table just before SOCK_DESTROY") from err
             raise _Skip("destroy-failed", str(err), Outcome.FAILED) from err
-    return f"SOCK_DESTROY aborted it (RST to the peer); fd {target.fd} stays open in pid {pid}"
+    return f"SOCK_DESTROY aborted it (RST sent); fd {target.fd} stays open"
 
 
 # --- the steps -------------------------------------------------------------------------------------------

@@ -101,11 +101,15 @@ def ss_lines(port: int, state: str) -> list[str]:
     return [line for line in out.splitlines() if line.strip()]
 
 
-def run_cli(args: Sequence[str], *, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m closewait ARGS`` (as ``user`` through setpriv when given)."""
+def run_cli(
+    args: Sequence[str], *, user: str | None = None, preload: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m closewait ARGS`` (as ``user`` through setpriv, with an LD_PRELOAD library, when given)."""
     src = str(Path(closewait.__file__).resolve().parent.parent)
     command = [sys.executable, "-m", "closewait", *args]
     if user is not None:
         command = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *command]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": src, "COLUMNS": "200", "LANG": "C.UTF-8"}
+    if preload is not None:
+        env["LD_PRELOAD"] = str(preload)
     return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, check=False)

@@ -52,21 +52,10 @@ def _row(target: ReapTarget) -> list[str]:
     ]
 
 
-def _table(extra: str | None = None) -> Table:
+def _table() -> Table:
     table = Table(box=None, padding=(0, 2), pad_edge=False, show_edge=False, header_style="dim")
-    for name, justify in (
-        ("PID", "right"),
-        ("FD", "right"),
-        ("LOCAL", "left"),
-        ("REMOTE", "left"),
-        ("IDLE", "right"),
-        ("RECV-Q", "right"),
-        ("INODE", "right"),
-        ("ALSO HELD BY", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    if extra:
-        table.add_column(extra)
+    for name in ("PID", "FD", "LOCAL", "REMOTE", "IDLE", "RECV-Q", "INODE", "ALSO HELD BY"):
+        table.add_column(name, justify="left" if name in ("LOCAL", "REMOTE", "ALSO HELD BY") else "right")
     return table
 
 
@@ -104,12 +93,14 @@ def print_nothing(plan: ReapPlan, out: Console | None = None) -> None:
 
 def print_result(result: ReapResult, out: Console | None = None) -> None:
     out = out or console()
-    table = _table("OUTCOME")
-    table.add_column("WHY")
+    table = Table(box=None, padding=(0, 2), pad_edge=False, show_edge=False, header_style="dim")
+    for name in ("PID", "FD", "LOCAL", "REMOTE", "OUTCOME", "WHY"):
+        table.add_column(name)
     for outcome in result.outcomes:
-        cells = [escape(c) for c in _row(outcome.target)]
+        target = outcome.target
+        cells = [str(target.process.pid), str(target.fd), str(target.socket.local), str(target.socket.remote)]
         table.add_row(
-            *cells,
+            *[escape(c) for c in cells],
             Text(f"{outcome.outcome.value} ({outcome.code})", style=_OUTCOME_STYLE[outcome.outcome]),
             escape(outcome.reason),
         )
