@@ -1,1 +1,140 @@
-"""closewait lab: the article turned into experiments on this kernel (see docs/lab.md)."""
+"""closewait lab: the article turned into experiments on this kernel (see docs/lab.md).
+
+``run(parts)`` creates one ``LabContext``, runs each part's module (``reproduce``, ``remedies``,
+``teardown``; each exposes ``run(ctx) -> list[Experiment]``) and returns a ``LabReport``. Modules are
+imported only when their part runs. A part whose module does not exist yet is reported as skipped
+("not built yet"); a part whose module raises is reported as an error with the reason, and the
+other parts still run.
+
+Cleanup: the context (child processes, registered cleanups) is always closed in ``finally``, also
+on KeyboardInterrupt. SIGINT is blocked while it closes, so a second Ctrl+C cannot cut the cleanup
+short; it is delivered (and propagates) right after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from closewait.errors import UsageError
+from closewait.lab.model import PARTS, Experiment, LabContext, Status
+from closewait.lab.report import LabReport, placeholders
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRIALS = 5
+NOT_BUILT = "not built yet"
+
+#: Called after each part with the part's name and its experiments (the CLI shows progress).
+Progress = Callable[[str, Sequence[Experiment]], None]
+
+
+def validate_parts(parts: Iterable[str]) -> tuple[str, ...]:
+    """The parts in canonical order, without duplicates; empty means all."""
+    wanted = list(parts)
+    for part in wanted:
+        if part not in PARTS:
+            raise UsageError(f"unknown lab part {part!r}: choose from {', '.join(PARTS)}")
+    return tuple(p for p in PARTS if p in wanted) if wanted else PARTS
+
+
+def _capture_reason(enabled: bool) -> str | None:
+    from closewait.lab.capture import Capture
+
+    probe = Capture([], enabled=enabled).start()
+    probe.stop()
+    return probe.reason
+
+
+def _run_part(part: str, ctx: LabContext) -> list[Experiment]:
+    module_name = f"closewait.lab.{part}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return placeholders(part, Status.SKIPPED, NOT_BUILT)
+        raise
+    runner = getattr(module, "run", None)
+    if runner is None:
+        return placeholders(part, Status.SKIPPED, NOT_BUILT)
+    start = time.monotonic()
+    try:
+        results = list(runner(ctx))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:
+        log.exception("lab part %s failed", part)
+        return placeholders(part, Status.ERROR, f"{type(err).__name__}: {err}")
+    log.debug("lab part %s: %d experiments in %.2f s", part, len(results), time.monotonic() - start)
+    return results
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Hold SIGINT back (it stays pending) while cleanup runs; only possible in the main thread."""
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def run(
+    parts: Iterable[str] = (),
+    *,
+    full: bool = False,
+    trials: int = DEFAULT_TRIALS,
+    capture: bool = True,
+    progress: Progress | None = None,
+) -> LabReport:
+    """Run the lab's ``parts`` (all when empty) and return the report.
+
+    ``full`` waits out kernel timers (tcp_fin_timeout) where a part offers it; ``trials`` is the
+    number of repetitions per remedy; ``capture=False`` skips the packet capture (evidence then
+    comes from states and errno only).
+    """
+    chosen = validate_parts(parts)
+    if trials < 1:
+        raise UsageError(f"--trials must be at least 1, not {trials}")
+    started_at = time.time()
+    start = time.monotonic()
+    experiments: list[Experiment] = []
+    ctx = LabContext(full=full, trials=trials, capture=capture)
+    try:
+        capture_reason = _capture_reason(capture)
+        for part in chosen:
+            results = _run_part(part, ctx)
+            experiments.extend(results)
+            if progress is not None:
+                progress(part, results)
+    finally:
+        with _sigint_blocked():
+            ctx.close()
+            with contextlib.suppress(OSError):
+                _remove_workdir(ctx)
+    return LabReport(
+        experiments=tuple(experiments),
+        parts=chosen,
+        duration_s=time.monotonic() - start,
+        started_at=started_at,
+        full=full,
+        trials=trials,
+        capture_reason=capture_reason,
+    )
+
+
+def _remove_workdir(ctx: LabContext) -> None:
+    import shutil
+
+    shutil.rmtree(ctx.workdir, ignore_errors=True)
+
+
+__all__ = ["DEFAULT_TRIALS", "NOT_BUILT", "LabReport", "Progress", "run", "validate_parts"]

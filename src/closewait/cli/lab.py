@@ -1,0 +1,99 @@
+"""``closewait lab``: run the article's experiments on this kernel and report them.
+
+Exit codes: 0 every experiment ran (skipped ones count as fine), 1 at least one experiment is an
+error, 2 a bad argument (including an --html path that cannot be written), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from closewait.errors import UsageError
+from closewait.lab.model import PARTS, Experiment
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before running the lab, not after, when the HTML report cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"--html {path}: is a directory")
+    if not parent.is_dir():
+        raise UsageError(f"--html {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--html {path}: not writable")
+
+
+@click.command("lab")
+@click.argument("parts", nargs=-1, type=click.Choice(PARTS), metavar="[reproduce|remedies|teardown]...")
+@click.option("--full", is_flag=True, help="Wait out kernel timers (tcp_fin_timeout, keepalive): minutes, not seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (docs/lab.md) instead of the report.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Also write a self-contained HTML report (diagrams, charts) to FILE.",
+)
+@click.option(
+    "--trials",
+    type=click.IntRange(1, 100),
+    default=None,
+    metavar="N",
+    help="Trials per remedy (default 5).",
+)
+@click.option("--no-capture", is_flag=True, help="Do not capture packets; use states and errno as evidence.")
+def lab_command(
+    parts: tuple[str, ...],
+    full: bool,
+    as_json: bool,
+    html_path: Path | None,
+    trials: int | None,
+    no_capture: bool,
+) -> None:
+    """Reproduce CLOSE_WAIT, prove each remedy, and check close() vs shutdown() on this kernel.
+
+    Runs every part unless some are named. Talks only over the loopback and leaves nothing behind.
+    """
+    from closewait import lab
+
+    if html_path is not None:
+        _check_writable(html_path)
+    progress = None if as_json else _progress
+    report = lab.run(
+        parts,
+        full=full,
+        trials=trials or lab.DEFAULT_TRIALS,
+        capture=not no_capture,
+        progress=progress,
+    )
+    if html_path is not None:
+        from closewait.lab.html import render_html
+
+        html_path.write_text(render_html(report), encoding="utf-8")
+    if as_json:
+        from closewait.lab.report import report_dict
+
+        json.dump(report_dict(report), sys.stdout, separators=(",", ":"))
+        sys.stdout.write("\n")
+    else:
+        from closewait.cli.render.lab import print_report
+
+        print_report(report)
+    if html_path is not None:
+        click.echo(f"wrote {html_path}", err=True)
+    if not report.ok:
+        sys.exit(1)
+
+
+def _progress(part: str, results: Sequence[Experiment]) -> None:
+    if sys.stderr.isatty():
+        click.echo(f"lab: {part} done ({len(results)} experiments)", err=True)
+
+
+__all__ = ["lab_command"]
