@@ -71,8 +71,9 @@ class LeakyServer:
         return self.proc.poll() is None
 
 
-def start_python(spawn: Spawn, host: str = "127.0.0.1") -> LeakyServer:
-    return LeakyServer(spawn(argv=[sys.executable, str(PY_SERVER), host]), host)
+def start_python(spawn: Spawn, host: str = "127.0.0.1", device: str | None = None) -> LeakyServer:
+    argv = [sys.executable, str(PY_SERVER), host, *([device] if device else [])]
+    return LeakyServer(spawn(argv=argv), host)
 
 
 def start_c(spawn: Spawn, binary: Path) -> LeakyServer:

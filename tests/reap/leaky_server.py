@@ -1,6 +1,7 @@
 """A server that leaks CLOSE_WAIT and keeps serving: the reap tests' child process (run as a script).
 
-Usage: ``python leaky_server.py [HOST]``. Prints its port on the first line of stdout. Every
+Usage: ``python leaky_server.py [HOST [DEVICE]]``; with DEVICE the listener (and so every accepted
+connection) is bound to that interface with SO_BINDTODEVICE. Prints its port on the first line of stdout. Every
 connection speaks lines:
 
     PING            -> PONG <pid>            (the server still serves)
@@ -79,6 +80,8 @@ def serve(conn: socket.socket) -> None:
 def main() -> None:
     host = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
     server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    if len(sys.argv) > 2:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, sys.argv[2].encode())
     server.bind((host, 0))
     server.listen()
     selector.register(server, selectors.EVENT_READ)

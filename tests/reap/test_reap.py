@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,22 @@ def _python_argv() -> list[str]:
     from tests.reap.helpers import PY_SERVER
 
     return [sys.executable, str(PY_SERVER)]
+
+
+@pytest.mark.parametrize("method", ["shutdown", "destroy"])
+def test_sockets_bound_to_a_device_are_found_and_reaped(spawn: Spawn, method: str) -> None:
+    """SO_BINDTODEVICE sockets need idiag_if in exact sock_diag requests; reap finds it by cookie."""
+    server = start_python(spawn, "127.0.0.1", device="lo")
+    (finding,) = server.leak(1)
+    assert netlink.interface_of(finding.socket) == socket.if_nametoindex("lo")
+    assert netlink.lookup(finding.socket, interface=0) is None  # why the interface matters
+    plan = reap_plan(server, method=method)
+    if method == "destroy" and not destroy_supported():
+        pytest.skip("kernel without CONFIG_INET_DIAG_DESTROY")
+    result = remediate.apply(plan)
+    assert [o.outcome for o in result.outcomes] == [remediate.Outcome.DONE]
+    assert server.close_wait() == ()
+    assert server.ask("PING") == f"PONG {server.pid}"
 
 
 def test_sock_diag_lookup_is_exact(spawn: Spawn) -> None:

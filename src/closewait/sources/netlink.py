@@ -394,13 +394,81 @@ def _exchange(request: bytes, sock: socket.socket | None) -> list[Socket]:
             nl.close()
 
 
-def lookup(sock: Socket, *, interface: int = 0, nl: socket.socket | None = None) -> Socket | None:
+#: Offsets in inet_diag_msg of idiag_if and idiag_cookie (after 4 bytes of header, ports and addresses).
+_IDIAG_IF_OFFSET = 40
+_IDIAG_COOKIE_OFFSET = 44
+
+
+def interface_of(sock: Socket, *, nl: socket.socket | None = None) -> int | None:
+    """``idiag_if`` of the socket with ``sock``'s cookie (found by dumping its family), None if absent.
+
+    An exact request must carry the interface a socket is bound to (SO_BINDTODEVICE, VRF): with
+    ``idiag_if`` 0 the kernel's lookup does not match such a socket. ``Socket`` does not keep the
+    interface, so this reads it from one dump of the family, reading only two fields per message.
+    """
+    if sock.cookie is None:
+        return None
+    cookie = sock.cookie.to_bytes(8, "little")
+    request = build_request(sock.family, TcpState, with_info=False)
+    seq = NLMSGHDR.unpack_from(request, 0)[3]
+    own = nl is None
+    channel = open_socket() if nl is None else nl
+    found: int | None = None
+    try:
+        try:
+            channel.sendto(request, (0, 0))
+        except OSError as err:
+            raise NetlinkError(f"sock_diag request failed: {err.strerror}", errno=err.errno) from err
+        while True:  # read to NLMSG_DONE even after a hit, so the channel holds nothing stale
+            try:
+                data = channel.recv(_RECV_BUFFER)
+            except OSError as err:
+                raise NetlinkError(f"sock_diag receive failed: {err.strerror}", errno=err.errno) from err
+            if not data:
+                raise NetlinkError("sock_diag reply ended before NLMSG_DONE")
+            view = memoryview(data)
+            offset = 0
+            while offset < len(view):
+                if len(view) - offset < NLMSGHDR.size:
+                    raise NetlinkError(f"netlink message header truncated: {len(view) - offset} bytes left")
+                length, msg_type, _flags, msg_seq, _pid = NLMSGHDR.unpack_from(view, offset)
+                if length < NLMSGHDR.size or offset + length > len(view):
+                    raise NetlinkError(f"netlink message length {length} does not fit the bytes received")
+                if msg_seq == seq:
+                    if msg_type in (NLMSG_ERROR, NLMSG_DONE):
+                        parse_messages(view[offset : offset + length], seq)  # raises on an error
+                        return found
+                    body = offset + NLMSGHDR.size
+                    if (
+                        msg_type == SOCK_DIAG_BY_FAMILY
+                        and length - NLMSGHDR.size >= INET_DIAG_MSG.size
+                        and view[body + _IDIAG_COOKIE_OFFSET : body + _IDIAG_COOKIE_OFFSET + 8] == cookie
+                    ):
+                        found = struct.unpack_from("=I", view, body + _IDIAG_IF_OFFSET)[0]
+                offset += _align4(length)
+    finally:
+        if own:
+            channel.close()
+
+
+def lookup(sock: Socket, *, interface: int | None = None, nl: socket.socket | None = None) -> Socket | None:
     """The kernel's current record of exactly ``sock`` (same endpoints and cookie), or None if it is gone.
 
     Unlike a dump this asks for one socket by id, so it is cheap enough to run right before acting on
     it. A socket that left the TCP table (closed) or whose endpoints now belong to another socket
-    (cookie mismatch, ESTALE) is None.
+    (cookie mismatch, ESTALE) is None. ``interface`` None tries 0, then the socket's bound device.
     """
+    if interface is not None:
+        return _lookup(sock, interface, nl)
+    found = _lookup(sock, 0, nl)
+    if found is None:
+        bound = interface_of(sock, nl=nl)
+        if bound:
+            found = _lookup(sock, bound, nl)
+    return found
+
+
+def _lookup(sock: Socket, interface: int, nl: socket.socket | None) -> Socket | None:
     try:
         found = _exchange(build_exact_request(SOCK_DIAG_BY_FAMILY, sock, interface=interface, with_info=True), nl)
     except NetlinkError as err:
@@ -410,16 +478,22 @@ def lookup(sock: Socket, *, interface: int = 0, nl: socket.socket | None = None)
     return found[0] if found else None
 
 
-def destroy(sock: Socket, *, interface: int = 0, nl: socket.socket | None = None) -> None:
+def destroy(sock: Socket, *, interface: int | None = None, nl: socket.socket | None = None) -> None:
     """SOCK_DESTROY exactly ``sock``, as ``ss -K`` does: the kernel aborts it (RST to the peer).
 
-    The owner's descriptor stays open; its next read returns EOF or ECONNABORTED and its next write
-    fails with ECONNABORTED/EPIPE. Raises ``AccessDenied`` without CAP_NET_ADMIN, ``NotSupported``
-    when the kernel lacks CONFIG_INET_DIAG_DESTROY, and ``NetlinkError`` with errno ENOENT or ESTALE
-    when the socket is gone (or its endpoints now belong to another socket).
+    The owner's descriptor stays open; its next read returns EOF and its next write fails with
+    ECONNABORTED. Raises ``AccessDenied`` without CAP_NET_ADMIN, ``NotSupported`` when the kernel
+    lacks CONFIG_INET_DIAG_DESTROY, and ``NetlinkError`` with errno ENOENT or ESTALE when the socket
+    is gone (or its endpoints now belong to another socket). ``interface`` as for ``lookup``.
     """
     try:
-        _exchange(build_exact_request(SOCK_DESTROY, sock, interface=interface), nl)
+        try:
+            _exchange(build_exact_request(SOCK_DESTROY, sock, interface=interface or 0), nl)
+        except NetlinkError as err:
+            bound = interface_of(sock, nl=nl) if interface is None and err.errno == errno_mod.ENOENT else None
+            if not bound:
+                raise
+            _exchange(build_exact_request(SOCK_DESTROY, sock, interface=bound), nl)
     except NetlinkError as err:
         if err.errno == errno_mod.EPERM:
             raise AccessDenied("permission denied: SOCK_DESTROY needs CAP_NET_ADMIN (run as root)") from err
