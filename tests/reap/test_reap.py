@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from closewait.model import TcpState
 from closewait.sources import netlink
 from tests.conftest import Spawn
 from tests.reap.helpers import (
+    PY_SERVER,
     LeakyServer,
     compile_c_server,
     run_cli,
@@ -151,6 +153,39 @@ def test_a_process_that_exited_is_never_hit(spawn: Spawn) -> None:
     assert len(second.close_wait()) == 1
 
 
+def test_a_reused_pid_is_never_hit(spawn: Spawn) -> None:
+    """Plan against a process, kill it, and get its very pid for a new leaky process (ns_last_pid)."""
+    if os.geteuid() != 0 or not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
+        pytest.skip("needs root to choose the next pid")
+    first = start_python(spawn)
+    first.leak(1)
+    plan = reap_plan(first)
+    (planned,) = plan.targets
+    os.kill(first.pid, signal.SIGKILL)
+    first.proc.wait(timeout=10)
+
+    impostor = None
+    for _ in range(20):  # other processes on the machine may take the pid first: retry, bounded
+        with open("/proc/sys/kernel/ns_last_pid", "w") as handle:
+            handle.write(str(first.pid - 1))
+        candidate = spawn(argv=[sys.executable, str(PY_SERVER)])
+        if candidate.pid == first.pid:
+            impostor = LeakyServer(candidate, "127.0.0.1")
+            break
+        os.kill(candidate.pid, signal.SIGKILL)
+        candidate.wait(timeout=10)
+    if impostor is None:
+        pytest.skip(f"could not get pid {first.pid} again in 20 tries (busy machine)")
+    (theirs,) = impostor.leak(1)
+    assert impostor.pid == planned.process.pid
+    assert [o.fd for o in theirs.owners] == [planned.fd]  # same pid, same fd number: only identity differs
+
+    for method in remediate.Method:
+        (outcome,) = remediate.apply(dataclasses.replace(plan, method=method)).outcomes
+        assert (outcome.outcome, outcome.code) == (remediate.Outcome.SKIPPED, "pid-reused")
+    assert [f.socket.inode for f in impostor.close_wait()] == [theirs.socket.inode]
+
+
 def test_identity_check_refuses_a_pid_with_another_start_time(spawn: Spawn) -> None:
     server = start_python(spawn)
     leaked = server.leak(1)
@@ -222,7 +257,8 @@ def test_nobody_may_shutdown_its_own_sockets_but_not_destroy_them(spawn: Spawn) 
                 "--reuid=nobody",
                 "--regid=nogroup",
                 "--clear-groups",
-                *_python_argv(),
+                sys.executable,
+                str(PY_SERVER),
             ]
         ),
         "127.0.0.1",
@@ -239,14 +275,6 @@ def test_nobody_may_shutdown_its_own_sockets_but_not_destroy_them(spawn: Spawn) 
     assert "released 2, skipped 0, failed 0" in shutdown.stdout
     assert server.close_wait() == ()
     assert server.ask("PING") == f"PONG {server.pid}"
-
-
-def _python_argv() -> list[str]:
-    import sys
-
-    from tests.reap.helpers import PY_SERVER
-
-    return [sys.executable, str(PY_SERVER)]
 
 
 @pytest.mark.parametrize("method", ["shutdown", "destroy"])
