@@ -46,7 +46,8 @@ class TcpState(enum.IntEnum):
         """Parse ``ss``'s spelling (``close-wait``); also accepts the kernel's (``CLOSE_WAIT``)."""
         key = name.strip().lower().replace("_", "-")
         for state, ss_name in _SS_NAMES.items():
-            if ss_name == key:
+            # The kernel's FIN_WAIT2 is ss's fin-wait-2: compare both spellings.
+            if key in (ss_name, state.name.lower().replace("_", "-")):
                 return state
         raise ValueError(f"unknown TCP state {name!r}")
 
@@ -206,9 +207,10 @@ class Socket:
         """Milliseconds since anything arrived from the peer (for CLOSE_WAIT: since its FIN, at least).
 
         From tcp_info's ``tcpi_last_ack_recv``: the FIN carries an ACK, a bare FIN does not update
-        ``tcpi_last_data_recv``. ``None`` when the backend has no tcp_info (procfs).
+        ``tcpi_last_data_recv``. ``None`` when the backend has no tcp_info (procfs), and for a
+        listening socket (no peer sends to it; the kernel reports 0 there).
         """
-        if self.tcp_info is None:
+        if self.tcp_info is None or self.state == TcpState.LISTEN:
             return None
         return self.tcp_info.last_ack_recv_ms
 

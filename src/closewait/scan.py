@@ -11,7 +11,7 @@ import time
 from collections.abc import Collection, Iterable
 
 from closewait import diagnosis as rules
-from closewait.errors import UsageError
+from closewait.errors import AccessDenied, UsageError
 from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState
 from closewait.sources import SocketSource, get_source
 from closewait.sources import netns as netns_mod
@@ -54,6 +54,10 @@ def scan(
     by those processes (and walks only their descriptors). ``netns`` scans another network
     namespace; owners are still looked up across all of the host's processes. ``owners=False``
     skips the /proc walk (role is then ``unknown``).
+
+    Processes whose descriptors cannot be read (other users', without root) leave their sockets
+    without owners and add one line to ``Snapshot.errors``; a pid named in ``pids`` that cannot be
+    read raises ``AccessDenied`` instead, since an empty answer for it would be wrong.
     """
     wanted_states = frozenset(states)
     if not wanted_states:
@@ -84,7 +88,15 @@ def scan(
         inodes = {s.inode for s in targets} | {s.inode for s in listeners}
         owner_map = find_owners(inodes, pids=sorted(pid_filter) if pid_filter else None, proc_root=proc_root)
         owner_index = owner_map.owners
-        errors.extend(owner_map.errors())
+        denied_targets = sorted(pid_filter.intersection(owner_map.denied_pids))
+        if denied_targets:
+            # The caller named this process: an empty answer would be a lie, so refuse.
+            raise AccessDenied(
+                f"cannot read the descriptors of pid {denied_targets[0]}: permission denied, run as root"
+            )
+        if any(s.inode and not owner_index.get(s.inode) for s in targets):
+            # Only worth a warning when some socket really was left without an owner.
+            errors.extend(owner_map.errors())
         for listener in listeners:
             for owner in owner_map.owners.get(listener.inode, ()):
                 listening.append((owner.process.pid, listener.local))

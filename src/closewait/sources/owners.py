@@ -42,7 +42,10 @@ class OwnerMap:
         if not self.denied_pids:
             return []
         n = len(self.denied_pids)
-        return [f"owner unknown for sockets of {n} process{'es' if n != 1 else ''}: permission denied, run as root"]
+        return [
+            f"owner unknown: permission denied, run as root "
+            f"(cannot read the descriptors of {n} process{'es' if n != 1 else ''} of other users)"
+        ]
 
 
 def _read_bytes(path: str) -> bytes:

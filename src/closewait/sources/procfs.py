@@ -2,7 +2,9 @@
 
 The files list every socket of the reading thread's network namespace; there is no state filter in
 the kernel, so lines are filtered here by their ``st`` column before anything else is parsed. The
-procfs backend has no tcp_info, so ``Socket.tcp_info`` (and idle time) is ``None``.
+procfs backend has no tcp_info, so ``Socket.tcp_info`` (and idle time) is ``None``, and no socket
+cookie. For a listening socket the kernel prints the accept backlog as rx_queue but 0 as tx_queue
+(sock_diag gives the backlog *limit* there), so a listener's ``send_q`` is 0 from this backend.
 
 Line format (net/ipv4/tcp_ipv4.c, get_tcp4_sock)::
 
@@ -26,12 +28,29 @@ _WORD = struct.Struct("=I")
 _FILES = {Family.IPV4: "tcp", Family.IPV6: "tcp6"}
 
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _hex(text: str) -> int:
+    """A kernel hex field. Stricter than ``int(text, 16)``, which also takes signs, ``0x``, ``_``,
+    spaces and non-ASCII digits that the kernel never prints (and a sign would reach struct.pack)."""
+    if not text or not _HEX_DIGITS.issuperset(text):
+        raise ValueError(f"{text!r} is not a hex number")
+    return int(text, 16)
+
+
+def _dec(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"{text!r} is not a decimal number")
+    return int(text)
+
+
 def _address(hex_address: str, family: Family) -> str:
     words = len(hex_address) // 8
     expected = 1 if family == Family.IPV4 else 4
     if words != expected or len(hex_address) != words * 8:
         raise ValueError(f"address {hex_address!r} is not {expected * 8} hex digits")
-    raw = b"".join(_WORD.pack(int(hex_address[i * 8 : i * 8 + 8], 16)) for i in range(words))
+    raw = b"".join(_WORD.pack(_hex(hex_address[i * 8 : i * 8 + 8])) for i in range(words))
     af = socket.AF_INET if family == Family.IPV4 else socket.AF_INET6
     return socket.inet_ntop(af, raw)
 
@@ -40,7 +59,7 @@ def _endpoint(text: str, family: Family) -> Endpoint:
     address, sep, port = text.partition(":")
     if not sep:
         raise ValueError(f"endpoint {text!r} has no port")
-    port_number = int(port, 16)
+    port_number = _hex(port)
     if not 0 <= port_number <= 65535:
         raise ValueError(f"port {port_number} out of range")
     return Endpoint(_address(address, family), port_number)
@@ -55,11 +74,9 @@ def parse_line(line: str, family: Family) -> Socket:
         tx_queue, sep, rx_queue = fields[4].partition(":")
         if not sep:
             raise ValueError(f"queue column {fields[4]!r} is not tx:rx")
-        state = TcpState(int(fields[3], 16))
-        inode = int(fields[9])
-        uid = int(fields[7])
-        if inode < 0 or uid < 0:
-            raise ValueError("negative uid or inode")
+        state = TcpState(_hex(fields[3]))
+        inode = _dec(fields[9])
+        uid = _dec(fields[7])
         return Socket(
             state=state,
             family=family,
@@ -67,8 +84,8 @@ def parse_line(line: str, family: Family) -> Socket:
             remote=_endpoint(fields[2], family),
             inode=inode,
             uid=uid,
-            recv_q=int(rx_queue, 16),
-            send_q=int(tx_queue, 16),
+            recv_q=_hex(rx_queue),
+            send_q=_hex(tx_queue),
             source="procfs",
         )
     except ValueError as err:

@@ -16,13 +16,23 @@ from closewait.model import Finding, ProcessGroup, Snapshot, TcpState
 
 #: Rows shown per process unless --wide.
 ROWS_PER_PROCESS = 10
+_ONE_LINE = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": " "})
 
 
-def _process_title(group: ProcessGroup) -> Text:
+def _process_title(group: ProcessGroup, snapshot: Snapshot) -> Text:
     process = group.process
     if process is None:
-        return Text("no owning process", style="bold yellow")
+        if not snapshot.owners_resolved:
+            return Text("owners not looked up (--no-owners)", style="bold yellow")
+        if all(f.socket.inode == 0 for f in group.findings):
+            # TIME_WAIT, orphaned FIN_WAIT2: the program closed them; only the kernel holds them now.
+            return Text("no owning process (closed by its program, the kernel finishes the teardown)", style="bold")
+        if snapshot.errors:
+            return Text("owner unknown (permission denied, run as root)", style="bold yellow")
+        return Text("owner unknown (no process holds a descriptor; it may have just exited)", style="bold yellow")
     cmd = shlex.join(process.cmdline) if process.cmdline else f"[{process.name}]"
+    # Arguments may hold newlines (python -c, sh -c): keep the title on one line.
+    cmd = cmd.translate(_ONE_LINE)
     if len(cmd) > 100:
         cmd = cmd[:97] + "..."
     title = Text()
@@ -117,13 +127,16 @@ def print_snapshot(snapshot: Snapshot, *, wide: bool = False, out: Console | Non
     processes = sum(1 for g in groups if g.process is not None)
     header = Text()
     header.append(f"{_plural(len(snapshot.findings), 'socket')} in {names}", style="bold")
-    header.append(f", held by {_plural(processes, 'process')}".replace("processs", "processes"))
+    if processes:
+        header.append(f", held by {_plural(processes, 'process').replace('processs', 'processes')}")
+    elif snapshot.owners_resolved:
+        header.append(", no owning process found")
     header.append(f"{where}  (source: {snapshot.backend})", style="dim")
     out.print(header)
     multi_state = len(snapshot.states) > 1
     for group in groups:
         out.print()
-        out.print(_process_title(group))
+        out.print(_process_title(group, snapshot))
         out.print(_group_summary(group, snapshot.states))
         for line in _diagnosis_lines(group):
             out.print(line)

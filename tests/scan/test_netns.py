@@ -1,0 +1,95 @@
+"""A leak inside a network namespace this test creates: found with --netns (path or pid), owners
+resolved to the host pid, and invisible to a scan of the host's namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+import closewait
+from closewait.model import Role
+from tests.conftest import Spawn
+from tests.scan.kit import run_cli
+from tests.util import wait_for
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="creating network namespaces needs root"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 (ip) is not installed"),
+]
+
+#: Server and client in one process inside the namespace: the client closes, the server keeps its end.
+NETNS_LEAKER = """
+import socket, time
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+client = socket.create_connection(server.getsockname())
+conn, _ = server.accept()
+client.close()
+print(server.getsockname()[1], conn.fileno(), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"cw-test-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_leak_in_a_network_namespace(spawn: Spawn, netns: str) -> None:
+    # `ip netns exec` enters the namespace and execs the command: the child's pid is python's.
+    leaker = spawn(argv=["ip", "netns", "exec", netns, sys.executable, "-c", textwrap.dedent(NETNS_LEAKER)])
+    assert leaker.stdout is not None
+    port, fd = map(int, leaker.stdout.readline().split())
+
+    def found(spec: str) -> closewait.Finding:
+        def attempt() -> list[closewait.Finding]:
+            return [f for f in closewait.scan(ports=[port], netns=spec).findings if f.socket.local.port == port]
+
+        (finding,) = wait_for(attempt)
+        return finding
+
+    by_path = found(f"/run/netns/{netns}")
+    by_pid = found(str(leaker.pid))
+    assert by_path.socket == by_pid.socket or by_path.socket.inode == by_pid.socket.inode
+    for finding in (by_path, by_pid):
+        assert [(o.process.pid, o.fd) for o in finding.owners] == [(leaker.pid, fd)]
+        assert finding.role == Role.SERVER  # the listener is found in the namespace's own dump
+        assert finding.diagnosis is not None
+        assert finding.diagnosis.code == "not-reading"
+
+    # The host's namespace does not have it, even when the walk finds the process's descriptor.
+    host = closewait.scan(ports=[port], pids=[leaker.pid])
+    assert by_path.socket.inode not in {f.socket.inode for f in host.findings}
+
+    # The same through the real command, both spellings, and with the procfs backend.
+    for spec, backend in ((f"/run/netns/{netns}", "auto"), (str(leaker.pid), "procfs"), (netns, "netlink")):
+        result = run_cli("scan", "--netns", spec, "--port", str(port), "--backend", backend, "--json")
+        assert result.returncode == 0, result.stderr
+        document = json.loads(result.stdout)
+        (sock,) = [s for s in document["sockets"] if s["local"]["port"] == port]
+        assert sock["inode"] == by_path.socket.inode
+        assert [(o["pid"], o["fd"]) for o in sock["owners"]] == [(leaker.pid, fd)]
+        assert sock["role"] == "server"
+    table = run_cli("scan", "--netns", f"/run/netns/{netns}", "--port", str(port))
+    assert table.returncode == 0, table.stderr
+    assert f"in network namespace /run/netns/{netns}" in table.stdout
+    assert f"pid {leaker.pid}" in table.stdout
+    host_cli = run_cli("scan", "--port", str(port), "--pid", str(leaker.pid), "--json")
+    assert host_cli.returncode == 0, host_cli.stderr
+    assert json.loads(host_cli.stdout)["sockets"] == []
