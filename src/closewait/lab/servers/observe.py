@@ -1,0 +1,111 @@
+"""What the lab's reproduce, remedies and churn experiments read from the kernel, in one place.
+
+- ``connection_sockets``: the TCP table entries of one connection, via ``closewait.scan`` (the
+  project's own scanner, netlink sock_diag) so the lab demonstrates the tool it ships.
+- ``held_inodes``: which socket inodes a process still holds (``/proc/PID/fd``): the only honest
+  answer to "was the fd released?" (a socket can leave the TCP table while its fd leaks).
+- ``fin_timeout_s``: ``net.ipv4.tcp_fin_timeout``, how long an orphaned FIN_WAIT2 lives.
+- ``capturing``: the packet capture (``closewait.lab.capture``); when it cannot run (not root,
+  ``--no-capture``) ``cap.active`` is False and ``cap.reason`` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Collection, Iterator
+
+from closewait.errors import NoSuchProcess
+from closewait.lab import capture as capture_mod
+from closewait.lab.capture import Capture
+from closewait.lab.model import LabContext
+from closewait.model import ALL_STATES, TEARDOWN_STATES, Finding, TcpState
+from closewait.scan import scan
+from closewait.sources.owners import socket_fds
+
+log = logging.getLogger(__name__)
+
+FIN_TIMEOUT_PATH = "/proc/sys/net/ipv4/tcp_fin_timeout"
+#: Every state a connection can be in (listening sockets are not connections).
+CONNECTION_STATES = ALL_STATES - {TcpState.LISTEN}
+#: The states either end can be in once a FIN has been sent, except TIME_WAIT (which only the end
+#: that closed first reaches). Lookups ask the kernel for these only: a busy host can hold 100,000
+#: ESTABLISHED connections, and dumping them all (with tcp_info) takes seconds per lookup.
+AFTER_FIN_STATES = TEARDOWN_STATES - {TcpState.TIME_WAIT}
+
+
+def fin_timeout_s(path: str = FIN_TIMEOUT_PATH) -> int | None:
+    """``net.ipv4.tcp_fin_timeout`` in seconds, or None if it cannot be read."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            return int(handle.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def held_inodes(pid: int) -> set[int]:
+    """Socket inodes ``pid`` holds a descriptor for; empty once the process is gone."""
+    try:
+        return set(socket_fds(pid).values())
+    except NoSuchProcess:
+        return set()
+
+
+def connection_findings(
+    server_port: int,
+    client_port: int | None = None,
+    *,
+    states: Collection[TcpState] = AFTER_FIN_STATES,
+    owners: bool = True,
+) -> list[Finding]:
+    """Both ends of the connections to ``server_port`` (only the one from ``client_port`` if given).
+
+    Only ``states`` are asked for (default: after a FIN, see ``AFTER_FIN_STATES``).
+    """
+    snapshot = scan(states, ports=[server_port], owners=owners)
+    found = []
+    for finding in snapshot.findings:
+        ends = {finding.socket.local.port, finding.socket.remote.port}
+        if server_port in ends and (client_port is None or client_port in ends):
+            found.append(finding)
+    return found
+
+
+def server_end(findings: Collection[Finding], server_port: int) -> Finding | None:
+    """The server's end of a connection: its local port is the server's."""
+    for finding in findings:
+        if finding.socket.local.port == server_port:
+            return finding
+    return None
+
+
+def client_end(findings: Collection[Finding], server_port: int) -> Finding | None:
+    for finding in findings:
+        if finding.socket.remote.port == server_port:
+            return finding
+    return None
+
+
+@contextlib.contextmanager
+def capturing(ctx: LabContext, ports: Collection[int]) -> Iterator[Capture]:
+    """Capture the segments to and from ``ports`` on the loopback while the block runs.
+
+    Never raises for lack of privilege or ``ctx.capture`` off: ``cap.active``/``cap.reason`` say.
+    Leaving the block syncs first, so every segment sent inside it is in ``cap.segments()``.
+    """
+    with capture_mod.capture(ports, enabled=ctx.capture) as cap:
+        try:
+            yield cap
+        finally:
+            if cap.active:
+                cap.sync()
+
+
+def median(values: Collection[float]) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    mid = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[mid]
+    return (ordered[mid - 1] + ordered[mid]) / 2
