@@ -515,11 +515,8 @@ def _shutdown_one(target: ReapTarget, nl: socket_mod.socket, proc_root: str) -> 
     try:
         info = os.fstat(dup)
         if not stat.S_ISSOCK(info.st_mode) or info.st_ino != target.socket.inode:
-            what = f"socket inode {info.st_ino}" if stat.S_ISSOCK(info.st_mode) else "a file that is not a socket"
-            raise _Skip(
-                "fd-reused",
-                f"fd {target.fd} of pid {pid} now refers to {what}, not socket {target.socket.inode}",
-            )
+            what = f"socket {info.st_ino}" if stat.S_ISSOCK(info.st_mode) else "a file that is not a socket"
+            raise _Skip("fd-reused", f"fd {target.fd} now holds {what}, not the planned {target.socket.inode}")
         sock = socket_mod.socket(fileno=dup)
         dup = -1  # owned by `sock` now
         try:
@@ -546,10 +543,8 @@ def _destroy_one(target: ReapTarget, nl: socket_mod.socket, proc_root: str) -> s
         _check_identity(target.process, proc_root)
         inode = _fd_inode(pid, target.fd, proc_root)
         if inode != target.socket.inode:
-            what = f"socket inode {inode}" if inode else "something that is not a socket"
-            raise _Skip(
-                "fd-reused", f"fd {target.fd} of pid {pid} now refers to {what}, not socket {target.socket.inode}"
-            )
+            what = f"socket {inode}" if inode else "something that is not a socket"
+            raise _Skip("fd-reused", f"fd {target.fd} now holds {what}, not the planned {target.socket.inode}")
         _check_still_close_wait(target, nl)
         try:
             netlink.destroy(target.socket, nl=nl)
@@ -581,7 +576,7 @@ def _check_still_close_wait(target: ReapTarget, nl: socket_mod.socket) -> None:
     """sock_diag's current record of exactly this socket (endpoints + cookie) is CLOSE_WAIT, same inode."""
     current = netlink.lookup(target.socket, nl=nl)
     if current is None:
-        raise _Skip("socket-gone", "socket is no longer in the TCP table")
+        raise _Skip("socket-gone", "socket left the TCP table since the plan (closed)")
     if current.inode != target.socket.inode:
         raise _Skip("socket-replaced", f"its endpoints now belong to socket {current.inode}")
     if current.state != TcpState.CLOSE_WAIT:

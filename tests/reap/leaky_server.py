@@ -36,13 +36,14 @@ def outcome(call: object) -> str:
     return repr(value)
 
 
-def handle(line: str) -> str:
+def handle(line: str) -> str | None:
+    """The reply to one line, or None for a line that is not a command (it gets no reply)."""
     words = line.split()
-    if not words:
-        return "ERR empty"
-    if words[0] == "PING":
+    if words == ["PING"]:
         return f"PONG {os.getpid()}"
-    fd = int(words[1]) if len(words) > 1 else -1
+    if len(words) != 2 or words[0] not in ("TOUCH", "CLOSE", "SHUTWR") or not words[1].isdigit():
+        return None
+    fd = int(words[1])
     sock = leaked.get(fd)
     if sock is None:
         return f"ERR no leaked fd {fd}"
@@ -58,7 +59,7 @@ def handle(line: str) -> str:
     if words[0] == "SHUTWR":
         sock.shutdown(socket.SHUT_WR)
         return f"SHUTWR {fd}"
-    return f"ERR unknown command {words[0]}"
+    return "ERR unreachable"
 
 
 def serve(conn: socket.socket) -> None:
@@ -71,7 +72,9 @@ def serve(conn: socket.socket) -> None:
     buffer = buffers.get(conn.fileno(), b"") + data
     while b"\n" in buffer:
         line, buffer = buffer.split(b"\n", 1)
-        reply = handle(line.decode())
+        reply = handle(line.decode(errors="replace"))
+        if reply is None:
+            continue
         print(reply, flush=True)
         conn.sendall(reply.encode() + b"\n")
     buffers[conn.fileno()] = buffer
