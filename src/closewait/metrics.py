@@ -28,6 +28,8 @@ How a scrape is made (docs/monitoring.md has the metric reference):
   of ``scan`` (the scan failed; the last good values are not re-served, only the counters and
   ``closewait_scan_success 0``), ``netns`` (a namespace vanished or could not be entered) and
   ``owners`` (some /proc/PID/fd were unreadable: run as root or with CAP_SYS_PTRACE).
+- **One other namespace** (``netns="/run/netns/NAME"`` or a pid): scanned instead of the exporter's
+  own, with no extra label (an exporter in a sidecar, or a test's private namespace).
 - **All namespaces** (``all_netns=True``): every network namespace any process is in
   (``netns.discover()``, deduplicated by inode) is counted and scanned through a netlink socket
   opened inside it, and the series get a ``netns`` label naming the lowest pid in it and its name
@@ -95,8 +97,8 @@ class _NamespaceSource:
             try:
                 counts, sockets = self._read(ns, states)
             except ClosewaitError as err:
-                if ns is None:
-                    raise  # the host's own table: the scan as a whole has failed
+                if not label:
+                    raise  # the one namespace asked for: the scan as a whole has failed
                 self.failures.append(f"{label}: {err}")
                 log.info("skipping network namespace %s: %s", label, err)
                 continue
@@ -109,19 +111,18 @@ class _NamespaceSource:
     def _read(
         self, ns: netns_mod.Netns | None, states: frozenset[TcpState]
     ) -> tuple[dict[TcpState, int], list[Socket]]:
-        try:
-            with netns_mod.entered(ns):
-                # A netlink socket keeps the namespace it was opened in; dump it after leaving.
+        with netns_mod.entered(ns):
+            try:
+                # A netlink socket keeps the namespace it was opened in; it is used after leaving.
                 nl = netlink.open_socket()
-        except ClosewaitError as err:
-            if ns is not None or not isinstance(err, NotSupported):
-                raise
-            self.name = "procfs"  # no sock_diag at all: read /proc/net/tcp{,6} instead
-            every = list(procfs.dump(TcpState))
-            counts = dict.fromkeys(sorted(TcpState), 0)
-            for sock in every:
-                counts[sock.state] += 1
-            return counts, [s for s in every if s.state in states]
+            except NotSupported:
+                # No sock_diag at all: /proc/thread-self/net follows this thread into the namespace.
+                self.name = "procfs"
+                every = list(procfs.dump(TcpState))
+                counts = dict.fromkeys(sorted(TcpState), 0)
+                for sock in every:
+                    counts[sock.state] += 1
+                return counts, [s for s in every if s.state in states]
         try:
             counts = netlink.count_by_state(sock=nl)
             return counts, list(netlink.dump(states, sock=nl))
@@ -202,6 +203,7 @@ class CloseWaitCollector(Collector):
         top_n: int = DEFAULT_TOP_N,
         min_interval: float = DEFAULT_MIN_INTERVAL,
         all_netns: bool = False,
+        netns: str | netns_mod.Netns | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if top_n < 0:
@@ -211,7 +213,10 @@ class CloseWaitCollector(Collector):
         self.proc_root = proc_root
         self.top_n = top_n
         self.min_interval = min_interval
+        if all_netns and netns is not None:
+            raise UsageError("give --all-netns or --netns, not both")
         self.all_netns = all_netns
+        self.netns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
         self._clock = clock
         self._lock = threading.Lock()
         self._cached: list[Metric] | None = None
@@ -223,6 +228,9 @@ class CloseWaitCollector(Collector):
     # -- scanning ----------------------------------------------------------------------------------
 
     def _namespaces(self) -> list[tuple[netns_mod.Netns | None, str]]:
+        if self.netns is not None:
+            # One namespace asked for by name: a failure to read it fails the scan, like the host's own.
+            return [(self.netns, "")]
         if not self.all_netns:
             return [(None, "")]
         found: list[tuple[netns_mod.Netns | None, str]] = []

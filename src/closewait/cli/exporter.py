@@ -38,6 +38,11 @@ from closewait.metrics import (
     help="Cover every network namespace on the host (containers); adds a netns label. Needs root/CAP_SYS_ADMIN.",
 )
 @click.option(
+    "--netns",
+    metavar="PID|PATH",
+    help="Scan this network namespace instead of the exporter's own: a pid in it, /proc/PID/ns/net or /run/netns/NAME.",
+)
+@click.option(
     "--top",
     "top_n",
     type=click.IntRange(min=0),
@@ -53,10 +58,10 @@ from closewait.metrics import (
     metavar="SECONDS",
     help="Reuse a scan younger than this; concurrent scrapes share one scan. 0 scans on every scrape.",
 )
-def exporter_command(listen: str, all_netns: bool, top_n: int, min_interval: float) -> None:
+def exporter_command(listen: str, all_netns: bool, netns: str | None, top_n: int, min_interval: float) -> None:
     """Serve CLOSE_WAIT metrics (per state, per process, per namespace) for Prometheus."""
     host, port = parse_listen(listen)
-    collector = CloseWaitCollector(top_n=top_n, min_interval=min_interval, all_netns=all_netns)
+    collector = CloseWaitCollector(top_n=top_n, min_interval=min_interval, all_netns=all_netns, netns=netns)
     server = MetricsServer(build_registry(collector), host, port)
     stop = threading.Event()
 

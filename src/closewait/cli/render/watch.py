@@ -107,8 +107,8 @@ def show(samples: Iterable[Sample], window: int, *, live: bool, out: Console | N
     out = out or console()
     if not live:
         for sample in samples:
-            for line in plain_lines(sample, window):
-                out.print(line, markup=False, highlight=False)
+            # Written as is: a pipe or log file gets whole lines, never wrapped at the console width.
+            out.file.write("".join(line + "\n" for line in plain_lines(sample, window)))
             out.file.flush()
         return
     with Live(console=out, auto_refresh=False, transient=False) as view:
