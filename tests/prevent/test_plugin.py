@@ -1,5 +1,285 @@
+"""The pytest plugin, run the way users run it: inner pytest sessions in subprocesses (pytester),
+with the plugin loaded through its ``pytest11`` entry point, real asyncio and HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import pytest
+
 pytest_plugins = ["pytester"]
 
+#: Inner test files. ``# creates:NAME`` marks the line a traced failure must name.
+ASYNCIO_TESTS = """
+import asyncio
 
-def test_x(pytester):
+
+async def forgetful_echo(reader, writer):
+    writer.write(await reader.read(100))
+    await writer.drain()
+    # returns without writer.close(): the transport stays open until the garbage collector runs
+
+
+async def careful_echo(reader, writer):
+    writer.write(await reader.read(100))
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def talk(handler):
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)  # creates:listener
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"ping")
+    assert await reader.read(100) == b"ping"
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.05)  # the server reads the EOF
+    server.close()
+    await server.wait_closed()
+
+
+def test_asyncio_handler_forgets_close():
+    asyncio.run(talk(forgetful_echo))  # creates:accepted
+
+
+def test_asyncio_clean_server():
+    asyncio.run(talk(careful_echo))
+"""
+
+HTTP_TESTS = """
+import http.server
+import threading
+
+import requests
+
+SESSION = requests.Session()  # an application-wide pool, never closed
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    timeout = 0.2  # the server closes connections idle this long
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.closed_one = threading.Event()
+
+    def shutdown_request(self, request):
+        super().shutdown_request(request)
+        self.closed_one.set()  # after the close: the client has the FIN
+
+
+def serve():
+    server = Server()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+def stop(server, thread):
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_pooled_client_keeps_connection_the_server_closed():
+    server, thread, url = serve()
+    try:
+        assert SESSION.get(url).text == "ok"  # creates:pooled
+        assert server.closed_one.wait(5)  # the server closed the idle keep-alive connection
+    finally:
+        stop(server, thread)
+
+
+def test_closed_session_is_clean():
+    server, thread, url = serve()
+    try:
+        with requests.Session() as session:
+            assert session.get(url).text == "ok"
+            assert server.closed_one.wait(5)
+    finally:
+        stop(server, thread)
+"""
+
+#: A helper every activation test uses: a connection the test leaves in CLOSE_WAIT.
+LEAK_HELPER = """
+import socket
+import pytest
+
+KEPT = []
+
+
+def leak():
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()
+    client.close()
+    listener.close()
+    KEPT.append(conn)  # never closed
+"""
+
+ACTIVATION_TESTS = (
+    LEAK_HELPER
+    + """
+
+def test_unchecked_leak():
+    leak()
+
+
+@pytest.mark.closewait
+def test_marked_leak():
+    leak()
+
+
+@pytest.mark.closewait(grace=0.05)
+def test_marked_clean():
     pass
+
+
+def test_fixture_leak(closewait_guard):
+    assert closewait_guard.grace == 0.5
+    leak()
+
+
+def test_late_fixture_leak(request):
+    request.getfixturevalue("closewait_guard")
+    leak()
+"""
+)
+
+
+def _line_of(source: str, tag: str) -> int:
+    """The line number of a tagged line in the file pytester writes (it drops leading blank lines)."""
+    lines = source.lstrip("\n").splitlines()
+    (number,) = [n for n, line in enumerate(lines, 1) if line.endswith(f"# creates:{tag}")]
+    return number
+
+
+def _outcomes(result: pytest.RunResult) -> dict[str, set[str]]:
+    """test name -> {PASSED, FAILED, ERROR} from ``-rA``'s short summary (a teardown error adds ERROR)."""
+    found: dict[str, set[str]] = {}
+    for line in result.outlines:
+        for word in ("PASSED", "FAILED", "ERROR"):
+            if line.startswith(f"{word} ") and "::" in line:
+                found.setdefault(line.split("::", 1)[1].split(" ", 1)[0], set()).add(word)
+    return found
+
+
+def test_inactive_by_default_a_leaking_test_passes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_leaks=LEAK_HELPER + "\n\ndef test_leak():\n    leak()\n")
+    result = pytester.runpytest_subprocess("-rA")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["plugins:*closewait-*"])  # loaded through the pytest11 entry point
+    result.stdout.no_fnmatch_line("*CLOSE_WAIT*")
+
+
+def test_flag_fails_asyncio_and_pooled_client_leaks_and_passes_clean_tests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_asyncio_leak=ASYNCIO_TESTS, test_http_pool=HTTP_TESTS)
+    result = pytester.runpytest_subprocess("--closewait", "-rA", "-p", "no:cacheprovider")
+    assert _outcomes(result) == {
+        "test_asyncio_handler_forgets_close": {"FAILED"},
+        "test_asyncio_clean_server": {"PASSED"},
+        "test_pooled_client_keeps_connection_the_server_closed": {"FAILED"},
+        "test_closed_session_is_clean": {"PASSED"},
+    }
+    result.assert_outcomes(passed=2, failed=2)
+    output = result.stdout.str()
+    # Failures are attributed to the tests themselves, with each socket's diagnosis.
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_asyncio_handler_forgets_close _*",
+            "closewait: 1 socket left in CLOSE_WAIT (still there after a 0.5 s grace period)",
+            "  1) fd * 127.0.0.1:* <- 127.0.0.1:*  role *  Recv-Q 0  [[]eof-not-closed[]]",
+            "     read() returned 0 (EOF) after 127.0.0.1:* closed *, but the socket was never closed",
+            "(run pytest with --closewait-trace to see where each socket was created)",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_pooled_client_keeps_connection_the_server_closed _*",
+            "closewait: 1 socket left in CLOSE_WAIT*",
+            "  1) fd * 127.0.0.1:* <- 127.0.0.1:*  role client  Recv-Q 1  [[]not-reading[]]",
+            "     fix: an idle pooled connection the server closed*",
+        ]
+    )
+    assert "Traceback" not in output
+
+
+def test_trace_flag_names_the_line_that_created_each_socket(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_asyncio_leak=ASYNCIO_TESTS, test_http_pool=HTTP_TESTS)
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-trace", "-rA")
+    result.assert_outcomes(passed=2, failed=2)
+    asyncio_file = pytester.path / "test_asyncio_leak.py"
+    http_file = pytester.path / "test_http_pool.py"
+    result.stdout.fnmatch_lines(
+        [
+            "*role server (accepted, from the trace)  Recv-Q 0  [[]eof-not-closed[]]",
+            "     fix: close the connection when read()/recv() returns 0*",
+            f"     accepted at {asyncio_file}:{_line_of(ASYNCIO_TESTS, 'accepted')} in test_asyncio_handler_forgets_close"
+            f" (listener created at {asyncio_file}:{_line_of(ASYNCIO_TESTS, 'listener')} in talk)",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*role client  Recv-Q 1  [[]not-reading[]]",
+            "*",
+            f"     created at {http_file}:{_line_of(HTTP_TESTS, 'pooled')}"
+            " in test_pooled_client_keeps_connection_the_server_closed",
+        ]
+    )
+    result.stdout.no_fnmatch_line("*--closewait-trace to see*")
+
+
+def test_marker_and_fixture_each_check_one_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_activation=ACTIVATION_TESTS)
+    result = pytester.runpytest_subprocess("-rA")
+    assert _outcomes(result) == {
+        "test_unchecked_leak": {"PASSED"},
+        "test_marked_leak": {"FAILED"},
+        "test_marked_clean": {"PASSED"},
+        "test_fixture_leak": {"FAILED"},
+        # Requested late, the fixture can only check when it is torn down: a teardown error.
+        "test_late_fixture_leak": {"PASSED", "ERROR"},
+    }
+    result.stdout.fnmatch_lines(["*_ test_marked_leak _*", "closewait: 1 socket left in CLOSE_WAIT*"])
+    result.stdout.fnmatch_lines(["*_ test_fixture_leak _*", "closewait: 1 socket left in CLOSE_WAIT*"])
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_late_fixture_leak*", "*CloseWaitLeak*"])
+
+
+def test_a_failing_test_gets_the_leak_as_an_extra_section(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_both=LEAK_HELPER + "\n\ndef test_leak_and_fail():\n    leak()\n    assert 1 == 2\n")
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-grace=0")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*assert 1 == 2*", "*- closewait -*", "closewait: 1 socket left in CLOSE_WAIT"])
+
+
+@pytest.mark.parametrize(
+    ("args", "source", "message"),
+    [
+        (["--closewait-grace=-1"], "", "*argument --closewait-grace: '-1' must be 0 or more seconds*"),
+        (["--closewait-grace=soon"], "", "*argument --closewait-grace: 'soon' is not a number of seconds*"),
+        (
+            [],
+            "import pytest\n\n@pytest.mark.closewait(grace='x')\ndef test_x():\n    pass\n",
+            "*test_bad.py::test_x: @pytest.mark.closewait(grace=...) must be 0 or more seconds*",
+        ),
+    ],
+)
+def test_bad_options_are_one_clear_line(pytester: pytest.Pytester, args: list[str], source: str, message: str) -> None:
+    pytester.makepyfile(test_bad=source or "def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str()
