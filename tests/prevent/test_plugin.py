@@ -227,7 +227,8 @@ def test_trace_flag_names_the_line_that_created_each_socket(pytester: pytest.Pyt
         [
             "*role server (accepted, from the trace)  Recv-Q 0  [[]eof-not-closed[]]",
             "     fix: close the connection when read()/recv() returns 0*",
-            f"     accepted at {asyncio_file}:{_line_of(ASYNCIO_TESTS, 'accepted')} in test_asyncio_handler_forgets_close"
+            f"     accepted at {asyncio_file}:{_line_of(ASYNCIO_TESTS, 'accepted')}"
+            " in test_asyncio_handler_forgets_close"
             f" (listener created at {asyncio_file}:{_line_of(ASYNCIO_TESTS, 'listener')} in talk)",
         ]
     )

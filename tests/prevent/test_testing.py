@@ -75,9 +75,13 @@ def test_grace_period_waits_for_an_asynchronous_close(leaky_server: LeakyServer)
 
 
 def test_the_block_exception_wins_and_no_check_is_made(leaky_server: LeakyServer) -> None:
-    with pytest.raises(KeyError), testing.no_new_close_wait(grace=0.0):
-        leaky_server.leak_one()
-        raise KeyError("the code under test failed")
+    def leak_then_fail() -> None:
+        with testing.no_new_close_wait(grace=0.0):
+            leaky_server.leak_one()
+            raise KeyError("the code under test failed")
+
+    with pytest.raises(KeyError):
+        leak_then_fail()
     assert gc.isenabled()
 
 
