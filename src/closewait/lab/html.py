@@ -93,6 +93,7 @@ table.article td.kernel div { margin:2px 0; white-space:nowrap; }
 table.article td.kernel code { font-size:12.5px; }
 .chart { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:12px 16px; margin:14px 0; }
 .nocap { background:#fef3c7; color:#78350f; border:1px solid #fcd34d; padding:8px 14px; border-radius:8px; }
+svg { max-width:100%; height:auto; }
 svg text { font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif; }
 footer { color:var(--muted); font-size:13px; text-align:center; padding:20px; }
 """
@@ -142,7 +143,7 @@ def ladder_svg(exp: Experiment, width: int = 560) -> str:
     top, step, slope = 44, 30, 8
     height = top + step * len(rows) + 16
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
+        f'<svg role="img" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" aria-label="ladder diagram of {esc(exp.id)}">',
         "<defs>",
     ]
@@ -214,7 +215,7 @@ def remedy_bars_svg(experiments: Sequence[Experiment], width: int = 860) -> str:
 
     colors = {"holds": "#15803d", "does-not-hold": "#b91c1c", "holds-with-caveat": "#b45309"}
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
+        f'<svg role="img" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" aria-label="close_wait_ms per remedy">',
         f'<text x="{label_w}" y="16" font-size="12" fill="#64748b">milliseconds from the client\'s close() to the '
         "server's close() (median bar, max whisker; log scale)</text>",
@@ -276,7 +277,7 @@ def series_svg(series: dict[str, list[tuple[float, float]]], width: int = 860, h
         return left + t / t_max * plot_w, top + plot_h - v / v_top * plot_h
 
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
+        f'<svg role="img" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" aria-label="CLOSE_WAIT count over time per server">'
     ]
     for i in range(5):
