@@ -46,7 +46,9 @@ PART_INTROS = {
 }
 
 KIND_COLOR = {"syn": "#0e7490", "fin": "#15803d", "rst": "#dc2626", "data": "#2563eb", "ack": "#94a3b8"}
-SERIES_COLORS = ("#dc2626", "#2563eb", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777", "#475569")
+SERIES_COLORS = ("#dc2626", "#2563eb", "#16a34a", "#9333ea", "#0891b2", "#db2777", "#a16207", "#475569", "#ea580c")
+#: Dash patterns, so series that overlap exactly (the leak and keepalive) stay tellable apart.
+SERIES_DASHES = ("", "", "", "", "8 4", "3 3", "10 4 2 4", "6 2", "2 6")
 
 CSS = """
 :root { --fg:#0f172a; --muted:#64748b; --line:#e2e8f0; --bg:#f8fafc; --card:#ffffff;
@@ -270,7 +272,7 @@ def series_svg(series: dict[str, list[tuple[float, float]]], width: int = 860, h
     t_max = max(t for t, _ in points) or 1.0
     v_max = max([v for _, v in points] + [1.0])
     v_top = _nice_ceiling(v_max)
-    left, right, top, bottom = 52, 190, 20, 40
+    left, right, top, bottom = 52, 250, 20, 40
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def xy(t: float, v: float) -> tuple[float, float]:
@@ -307,12 +309,17 @@ def series_svg(series: dict[str, list[tuple[float, float]]], width: int = 860, h
     for i, (name, pts) in enumerate(series.items()):
         color = SERIES_COLORS[i % len(SERIES_COLORS)]
         coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(t, v) for t, v in pts))
+        dash = SERIES_DASHES[i % len(SERIES_DASHES)]
+        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         if coords:
-            out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2.2"/>')
+            out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2.4"{dash_attr}/>')
         ly = top + 8 + i * 20
-        out.append(f'<rect x="{left + plot_w + 16}" y="{ly - 8}" width="14" height="4" fill="{color}"/>')
+        out.append(
+            f'<line x1="{left + plot_w + 12}" y1="{ly - 6}" x2="{left + plot_w + 34}" y2="{ly - 6}" '
+            f'stroke="{color}" stroke-width="3"{dash_attr}/>'
+        )
         last = pts[-1][1] if pts else 0
-        out.append(f'<text x="{left + plot_w + 36}" y="{ly - 2}" font-size="12">{esc(name)} ({last:g})</text>')
+        out.append(f'<text x="{left + plot_w + 40}" y="{ly - 2}" font-size="12">{esc(name)} ({last:g})</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -354,12 +361,13 @@ def experiment_card(exp: Experiment) -> str:
     ladder = ladder_svg(exp)
     right = [ladder] if ladder else []
     right.append(_measurements_table(exp))
-    if exp.id == "churn" and exp.series:
+    if exp.series:
+        # A time series (the churn run): the chart first, full width, then the words and numbers.
         return (
-            f'<section class="card" id="exp-{_safe_id(exp.id)}">{head}<div class="grid">'
-            f"<div>{''.join(left)}</div><div>{_measurements_table(exp)}</div></div>"
-            f'<div class="label" style="margin-top:10px">CLOSE_WAIT count over time per server</div>'
-            f"{series_svg(dict(exp.series))}</section>"
+            f'<section class="card" id="exp-{_safe_id(exp.id)}">{head}'
+            '<div class="label" style="margin-top:10px">CLOSE_WAIT count over time per server</div>'
+            f"{series_svg(dict(exp.series))}"
+            f'<div class="grid"><div>{"".join(left)}</div><div>{"".join(right)}</div></div></section>'
         )
     return (
         f'<section class="card" id="exp-{_safe_id(exp.id)}">{head}<div class="grid">'
@@ -387,6 +395,10 @@ def article_table(report: LabReport) -> str:
     )
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _counts(experiments: Iterable[Experiment]) -> str:
     counts: dict[str, int] = {}
     for exp in experiments:
@@ -408,7 +420,7 @@ def render_html(report: LabReport) -> str:
     )
     body = [
         "<header><h1>closewait lab</h1>",
-        f"<p>Linux {esc(report.kernel)} · {esc(when)} · {len(report.experiments)} experiments in "
+        f"<p>Linux {esc(report.kernel)} · {esc(when)} · {_plural(len(report.experiments), 'experiment')} in "
         f"{report.duration_s:.1f} s · {report.trials} trials per remedy{' · full run' if report.full else ''}</p>",
         f"<p>{esc(capture_line)}</p>",
         f'<div class="counts">{_counts(report.experiments)}</div></header><main>',

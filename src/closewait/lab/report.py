@@ -75,7 +75,8 @@ class LabReport:
 
     @property
     def packets_captured(self) -> bool:
-        return any(e.packets_captured for e in self.experiments)
+        """The capture worked in this run (experiments that use it have packets)."""
+        return self.capture_reason is None
 
 
 def segment_dict(segment: Segment) -> dict[str, Any]:

@@ -105,7 +105,8 @@ def _churn(out: Console, exp: Experiment) -> None:
 def print_report(report: LabReport, out: Console | None = None) -> None:
     out = out or console()
     head = Text("closewait lab", style="bold")
-    head.append(f"  kernel {report.kernel}  {len(report.experiments)} experiments in {report.duration_s:.1f} s")
+    n = len(report.experiments)
+    head.append(f"  kernel {report.kernel}  {n} experiment{'' if n == 1 else 's'} in {report.duration_s:.1f} s")
     out.print(head)
     if report.packets_captured:
         out.print(Text("packets captured on lo (AF_PACKET)", style="dim"))
