@@ -23,7 +23,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from closewait.errors import ClosewaitError
 from closewait.lab.model import Experiment, LabContext, Measurement, Status, Verdict
@@ -33,6 +32,7 @@ from closewait.lab.servers import (
     REMEDY_ARGS,
     ServerError,
     ServerProcess,
+    run_parallel,
     start_leaky,
     start_remedy,
 )
@@ -88,9 +88,8 @@ def _start_all(ctx: LabContext) -> dict[str, tuple[ServerProcess, int]]:
     starters: dict[str, Callable[[], tuple[ServerProcess, int]]] = {"leaking": lambda: start_leaky(ctx, many=True)}
     for strategy in REMEDY_ARGS:
         starters[strategy] = functools.partial(start_remedy, ctx, strategy)
-    with ThreadPoolExecutor(max_workers=len(starters), thread_name_prefix="lab-churn-start") as pool:
-        futures = {name: pool.submit(starter) for name, starter in starters.items()}
-        return {name: future.result() for name, future in futures.items()}
+    started = run_parallel(ctx, list(starters.values()), "lab-churn-start")
+    return dict(zip(starters, started, strict=True))
 
 
 def _clients(port: int, t0: float, count: int, errors: list[str], lock: threading.Lock) -> None:

@@ -30,6 +30,7 @@ the runner calls this ``run`` only, not ``churn.run`` as well.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import signal
@@ -50,7 +51,9 @@ from closewait.lab.servers import (
     KEEPINTVL_S,
     ServerError,
     ServerProcess,
+    run_parallel,
     start_remedy,
+    stop_event,
 )
 from closewait.lab.servers.observe import (
     capturing,
@@ -155,9 +158,8 @@ class Trial:
 def run(ctx: LabContext) -> list[Experiment]:
     """The six remedy experiments (run in parallel, each on its own server), then the churn run."""
     fin_timeout = fin_timeout_s()
-    with ThreadPoolExecutor(max_workers=len(REMEDIES), thread_name_prefix="lab-remedy") as pool:
-        futures = [pool.submit(_guarded, remedy, ctx, fin_timeout) for remedy in REMEDIES]
-        results = [future.result() for future in futures]
+    calls = [functools.partial(_guarded, remedy, ctx, fin_timeout) for remedy in REMEDIES]
+    results = run_parallel(ctx, calls, "lab-remedy")
     results.extend(churn.run(ctx))
     return results
 
@@ -454,7 +456,8 @@ def _keepalive(ctx: LabContext, remedy: Remedy, fin_timeout: int | None) -> Expe
             left = [False] * len(conns)
             if ctx.full and fin_timeout is not None:
                 limit = conns[0][1] + fin_timeout + KEEPIDLE_S + KEEPINTVL_S * KEEPCNT + FULL_MARGIN_S
-                while time.monotonic() < limit and not all(left):
+                stop = stop_event(ctx)
+                while time.monotonic() < limit and not all(left) and not stop.is_set():
                     for i, (client_port, closed_at, _inode) in enumerate(conns):
                         if left[i]:
                             continue
@@ -462,7 +465,7 @@ def _keepalive(ctx: LabContext, remedy: Remedy, fin_timeout: int | None) -> Expe
                         if end != TcpState.CLOSE_WAIT:
                             left[i] = True
                             ended_ms[i] = (time.monotonic() - closed_at) * 1000.0
-                    time.sleep(0.5)
+                    stop.wait(0.5)
             held_at_end = [inode in held_inodes(server.pid) for _, _, inode in conns]
             if cap.active:
                 cap.sync()

@@ -23,11 +23,11 @@ Entry point for the lab's runner: ``run(ctx) -> list[Experiment]``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from closewait import diagnosis
@@ -38,7 +38,9 @@ from closewait.lab.servers import (
     ServerProcess,
     build_article_server,
     find_compiler,
+    run_parallel,
     start_leaky,
+    stop_event,
 )
 from closewait.lab.servers.observe import (
     AFTER_FIN_STATES,
@@ -85,10 +87,11 @@ class Observation:
 
 def run(ctx: LabContext) -> list[Experiment]:
     """Both variants of the reproduction (Python port, then the C original)."""
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lab-reproduce") as pool:
-        python = pool.submit(_guarded, "reproduce", "The article's leaking server (Python port)", _python, ctx)
-        native = pool.submit(_guarded, "reproduce-c", "The article's leaking server (its C program)", _native, ctx)
-        return [python.result(), native.result()]
+    calls = [
+        functools.partial(_guarded, "reproduce", "The article's leaking server (Python port)", _python, ctx),
+        functools.partial(_guarded, "reproduce-c", "The article's leaking server (its C program)", _native, ctx),
+    ]
+    return run_parallel(ctx, calls, "lab-reproduce")
 
 
 def _guarded(
@@ -178,6 +181,7 @@ def _state_name(finding: Finding | None) -> str | None:
 def _observe(ctx: LabContext, exp_id: str, title: str, server: ServerProcess, port: int, what: str) -> Experiment:
     start = time.monotonic()
     fin_timeout = fin_timeout_s()
+    stop = stop_event(ctx)
     notes: list[str] = []
     with capturing(ctx, [port]) as cap:
         client_proc = ctx.spawn([sys.executable, "-c", CLIENT, str(port)])
@@ -190,8 +194,7 @@ def _observe(ctx: LabContext, exp_id: str, title: str, server: ServerProcess, po
         killed_at = time.monotonic()
 
         obs = _look(port, client_port)
-        while not _leaked(obs) and time.monotonic() - killed_at < SETTLE_S:
-            time.sleep(0.05)
+        while not _leaked(obs) and time.monotonic() - killed_at < SETTLE_S and not stop.wait(0.05):
             obs = _look(port, client_port)
         if not _leaked(obs):
             obs = _look(port, client_port, CONNECTION_STATES)  # every state, to say where they are instead
@@ -202,8 +205,7 @@ def _observe(ctx: LabContext, exp_id: str, title: str, server: ServerProcess, po
         if ctx.full and _leaked(obs) and fin_timeout is not None:
             limit = killed_at + fin_timeout + FULL_MARGIN_S
             later = obs
-            while later.client is not None and time.monotonic() < limit:
-                time.sleep(0.5)
+            while later.client is not None and time.monotonic() < limit and not stop.wait(0.5):
                 later = _look(port, client_port)
             fin_wait2_gone = later.client is None
             if fin_wait2_gone:

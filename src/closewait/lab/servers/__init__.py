@@ -12,6 +12,11 @@ leaks descriptors is the whole point):
 ends it by pid, also on Ctrl+C): a thread drains its stdout (a child blocked on a full pipe would
 stop serving and skew every measurement) and keeps every line and JSON event for the experiment
 to wait on.
+
+``run_parallel`` runs experiments side by side in worker threads without ever making Ctrl+C wait
+for them: on KeyboardInterrupt the main thread returns to the lab's runner at once (which closes
+the context and kills the children), and ``stop_event(ctx)``, set when the context closes, makes
+every long wait in the workers (``--full`` waits a minute or more) end promptly.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from closewait.lab.model import LabContext
 
@@ -38,6 +44,7 @@ REMEDY = HERE / "remedy.py"
 ARTICLE_C = HERE / "article_server.c"
 
 Event = dict[str, Any]
+T = TypeVar("T")
 
 #: The remedy servers' settings, short so the lab stays fast (shared by remedies and churn).
 IDLE_TIMEOUT_S = 1.0
@@ -52,6 +59,38 @@ REMEDY_ARGS: dict[str, tuple[str, ...]] = {
     "nonblocking-read-close": ("--poll", str(POLL_S)),
     "keepalive": ("--keepidle", str(KEEPIDLE_S), "--keepintvl", str(KEEPINTVL_S), "--keepcnt", str(KEEPCNT)),
 }
+
+
+_stop_events: dict[int, threading.Event] = {}
+_stop_lock = threading.Lock()
+
+
+def stop_event(ctx: LabContext) -> threading.Event:
+    """An event that is set when ``ctx`` closes; long waits use ``event.wait(t)`` instead of sleep."""
+    key = id(ctx)
+    with _stop_lock:
+        event = _stop_events.get(key)
+        if event is None:
+            event = _stop_events[key] = threading.Event()
+
+            def release() -> None:
+                event.set()
+                with _stop_lock:
+                    _stop_events.pop(key, None)
+
+            ctx.on_close(release)
+    return event
+
+
+def run_parallel(ctx: LabContext, calls: Sequence[Callable[[], T]], name: str) -> list[T]:
+    """Results of ``calls`` run in threads, in order; an interrupt does not wait for the workers."""
+    stop_event(ctx)  # registered before any worker starts, so closing the context always stops them
+    pool = ThreadPoolExecutor(max_workers=max(1, len(calls)), thread_name_prefix=name)
+    try:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ServerError(Exception):
