@@ -374,6 +374,8 @@ def _count_messages(data: bytes, seq: int, counts: dict[TcpState, int], by_numbe
 #: inet_diag_sockid with idiag_if in host order (INET_DIAG_SOCKID packs it big-endian, fine only for 0).
 _SOCKID_PORTS_ADDRS = struct.Struct(">HH16s16s")
 _SOCKID_IF_COOKIE = struct.Struct("=I8s")
+#: Exact requests name one socket; the kernel ignores idiag_states for them, but ask for every state anyway.
+_EVERY_STATE_MASK = state_mask(TcpState)
 
 
 def _address_bytes(family: Family, address: str) -> bytes:
@@ -392,7 +394,7 @@ def build_exact_request(msg_type: int, sock: Socket, *, interface: int = 0, with
         raise ValueError("an exact sock_diag request needs the socket's cookie (netlink backend)")
     ext = (1 << (INET_DIAG_INFO - 1)) if with_info else 0
     body = (
-        INET_DIAG_REQ_V2_HEAD.pack(_FAMILY_AF[sock.family], socket.IPPROTO_TCP, ext, 0, state_mask(TcpState))
+        INET_DIAG_REQ_V2_HEAD.pack(_FAMILY_AF[sock.family], socket.IPPROTO_TCP, ext, 0, _EVERY_STATE_MASK)
         + _SOCKID_PORTS_ADDRS.pack(
             sock.local.port,
             sock.remote.port,
