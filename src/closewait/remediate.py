@@ -38,6 +38,7 @@ Only CLOSE_WAIT sockets are ever touched: ``plan()`` drops every other state it 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 import errno as errno_mod
 import ipaddress
@@ -56,7 +57,7 @@ from typing import Any
 from closewait.errors import AccessDenied, NetlinkError, NotSupported, UsageError
 from closewait.model import Endpoint, Finding, Owner, Process, Snapshot, Socket, TcpState
 from closewait.sources import netlink
-from closewait.sources.owners import parse_stat, socket_fds
+from closewait.sources.owners import find_owners, parse_stat, socket_fds
 
 log = logging.getLogger(__name__)
 
@@ -379,10 +380,13 @@ def survey(
     ports: Iterable[int] = (),
     proc_root: str = "/proc",
 ) -> Snapshot:
-    """The Snapshot ``plan()`` needs: CLOSE_WAIT sockets from sock_diag, with owners.
+    """The Snapshot ``plan()`` needs: CLOSE_WAIT sockets from sock_diag, with every owner.
 
     Checks first that each pid's descriptors are readable, so a missing privilege is one clear
-    ``AccessDenied`` rather than an empty plan.
+    ``AccessDenied`` rather than an empty plan. With ``pids``, the scan walks only those processes;
+    then the sockets found are looked up in every other process too, because releasing a shared
+    socket (fork, SCM_RIGHTS) affects all its holders and the plan must say so (as far as this
+    user can see: without root, other users' processes are not looked into).
     """
     from closewait.scan import CLOSE_WAIT_ONLY, scan
 
@@ -393,13 +397,24 @@ def survey(
             socket_fds(pid, proc_root)
         except AccessDenied:
             raise AccessDenied(_ptrace_message(pid, proc_root)) from None
-    return scan(
-        CLOSE_WAIT_ONLY,
-        ports=ports,
-        pids=pids,
-        backend="netlink",
-        proc_root=proc_root,
+    snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, backend="netlink", proc_root=proc_root)
+    if not pids or not snapshot.findings:
+        return snapshot
+    everyone = find_owners({f.socket.inode for f in snapshot.findings}, proc_root=proc_root)
+    findings = tuple(
+        dataclasses.replace(f, owners=_merge_owners(f.owners, everyone.owners.get(f.socket.inode, ())))
+        for f in snapshot.findings
     )
+    # Processes this user may not read are left out without a warning: a non-root caller reaping its
+    # own process cannot see (and need not ask about) other users' descriptors.
+    return dataclasses.replace(snapshot, findings=findings)
+
+
+def _merge_owners(first: Iterable[Owner], more: Iterable[Owner]) -> tuple[Owner, ...]:
+    merged: dict[tuple[int, int], Owner] = {}
+    for owner in (*first, *more):
+        merged.setdefault((owner.process.pid, owner.fd), owner)
+    return tuple(sorted(merged.values(), key=lambda o: (o.process.pid, o.fd)))
 
 
 def _ptrace_message(pid: int, proc_root: str = "/proc") -> str:

@@ -14,7 +14,7 @@ import pytest
 
 from closewait import remediate
 from closewait.errors import NotSupported
-from closewait.model import TcpState
+from closewait.model import Snapshot, TcpState
 from closewait.sources import netlink
 from tests.conftest import Spawn
 from tests.reap.helpers import (
@@ -290,6 +290,43 @@ def test_sockets_bound_to_a_device_are_found_and_reaped(spawn: Spawn, method: st
     assert [o.outcome for o in result.outcomes] == [remediate.Outcome.DONE]
     assert server.close_wait() == ()
     assert server.ask("PING") == f"PONG {server.pid}"
+
+
+FORKING_LEAKER = """
+import os, socket, sys, time
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+while conn.recv(100):
+    pass
+child = os.fork()  # both processes now hold the CLOSE_WAIT socket on the same fd
+print(child if child else "", flush=True)
+time.sleep(60)
+"""
+
+
+def test_plan_names_every_other_holder_of_a_shared_socket(spawn: Spawn) -> None:
+    parent = spawn(FORKING_LEAKER)
+    assert parent.stdout is not None
+    port = int(parent.stdout.readline())
+    socket.create_connection(("127.0.0.1", port)).close()
+    forked = int(parent.stdout.readline())
+    try:
+
+        def leaked() -> Snapshot | None:
+            found = remediate.survey(pids=[parent.pid], ports=[port])
+            return found if found.findings else None
+
+        snapshot = wait_for(leaked)
+        (target,) = remediate.plan(snapshot, pids=[parent.pid]).targets
+        assert target.process.pid == parent.pid
+        assert [(o.process.pid, o.fd) for o in target.other_holders] == [(forked, target.fd)]
+        proc = run_cli(["reap", "--pid", str(parent.pid)])
+        assert f"pid {forked} fd {target.fd}" in proc.stdout
+    finally:
+        os.kill(forked, signal.SIGKILL)
 
 
 def test_sock_diag_lookup_is_exact(spawn: Spawn) -> None:
