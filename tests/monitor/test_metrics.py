@@ -3,8 +3,11 @@ parsed with prometheus_client's own parser; shared scans; bounded cardinality; n
 
 from __future__ import annotations
 
+import shutil
+import socket
 import threading
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
@@ -148,3 +151,38 @@ def test_all_netns_adds_a_netns_label_naming_a_process(spawn: Spawn, netns_name:
     assert len(ns_states) == len(TcpState)
     # The host namespace is there too, under another label.
     assert len({lab["netns"] for lab, _ in samples["closewait_tcp_sockets"]}) >= 2
+
+
+NODE_SERVER = """
+const net = require('net');
+const held = [];
+// allowHalfOpen: after the client's FIN, node leaves closing to the code, and this code forgets.
+const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+  held.push(socket);
+  socket.on('data', () => {});
+  socket.on('end', () => { /* should call socket.end() here */ });
+});
+server.listen(0, '127.0.0.1', () => console.log(server.address().port));
+"""
+
+
+def test_node_server_that_forgets_to_end_is_exported_with_its_name_and_diagnosis(spawn: Spawn) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed (./dev test installs nodejs)")
+    child = spawn(argv=[node, "-e", NODE_SERVER])
+    assert child.stdout is not None
+    port = int(child.stdout.readline())
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    registry = build_registry(CloseWaitCollector(min_interval=0))
+
+    def rows() -> list[tuple[dict[str, str], float]] | None:
+        found = by_pid(scrape(registry), "closewait_close_wait_sockets", child.pid)
+        return found if found and found[0][1] == 3 else None
+
+    ((labels, _),) = wait_for(rows, timeout=15, interval=0.1)
+    assert labels["process"] == child_comm(child.pid) == "node"
+    # node read the data and the EOF (Recv-Q 0) but never closed: the server's end of the leak.
+    assert (labels["role"], labels["diagnosis"]) == ("server", "eof-not-closed")
