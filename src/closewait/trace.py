@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 from closewait.errors import UsageError
@@ -93,7 +93,10 @@ _raw_family = _socket.socket.__dict__["family"].__get__
 _raw_type = _socket.socket.__dict__["type"].__get__
 _raw_fileno = _socket.socket.fileno
 
-RawFrame = tuple[str, int, str]
+#: A frame as recorded: the code object and the offset of the instruction running in it. Turning
+#: that into a line number (``f_lineno`` walks the line table) costs about 1 µs a frame, so it is
+#: done on lookup, not on every socket creation.
+RawFrame = tuple[CodeType, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +192,8 @@ class _Entry:
         # The listening socket's entry, kept by reference so it outlives the listener's own record
         # (a server is often closed before anyone asks where its leaked connections came from).
         self.listener: _Entry | None = None
-        self.fds = {fd}
+        # One descriptor almost always; a set only when a second object wraps the same socket.
+        self.fds: int | set[int] = fd
 
 
 class _State:
@@ -267,15 +271,18 @@ def _make_wrappers(
         frames: list[RawFrame] = []
         limit = state.limit
         while frame is not None and len(frames) < limit:
-            code = frame.f_code
-            frames.append((code.co_filename, frame.f_lineno, code.co_name))
+            frames.append((frame.f_code, frame.f_lasti))
             frame = frame.f_back
         entry = _Entry(inode, tuple(frames), kind, now(), current_thread().name, fd)
         with state.lock:
             existing = state.entries.get(inode)
             if existing is not None:
                 # Another Python object for a kernel socket already traced: keep the creation site.
-                existing.fds.add(fd)
+                fds = existing.fds
+                if isinstance(fds, int):
+                    existing.fds = {fds, fd}
+                else:
+                    fds.add(fd)
                 return
             if listener_inode is not None and listener_inode != inode:
                 listener_entry = state.entries.get(listener_inode)
@@ -305,8 +312,13 @@ def _make_wrappers(
                 with state.lock:
                     entry = state.entries.get(inode)
                     if entry is not None:
-                        entry.fds.discard(fd)
-                        if not entry.fds:
+                        fds = entry.fds
+                        if isinstance(fds, set):
+                            fds.discard(fd)
+                            last = not fds
+                        else:
+                            last = fds == fd
+                        if last:
                             del state.entries[inode]
                             state.dropped_on_close += 1
         original_real_close(self, *args)
@@ -384,11 +396,21 @@ def _traceback_of(entry: _Entry, with_listener: bool = True) -> Traceback:
     return Traceback(
         inode=entry.inode,
         kind=entry.kind,
-        frames=tuple(Frame(*raw) for raw in entry.frames),
+        frames=tuple(_frame(code, lasti) for code, lasti in entry.frames),
         created_at=entry.created_at,
         thread=entry.thread,
         listener=_traceback_of(listener, with_listener=False) if listener is not None else None,
     )
+
+
+def _frame(code: CodeType, lasti: int) -> Frame:
+    lineno = code.co_firstlineno
+    for start, end, line in code.co_lines():
+        if start <= lasti < end:
+            if line is not None:
+                lineno = line
+            break
+    return Frame(code.co_filename, lineno, code.co_name)
 
 
 def _build(inode: int) -> Traceback | None:
