@@ -6,11 +6,13 @@ error, 2 a bad argument (including an --html path that cannot be written), 130 i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -65,13 +67,16 @@ def lab_command(
     if html_path is not None:
         _check_writable(html_path)
     progress = None if as_json else _progress
-    report = lab.run(
-        parts,
-        full=full,
-        trials=trials or lab.DEFAULT_TRIALS,
-        capture=not no_capture,
-        progress=progress,
-    )
+    try:
+        report = lab.run(
+            parts,
+            full=full,
+            trials=trials or lab.DEFAULT_TRIALS,
+            capture=not no_capture,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        _exit_interrupted()
     if html_path is not None:
         from closewait.lab.html import render_html
 
@@ -89,6 +94,18 @@ def lab_command(
         click.echo(f"wrote {html_path}", err=True)
     if not report.ok:
         sys.exit(1)
+
+
+def _exit_interrupted() -> NoReturn:
+    """Exit 130 now. lab.run() has already ended every child process and closed its context; what
+    may remain are worker threads of the interrupted part blocked in bounded waits, which a normal
+    interpreter exit would join (concurrent.futures does) for seconds. Nothing is left for them to
+    do, and the kernel closes their sockets when the process exits."""
+    click.echo("closewait: interrupted", err=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(130)
 
 
 def _progress(part: str, results: Sequence[Experiment]) -> None:
