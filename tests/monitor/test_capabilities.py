@@ -69,8 +69,18 @@ def _rows_for(data: dict[str, object], port_owner: str) -> list[list[object]]:
 
 def test_owners_of_other_users_need_sys_ptrace_and_dac_read_search(spawn: Spawn) -> None:
     other = spawn(
-        argv=[SETPRIV or "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c", LEAKER]
-        + ["2", "0", "0"]
+        argv=[
+            SETPRIV or "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            SYSTEM_PYTHON,
+            "-c",
+            LEAKER,
+            "2",
+            "0",
+            "0",
+        ]
     )
     assert other.stdout is not None
     other.stdout.readline()
