@@ -221,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
                 ne_rss = _status_kib(ne_proc.pid, "VmRSS")
                 ne_hwm = _status_kib(ne_proc.pid, "VmHWM")
                 established = _gauge(ne_body, 'node_tcp_connection_states{state="established"}')
+                ne_states = [line for line in ne_body.splitlines() if line.startswith("node_tcp_connection_states{")]
                 print("\nnode_exporter --collector.disable-defaults --collector.tcpstat (per-state counts only):")
                 print(f"  scrape wall time: {_fmt(ne_times)}")
                 print(f'  node_tcp_connection_states{{state="established"}} = {established:.0f}')
+                print(f"  states exported: {len(ne_states)} (closewait_tcp_sockets: always {len(TcpState)})")
                 print(f"  memory: RSS {ne_rss / 1024:.1f} MiB, peak RSS {ne_hwm / 1024:.1f} MiB")
     print(f"\nload average {os.getloadavg()[0]:.2f} at end")
     return 0
