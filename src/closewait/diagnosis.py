@@ -35,7 +35,7 @@ CODES: dict[str, str] = {
     UNREAD_DATA: "CLOSE_WAIT, Recv-Q > 1: data the peer sent before closing is unread",
     ORPHAN_FIN_WAIT2: "FIN_WAIT2 with no owner: closed here, the peer has not closed yet",
     HALF_CLOSED: "FIN_WAIT2 with an owner: shutdown(SHUT_WR) here, the peer has not closed yet",
-    PEER_NOT_READING: "FIN_WAIT1 with queued data: the peer does not read what was sent",
+    PEER_NOT_READING: "FIN_WAIT1 with data queued behind the FIN: the peer does not read what was sent",
     LAST_ACK: "LAST_ACK: closed after the peer did; waiting for the final ACK",
     TIME_WAIT: "TIME_WAIT: the normal end of the side that closed first",
     CLOSING: "CLOSING: both sides closed at once; waiting for the final ACK",
@@ -163,10 +163,13 @@ def diagnose(socket: Socket, owners: Collection[Owner], role: Role) -> Diagnosis
             f"shut down for writing here; {socket.remote} has not closed its side",
             "the peer must close (it may be in CLOSE_WAIT); or close this end if no more data is expected",
         )
-    if state == TcpState.FIN_WAIT1 and socket.send_q > 0:
+    # In FIN_WAIT1 Send-Q counts this side's FIN (one sequence number) until the peer ACKs it, so
+    # Send-Q 1 is only the FIN in flight; more means data the peer has not taken.
+    if state == TcpState.FIN_WAIT1 and socket.send_q > 1:
+        queued = socket.send_q - 1
         return Diagnosis(
             PEER_NOT_READING,
-            f"{socket.send_q} bytes still queued for {socket.remote}, which is not reading",
+            f"{queued} byte{'s' if queued != 1 else ''} still queued for {socket.remote}, which is not reading",
             "the peer's receive window is closed: fix the peer's reader, or use SO_LINGER/TCP_USER_TIMEOUT "
             "to bound how long the kernel keeps trying",
         )

@@ -79,6 +79,8 @@ TEARDOWN_STATES: frozenset[TcpState] = frozenset(
     }
 )
 ALL_STATES: frozenset[TcpState] = frozenset(TcpState)
+#: States whose Recv-Q includes the peer's FIN (one sequence number) until EOF is read.
+_FIN_RECEIVED: frozenset[TcpState] = frozenset({TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.CLOSING})
 
 
 def state_mask(states: Iterable[TcpState]) -> int:
@@ -195,8 +197,12 @@ class Socket:
 
     @property
     def unread_bytes(self) -> int:
-        """Bytes of data waiting to be read, not counting the FIN."""
-        if self.state == TcpState.CLOSE_WAIT:
+        """Bytes of data waiting to be read, not counting the FIN.
+
+        Every state reached by receiving the peer's FIN (CLOSE_WAIT, LAST_ACK, CLOSING) counts that
+        FIN as one byte of Recv-Q until the application reads EOF.
+        """
+        if self.state in _FIN_RECEIVED:
             return max(self.recv_q - 1, 0)
         if self.state == TcpState.LISTEN:
             return 0
@@ -308,7 +314,7 @@ class Snapshot:
     netns: str | None = None
     owners_resolved: bool = True
     errors: tuple[str, ...] = ()
-    #: How many sockets the kernel reported per state, for every state asked for (zeros included).
+    #: How many of ``findings`` are in each state asked for (zeros included), after --port/--pid filters.
     state_counts: Mapping[TcpState, int] = field(default_factory=dict)
 
     def in_state(self, state: TcpState) -> tuple[Finding, ...]:

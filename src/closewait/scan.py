@@ -7,11 +7,12 @@ the kernel once per source, then resolves only the owners of the sockets it kept
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Collection, Iterable
 
 from closewait import diagnosis as rules
-from closewait.errors import AccessDenied, UsageError
+from closewait.errors import AccessDenied, NoSuchProcess, UsageError
 from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState
 from closewait.sources import SocketSource, get_source
 from closewait.sources import netns as netns_mod
@@ -29,12 +30,23 @@ def validate_ports(ports: Iterable[int]) -> frozenset[int]:
 
 
 def validate_pids(pids: Iterable[int], proc_root: str = "/proc") -> frozenset[int]:
-    """Check each pid exists now (raises NoSuchProcess for the first that does not)."""
+    """Check each pid exists now and its descriptors can be read.
+
+    Raises NoSuchProcess for the first that does not exist, AccessDenied for the first whose
+    /proc/PID/fd this user may not read (another user's process, without root): checked here,
+    before the kernel is read, so the answer does not depend on whether any socket matched.
+    """
     result = frozenset(pids)
-    for pid in result:
+    for pid in sorted(result):
         if pid <= 0:
             raise UsageError(f"pid {pid} is not a process id")
         read_process(pid, proc_root)
+        try:
+            os.close(os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        except PermissionError as err:
+            raise AccessDenied(f"cannot read the descriptors of pid {pid}: permission denied, run as root") from err
+        except FileNotFoundError:
+            raise NoSuchProcess(pid) from None
     return result
 
 

@@ -226,3 +226,49 @@ def test_ipv4_client_of_dual_stack_listener_is_server_role(spawn: Spawn) -> None
         assert finding.socket.local == Endpoint("::ffff:127.0.0.1", port)
         assert finding.socket.remote == Endpoint("::ffff:127.0.0.1", client_port)
         assert finding.role == Role.SERVER
+
+
+#: Fills the peer's buffers, then closes: the FIN waits behind data the peer never reads.
+FLOODER = """
+import socket, sys, time
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+conn.setblocking(False)
+sent = 0
+try:
+    while True:
+        sent += conn.send(b"x" * 65536)
+except BlockingIOError:
+    pass
+print(conn.getsockname()[1], sent, flush=True)
+conn.close()   # orphaned FIN_WAIT1: data and FIN queued
+time.sleep(120)
+"""
+
+
+def test_peer_not_reading_counts_data_queued_behind_the_fin(spawn: Spawn) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    flooder = spawn(argv=python_argv(FLOODER, port))
+    assert flooder.stdout is not None
+    conn, _ = listener.accept()  # never read
+    with listener, conn:
+        local_port, sent = map(int, flooder.stdout.readline().split())
+        states = closewait.parse_states(["fin-wait-1", "established"])
+
+        def settled() -> dict[TcpState, closewait.Finding] | None:
+            found = {f.socket.state: f for f in closewait.scan(states, ports=[local_port]).findings}
+            return found if set(found) == {TcpState.FIN_WAIT1, TcpState.ESTABLISHED} else None
+
+        found = wait_for(settled)
+        orphan, reader = found[TcpState.FIN_WAIT1], found[TcpState.ESTABLISHED]
+        assert orphan.owners == ()
+        assert orphan.diagnosis is not None
+        assert orphan.diagnosis.code == "peer-not-reading"
+        queued = orphan.socket.send_q - 1  # Send-Q counts the FIN too
+        # Every byte sent is in the reader's Recv-Q or still queued here (both, for bytes the reader
+        # holds but has not acknowledged yet, so the sum can exceed what was sent).
+        assert sent - reader.socket.recv_q <= queued <= sent
+        assert queued > 0
+        assert orphan.diagnosis.summary.startswith(f"{queued} bytes still queued for 127.0.0.1:{port}")

@@ -93,3 +93,39 @@ def test_leak_in_a_network_namespace(spawn: Spawn, netns: str) -> None:
     host_cli = run_cli("scan", "--port", str(port), "--pid", str(leaker.pid), "--json")
     assert host_cli.returncode == 0, host_cli.stderr
     assert json.loads(host_cli.stdout)["sockets"] == []
+
+
+#: Inside a private namespace, take loopback down so FINs are lost: LAST_ACK and FIN_WAIT1 hold still.
+FINS_LOST = """
+import os, socket, time
+server = socket.create_server(("127.0.0.1", 0))
+port = server.getsockname()[1]
+a = socket.create_connection(("127.0.0.1", port)); b, _ = server.accept()
+c = socket.create_connection(("127.0.0.1", port)); d, _ = server.accept()
+a.close()
+time.sleep(0.2)                  # b: CLOSE_WAIT, a's FIN unread (Recv-Q 1)
+os.system("ip link set lo down")
+b.close()                        # b: LAST_ACK, its FIN cannot leave
+c.close()                        # c: FIN_WAIT1 with nothing but its FIN unacknowledged
+print(port, flush=True)
+time.sleep(120)
+"""
+
+
+def test_fin_counts_in_the_queues_of_last_ack_and_fin_wait_1(spawn: Spawn, netns: str) -> None:
+    """The FIN is one sequence number: Recv-Q 1 in LAST_ACK is the peer's FIN (no unread data),
+    Send-Q 1 in FIN_WAIT1 is this side's FIN (not data the peer refuses)."""
+    proc = spawn(argv=["ip", "netns", "exec", netns, sys.executable, "-c", textwrap.dedent(FINS_LOST)])
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    states = closewait.parse_states(["last-ack", "fin-wait-1"])
+    snapshot = closewait.scan(states, ports=[port], netns=f"/run/netns/{netns}")
+    by_state = {f.socket.state: f for f in snapshot.findings}
+    assert set(by_state) == {closewait.TcpState.LAST_ACK, closewait.TcpState.FIN_WAIT1}
+    last_ack = by_state[closewait.TcpState.LAST_ACK]
+    assert (last_ack.socket.recv_q, last_ack.socket.send_q, last_ack.socket.unread_bytes) == (1, 1, 0)
+    assert last_ack.diagnosis is not None
+    assert last_ack.diagnosis.code == "last-ack"
+    fin_wait_1 = by_state[closewait.TcpState.FIN_WAIT1]
+    assert fin_wait_1.socket.send_q == 1
+    assert fin_wait_1.diagnosis is None  # only the FIN is in flight: the peer is not refusing data

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from closewait.cli.render import console
-from closewait.diagnosis import format_duration
+from closewait.diagnosis import CODES, format_duration
 from closewait.model import Finding, ProcessGroup, Snapshot, TcpState
 
 #: Rows shown per process unless --wide.
@@ -59,40 +59,48 @@ def _group_summary(group: ProcessGroup, states: frozenset[TcpState]) -> Text:
     return line
 
 
-def _diagnosis_lines(group: ProcessGroup) -> list[Text]:
-    lines: list[Text] = []
+def _hanging(label: Text, text: str) -> Table:
+    """``label`` then ``text``; lines that wrap start under the text, not under the label."""
+    grid = Table.grid()
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    grid.add_row(label, Text(text))
+    return grid
+
+
+def _diagnosis_lines(group: ProcessGroup) -> list[Table]:
+    lines: list[Table] = []
     seen: dict[str, Finding] = {}
     counts = group.diagnosis_counts()
     for finding in group.findings:
         if finding.diagnosis and finding.diagnosis.code not in seen:
             seen[finding.diagnosis.code] = finding
-    for code, finding in sorted(seen.items(), key=lambda item: -counts[item[0]]):
+    order = list(CODES)
+    for code, finding in sorted(
+        seen.items(), key=lambda item: (-counts[item[0]], order.index(item[0]) if item[0] in order else len(order))
+    ):
         assert finding.diagnosis is not None
-        line = Text("  ")
-        line.append(f"{code}", style="bold magenta")
-        line.append(f" x{counts[code]}: ", style="magenta")
-        line.append(finding.diagnosis.summary)
-        lines.append(line)
-        remedy = Text("    fix: ", style="green")
-        remedy.append(finding.diagnosis.remedy)
-        lines.append(remedy)
+        label = Text("  ")
+        label.append(f"{code}", style="bold magenta")
+        label.append(f" x{counts[code]}: ", style="magenta")
+        # The summary names one socket; with several, it is an example of them.
+        summary = finding.diagnosis.summary if counts[code] == 1 else f"e.g. {finding.diagnosis.summary}"
+        lines.append(_hanging(label, summary))
+        lines.append(_hanging(Text("    fix: ", style="green"), finding.diagnosis.remedy))
     return lines
 
 
 def _socket_table(group: ProcessGroup, multi_state: bool, wide: bool) -> Table:
-    table = Table(box=None, padding=(0, 2), pad_edge=False, show_edge=False, header_style="dim")
+    """One row per socket. Endpoints and codes are never cut: on a narrow terminal the table
+    wraps rather than print ``127.0.0.1:4…``, which would hide the one thing a reader needs."""
+    # The group's summary line already says the role when every socket shares it.
+    show_role = len({f.role for f in group.findings}) > 1
+    headers = ["LOCAL", "REMOTE", "IDLE", "RECV-Q", "SEND-Q", "FD", "ROLE", "DIAGNOSIS"]
     if multi_state:
-        table.add_column("STATE")
-    table.add_column("LOCAL")
-    table.add_column("REMOTE")
-    table.add_column("IDLE", justify="right")
-    table.add_column("RECV-Q", justify="right")
-    table.add_column("SEND-Q", justify="right")
-    table.add_column("FD", justify="right")
-    table.add_column("ROLE")
-    table.add_column("DIAGNOSIS")
+        headers.insert(0, "STATE")
     rows = group.findings if wide else group.findings[:ROWS_PER_PROCESS]
     pid = group.process.pid if group.process else None
+    body: list[list[str]] = []
     for finding in rows:
         sock = finding.socket
         fds = ",".join(str(o.fd) for o in finding.owners if o.process.pid == pid) or "-"
@@ -108,6 +116,21 @@ def _socket_table(group: ProcessGroup, multi_state: bool, wide: bool) -> Table:
         ]
         if multi_state:
             cells.insert(0, sock.state.ss_name)
+        body.append(cells)
+    if not show_role:
+        role_index = headers.index("ROLE")
+        del headers[role_index]
+        for cells in body:
+            del cells[role_index]
+    table = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False, header_style="dim")
+    for index, header in enumerate(headers):
+        width = max([len(header), *(len(row[index]) for row in body)])
+        numeric = header in ("IDLE", "RECV-Q", "SEND-Q", "FD")
+        keep = numeric or header in ("STATE", "LOCAL", "REMOTE")
+        table.add_column(
+            header, justify="right" if numeric else "left", min_width=width if keep else None, overflow="fold"
+        )
+    for cells in body:
         table.add_row(*[escape(c) for c in cells])
     return table
 
@@ -144,8 +167,6 @@ def print_snapshot(snapshot: Snapshot, *, wide: bool = False, out: Console | Non
         hidden = group.count - ROWS_PER_PROCESS
         if not wide and hidden > 0:
             out.print(Text(f"  ... and {hidden} more (--wide shows all)", style="dim"))
-    if not snapshot.owners_resolved:
-        out.print(Text("\nowners not looked up (--no-owners): role unknown", style="dim"))
     _print_errors(snapshot)
 
 

@@ -1,0 +1,267 @@
+"""``closewait scan`` as a user runs it: the real console script against real leaking processes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from closewait import diagnosis
+from tests.conftest import Spawn
+from tests.scan.kit import LEAKING_SERVER, REPO, close_wait_of, python_argv, run_cli
+
+
+@dataclass(frozen=True)
+class Leakers:
+    big_pid: int
+    big_port: int
+    small_pid: int
+    small_port: int
+
+
+@pytest.fixture
+def leakers(spawn: Spawn) -> Leakers:
+    """One process leaking three sockets (one per code), another leaking one."""
+    ports = []
+    pids = []
+    for modes, payloads in (("eof,keep,keep", (b"", b"", b"abcde")), ("keep", (b"",))):
+        proc = spawn(argv=python_argv(LEAKING_SERVER, "127.0.0.1", modes))
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for payload in payloads:
+            client = socket.create_connection(("127.0.0.1", port))
+            client.sendall(payload)
+            client.close()
+            assert proc.stdout.readline().strip() == "accepted"
+        close_wait_of(proc.pid, port, count=len(payloads))
+        ports.append(port)
+        pids.append(proc.pid)
+    return Leakers(pids[0], ports[0], pids[1], ports[1])
+
+
+def _scan(*args: str) -> str:
+    result = run_cli("scan", *args)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def test_table_grouped_by_process_worst_first(leakers: Leakers) -> None:
+    out = _scan("--port", str(leakers.small_port), "--port", str(leakers.big_port))
+    lines = out.splitlines()
+    assert lines[0].startswith("4 sockets in CLOSE_WAIT, held by 2 processes")
+    big = next(i for i, line in enumerate(lines) if line.startswith(f"pid {leakers.big_pid} "))
+    small = next(i for i, line in enumerate(lines) if line.startswith(f"pid {leakers.small_pid} "))
+    assert big < small  # three sockets before one
+    assert lines[big + 1].split()[:4] == ["3", "CLOSE_WAIT", "sockets", "role"]
+    assert "unread 5 B" in lines[big + 1]
+    big_block = "\n".join(lines[big:small])
+    for code in ("eof-not-closed x1", "not-reading x1", "unread-data x1", "5 bytes sent by 127.0.0.1:"):
+        assert code in big_block
+    assert big_block.count("    fix: ") == 3
+    # One table row per socket: local, remote, idle, Recv-Q, Send-Q, fd, diagnosis (the role is in the
+    # summary line when all of the process's sockets share it).
+    rows = [line.split() for line in lines[big:small] if line.strip().startswith(f"127.0.0.1:{leakers.big_port} ")]
+    assert sorted((row[-1], row[-4]) for row in rows) == [
+        ("eof-not-closed", "0"),
+        ("not-reading", "1"),
+        ("unread-data", "6"),
+    ]
+    header = next(line for line in lines[big:small] if "LOCAL" in line)
+    assert header.split() == ["LOCAL", "REMOTE", "IDLE", "RECV-Q", "SEND-Q", "FD", "DIAGNOSIS"]
+    assert "role server" in lines[big + 1]
+
+
+def test_nothing_found_says_so(spawn: Spawn) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        unused = probe.getsockname()[1]
+    result = run_cli("scan", "--port", str(unused))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "no sockets in CLOSE_WAIT\n", "")
+    result = run_cli("scan", "--port", str(unused), "--state", "all")
+    assert result.stdout == "no sockets in the asked states\n"
+
+
+def test_python_dash_m_is_the_same_command(leakers: Leakers) -> None:
+    args = ("scan", "--port", str(leakers.small_port), "--json")
+    via_module = run_cli(*args, argv0=[sys.executable, "-m", "closewait"])
+    assert via_module.returncode == 0, via_module.stderr
+    (sock,) = json.loads(via_module.stdout)["sockets"]
+    assert sock["owners"][0]["pid"] == leakers.small_pid
+
+
+#: The names issue 2 promises to programs outside the project, with their JSON types.
+SOCKET_KEYS = {
+    "state": str,
+    "family": str,
+    "local": dict,
+    "remote": dict,
+    "inode": int,
+    "uid": int,
+    "recv_q": int,
+    "send_q": int,
+    "unread_bytes": int,
+    "eof_read": bool,
+    "idle_ms": (int, type(None)),
+    "role": str,
+    "owners": list,
+    "diagnosis": (dict, type(None)),
+}
+OWNER_KEYS = {"pid": int, "fd": int, "name": str, "cmdline": list}
+
+
+def _check_types(obj: dict[str, object], spec: dict[str, object]) -> None:
+    for key, kind in spec.items():
+        assert key in obj, key
+        assert isinstance(obj[key], kind), (key, obj[key])  # type: ignore[arg-type]
+
+
+def test_json_schema(leakers: Leakers) -> None:
+    document = json.loads(_scan("--port", str(leakers.big_port), "--json"))
+    assert {"sockets", "errors"} <= document.keys()
+    assert document["errors"] == []
+    sockets = document["sockets"]
+    assert len(sockets) == 3
+    for sock in sockets:
+        _check_types(sock, SOCKET_KEYS)
+        assert sock["state"] == "CLOSE_WAIT"
+        assert sock["family"] == "ipv4"
+        assert sock["local"] == {"address": "127.0.0.1", "port": leakers.big_port}
+        assert set(sock["remote"]) == {"address", "port"}
+        assert sock["role"] == "server"
+        assert sock["idle_ms"] >= 0
+        (owner,) = sock["owners"]
+        _check_types(owner, OWNER_KEYS)
+        assert owner["pid"] == leakers.big_pid
+        assert all(isinstance(part, str) for part in owner["cmdline"])
+        assert set(sock["diagnosis"]) == {"code", "summary", "remedy"}
+        assert sock["diagnosis"]["code"] in diagnosis.CODES
+        assert sock["eof_read"] is (sock["recv_q"] == 0)
+        assert sock["unread_bytes"] == max(sock["recv_q"] - 1, 0)
+    assert sorted(s["recv_q"] for s in sockets) == [0, 1, 6]
+    # Every name the command prints is explained in docs/json.md.
+    documented = (REPO / "docs" / "json.md").read_text()
+    names = set(document) | {k for s in sockets for k in s} | {k for s in sockets for o in s["owners"] for k in o}
+    names |= set(document.get("state_counts", {}))
+    for name in sorted(names):
+        assert f"`{name}`" in documented, f"docs/json.md does not explain {name!r}"
+
+
+def test_every_diagnosis_code_is_documented() -> None:
+    documented = (REPO / "docs" / "diagnoses.md").read_text()
+    for code in diagnosis.CODES:
+        assert f"## `{code}`" in documented, code
+
+
+def _json(*args: str) -> list[dict[str, object]]:
+    sockets: list[dict[str, object]] = json.loads(_scan(*args, "--json"))["sockets"]
+    return sockets
+
+
+def test_state_option(leakers: Leakers) -> None:
+    port = str(leakers.big_port)
+    # The test's closed clients are orphaned FIN_WAIT2 sockets whose remote port is the leaker's.
+    states = sorted(str(s["state"]) for s in _json("--port", port, "--state", "close-wait", "--state", "fin-wait-2"))
+    assert states == ["CLOSE_WAIT"] * 3 + ["FIN_WAIT2"] * 3
+    assert {str(s["state"]) for s in _json("--port", port, "--state", "fin-wait-2")} == {"FIN_WAIT2"}
+    everything = _json("--port", port, "--state", "all")
+    assert sorted({str(s["state"]) for s in everything}) == ["CLOSE_WAIT", "FIN_WAIT2", "LISTEN"]
+    listener = next(s for s in everything if s["state"] == "LISTEN")
+    assert listener["role"] == "server"
+    assert listener["diagnosis"] is None
+    teardown = {str(s["state"]) for s in _json("--port", port, "--state", "teardown")}
+    assert teardown == {"CLOSE_WAIT", "FIN_WAIT2"}
+    orphan = next(s for s in everything if s["state"] == "FIN_WAIT2")
+    assert (orphan["inode"], orphan["owners"], orphan["role"]) == (0, [], "unknown")
+    table = _scan("--port", port, "--state", "close-wait", "--state", "FIN_WAIT2")
+    assert "STATE" in table
+    assert "fin-wait-2" in table
+    assert "close-wait" in table
+    assert "no owning process (closed by its program" in table
+
+
+def test_pid_port_backend_and_no_owners(leakers: Leakers) -> None:
+    both = ("--port", str(leakers.big_port), "--port", str(leakers.small_port))
+    only_small = _json(*both, "--pid", str(leakers.small_pid))
+    assert [[o["pid"] for o in s["owners"]] for s in only_small] == [[leakers.small_pid]]  # type: ignore[attr-defined]
+    assert len(_json(*both)) == 4
+    assert len(_json(*both, "--pid", str(leakers.small_pid), "--pid", str(leakers.big_pid))) == 4
+
+    procfs = _json(*both, "--backend", "procfs")
+    netlink = _json(*both, "--backend", "netlink")
+    key = lambda s: (s["inode"],)  # noqa: E731
+    assert [s["inode"] for s in sorted(procfs, key=key)] == [s["inode"] for s in sorted(netlink, key=key)]
+    assert all(s["idle_ms"] is None for s in procfs)
+    assert all(isinstance(s["idle_ms"], int) for s in netlink)
+    assert "(source: procfs)" in _scan(*both, "--backend", "procfs")
+
+    bare = _json(*both, "--no-owners")
+    assert len(bare) == 4
+    assert all(s["role"] == "unknown" and s["owners"] == [] for s in bare)
+    assert all(s["diagnosis"]["code"] in diagnosis.CODES for s in bare)  # type: ignore[index]
+    table = _scan(*both, "--no-owners")
+    assert "owners not looked up (--no-owners)" in table
+    assert "unknown" in table
+
+
+BAD_INPUTS = [
+    (["--state", "bogus"], "unknown state 'bogus'"),
+    (["--state", "close-wait", "--state", "nope"], "unknown state 'nope'"),
+    (["--port", "70000"], "70000 is not in the range"),
+    (["--port", "0"], "0 is not in the range"),
+    (["--port", "http"], "'http' is not a valid integer"),
+    (["--pid", "2147483646"], "no process with pid 2147483646"),
+    (["--pid", "-3"], "--pid"),
+    (["--netns", "/etc/hostname"], "/etc/hostname is not a network namespace"),
+    (["--netns", "/proc/self/ns/uts"], "is not a network namespace"),
+    (["--netns", "/nonexistent/ns"], "no such network namespace"),
+    (["--netns", "2147483646"], "no process with pid 2147483646"),
+    (["--backend", "bpf"], "'bpf' is not one of 'auto', 'netlink', 'procfs'"),
+    (["--frobnicate"], "No such option '--frobnicate'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = run_cli("scan", *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("closewait")
+    assert ": error: " in line
+    assert message in line
+
+
+def test_docs_cover_every_scan_option() -> None:
+    from closewait.cli.scan import scan_command
+
+    documented = (REPO / "docs" / "cli.md").read_text()
+    for param in scan_command.params:
+        for opt in param.opts:
+            assert f"`{opt}" in documented, f"docs/cli.md does not mention {opt}"
+    assert Path(REPO / "docs" / "cli.md").read_text().count("## Exit codes") == 1
+
+
+def test_wide_shows_every_row(spawn: Spawn) -> None:
+    proc = spawn(argv=python_argv(LEAKING_SERVER, "127.0.0.1", ",".join(["keep"] * 12)))
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    for _ in range(12):
+        socket.create_connection(("127.0.0.1", port)).close()
+        assert proc.stdout.readline().strip() == "accepted"
+    close_wait_of(proc.pid, port, count=12)
+
+    def rows(out: str) -> int:
+        return sum(1 for line in out.splitlines() if line.strip().startswith(f"127.0.0.1:{port} "))
+
+    short = _scan("--port", str(port))
+    assert rows(short) == 10
+    assert "... and 2 more (--wide shows all)" in short
+    wide = _scan("--port", str(port), "--wide")
+    assert rows(wide) == 12
+    assert "more (--wide shows all)" not in wide
