@@ -134,8 +134,10 @@ def _churn(ctx: LabContext) -> Experiment:
             for name in servers:
                 series[name].append((round(t, 3), float(counts.get(name, 0))))
             next_sample = max(next_sample + SAMPLE_S, time.monotonic())
+        join_by = time.monotonic() + 5
         for thread in threads:
-            thread.join(timeout=5)
+            while thread.is_alive() and time.monotonic() < join_by:
+                thread.join(timeout=0.1)  # short slices: Ctrl+C is handled between them
     finally:
         for server, _port in servers.values():
             server.stop()

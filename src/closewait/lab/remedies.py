@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -341,20 +342,20 @@ def _prompt_remedy(ctx: LabContext, remedy: Remedy) -> Experiment:
 def _send_sigpipe_demos(ctx: LabContext, server: ServerProcess, port: int) -> tuple[dict[str, Measurement], list[str]]:
     """The three caveats of send-sigpipe, each shown on the kernel (run concurrently)."""
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="lab-sigpipe-demo") as pool:
-        half = pool.submit(_half_close_demo, server, port)
+        half = pool.submit(_half_close_demo, server, port, stop_event(ctx))
         hold = pool.submit(_fd_still_held_demo, ctx)
         kill = pool.submit(_sigpipe_default_demo, ctx)
         measurements: dict[str, Measurement] = {**half.result(), **hold.result(), **kill.result()}
     return measurements, []
 
 
-def _half_close_demo(server: ServerProcess, port: int) -> dict[str, Measurement]:
+def _half_close_demo(server: ServerProcess, port: int, stop: threading.Event) -> dict[str, Measurement]:
     """A peer that only shutdown(SHUT_WR): its kernel ACKs every heartbeat, so nothing fails."""
     conn, client_port, inode = _connect_and_send(server, port)
     try:
         conn.shutdown(socket.SHUT_WR)
         watched_s = 10 * HEARTBEAT_S
-        time.sleep(watched_s)
+        stop.wait(watched_s)
         detected = server.wait_event(0.0, ev="saw", peer=client_port) is not None
         end = server_end(connection_findings(port, client_port, owners=False), port)
         state = end.socket.state.name if end else None
@@ -449,7 +450,7 @@ def _keepalive(ctx: LabContext, remedy: Remedy, fin_timeout: int | None) -> Expe
         with capturing(ctx, [port]) as cap:
             for _ in range(max(1, ctx.trials)):
                 conns.append(_send_and_close(server, port))
-            answered, states = _wait_probes_answered(port, conns)
+            answered, states = _wait_probes_answered(port, conns, stop_event(ctx))
             held_after_probes = [inode in held_inodes(server.pid) for _, _, inode in conns]
 
             ended_ms: list[float | None] = [None] * len(conns)
@@ -542,7 +543,9 @@ def _server_end_state(port: int, client_port: int) -> TcpState | None:
     return end.socket.state if end else None
 
 
-def _wait_probes_answered(port: int, conns: list[tuple[int, float, int]]) -> tuple[bool, list[TcpState | None]]:
+def _wait_probes_answered(
+    port: int, conns: list[tuple[int, float, int]], stop: threading.Event
+) -> tuple[bool, list[TcpState | None]]:
     """Wait (bounded) until every server end got an ACK after its peer's FIN: a probe was answered.
 
     tcp_info's ``tcpi_last_ack_recv`` is the time since the last ACK arrived; the FIN carried one,
@@ -553,9 +556,8 @@ def _wait_probes_answered(port: int, conns: list[tuple[int, float, int]]) -> tup
         ends = [_server_finding(port, cp) for cp, _, _ in conns]
         answered = all(_probe_answered(end, closed_at) for end, (_, closed_at, _) in zip(ends, conns, strict=True))
         states = [end.socket.state if end else None for end in ends]
-        if answered or time.monotonic() >= deadline:
+        if answered or time.monotonic() >= deadline or stop.wait(0.1):
             return answered, states
-        time.sleep(0.1)
 
 
 def _server_finding(port: int, client_port: int) -> Finding | None:

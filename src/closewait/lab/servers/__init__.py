@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,24 +61,22 @@ REMEDY_ARGS: dict[str, tuple[str, ...]] = {
 }
 
 
-_stop_events: dict[int, threading.Event] = {}
 _stop_lock = threading.Lock()
+_STOP_ATTR = "_closewait_lab_stop"
 
 
 def stop_event(ctx: LabContext) -> threading.Event:
-    """An event that is set when ``ctx`` closes; long waits use ``event.wait(t)`` instead of sleep."""
-    key = id(ctx)
+    """An event that is set when ``ctx`` closes; long waits use ``event.wait(t)`` instead of sleep.
+
+    It lives on the context object itself, so a worker that asks after the context closed (a
+    Ctrl+C raced it) gets the event already set, never a fresh one nobody will set.
+    """
     with _stop_lock:
-        event = _stop_events.get(key)
-        if event is None:
-            event = _stop_events[key] = threading.Event()
-
-            def release() -> None:
-                event.set()
-                with _stop_lock:
-                    _stop_events.pop(key, None)
-
-            ctx.on_close(release)
+        event = getattr(ctx, _STOP_ATTR, None)
+        if not isinstance(event, threading.Event):
+            event = threading.Event()
+            setattr(ctx, _STOP_ATTR, event)
+            ctx.on_close(event.set)
     return event
 
 
@@ -88,6 +86,12 @@ def run_parallel(ctx: LabContext, calls: Sequence[Callable[[], T]], name: str) -
     pool = ThreadPoolExecutor(max_workers=max(1, len(calls)), thread_name_prefix=name)
     try:
         futures = [pool.submit(call) for call in calls]
+        # Wait in short slices: a Ctrl+C delivered to a worker thread does not interrupt the main
+        # thread's blocking wait, and Python runs the KeyboardInterrupt handler only in the main
+        # thread, when it next executes bytecode.
+        pending = set(futures)
+        while pending:
+            _done, pending = wait(pending, timeout=0.1)
         return [future.result() for future in futures]
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
