@@ -157,8 +157,12 @@ def _listening_port(server: ServerProcess, timeout: float) -> int:
     raise ServerError(f"the article's server did not listen within {timeout:.0f} s")
 
 
-def _look(port: int, client_port: int, states: Collection[TcpState] = AFTER_FIN_STATES) -> Observation:
-    findings = connection_findings(port, client_port, states=states)
+def _look(
+    port: int, client_port: int, states: Collection[TcpState] = AFTER_FIN_STATES, *, owners: bool = False
+) -> Observation:
+    """Both ends of the connection. Polls skip owners: resolving them walks every process's fds,
+    which takes seconds on a host with many sockets; the final look asks for them once."""
+    findings = connection_findings(port, client_port, states=states, owners=owners)
     server = next((f for f in findings if f.socket.local.port == port), None)
     return Observation(server, client_end(findings, port))
 
@@ -196,8 +200,8 @@ def _observe(ctx: LabContext, exp_id: str, title: str, server: ServerProcess, po
         obs = _look(port, client_port)
         while not _leaked(obs) and time.monotonic() - killed_at < SETTLE_S and not stop.wait(0.05):
             obs = _look(port, client_port)
-        if not _leaked(obs):
-            obs = _look(port, client_port, CONNECTION_STATES)  # every state, to say where they are instead
+        # Once more with owners (who holds each end) and, if it did not leak, every state.
+        obs = _look(port, client_port, AFTER_FIN_STATES if _leaked(obs) else CONNECTION_STATES, owners=True)
 
         fin_wait2_gone: bool | None = None
         close_wait_after_fin_timeout: bool | None = None
