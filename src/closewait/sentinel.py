@@ -149,7 +149,7 @@ class Sentinel:
         if thread is not None:
             thread.join(timeout)
             if thread.is_alive():
-                self.logger.warning("closewait sentinel: thread did not stop within %.1f s", timeout)
+                self.logger.warning("thread did not stop within %.1f s", timeout)
                 return False
         with self._lock:
             self._thread = None
@@ -193,11 +193,11 @@ class Sentinel:
             except ClosewaitError as err:
                 with self._lock:
                     self._errors += 1
-                self.logger.warning("closewait sentinel: check failed: %s", err)
+                self.logger.warning("check failed: %s", err)
             except Exception:  # a bug in closewait must not kill the application's thread silently
                 with self._lock:
                     self._errors += 1
-                self.logger.exception("closewait sentinel: check failed unexpectedly")
+                self.logger.exception("check failed unexpectedly")
 
     def check_now(self) -> SentinelReport:
         """Run one check in the calling thread: log, and shut down idle sockets if the action says so."""
@@ -232,7 +232,7 @@ class Sentinel:
         summary = ", ".join(f"{code}: {n}" for code, n in sorted(diagnoses.items()))
         shut = f"; shut down {len(shut_down)} idle longer than {self.idle_limit:g} s" if shut_down else ""
         self.logger.warning(
-            "closewait sentinel: %d socket%s in CLOSE_WAIT in this process (%s)%s",
+            "%d socket%s in CLOSE_WAIT in this process (%s)%s",
             len(findings),
             "" if len(findings) == 1 else "s",
             summary,
@@ -252,7 +252,7 @@ class Sentinel:
                     site = f"; {tb.describe()}"
             idle = f", idle {format_duration(sock.idle_ms)}" if sock.idle_ms is not None else ""
             self.logger.warning(
-                "closewait sentinel: CLOSE_WAIT fd %s %s <- %s role %s [%s]%s: %s%s",
+                "CLOSE_WAIT fd %s %s <- %s role %s [%s]%s: %s%s",
                 fds,
                 sock.local,
                 sock.remote,
@@ -278,7 +278,7 @@ class Sentinel:
             if shutdown_socket(fd, sock.inode):
                 done.append(sock.inode)
                 self.logger.info(
-                    "closewait sentinel: shut down fd %d %s <- %s (CLOSE_WAIT, idle %s)",
+                    "shut down fd %d %s <- %s (CLOSE_WAIT, idle %s)",
                     fd,
                     sock.local,
                     sock.remote,
