@@ -1,15 +1,21 @@
 """Run a command, interrupt it with SIGINT, and report what it left behind (a test helper).
 
-    python -m tests.lab.subreaper WAIT_S -- ARGV...
+    python -m tests.lab.subreaper children|sockets -- ARGV...
 
 This process becomes a child subreaper (prctl PR_SET_CHILD_SUBREAPER), so every process the
 command starts, even in its own session, is re-parented here if it outlives its parent: after the
-command exits, any child of ours other than the command itself is something it leaked. Before the
-SIGINT it records the command's process tree and the TCP connections those processes hold.
+command exits, any child of ours is something it leaked. Until the SIGINT it records the command's
+process tree and the socket inodes those processes hold (from /proc/PID/fd: cheap, unlike a full
+socket dump on a host with tens of thousands of sockets).
 
-Prints one JSON object: returncode, seconds from SIGINT to exit, the descendants seen, the
-connections seen ([state, local, remote]), the leftover pids (then killed by pid and reaped) and
-the command's stderr.
+SIGINT is sent once the command has child processes and sockets (``children``) or holds at least
+MIN_SOCKETS sockets itself (``sockets``: in the middle of an experiment), after a short pause; at
+most MAX_WAIT_S after the start. After the exit one sock_diag dump tells whether any recorded
+inode still exists (a socket some process still holds).
+
+Prints one JSON object: returncode, running_at_sigint, seconds from SIGINT to exit, descendants,
+inodes, still_open (sockets with a recorded inode), leftover pids (then killed by pid and
+reaped) and the command's stderr.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ import sys
 import time
 
 PR_SET_CHILD_SUBREAPER = 36
+MAX_WAIT_S = 60.0
+PAUSE_S = 0.3
+MIN_SOCKETS = 4
 
 
 def _ppid(pid: int) -> int | None:
@@ -43,37 +52,52 @@ def _descendants(root: int) -> list[int]:
     found: list[int] = []
     frontier = [root]
     while frontier:
-        pid = frontier.pop()
-        kids = _children(pid)
+        kids = _children(frontier.pop())
         found.extend(kids)
         frontier.extend(kids)
     return found
 
 
+def _socket_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    return inodes
+
+
 def main() -> int:
-    wait_s = float(sys.argv[1])
+    until = sys.argv[1]
+    assert until in ("children", "sockets"), until
     argv = sys.argv[sys.argv.index("--") + 1 :]
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + MAX_WAIT_S
+    fire_at: float | None = None
     seen: set[int] = set()
-    connections: set[tuple[str, str, str]] = set()
-    from closewait.model import ALL_STATES
-    from closewait.scan import scan
-
+    inodes: set[int] = set()
     while time.monotonic() < deadline and proc.poll() is None:
-        tree = [proc.pid, *_descendants(proc.pid)]
-        seen.update(tree[1:])
-        with contextlib.suppress(Exception):
-            for finding in scan(ALL_STATES, pids=tree).findings:
-                sock = finding.socket
-                connections.add((sock.state.name, str(sock.local), str(sock.remote)))
-        time.sleep(0.1)
+        descendants = _descendants(proc.pid)
+        seen.update(descendants)
+        own = _socket_inodes(proc.pid)
+        inodes |= own
+        for pid in descendants:
+            inodes |= _socket_inodes(pid)
+        ready = (descendants and inodes) if until == "children" else len(own) >= MIN_SOCKETS
+        if fire_at is None and ready:
+            fire_at = time.monotonic() + PAUSE_S
+        if fire_at is not None and time.monotonic() >= fire_at:
+            break
+        time.sleep(0.02)
     running_at_sigint = proc.poll() is None
     start = time.monotonic()
-    os.kill(proc.pid, signal.SIGINT)
+    if running_at_sigint:
+        os.kill(proc.pid, signal.SIGINT)
     try:
         _, stderr = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
@@ -88,6 +112,15 @@ def main() -> int:
     for pid in leftover:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
+
+    from closewait.model import ALL_STATES
+    from closewait.sources import netlink
+
+    still_open = [
+        f"{s.state.name} {s.local} {s.remote} inode {s.inode}"
+        for s in netlink.dump(ALL_STATES, with_info=False)
+        if s.inode and s.inode in inodes
+    ]
     print(
         json.dumps(
             {
@@ -95,7 +128,8 @@ def main() -> int:
                 "running_at_sigint": running_at_sigint,
                 "seconds": seconds,
                 "descendants": sorted(seen),
-                "connections": sorted(connections),
+                "inodes": sorted(inodes),
+                "still_open": still_open,
                 "leftover": leftover,
                 "stderr": stderr,
             }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -64,6 +65,7 @@ def lab_command(
     """
     from closewait import lab
 
+    _quiet_logging()
     if html_path is not None:
         _check_writable(html_path)
     progress = None if as_json else _progress
@@ -94,6 +96,29 @@ def lab_command(
         click.echo(f"wrote {html_path}", err=True)
     if not report.ok:
         sys.exit(1)
+
+
+class _OneLine(logging.Formatter):
+    """Library warnings as one line each; the report already says which experiment failed and why."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"closewait lab: {record.getMessage()}"
+
+
+def _quiet_logging() -> None:
+    """Without this, Python's last-resort handler prints each failed experiment's traceback.
+    CLOSEWAIT_DEBUG=1 keeps the tracebacks (and debug messages) for bug reports."""
+    root = logging.getLogger("closewait")
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("CLOSEWAIT_DEBUG"):
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        root.setLevel(logging.DEBUG)
+    else:
+        handler.setFormatter(_OneLine())
+        root.setLevel(logging.WARNING)
+    root.addHandler(handler)
 
 
 def _exit_interrupted() -> NoReturn:

@@ -30,10 +30,9 @@ import fcntl
 import logging
 import os
 import select
+import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -717,18 +716,48 @@ def linger_zero(ctx: LabContext) -> Experiment:
         )
 
 
-_FORK_CHILD = """
-import os, socket, sys
-fd = int(sys.argv[1])
-sock = socket.socket(fileno=fd)
-print("ready", flush=True)
-for line in sys.stdin:
-    if line.strip() == "shutdown":
-        sock.shutdown(socket.SHUT_WR)
-        print("done", flush=True)
-    elif line.strip() == "exit":
-        break
-"""
+class _ForkedHolder:
+    """A fork()ed child that holds an inherited socket and calls shutdown(SHUT_WR) on request.
+
+    A real fork, as in the article's servers, not fork+exec: no interpreter has to be found or be
+    executable by the current user. The child only reads a pipe, calls shutdown() and _exit()s:
+    no Python cleanup runs in it, so it is safe although this process has threads (the capture).
+    Ctrl+C on a terminal reaches the child too; its ``finally`` then exits at once.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        cmd_r, self._cmd_w = os.pipe()
+        self._ack_r, ack_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                os.close(self._cmd_w)
+                os.close(self._ack_r)
+                while os.read(cmd_r, 16) == b"shutdown":
+                    sock.shutdown(socket.SHUT_WR)
+                    os.write(ack_w, b"done")
+            finally:
+                os._exit(0)
+        os.close(cmd_r)
+        os.close(ack_w)
+        self.pid = pid
+
+    def shutdown(self) -> bool:
+        os.write(self._cmd_w, b"shutdown")
+        ready, _, _ = select.select([self._ack_r], [], [], WAIT_S)
+        return bool(ready) and os.read(self._ack_r, 16) == b"done"
+
+    def end(self) -> None:
+        """Kill by pid and reap; safe to call twice."""
+        for fd in (self._cmd_w, self._ack_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
 
 
 def shared_fd(ctx: LabContext) -> Experiment:
@@ -750,33 +779,23 @@ def shared_fd(ctx: LabContext) -> Experiment:
         # fork(): the descriptor inherited by a child process.
         client2, server2 = bench.pair(label="(fork)")
         c2_ep, s2_ep = _endpoint(client2.getsockname()), _endpoint(server2.getsockname())
-        child = ctx.spawn(
-            [sys.executable, "-c", _FORK_CHILD, str(client2.fileno())],
-            pass_fds=[client2.fileno()],
-            stdin=subprocess.PIPE,
-        )
+        child = _ForkedHolder(client2)
+        ctx.on_close(child.end)
         try:
-            assert child.stdout is not None
-            assert child.stdin is not None
-            ready = child.stdout.readline().strip() == "ready"
             mark = _seg_count(bench)
             client2.close()
             bench.quiet()
             fork_close_seen, _ = _peer_read(server2)
             fork_close_fin = _sent_flag(bench, "FIN", c2_ep, s2_ep, fallback=fork_close_seen == "eof", since=mark)
             mark = _seg_count(bench)
-            child.stdin.write("shutdown\n")
-            child.stdin.flush()
-            done = child.stdout.readline().strip() == "done"
+            done = child.shutdown()
             fork_shut_seen, _ = _peer_read(server2, wait=1.0)
             fork_shut_fin = _sent_flag(bench, "FIN", c2_ep, s2_ep, fallback=fork_shut_seen == "eof", since=mark)
-            child.stdin.write("exit\n")
-            child.stdin.flush()
         finally:
-            ctx.end(child)
+            child.end()
         rst = bench.captured and cap_mod.sent(cap_mod.between(bench.sync(), c_ep, s_ep), "RST", by=c_ep)
         close_silent = not dup_close_fin and not fork_close_fin and dup_close_seen == fork_close_seen == "nothing"
-        shut_fins = dup_shut_fin and fork_shut_fin and ready and done
+        shut_fins = dup_shut_fin and fork_shut_fin and done
         verdict = Verdict.HOLDS_WITH_CAVEAT if close_silent and shut_fins else Verdict.DOES_NOT_HOLD
         observed = (
             f"dup(): close() of one of two descriptors sent {'FIN' if dup_close_fin else 'nothing'} (the peer "
