@@ -6,6 +6,7 @@ documented in docs/json.md and only ever added to, never renamed.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from closewait.model import Diagnosis, Endpoint, Finding, Owner, Snapshot
@@ -63,3 +64,12 @@ def snapshot_dict(snapshot: Snapshot) -> dict[str, Any]:
         "taken_at": snapshot.taken_at,
         "state_counts": {state.name: count for state, count in snapshot.state_counts.items()},
     }
+
+
+def snapshot_json(snapshot: Snapshot) -> str:
+    """``snapshot_dict`` as one compact JSON line (what ``scan --json`` prints), newline included.
+
+    json.dumps, not json.dump: only the one-shot encoder is the C one; json.dump to a stream runs
+    the pure-Python encoder, ~10x slower on thousands of sockets.
+    """
+    return json.dumps(snapshot_dict(snapshot), separators=(",", ":")) + "\n"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
 from closewait.cli._options import backend_option, filter_options, state_option, states_from
 from closewait.scan import CLOSE_WAIT_ONLY, scan
-from closewait.serialize import snapshot_dict
+from closewait.serialize import snapshot_json
 
 
 @click.command("scan")
@@ -39,9 +38,7 @@ def scan_command(
         owners=not no_owners,
     )
     if as_json:
-        # json.dumps, not json.dump: only the one-shot encoder is the C one (json.dump to a stream
-        # runs the pure-Python encoder, ~10x slower on thousands of sockets).
-        sys.stdout.write(json.dumps(snapshot_dict(snapshot), separators=(",", ":")) + "\n")
+        sys.stdout.write(snapshot_json(snapshot))
         return
     from closewait.cli.render.scan import print_snapshot
 
