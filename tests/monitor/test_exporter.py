@@ -182,3 +182,28 @@ def test_bad_options_are_one_line_and_exit_2() -> None:
     rc, err = _exporter_error("--netns", "/nonexistent")
     assert rc == 2
     assert len(err.splitlines()) == 1
+
+
+def test_a_failed_scan_is_counted_logged_and_still_answered(netns_name: str) -> None:
+    """The namespace the exporter scans is deleted under it: scrapes still answer, with the failure
+    counted and logged, and recover nothing silently."""
+    running = Exporter("--min-interval", "0", "--netns", netns_name)
+    try:
+        first = {f.name: f for f in text_string_to_metric_families(running.scrape())}
+        assert first["closewait_scan_success"].samples[0].value == 1
+        assert {s.labels["state"] for s in first["closewait_tcp_sockets"].samples} == {t.name.lower() for t in TcpState}
+        subprocess.run(["ip", "netns", "del", netns_name], check=True)
+        second = {f.name: f for f in text_string_to_metric_families(running.scrape())}
+        assert second["closewait_scan_success"].samples[0].value == 0
+        errors = {s.labels["kind"]: s.value for s in second["closewait_scan_errors"].samples}
+        assert errors == {"scan": 1, "netns": 0, "owners": 0}
+        assert second["closewait_tcp_sockets"].samples == []  # no stale numbers served as current
+        os.kill(running.proc.pid, signal.SIGTERM)
+        assert running.proc.wait(timeout=15) == 0
+        assert running.proc.stderr is not None
+        log = running.proc.stderr.read().splitlines()
+        assert log[0].startswith("closewait exporter: scan failed: ")
+        assert "namespace" in log[0]
+        assert log[-1] == "closewait exporter: stopped"
+    finally:
+        running.stop()

@@ -7,7 +7,9 @@ closed, in-flight scrapes finish, exit 0.
 
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 import threading
 from types import FrameType
 
@@ -60,6 +62,8 @@ from closewait.metrics import (
 )
 def exporter_command(listen: str, all_netns: bool, netns: str | None, top_n: int, min_interval: float) -> None:
     """Serve CLOSE_WAIT metrics (per state, per process, per namespace) for Prometheus."""
+    # The collector logs failed scans and skipped namespaces; an operator reads them in the journal.
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="closewait exporter: %(message)s")
     host, port = parse_listen(listen)
     collector = CloseWaitCollector(top_n=top_n, min_interval=min_interval, all_netns=all_netns, netns=netns)
     server = MetricsServer(build_registry(collector), host, port)

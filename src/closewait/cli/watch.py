@@ -67,9 +67,14 @@ def watch_command(
     def take() -> Snapshot:
         return scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, netns=ns, backend=source)
 
-    take()  # a bad --pid or --netns fails here, before any output
+    # The first scan happens before any output, so a bad --pid fails with one line and nothing else.
+    pending = [take()]
+
+    def next_snapshot() -> Snapshot:
+        return pending.pop() if pending else take()
+
     tracker = Tracker(window=window, min_growth=min_growth)
-    samples = sample_forever(take, tracker, interval=interval, count=count)
+    samples = sample_forever(next_snapshot, tracker, interval=interval, count=count)
     try:
         if jsonl:
             for sample in samples:
