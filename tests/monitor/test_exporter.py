@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,5 +206,30 @@ def test_a_failed_scan_is_counted_logged_and_still_answered(netns_name: str) -> 
         assert log[0].startswith("closewait exporter: scan failed: ")
         assert "namespace" in log[0]
         assert log[-1] == "closewait exporter: stopped"
+    finally:
+        running.stop()
+
+
+def test_concurrent_http_scrapes_share_one_scan(spawn: Spawn) -> None:
+    start_leaker(spawn, initial=2)
+    running = Exporter("--min-interval", "60")
+    try:
+        bodies: list[str] = []
+        lock = threading.Lock()
+
+        def one() -> None:
+            body = running.scrape()
+            with lock:
+                bodies.append(body)
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(bodies) == 6
+        for body in bodies:
+            families = {f.name: f for f in text_string_to_metric_families(body)}
+            assert families["closewait_scans"].samples[0].value == 1
     finally:
         running.stop()
