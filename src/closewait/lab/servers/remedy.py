@@ -16,7 +16,8 @@ Strategies (the article's numbering):
    (``closewait.guard.wheel.TimingWheel``, the same piece the guard uses, not a copy) but ignores
    EOF, the bug it guards against; the wheel's reaper closes whatever has been idle for
    ``--idle-timeout`` seconds.
-2. ``send-sigpipe``: never reads; sends a heartbeat every ``--heartbeat`` seconds. After the peer
+2. ``send-sigpipe``: reads the request once, then only sends: a heartbeat every ``--heartbeat``
+   seconds, the first one period after the request. After the peer
    closed, the first send succeeds and the peer answers RST; the next raises EPIPE (Python ignores
    SIGPIPE; ``--sigpipe-default`` restores the C default, and the process dies of SIGPIPE). The fd
    still has to be closed; ``--close-on-sigusr1`` keeps a failed socket open until the process gets
@@ -35,6 +36,7 @@ must not close (keepalive, and send-sigpipe until it decides to) keep a referenc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -225,7 +227,7 @@ def serve_send_sigpipe(listener: socket.socket, args: argparse.Namespace) -> Non
         # What a C program gets by default: the EPIPE send raises SIGPIPE, which kills the process.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     lock = threading.Lock()
-    # conn -> [peer, sends that succeeded, monotonic time of the last that succeeded]
+    # conn -> [peer, sends that succeeded, monotonic time of the last that succeeded, next send due]
     conns: dict[socket.socket, list[Any]] = {}
     # conn -> peer: the send failed, the fd is still open
     dead: dict[socket.socket, int] = {}
@@ -235,12 +237,24 @@ def serve_send_sigpipe(listener: socket.socket, args: argparse.Namespace) -> Non
     else:
         release.set()
 
+    def read_request(conn: socket.socket, peer: int) -> None:
+        # The request is read once; after that the server only sends. Heartbeats start one period
+        # later, so none can reach a client before it has sent its line and closed (data it never
+        # read would turn the client's FIN into an RST and change the scenario).
+        with contextlib.suppress(OSError):
+            conn.recv(4096)
+        with lock:
+            conns[conn] = [peer, 0, None, now() + args.heartbeat]
+
     def heartbeat_forever() -> None:
         while True:
-            time.sleep(args.heartbeat)
+            time.sleep(args.heartbeat / 5)
             with lock:
                 current = list(conns.items())
             for conn, state in current:
+                if now() < state[3]:
+                    continue
+                state[3] += args.heartbeat
                 try:
                     conn.send(b"ping\n")
                     state[1] += 1
@@ -268,8 +282,7 @@ def serve_send_sigpipe(listener: socket.socket, args: argparse.Namespace) -> Non
     while True:
         conn, addr = listener.accept()
         announce(conn, addr[1])
-        with lock:
-            conns[conn] = [addr[1], 0, None]
+        threading.Thread(target=read_request, args=(conn, addr[1]), daemon=True).start()
 
 
 # -- SO_KEEPALIVE alone ---------------------------------------------------------------------------
