@@ -37,8 +37,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Literal
 
 from closewait import testing
@@ -81,7 +82,8 @@ class SentinelReport:
     findings: tuple[Finding, ...]
     shut_down: tuple[int, ...] = ()
     seconds: float = 0.0
-    diagnoses: dict[str, int] = field(default_factory=dict)
+    #: diagnosis code -> how many sockets have it (read-only).
+    diagnoses: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class Sentinel:
@@ -222,7 +224,7 @@ class Sentinel:
                 self._max_seconds = max(self._max_seconds, seconds)
                 self._total_seconds += seconds
             self._log(findings, diagnoses, shut_down)
-            return SentinelReport(findings, shut_down, seconds, diagnoses)
+            return SentinelReport(findings, shut_down, seconds, MappingProxyType(diagnoses))
 
     def _log(self, findings: tuple[Finding, ...], diagnoses: dict[str, int], shut_down: tuple[int, ...]) -> None:
         current = {f.socket.inode for f in findings}
