@@ -45,7 +45,7 @@ def _open_and_wait_accepted(pid: int, port: int) -> tuple[socket.socket, int, in
         ("nonblocking-read-close", ()),
         # A heartbeat slower than the test's own steps, so the client has read nothing when it closes.
         ("send-sigpipe", ("--heartbeat", "0.5")),
-        ("idle-timeout", ("--idle-timeout", "2")),
+        ("idle-timeout", ("--idle-timeout", "5")),  # long enough for ss on a busy host
     ],
 )
 def test_remedy_server_releases_fd_and_connection(remedy_server: StartServer, strategy: str, args: tuple[str]) -> None:
