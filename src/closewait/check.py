@@ -95,7 +95,8 @@ def _who(group: ProcessGroup) -> str:
 def evaluate(snapshot: Snapshot, thresholds: Thresholds) -> Result:
     """The status for ``snapshot``'s CLOSE_WAIT sockets against ``thresholds``.
 
-    The worst condition wins. Owner-lookup errors (no root) do not change the status by themselves,
+    The worst condition wins. An age threshold on sockets without tcp_info (the procfs backend)
+    gives UNKNOWN rather than OK. Owner-lookup errors (no root) do not change the status by themselves,
     but with ``per_process`` they make it UNKNOWN when the count is not already alarming, because a
     per-process check that cannot see owners cannot say OK.
     """
@@ -124,6 +125,11 @@ def evaluate(snapshot: Snapshot, thresholds: Thresholds) -> Result:
         elif thresholds.max_age_s is not None and oldest_s > thresholds.max_age_s:
             status = max(status, Status.WARNING)
             reasons.append(f"oldest idle {oldest_s:.0f}s > {thresholds.max_age_s:g}s")
+    age_asked = thresholds.max_age_s is not None or thresholds.max_age_critical_s is not None
+    if age_asked and len(idles) < total and status == Status.OK:
+        # An age threshold that cannot be evaluated must not read as OK.
+        status = Status.UNKNOWN
+        reasons.append("socket ages unknown: no tcp_info from this backend (use netlink)")
     if thresholds.per_process and snapshot.errors and status == Status.OK:
         status = Status.UNKNOWN
         reasons.append(snapshot.errors[0])

@@ -118,3 +118,14 @@ def test_malformed_flag_is_exit_3_one_line() -> None:
     assert out == ""
     assert len(err.strip().splitlines()) == 1
     assert "--warning" in err
+
+
+def test_age_threshold_without_tcp_info_is_unknown(spawn: Spawn) -> None:
+    child, _ = start_leaker(spawn, initial=2)
+    rc, out, _ = _check("--pid", str(child.pid), "--backend", "procfs", "--max-age", "3600")
+    assert rc == 3, out
+    assert "socket ages unknown" in out
+    # Without an age threshold the procfs backend is fine for counting.
+    rc, out, _ = _check("--pid", str(child.pid), "--backend", "procfs", "-w", "1", "-c", "5")
+    assert rc == 1, out
+    assert out.startswith("CLOSEWAIT WARNING - 2 sockets in CLOSE_WAIT")
