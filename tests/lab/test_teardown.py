@@ -327,3 +327,15 @@ def test_ladder_packets_agree_with_the_flags(teardown_report: LabReport) -> None
     assert sent(conn, "RST", by=server)
     assert not sent(conn, "FIN", by=server)
     assert [p.flags for p in conn[:2]] == [("SYN",), ("SYN", "ACK")]
+
+
+@pytest.mark.skipif(not ROOT, reason="packets are captured only as root")
+def test_packets_and_states_errno_tell_the_same_story(teardown_report: LabReport) -> None:
+    """Every flag the lab read from packets was also read from TCP states and errno: they agree."""
+    compared = 0
+    for exp in teardown_report.experiments:
+        for key, value in exp.measurements.items():
+            if key.endswith("_without_packets"):
+                assert exp.measurements[key.removesuffix("_without_packets")] == value, (exp.id, key)
+                compared += 1
+    assert compared >= 2 * len(IDS)

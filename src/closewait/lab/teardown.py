@@ -205,6 +205,8 @@ class _Bench:
     started: float = field(default_factory=time.monotonic)
     cap: cap_mod.Capture | None = None
     port: int = 0
+    #: fin_sent/rst_sent (and kin) as told by states and errno alone; see _sent_flag.
+    without_packets: dict[str, Measurement] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         listener = self.track(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
@@ -279,7 +281,10 @@ class _Bench:
         if self.cap is not None:
             self.cap.stop()
         packets = self.cap.segments() if self.cap is not None else ()
-        extra: dict[str, Measurement] = {"evidence": "packets" if self.captured else "states-and-errno"}
+        extra: dict[str, Measurement] = {
+            **self.without_packets,
+            "evidence": "packets" if self.captured else "states-and-errno",
+        }
         if not self.captured and self.cap is not None and self.cap.reason:
             notes = (*notes, self.cap.reason)
         if self.cap is not None and self.cap.drops:
@@ -309,11 +314,17 @@ def _bench(ctx: LabContext, *, listener_rcvbuf: int | None = None) -> Iterator[_
         bench.close()
 
 
-def _sent_flag(bench: _Bench, flag: str, by: Endpoint, to: Endpoint, fallback: bool, since: int = 0) -> bool:
+def _sent_flag(
+    bench: _Bench, flag: str, by: Endpoint, to: Endpoint, fallback: bool, since: int = 0, key: str | None = None
+) -> bool:
     """Did ``by`` send ``to`` a segment with ``flag`` (after the first ``since`` segments)? Packets
     when captured, else ``fallback`` (the state/errno evidence).
 
-    Both ends are needed: every server side shares the listener's address and port."""
+    Both ends are needed: every server side shares the listener's address and port. With ``key``,
+    the state/errno answer is also kept as measurement ``<key>_without_packets``, so a root run
+    shows both kinds of evidence side by side (and the tests check they agree)."""
+    if key is not None:
+        bench.without_packets[f"{key}_without_packets"] = fallback
     if bench.captured:
         return cap_mod.sent(cap_mod.between(bench.sync()[since:], by, to), flag, by=by)
     return fallback
@@ -354,8 +365,8 @@ def shutdown_rd(ctx: LabContext) -> Experiment:
                 break
             got += data
         after_drain, _ = _peer_read(server)
-        rst = _sent_flag(bench, "RST", s_ep, c_ep, fallback=False)
-        fin = _sent_flag(bench, "FIN", s_ep, c_ep, fallback=sent_anything)
+        rst = _sent_flag(bench, "RST", s_ep, c_ep, fallback=client_state == "gone", key="rst_sent")
+        fin = _sent_flag(bench, "FIN", s_ep, c_ep, fallback=sent_anything, key="fin_sent")
         accepted = len(got) == len(payload)
         verdict = Verdict.HOLDS_WITH_CAVEAT if not sent_anything and accepted else Verdict.HOLDS
         if sent_anything:
@@ -416,8 +427,8 @@ def shutdown_wr(ctx: LabContext) -> Experiment:
         fin_seq_ok: bool | None = None
         if fins and isn is not None:
             fin_seq_ok = (fins[0].seq + fins[0].length - isn - 1) % 2**32 == queued
-        fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=ending == "eof")
-        rst = _sent_flag(bench, "RST", c_ep, s_ep, fallback=ending == "reset")
+        fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=ending == "eof", key="fin_sent")
+        rst = _sent_flag(bench, "RST", c_ep, s_ep, fallback=ending == "reset", key="rst_sent")
         all_delivered = delivered == queued and ending == "eof"
         verdict = Verdict.HOLDS if all_delivered and fin and not rst else Verdict.DOES_NOT_HOLD
         packet_part = (
@@ -471,8 +482,8 @@ def close_fin(ctx: LabContext) -> Experiment:
         state = server_sock.state.ss_name if server_sock else "not close-wait"
         recv_q = server_sock.recv_q if server_sock else None
         peer_saw, _ = _peer_read(server, wait=1.0)
-        fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=bool(server_sock))
-        rst = _sent_flag(bench, "RST", c_ep, s_ep, fallback=peer_saw == "reset")
+        fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=bool(server_sock), key="fin_sent")
+        rst = _sent_flag(bench, "RST", c_ep, s_ep, fallback=peer_saw == "reset", key="rst_sent")
         verdict = Verdict.HOLDS if fin and not rst and peer_saw == "eof" else Verdict.DOES_NOT_HOLD
         observed = (
             f"After the server read everything ({first}), the client's close() sent "
@@ -530,8 +541,8 @@ def close_fd_vs_connection(ctx: LabContext) -> Experiment:
         if tw:
             states_seen.append(tw.state.ss_name)
         left = bench.state_of(c_ep, s_ep) is None
-        fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=ending == "eof")
-        rst = _sent_flag(bench, "RST", c_ep, s_ep, fallback=ending == "reset")
+        fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=ending == "eof", key="fin_sent")
+        rst = _sent_flag(bench, "RST", c_ep, s_ep, fallback=ending == "reset", key="rst_sent")
         kept = bool(after) and send_q_after > 0
         if fd_released and kept and delivered == queued:
             verdict = Verdict.HOLDS_WITH_CAVEAT
@@ -584,8 +595,8 @@ def close_send_buffer(ctx: LabContext) -> Experiment:
         client.close()
         delivered, ending = _read_all(server)
         segments = bench.sync()
-        fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=ending == "eof")
-        rst = _sent_flag(bench, "RST", c_ep, s_ep, fallback=ending == "reset")
+        fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=ending == "eof", key="fin_sent")
+        rst = _sent_flag(bench, "RST", c_ep, s_ep, fallback=ending == "reset", key="rst_sent")
         data_bytes = cap_mod.payload_bytes(segments, by=c_ep) if bench.captured else None
         discarded = queued - delivered
         verdict = Verdict.DOES_NOT_HOLD if discarded == 0 and ending == "eof" and not rst else Verdict.HOLDS
@@ -639,8 +650,8 @@ def close_unread_rst(ctx: LabContext) -> Experiment:
         except OSError as err:
             second = errno_mod.errorcode.get(err.errno or 0, str(err))
         gone = _poll(lambda: bench.state_of(s_ep, c_ep) is None and bench.state_of(c_ep, s_ep) is None)
-        rst = _sent_flag(bench, "RST", s_ep, c_ep, fallback=peer_saw == "reset")
-        fin = _sent_flag(bench, "FIN", s_ep, c_ep, fallback=peer_saw == "eof")
+        rst = _sent_flag(bench, "RST", s_ep, c_ep, fallback=peer_saw == "reset", key="rst_sent")
+        fin = _sent_flag(bench, "FIN", s_ep, c_ep, fallback=peer_saw == "eof", key="fin_sent")
         verdict = Verdict.DOES_NOT_HOLD if rst and not fin else Verdict.HOLDS
         observed = (
             f"The server close()d with {unread or 0} bytes unread. It sent {'RST' if rst else 'no RST'} and "
@@ -682,8 +693,8 @@ def linger_zero(ctx: LabContext) -> Experiment:
         delivered, ending = _read_all(server)
         client_entry = bench.state_of(c_ep, s_ep)
         client_state = client_entry.state.ss_name if client_entry else "gone"
-        rst = _sent_flag(bench, "RST", c_ep, s_ep, fallback=ending == "reset")
-        fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=ending == "eof")
+        rst = _sent_flag(bench, "RST", c_ep, s_ep, fallback=ending == "reset", key="rst_sent")
+        fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=ending == "eof", key="fin_sent")
         no_time_wait = client_entry is None
         discarded = queued - delivered
         verdict = Verdict.HOLDS if rst and discarded > 0 and no_time_wait else Verdict.DOES_NOT_HOLD
@@ -770,11 +781,15 @@ def shared_fd(ctx: LabContext) -> Experiment:
         client.close()
         bench.quiet()
         dup_close_seen, _ = _peer_read(server)
-        dup_close_fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=dup_close_seen == "eof", since=mark)
+        dup_close_fin = _sent_flag(
+            bench, "FIN", c_ep, s_ep, fallback=dup_close_seen == "eof", since=mark, key="dup_close_sent_fin"
+        )
         mark = _seg_count(bench)
         second.shutdown(socket.SHUT_WR)
         dup_shut_seen, _ = _peer_read(server, wait=1.0)
-        dup_shut_fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=dup_shut_seen == "eof", since=mark)
+        dup_shut_fin = _sent_flag(
+            bench, "FIN", c_ep, s_ep, fallback=dup_shut_seen == "eof", since=mark, key="dup_shutdown_sent_fin"
+        )
 
         # fork(): the descriptor inherited by a child process.
         client2, server2 = bench.pair(label="(fork)")
@@ -786,11 +801,15 @@ def shared_fd(ctx: LabContext) -> Experiment:
             client2.close()
             bench.quiet()
             fork_close_seen, _ = _peer_read(server2)
-            fork_close_fin = _sent_flag(bench, "FIN", c2_ep, s2_ep, fallback=fork_close_seen == "eof", since=mark)
+            fork_close_fin = _sent_flag(
+                bench, "FIN", c2_ep, s2_ep, fallback=fork_close_seen == "eof", since=mark, key="fork_close_sent_fin"
+            )
             mark = _seg_count(bench)
             done = child.shutdown()
             fork_shut_seen, _ = _peer_read(server2, wait=1.0)
-            fork_shut_fin = _sent_flag(bench, "FIN", c2_ep, s2_ep, fallback=fork_shut_seen == "eof", since=mark)
+            fork_shut_fin = _sent_flag(
+                bench, "FIN", c2_ep, s2_ep, fallback=fork_shut_seen == "eof", since=mark, key="fork_shutdown_sent_fin"
+            )
         finally:
             child.end()
         rst = bench.captured and cap_mod.sent(cap_mod.between(bench.sync(), c_ep, s_ep), "RST", by=c_ep)
@@ -840,8 +859,8 @@ def closewait_close_unread(ctx: LabContext) -> Experiment:
         recv_q = cw.recv_q if cw else None
         server.close()
         peer_saw, _ = _peer_read(client, wait=1.0)
-        rst = _sent_flag(bench, "RST", s_ep, c_ep, fallback=peer_saw == "reset")
-        fin = _sent_flag(bench, "FIN", s_ep, c_ep, fallback=peer_saw == "eof")
+        rst = _sent_flag(bench, "RST", s_ep, c_ep, fallback=peer_saw == "reset", key="rst_sent")
+        fin = _sent_flag(bench, "FIN", s_ep, c_ep, fallback=peer_saw == "eof", key="fin_sent")
 
         # The contrast: the same CLOSE_WAIT socket, but read to EOF before close().
         client2, server2 = bench.pair(label="(read)")
@@ -851,7 +870,9 @@ def closewait_close_unread(ctx: LabContext) -> Experiment:
         read2, _ = _read_all(server2, timeout=2.0)
         server2.close()
         contrast_saw, _ = _peer_read(client2, wait=1.0)
-        contrast_fin = _sent_flag(bench, "FIN", s2_ep, c2_ep, fallback=contrast_saw == "eof")
+        contrast_fin = _sent_flag(
+            bench, "FIN", s2_ep, c2_ep, fallback=contrast_saw == "eof", key="after_reading_all_fin_sent"
+        )
         contrast_rst = _sent_flag(bench, "RST", s2_ep, c2_ep, fallback=contrast_saw == "reset")
         verdict = Verdict.DOES_NOT_HOLD if rst and not fin and contrast_fin else Verdict.HOLDS_WITH_CAVEAT
         observed = (
