@@ -148,6 +148,14 @@ _probe: _TcpStateProbe | None = None
 _probe_failed = False
 
 
+def _forget_probe() -> None:
+    global _probe
+    _probe = None  # its lock may have been held by another thread at fork()
+
+
+os.register_at_fork(after_in_child=_forget_probe)
+
+
 def _own_close_wait_fds() -> dict[int, int] | None:
     global _probe, _probe_failed
     if _probe_failed:

@@ -212,6 +212,16 @@ class _State:
 
 _state = _State()
 _control = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork() stays held forever in the child: start over.
+    global _control
+    _state.lock = threading.Lock()
+    _control = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 #: (attribute name, original function) for every method start() replaced; empty when not tracing.
 _originals: list[tuple[str, Any]] = []
 _app_exclusions: tuple[str, ...] = ()

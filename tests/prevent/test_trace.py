@@ -242,3 +242,19 @@ def test_scan_findings_join_to_their_creation_site(leaky_server: LeakyServer) ->
     assert trace.get_traceback_for_inode(inode) == tb
     assert inode in trace.traced_inodes()
     assert line > 0
+
+
+@pytest.mark.usefixtures("tracing")
+def test_a_forked_child_keeps_tracing_with_fresh_locks() -> None:
+    with trace._state.lock:  # held while forking, as another thread might
+        pid = os.fork()
+        if pid == 0:  # the child: must leave through os._exit whatever happens
+            code = 1
+            try:
+                with socket.socket() as sock:
+                    tb = trace.get_traceback(sock)
+                    code = 0 if tb is not None and tb.origin is not None and tb.origin.filename == HERE else 2
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
