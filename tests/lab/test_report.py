@@ -193,6 +193,8 @@ def test_sparkline_scales_to_the_maximum() -> None:
     assert sparkline([0, 5, 10]) == "▁▅█"
     assert sparkline([0, 0]) == "▁▁"
     assert sparkline([]) == ""
+    # A shared scale: a small count is low but not confused with zero.
+    assert sparkline([0, 1, 80], top=80) == "▁▂█"
 
 
 def test_skipped_and_error_cards() -> None:

@@ -79,13 +79,19 @@ def _arrow(row: LadderRow, width: int) -> Text:
     return text
 
 
-def sparkline(values: list[float]) -> str:
+def sparkline(values: list[float], top: float | None = None) -> str:
+    """One block character per value, scaled to ``top`` (default: the largest value).
+
+    Zero is the lowest block; any positive value is at least the second lowest, so "a few" stays
+    visibly different from "none" when a series shares its scale with a much larger one.
+    """
     if not values:
         return ""
-    top = max(values)
+    top = max(values) if top is None else top
     if top <= 0:
         return SPARK[0] * len(values)
-    return "".join(SPARK[min(int(v / top * (len(SPARK) - 1) + 0.5), len(SPARK) - 1)] for v in values)
+    last = len(SPARK) - 1
+    return "".join(SPARK[0] if v <= 0 else SPARK[min(max(int(v / top * last + 0.5), 1), last)] for v in values)
 
 
 def _churn(out: Console, exp: Experiment) -> None:
@@ -93,11 +99,13 @@ def _churn(out: Console, exp: Experiment) -> None:
         return
     out.print(Text("CLOSE_WAIT count over time (churn)", style="bold"))
     name_width = max(len(n) for n in exp.series)
+    # One scale for all servers, so the leak's 80 and a remedy's 1 do not look alike.
+    top = max((v for points in exp.series.values() for _, v in points), default=0.0)
     for name, points in exp.series.items():
         values = [v for _, v in points]
         span = f"{points[-1][0]:.1f} s" if points else ""
         line = Text(f"  {name:<{name_width}}  ")
-        line.append(sparkline(values), style="red" if values and values[-1] > 0 else "green")
+        line.append(sparkline(values, top), style="red" if values and values[-1] > 0 else "green")
         line.append(f"  max {max(values, default=0):g}, last {values[-1] if values else 0:g} over {span}", style="dim")
         out.print(line)
 
