@@ -320,6 +320,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--keepintvl", type=int, default=1)
     parser.add_argument("--keepcnt", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.strategy == "idle-timeout":
+        # Import before listening: a client must not wait in the accept queue while it loads,
+        # or the measured time would include the import.
+        import closewait.guard.wheel  # noqa: F401
     listener = listen()
     try:
         SERVERS[args.strategy](listener, args)
