@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import errno as errno_mod
 import itertools
-import logging
 import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from closewait.errors import AccessDenied, NetlinkError, NotSupported
 from closewait.model import Endpoint, Family, Socket, TcpInfo, TcpState, state_mask
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import logging
+
+
+def _log() -> logging.Logger:
+    """This module's logger. logging is imported on first use: it only reports rare events here,
+    and importing it (with traceback, textwrap, string) costs ~15 ms of every ``closewait scan``."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -210,12 +220,12 @@ def parse_messages(buffer: bytes | memoryview, seq: int | None = None) -> tuple[
         if length < header_size or offset + length > end:
             raise NetlinkError(f"netlink message length {length} does not fit the {end - offset} bytes received")
         if seq is not None and msg_seq != seq:
-            log.debug("ignoring netlink message for sequence %d (want %d)", msg_seq, seq)
+            _log().debug("ignoring netlink message for sequence %d (want %d)", msg_seq, seq)
             offset += (length + 3) & ~3
             continue
         if msg_type == SOCK_DIAG_BY_FAMILY:
             if flags & NLM_F_DUMP_INTR:
-                log.info("sock_diag dump was interrupted by a concurrent change; some sockets may be missing")
+                _log().info("sock_diag dump was interrupted by a concurrent change; some sockets may be missing")
             append(parse_diag_msg(view[offset + header_size : offset + length]))
             offset += (length + 3) & ~3
             continue
@@ -231,7 +241,7 @@ def parse_messages(buffer: bytes | memoryview, seq: int | None = None) -> tuple[
         if msg_type == NLMSG_DONE:
             return sockets, True
         if flags & NLM_F_DUMP_INTR:
-            log.info("sock_diag dump was interrupted by a concurrent change; some sockets may be missing")
+            _log().info("sock_diag dump was interrupted by a concurrent change; some sockets may be missing")
         if msg_type != NLMSG_NOOP:
             raise NetlinkError(f"unexpected netlink message type {msg_type}")
         offset += (length + 3) & ~3

@@ -16,15 +16,12 @@ one line ("owner unknown: permission denied ..."), never raised.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from closewait.errors import AccessDenied, KernelDataError, NoSuchProcess
 from closewait.model import Owner, Process
-
-log = logging.getLogger(__name__)
 
 _SOCKET_PREFIX = "socket:["
 
