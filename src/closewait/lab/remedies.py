@@ -62,6 +62,7 @@ from closewait.lab.servers.observe import (
     fin_timeout_s,
     held_inodes,
     median,
+    no_capture_note,
     server_end,
 )
 from closewait.model import Finding, TcpState
@@ -322,7 +323,7 @@ def _prompt_remedy(ctx: LabContext, remedy: Remedy) -> Experiment:
     else:
         verdict = Verdict.HOLDS if all_hold else Verdict.DOES_NOT_HOLD
     if not cap.active:
-        notes.append(f"Packets were not captured ({cap.reason}); the evidence is socket states, /proc and errno.")
+        notes.append(no_capture_note(cap.reason, "socket states, /proc and errno"))
     return Experiment(
         id=remedy.id,
         part=PART,
@@ -521,7 +522,7 @@ def _keepalive(ctx: LabContext, remedy: Remedy, fin_timeout: int | None) -> Expe
         )
         verdict = Verdict.HOLDS_WITH_CAVEAT if still_close_wait and all(held_after_probes) else Verdict.DOES_NOT_HOLD
     if not cap.active:
-        notes.append(f"Packets were not captured ({cap.reason}); the evidence is socket states, tcp_info and /proc.")
+        notes.append(no_capture_note(cap.reason, "socket states, tcp_info and /proc"))
     return Experiment(
         id=remedy.id,
         part=PART,

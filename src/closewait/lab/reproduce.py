@@ -49,6 +49,7 @@ from closewait.lab.servers.observe import (
     client_end,
     connection_findings,
     fin_timeout_s,
+    no_capture_note,
 )
 from closewait.model import Finding, TcpState
 from closewait.scan import scan
@@ -276,7 +277,7 @@ def _observe(ctx: LabContext, exp_id: str, title: str, server: ServerProcess, po
             f"{_describe(obs.server)} and the client's end {_describe(obs.client)}."
         )
     if not cap.active:
-        notes.append(f"Packets were not captured ({cap.reason}); the evidence is the kernel's socket states.")
+        notes.append(no_capture_note(cap.reason, "the kernel's socket states"))
     return Experiment(
         id=exp_id,
         part=PART,

@@ -101,6 +101,12 @@ def capturing(ctx: LabContext, ports: Collection[int]) -> Iterator[Capture]:
                 cap.sync()
 
 
+def no_capture_note(reason: str | None, evidence: str) -> str:
+    """One line for an experiment's notes when no packets were captured, and what stands in for them."""
+    why = (reason or "no capture").removeprefix("packets not captured: ")
+    return f"Packets were not captured ({why}); the evidence is {evidence}."
+
+
 def median(values: Collection[float]) -> float | None:
     ordered = sorted(values)
     if not ordered:
