@@ -1,7 +1,8 @@
 """How long ``closewait reap`` takes to plan and release N CLOSE_WAIT sockets of one live process.
 
 Starts one child that leaks N connections into CLOSE_WAIT (loopback, port 0), then for each method
-(shutdown, destroy) times: ``survey()`` (sock_diag dump + /proc walk of the one pid), ``plan()``
+(shutdown, destroy) times: ``survey()`` (sock_diag dump, /proc walk of the pid, then of every process
+for other holders of the sockets found), ``plan()``
 (pure) and ``apply()`` (per socket: pidfd_open, start-time check, pidfd_getfd, fstat, one exact
 sock_diag lookup, TCP_INFO, shutdown; or the SOCK_DESTROY request). It checks that every socket
 was released and that the child still answers. Results go to stdout as a markdown table.
