@@ -26,10 +26,14 @@ class SsRow:
         return "users:(" in self.extra
 
 
-def ss_port(port: int) -> list[SsRow]:
-    """Every TCP socket whose local or remote port is ``port`` (ss filters in the kernel)."""
+def ss_port(port: int, *, processes: bool = True) -> list[SsRow]:
+    """Every TCP socket whose local or remote port is ``port`` (ss filters in the kernel).
+
+    ``processes`` adds ``-p`` (owners). Pitfall: in a namespace made with ``unshare --net`` (same
+    /proc), ``ss -p`` leaves out orphaned FIN_WAIT2 sockets; pass ``processes=False`` there.
+    """
     out = subprocess.run(
-        ["ss", "-tanopH", f"( sport = :{port} or dport = :{port} )"],
+        ["ss", "-tanopH" if processes else "-tanoH", f"( sport = :{port} or dport = :{port} )"],
         capture_output=True,
         text=True,
         check=True,
@@ -58,15 +62,15 @@ def _port(address: str) -> int:
     return 0 if port == "*" else int(port)  # a listener's peer is "*:*"
 
 
-def server_end(port: int, client_port: int) -> SsRow | None:
-    for row in ss_port(port):
+def server_end(port: int, client_port: int, *, processes: bool = True) -> SsRow | None:
+    for row in ss_port(port, processes=processes):
         if row.local_port == port and row.peer_port == client_port:
             return row
     return None
 
 
-def client_end(port: int, client_port: int) -> SsRow | None:
-    for row in ss_port(port):
+def client_end(port: int, client_port: int, *, processes: bool = True) -> SsRow | None:
+    for row in ss_port(port, processes=processes):
         if row.local_port == client_port and row.peer_port == port:
             return row
     return None
