@@ -106,6 +106,10 @@ def main() -> int:
     seconds = time.monotonic() - start
     time.sleep(0.3)  # let orphans be re-parented to us
     leftover = _children(os.getpid())
+    leftover_cmdlines = []
+    for pid in leftover:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            leftover_cmdlines.append(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
     for pid in leftover:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -131,6 +135,7 @@ def main() -> int:
                 "inodes": sorted(inodes),
                 "still_open": still_open,
                 "leftover": leftover,
+                "leftover_cmdlines": leftover_cmdlines,
                 "stderr": stderr,
             }
         )

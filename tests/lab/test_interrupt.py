@@ -47,7 +47,7 @@ def test_ctrl_c_exits_130_and_leaves_nothing(args: list[str], until: str) -> Non
     assert "interrupted" in stderr
     assert "Traceback" not in stderr
     assert result["seconds"] < 20  # a hang bound, not a timing measurement  # type: ignore[operator]
-    assert result["leftover"] == [], f"processes left behind: {result['leftover']}"
+    assert result["leftover"] == [], f"processes left behind: {result['leftover_cmdlines']}"
     if until == "children":
         assert result["descendants"], "the lab should have started server processes by then"
     assert result["inodes"], "the lab should have held sockets by then"

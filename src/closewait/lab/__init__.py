@@ -8,18 +8,24 @@ other parts still run.
 
 Cleanup: the context (child processes, registered cleanups) is always closed in ``finally``, also
 on KeyboardInterrupt. SIGINT is blocked while it closes, so a second Ctrl+C cannot cut the cleanup
-short; it is delivered (and propagates) right after.
+short; it is delivered (and propagates) right after. Pitfall: a part's worker threads may still be
+running when Ctrl+C closes the context, and one of them could start a server right after the
+cleanup ended it all. The run's context therefore refuses to spawn once closing has begun (the
+check and the registration happen under one lock, so a child is either ended or never started).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from closewait.errors import UsageError
 from closewait.lab.model import PARTS, Experiment, LabContext, Status
@@ -32,6 +38,26 @@ NOT_BUILT = "not built yet"
 
 #: Called after each part with the part's name and its experiments (the CLI shows progress).
 Progress = Callable[[str, Sequence[Experiment]], None]
+
+
+@dataclasses.dataclass
+class _RunContext(LabContext):
+    """The LabContext of one run: no new child once ``close()`` has begun."""
+
+    def __post_init__(self) -> None:
+        self._spawn_lock = threading.Lock()
+        self._closing = False
+
+    def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        with self._spawn_lock:
+            if self._closing:
+                raise RuntimeError("the lab run is over: no new child processes")
+            return super().spawn(argv, **kwargs)
+
+    def close(self) -> None:
+        with self._spawn_lock:
+            self._closing = True
+        super().close()
 
 
 def validate_parts(parts: Iterable[str]) -> tuple[str, ...]:
@@ -107,7 +133,7 @@ def run(
     started_at = time.time()
     start = time.monotonic()
     experiments: list[Experiment] = []
-    ctx = LabContext(full=full, trials=trials, capture=capture)
+    ctx = _RunContext(full=full, trials=trials, capture=capture)
     try:
         capture_reason = _capture_reason(capture)
         for part in chosen:
