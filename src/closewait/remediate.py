@@ -515,7 +515,8 @@ def apply(reap_plan: ReapPlan, *, proc_root: str = "/proc") -> ReapResult:
                     raise
                 code = "permission-denied" if isinstance(err, AccessDenied) else "not-supported"
                 outcomes.append(ReapOutcome(target, Outcome.FAILED, code, str(err)))
-            log.info("reap %s pid %d fd %d: %s", target.socket.local, target.process.pid, target.fd, outcomes[-1])
+            last = outcomes[-1]
+            log.info("reap pid %d fd %d: %s %s", target.process.pid, target.fd, last.code, last.reason)
     finally:
         nl.close()
     return ReapResult(reap_plan, tuple(outcomes))
