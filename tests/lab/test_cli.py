@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.lab.kit import CLOSEWAIT, env
 
@@ -106,3 +109,19 @@ def test_skipped_is_not_an_error() -> None:
     assert report.ok
     assert [e.id for e in skipped] == ["reproduce"]
     assert skipped[0].reason == "not built yet"
+
+
+def test_a_part_whose_module_is_missing_is_skipped_not_failed() -> None:
+    """While the lab is being built, a part without its module is reported as skipped; and once the
+    run's context is closing, no part can start another process."""
+    from closewait.lab import NOT_BUILT, _run_part, _RunContext
+
+    ctx = _RunContext()
+    try:
+        results = _run_part("no_such_part", ctx)
+    finally:
+        ctx.close()
+        shutil.rmtree(ctx.workdir, ignore_errors=True)
+    assert [(e.id, e.status.value, e.reason) for e in results] == [("no_such_part", "skipped", NOT_BUILT)]
+    with pytest.raises(RuntimeError, match="no new child"):
+        ctx.spawn(["true"])
