@@ -26,11 +26,12 @@ class SsRow:
         return "users:(" in self.extra
 
 
-def ss_port(port: int, *, processes: bool = True) -> list[SsRow]:
+def ss_port(port: int, *, processes: bool = False) -> list[SsRow]:
     """Every TCP socket whose local or remote port is ``port`` (ss filters in the kernel).
 
-    ``processes`` adds ``-p`` (owners). Pitfall: in a namespace made with ``unshare --net`` (same
-    /proc), ``ss -p`` leaves out orphaned FIN_WAIT2 sockets; pass ``processes=False`` there.
+    ``processes`` adds ``-p`` (owners). It is off by default: ``ss -p`` reads every process's fds,
+    seconds on a host where some process holds 200,000 sockets. Pitfall: in a namespace made with
+    ``unshare --net`` (same /proc), ``ss -p`` leaves out orphaned FIN_WAIT2 sockets.
     """
     out = subprocess.run(
         ["ss", "-tanopH" if processes else "-tanoH", f"( sport = :{port} or dport = :{port} )"],
@@ -62,14 +63,14 @@ def _port(address: str) -> int:
     return 0 if port == "*" else int(port)  # a listener's peer is "*:*"
 
 
-def server_end(port: int, client_port: int, *, processes: bool = True) -> SsRow | None:
+def server_end(port: int, client_port: int, *, processes: bool = False) -> SsRow | None:
     for row in ss_port(port, processes=processes):
         if row.local_port == port and row.peer_port == client_port:
             return row
     return None
 
 
-def client_end(port: int, client_port: int, *, processes: bool = True) -> SsRow | None:
+def client_end(port: int, client_port: int, *, processes: bool = False) -> SsRow | None:
     for row in ss_port(port, processes=processes):
         if row.local_port == client_port and row.peer_port == port:
             return row

@@ -48,9 +48,9 @@ try:
     client_port = client.getsockname()[1]
     client.sendall(b"hello\\n")
     client.close()  # an orphan now, like the killed client's
-    wait_for(lambda: (r := client_end(port, client_port, processes=False)) is not None and r.state == "FIN-WAIT-2", 10)
-    wait_for(lambda: client_end(port, client_port, processes=False) is None, {FIN_TIMEOUT} + 15)
-    row = server_end(port, client_port, processes=False)
+    wait_for(lambda: (r := client_end(port, client_port)) is not None and r.state == "FIN-WAIT-2", 10)
+    wait_for(lambda: client_end(port, client_port) is None, {FIN_TIMEOUT} + 15)
+    row = server_end(port, client_port)
     out["ss"] = {{"server_state": row.state if row else None, "server_fds": len(socket_inodes(server.pid))}}
 finally:
     server.kill()
@@ -83,6 +83,7 @@ def test_full_mode_in_a_namespace_with_a_short_fin_timeout() -> None:
         assert m["fin_wait2_gone"] is True
         assert m["close_wait_after_fin_timeout"] is True
         assert m["fin_wait2_lasted_s"] >= FIN_TIMEOUT
+        assert m["fin_wait2_last_seen_s"] < m["fin_wait2_lasted_s"]
         assert exp["verdict"] == "holds"
 
     keepalive = out["keepalive"]

@@ -43,13 +43,13 @@ def _kill_client_after_sending(spawn: Spawn, port: int) -> int:
 
 def _assert_leaked(server_pid: int, port: int, client_port: int) -> None:
     def eof_read_in_close_wait() -> SsRow | None:
-        row = server_end(port, client_port)
+        row = server_end(port, client_port, processes=True)
         return row if row is not None and row.state == "CLOSE-WAIT" and row.recv_q == 0 else None
 
     # Recv-Q 0 in CLOSE_WAIT: the server read the FIN (recv() returned 0) and did not close.
     row = wait_for(eof_read_in_close_wait, timeout=10)
     assert f"pid={server_pid}," in row.extra
-    client = client_end(port, client_port)
+    client = client_end(port, client_port, processes=True)
     assert client is not None
     assert client.state == "FIN-WAIT-2"
     assert not client.owned  # the client process is dead: the kernel alone keeps this end

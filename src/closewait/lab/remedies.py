@@ -58,12 +58,11 @@ from closewait.lab.servers import (
 )
 from closewait.lab.servers.observe import (
     capturing,
-    connection_findings,
     fin_timeout_s,
     held_inodes,
+    lookup_end,
     median,
     no_capture_note,
-    server_end,
 )
 from closewait.model import Finding, TcpState
 
@@ -229,7 +228,7 @@ def _left_table(port: int, client_port: int, timeout: float = 2.0) -> bool:
     """Whether the server's end of the connection leaves the TCP table within ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
-        if server_end(connection_findings(port, client_port, owners=False), port) is None:
+        if lookup_end(port, client_port) is None:
             return True
         if time.monotonic() >= deadline:
             return False
@@ -358,7 +357,7 @@ def _half_close_demo(server: ServerProcess, port: int, stop: threading.Event) ->
         watched_s = 10 * HEARTBEAT_S
         stop.wait(watched_s)
         detected = server.wait_event(0.0, ev="saw", peer=client_port) is not None
-        end = server_end(connection_findings(port, client_port, owners=False), port)
+        end = lookup_end(port, client_port)
         state = end.socket.state.name if end else None
         held = inode in held_inodes(server.pid)
     finally:
@@ -382,7 +381,7 @@ def _fd_still_held_demo(ctx: LabContext) -> dict[str, Measurement]:
     try:
         client_port, _closed_at, inode = _send_and_close(server, port)
         saw = server.wait_event(CLOSE_DEADLINE_S, ev="saw", peer=client_port)
-        in_table = server_end(connection_findings(port, client_port, owners=False), port)
+        in_table = lookup_end(port, client_port)
         held = inode in held_inodes(server.pid)
         os.kill(server.pid, signal.SIGUSR1)
         closed = server.wait_event(CLOSE_DEADLINE_S, ev="closed", peer=client_port)
@@ -540,7 +539,7 @@ def _keepalive(ctx: LabContext, remedy: Remedy, fin_timeout: int | None) -> Expe
 
 
 def _server_end_state(port: int, client_port: int) -> TcpState | None:
-    end = server_end(connection_findings(port, client_port, owners=False), port)
+    end = lookup_end(port, client_port)
     return end.socket.state if end else None
 
 
@@ -562,7 +561,7 @@ def _wait_probes_answered(
 
 
 def _server_finding(port: int, client_port: int) -> Finding | None:
-    return server_end(connection_findings(port, client_port, owners=False), port)
+    return lookup_end(port, client_port)
 
 
 def _probe_answered(end: Finding | None, closed_at: float) -> bool:
