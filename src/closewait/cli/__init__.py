@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from typing import Any
 
@@ -26,7 +27,17 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _ReaderGone(Exception):
+    """stdout's reader went away. Not an OSError, so click does not turn it into exit 1."""
+
+
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as err:
+            raise _ReaderGone from err
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name, (module, _) in _COMMANDS.items() if importlib.util.find_spec(module))
 
@@ -64,7 +75,10 @@ def main(argv: list[str] | None = None) -> Any:
     args = sys.argv[1:] if argv is None else argv
     error_code = ERROR_EXIT_CODES.get(_subcommand(args) or "", 2)
     try:
-        cli.main(args=args, prog_name=prog, standalone_mode=False)
+        # In non-standalone mode click returns the code of a ctx.exit(N) instead of exiting.
+        returned = cli.main(args=args, prog_name=prog, standalone_mode=False)
+        if isinstance(returned, int) and not isinstance(returned, bool):
+            sys.exit(returned)
     except ClosewaitError as err:
         click.echo(f"{prog}: error: {err}", err=True)
         sys.exit(error_code if err.exit_code == 2 else err.exit_code)
@@ -81,7 +95,10 @@ def main(argv: list[str] | None = None) -> Any:
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         sys.exit(130)
-    except BrokenPipeError:
-        sys.stderr.close()
+    except (BrokenPipeError, _ReaderGone):
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         sys.exit(141)
     sys.exit(0)
