@@ -106,15 +106,8 @@ def lookup_end(local_port: int, remote_port: int, address: str = LOOPBACK) -> Fi
     return Finding(found, (), Role.UNKNOWN, diagnose(found, (), Role.UNKNOWN))
 
 
-def server_end(findings: Collection[Finding], server_port: int) -> Finding | None:
-    """The server's end of a connection: its local port is the server's."""
-    for finding in findings:
-        if finding.socket.local.port == server_port:
-            return finding
-    return None
-
-
 def client_end(findings: Collection[Finding], server_port: int) -> Finding | None:
+    """The client's end of a connection: its remote port is the server's."""
     for finding in findings:
         if finding.socket.remote.port == server_port:
             return finding
