@@ -147,12 +147,14 @@ class _GuardedWriter(asyncio.StreamWriter):
         self._touch = touch
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._touch(self.transport)
-        super().write(data)
+        transport = self.transport
+        self._touch(transport)
+        transport.write(data)
 
     def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self._touch(self.transport)
-        super().writelines(data)
+        transport = self.transport
+        self._touch(transport)
+        transport.writelines(data)
 
 
 class _GuardedProtocol(asyncio.StreamReaderProtocol):
@@ -181,8 +183,9 @@ class _GuardedProtocol(asyncio.StreamReaderProtocol):
         self._handler_task.add_done_callback(server._tasks.discard)
 
     def data_received(self, data: bytes) -> None:
+        # Hot path: one stamp in the wheel, then straight to the reader we hold.
         self._touch(self._guarded_transport)  # type: ignore[arg-type]
-        super().data_received(data)
+        self._reader.feed_data(data)
 
     def eof_received(self) -> bool:
         if self.reason is None:
