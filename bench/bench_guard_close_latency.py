@@ -31,7 +31,7 @@ import bench_guard_common as common
 
 
 def client(port: int, connections: int, samples: int) -> dict[str, Any]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, connections + 100), hard))
     socks: list[socket.socket] = []
     for index in range(connections):
