@@ -45,14 +45,14 @@ def test_selector_reaper_closes_idle_and_keeps_active(listener: socket.socket) -
     idle_client, idle_server = connected_pair(listener)
     busy_client, busy_server = connected_pair(listener)
     with selectors.DefaultSelector() as selector:
-        reaper = SelectorReaper(selector, idle_timeout=0.4, tick=0.05)
+        reaper = SelectorReaper(selector, idle_timeout=1.0, tick=0.05)
         reaper.register(idle_server)
         reaper.register(busy_server)
         assert len(reaper) == 2
         assert idle_server in reaper
         reaped: list[socket.socket] = []
         deadline = time.monotonic() + 10.0
-        # A selectors loop: the busy client sends every 20 ms, far inside the 0.4 s timeout.
+        # A selectors loop: the busy client sends every 20 ms, far inside the 1 s timeout.
         while not reaped and time.monotonic() < deadline:
             busy_client.send(b"x")
             timeout = reaper.timeout()
@@ -159,7 +159,7 @@ class _ReapedProtocol(asyncio.Protocol):
 
 async def _transport_reaper_scenario() -> None:
     loop = asyncio.get_running_loop()
-    reaper = TransportReaper(0.4, tick=0.05)
+    reaper = TransportReaper(1.0, tick=0.05)
     lost: asyncio.Queue[asyncio.BaseTransport] = asyncio.Queue()
     server = await loop.create_server(lambda: _ReapedProtocol(reaper, lost), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

@@ -178,12 +178,12 @@ def test_echo_until_eof_closes_with_reason_eof() -> None:
 
 def test_idle_connection_is_closed_and_active_one_kept() -> None:
     async def scenario() -> None:
-        async with running(echo, idle_timeout=0.5, tick=0.05) as server:
+        async with running(echo, idle_timeout=1.0, tick=0.05) as server:
             idle_reader, idle_writer = await asyncio.open_connection(*server.address)
             busy_reader, busy_writer = await asyncio.open_connection(*server.address)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 10.0
-            # Reads and writes keep the busy one alive, every 20 ms, far inside the timeout.
+            # Reads and writes keep the busy one alive, every 20 ms, far inside the 1 s timeout.
             while server.statistics().closed_idle == 0 and loop.time() < deadline:
                 busy_writer.write(b"ping")
                 assert await busy_reader.readexactly(4) == b"ping"
@@ -256,7 +256,8 @@ def test_connection_limit_pauses_accepting() -> None:
                 assert await reader.readexactly(1) == b"%d" % index
             third_reader, third_writer = clients[2]
             third_writer.write(b"3")  # connected in the kernel's backlog, not accepted yet
-            await asyncio.sleep(0.2)
+            await wait_until(lambda: server.statistics().paused == 1)
+            await asyncio.sleep(0.1)
             stats = server.statistics()
             assert (stats.open, stats.accepted, stats.peak, stats.paused) == (2, 2, 2, 1)
             clients[0][1].close()  # a slot frees: the third is accepted and answered
