@@ -6,8 +6,9 @@ alike, after one discarded warm-up run each (the first walk of /proc/PID/fd inst
 kernel's dentries for every descriptor; later walks of any tool find them cached). For each tool
 it records the median and best wall time, the median CPU time (user + system) and the peak RSS
 (``ru_maxrss`` from ``os.wait4``), and counts the fixture's CLOSE_WAIT sockets in the tool's
-output (sockets whose local port is one of the fixture's listening ports), which must equal
-``--close-wait`` for every tool: a fast tool that misses sockets is not faster.
+output (sockets whose local port is one of the fixture's listening ports), which must equal what
+``ss -tan`` counts right before (``--close-wait``, unless something else on the host destroyed one
+of them meanwhile): a fast tool that misses sockets is not faster.
 
 Results go to ``bench/results/scan_E<pairs>_C<close_wait>.json``; ``docs/benchmarks-scan.md`` is
 regenerated from every results file there, so a full-scale and a small run each keep their row.
@@ -41,6 +42,8 @@ import scan_fixture  # the sibling module, found through the path above
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks-scan.md"
+#: Hand-written analysis appended to the generated tables.
+NOTES = ROOT / "bench" / "scan_notes.md"
 VENV_BIN = ROOT / ".venv" / "bin"
 #: No tool may run longer than this (netstat -tanp at full scale takes ~25 s).
 TOOL_TIMEOUT_S = 180.0
@@ -72,6 +75,9 @@ class Result:
     max_rss_kib: int
     counted: int
     exit_codes: list[int]
+    #: The fixture's CLOSE_WAIT sockets as ``ss -tan`` counted them right before this tool's
+    #: counted run: other programs on a shared host may destroy one (``ss -K``, a reaper test).
+    reference: int = -1
 
     @property
     def median_wall(self) -> float:
@@ -184,6 +190,14 @@ def run_once(tool: Tool, out_path: str) -> tuple[float, float, int]:
     return wall, usage.ru_utime + usage.ru_stime, proc.returncode
 
 
+def reference_count(ports: set[int], out_path: str) -> int:
+    """The fixture's CLOSE_WAIT sockets right now, by ``ss -tan`` (no /proc walk, so it is quick)."""
+    with open(out_path, "wb") as out:
+        subprocess.run(["ss", "-tan", "state", "close-wait"], stdout=out, timeout=TOOL_TIMEOUT_S, check=True)
+    with open(out_path, encoding="utf-8") as handle:
+        return count_ss(handle.read(), ports)
+
+
 def measure(tool_list: list[Tool], runs: int, ports: set[int], log: bool = True) -> list[Result]:
     results = {t.name: Result(t.name, " ".join(t.argv[:6]), [], [], 0, -1, []) for t in tool_list}
     with tempfile.TemporaryDirectory(prefix="bench-scan-") as tmp:
@@ -193,10 +207,14 @@ def measure(tool_list: list[Tool], runs: int, ports: set[int], log: bool = True)
                 wall, cpu, code = run_once(tool, out_path)
                 res = results[tool.name]
                 if round_ == 0:
+                    res.reference = reference_count(ports, os.path.join(tmp, "ref"))
                     with open(out_path, encoding="utf-8", errors="replace") as handle:
                         res.counted = COUNTERS[tool.counter](handle.read(), ports)
                     if log:
-                        print(f"  warm-up {tool.name}: {wall:.3f} s, counted {res.counted}", file=sys.stderr)
+                        print(
+                            f"  warm-up {tool.name}: {wall:.3f} s, counted {res.counted} (ss: {res.reference})",
+                            file=sys.stderr,
+                        )
                     continue
                 res.wall_s.append(wall)
                 res.cpu_s.append(cpu)
@@ -314,9 +332,11 @@ def render_doc(result_files: list[Path]) -> str:
         "fixture of `bench/scan_fixture.py`: E established loopback connection pairs (2E sockets) and C",
         "sockets in CLOSE_WAIT held by worker processes, plus idle filler processes so the host has about",
         "380 processes and about 2E + C + 5,000 open descriptors, like the reference host of issue 2.",
-        "Tools run round-robin after one discarded warm-up round; times are medians (best in brackets),",
+        "Tools run round-robin after one discarded warm-up round; wall times are the median and the best",
+        "of the counted runs,",
         "CPU is user + system time of the command, RSS is its peak (`ru_maxrss`). `counted` is how many",
-        "of the fixture's CLOSE_WAIT sockets the tool reported (must equal C).",
+        "of the fixture's CLOSE_WAIT sockets the tool reported (must equal what `ss -tan` counted just",
+        "before it: C, unless another program on the shared host destroyed one meanwhile).",
         "",
     ]
     for run in runs:
@@ -335,12 +355,16 @@ def render_doc(result_files: list[Path]) -> str:
         for r in run["results"]:
             walls = r["wall_s"]
             cpus = r["cpu_s"]
-            ok = "" if r["counted"] == run["close_wait"] else " (MISMATCH)"
+            if "reference" in r:
+                ok = "" if r["counted"] == r["reference"] else f" (MISMATCH: ss saw {r['reference']})"
+            else:  # results written before the per-tool ss reference existed
+                ok = "" if r["counted"] == run["close_wait"] else " (not C: see the notes below)"
             lines.append(
                 f"| `{r['name']}` | {_fmt_s(statistics.median(walls))} | {_fmt_s(min(walls))} | "
                 f"{_fmt_s(statistics.median(cpus))} | {r['max_rss_kib'] / 1024:.1f} MB | {r['counted']:,}{ok} |"
             )
-        lines += ["", "Targets (issue 2, point 6):", ""]
+        scale = "" if run["established_pairs"] >= 100_000 else " (set for full scale; shown for comparison)"
+        lines += ["", f"Targets (issue 2, point 6){scale}:", ""]
         for what, value, limit, met in run["targets"]:
             unit = " MB" if "MB" in what else "x"
             lines.append(
@@ -349,11 +373,21 @@ def render_doc(result_files: list[Path]) -> str:
             )
         lines += [
             "",
-            f"Machine: {m['cpu']}, {m['nproc']} CPUs, {m['memory']} RAM, {m['os']}, kernel {m['kernel']}, "
+            f"Machine: {m['cpu']}, {m['nproc']} CPUs, {_gib(m['memory'])} RAM, {m['os']}, kernel {m['kernel']}, "
             f"Python {m['python']}; {m['ss']}, {m['netstat']}, lsof {m['lsof']}, psutil {m['psutil']}.",
             "",
         ]
+    if NOTES.exists():
+        lines += ["", NOTES.read_text().rstrip("\n")]
     return "\n".join(lines)
+
+
+def _gib(meminfo: str) -> str:
+    """'24683656 kB' -> '23.5 GiB'."""
+    try:
+        return f"{int(meminfo.split(maxsplit=1)[0]) / 1024 / 1024:.1f} GiB"
+    except (ValueError, IndexError):
+        return meminfo
 
 
 def _fmt_s(seconds: float) -> str:
@@ -376,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", action="append", default=[], help="skip tools whose name contains this")
     parser.add_argument("--baseline-src", help="a src/ directory of an older closewait, timed as '(before)' rows")
     parser.add_argument("--no-doc", action="store_true", help="do not write results or docs/benchmarks-scan.md")
+    parser.add_argument("--render-only", action="store_true", help="only rewrite the doc from bench/results/")
     args = parser.parse_args(argv)
+    if args.render_only:
+        DOC.write_text(render_doc(sorted(RESULTS_DIR.glob("scan_E*_C*.json"))) + "\n")
+        return 0
     if args.quick:
         args.established, args.close_wait, args.runs = 2_000, 200, 3
     if args.runs < 1 or args.established < 0 or args.close_wait < 1:
@@ -402,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{description}\nload average before/after: {load_before} / {load_after}\n")
     print(f"{'command':46} {'median':>9} {'best':>9} {'cpu':>9} {'rss MB':>7} counted")
     for r in results:
-        flag = "" if r.counted == args.close_wait else "  MISMATCH"
+        flag = "" if r.counted == r.reference else f"  MISMATCH (ss saw {r.reference})"
         print(
             f"{r.name:46} {_fmt_s(r.median_wall):>9} {_fmt_s(min(r.wall_s)):>9} {_fmt_s(r.median_cpu):>9} "
             f"{r.max_rss_kib / 1024:7.1f} {r.counted}{flag}"
@@ -429,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(record, indent=1) + "\n")
         DOC.write_text(render_doc(sorted(RESULTS_DIR.glob("scan_E*_C*.json"))) + "\n")
         print(f"wrote {path.relative_to(ROOT)} and {DOC.relative_to(ROOT)}", file=sys.stderr)
-    bad = [r.name for r in results if r.counted != args.close_wait]
+    bad = [r.name for r in results if r.counted != r.reference]
     if bad:
         print(f"count mismatch for: {', '.join(bad)}", file=sys.stderr)
         return 1
