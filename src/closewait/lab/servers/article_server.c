@@ -1,6 +1,6 @@
 /*
- * The C server from the article this project grew from (shared/reference/close-wait-article.zh.txt),
- * kept verbatim except for two changes, both needed to run it inside `closewait lab`:
+ * The C server from the article closewait grew from (a Chinese blog post about CLOSE_WAIT),
+ * kept verbatim except for three changes, all needed to run it inside `closewait lab`:
  *
  *   1. #include <stdio.h> is added: the article's text lacks it and gcc needs it for printf/perror.
  *   2. The port comes from argv[1] (default: the article's 12345). The lab passes 0, so the kernel
