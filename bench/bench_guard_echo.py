@@ -146,6 +146,13 @@ def main() -> int:
         summary[mode] = {
             key: statistics.median(r[key] for r in results) for key in ("rps", "p50_us", "p99_us", "server_cpu_s")
         }
+    # Paired by round (the two runs of a round are back to back), which cancels slow drift in load.
+    summary["paired_throughput_change_pct"] = 100 * (
+        statistics.median(g["rps"] / b["rps"] for g, b in zip(runs["guarded"], runs["bare"], strict=True)) - 1
+    )
+    summary["paired_p99_change_pct"] = 100 * (
+        statistics.median(g["p99_us"] / b["p99_us"] for g, b in zip(runs["guarded"], runs["bare"], strict=True)) - 1
+    )
     bare, guarded = summary["bare"], summary["guarded"]
     summary["throughput_change_pct"] = 100 * (guarded["rps"] / bare["rps"] - 1)
     summary["p99_change_pct"] = 100 * (guarded["p99_us"] / bare["p99_us"] - 1)
@@ -162,6 +169,10 @@ def main() -> int:
                 f"{mode:>8} (median of {args.rounds}): {m['rps']:9.0f} req/s  p50 {m['p50_us']:7.0f} us  "
                 f"p99 {m['p99_us']:7.0f} us"
             )
+        print(
+            f"paired by round: throughput {summary['paired_throughput_change_pct']:+.1f} %, "
+            f"p99 {summary['paired_p99_change_pct']:+.1f} %"
+        )
         print(
             f"guarded vs bare: throughput {summary['throughput_change_pct']:+.1f} %, "
             f"p99 {summary['p99_change_pct']:+.1f} %, server CPU per request "
