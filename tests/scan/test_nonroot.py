@@ -140,3 +140,29 @@ def test_nobody_naming_root_things_is_refused(
     (line,) = result.stderr.splitlines()
     assert line.startswith("closewait")
     assert message.format(pid=pid) in line
+
+
+def test_listable_but_unreadable_links_are_reported_not_dropped(
+    spawn: Spawn, nobody: tuple[list[str], dict[str, str]]
+) -> None:
+    """With CAP_DAC_READ_SEARCH alone, root's /proc/PID/fd can be listed but every readlink in it is
+    refused (ptrace access check): that process's sockets must be reported as owner unknown, with
+    the permission warning, not silently shown as ownerless."""
+    argv0, env = nobody
+    if not _setpriv_supports_ambient():
+        pytest.skip("setpriv cannot grant an ambient capability here")
+    _, port = _root_leak(spawn)
+    python_and_args = argv0[len(AS_NOBODY) :]
+    with_dac = [*AS_NOBODY, "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", *python_and_args]
+    result = run_cli("scan", "--port", str(port), "--json", argv0=with_dac, env=env)
+    assert result.returncode == 0, result.stderr
+    parsed = json.loads(result.stdout)
+    (sock,) = parsed["sockets"]
+    assert sock["owners"] == []
+    (error,) = parsed["errors"]
+    assert error.startswith("owner unknown: permission denied, run as root")
+
+
+def _setpriv_supports_ambient() -> bool:
+    help_text = subprocess.run(["setpriv", "--help"], capture_output=True, text=True, check=False).stdout
+    return "--ambient-caps" in help_text

@@ -264,6 +264,11 @@ def _walk(
             for name in listdir(dir_fd):
                 try:
                     inode = wanted_get(readlink(name, dir_fd=dir_fd))
+                except PermissionError:
+                    # The directory was listable (CAP_DAC_READ_SEARCH) but the links are behind the
+                    # ptrace access check, which refuses every link of this process alike.
+                    denied.append(pid)
+                    break
                 except OSError:
                     continue  # closed since listing
                 if inode is not None:
