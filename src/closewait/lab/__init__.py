@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from closewait.errors import UsageError
-from closewait.lab.model import PARTS, Experiment, LabContext, Status
+from closewait.lab.model import PARTS, Experiment, LabContext, Status, error_reason
 from closewait.lab.report import LabReport, placeholders
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def _run_part(part: str, ctx: LabContext) -> list[Experiment]:
         raise
     except Exception as err:
         log.exception("lab part %s failed", part)
-        return placeholders(part, Status.ERROR, f"{type(err).__name__}: {err}")
+        return placeholders(part, Status.ERROR, error_reason(err))
     log.debug("lab part %s: %d experiments in %.2f s", part, len(results), time.monotonic() - start)
     return results
 

@@ -24,13 +24,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from closewait.errors import ClosewaitError
-from closewait.lab.model import Experiment, LabContext, Measurement, Status, Verdict
+from closewait.lab.model import Experiment, LabContext, Measurement, Verdict, unfinished
 from closewait.lab.servers import (
     HEARTBEAT_S,
     IDLE_TIMEOUT_S,
     REMEDY_ARGS,
-    ServerError,
     ServerProcess,
     run_parallel,
     start_leaky,
@@ -69,21 +67,7 @@ def run(ctx: LabContext) -> list[Experiment]:
         return [_churn(ctx)]
     except Exception as err:
         log.debug("churn failed", exc_info=True)
-        reason = str(err) if isinstance(err, ServerError | ClosewaitError) else f"{type(err).__name__}: {err}"
-        return [
-            Experiment(
-                id=EXPERIMENT_ID,
-                part=PART,
-                title=TITLE,
-                claim=CLAIM,
-                observed="the experiment could not finish",
-                verdict=None,
-                measurements={},
-                status=Status.ERROR,
-                reason=reason,
-                duration_s=time.monotonic() - start,
-            )
-        ]
+        return [unfinished(EXPERIMENT_ID, PART, TITLE, CLAIM, err, start)]
 
 
 def _start_all(ctx: LabContext) -> dict[str, tuple[ServerProcess, int]]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from closewait.errors import ClosewaitError
 from closewait.model import Endpoint
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,27 @@ class LabContext:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def error_reason(err: BaseException) -> str:
+    """One line for the report: closewait's own errors say it themselves; others are named."""
+    return str(err) if isinstance(err, ClosewaitError) else f"{type(err).__name__}: {err}"
+
+
+def unfinished(exp_id: str, part: str, title: str, claim: str, err: BaseException, started: float) -> Experiment:
+    """The record of an experiment that raised ``err``: an error with its reason, never a traceback."""
+    return Experiment(
+        id=exp_id,
+        part=part,
+        title=title,
+        claim=claim,
+        observed="the experiment could not finish",
+        verdict=None,
+        measurements={},
+        status=Status.ERROR,
+        reason=error_reason(err),
+        duration_s=round(time.monotonic() - started, 3),
+    )
 
 
 def elapsed_ms(start: float) -> float:

@@ -41,9 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from closewait.errors import ClosewaitError
 from closewait.lab import churn
-from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Status, Verdict
+from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Verdict, unfinished
 from closewait.lab.servers import (
     HEARTBEAT_S,
     IDLE_TIMEOUT_S,
@@ -174,19 +173,7 @@ def _guarded(remedy: Remedy, ctx: LabContext, fin_timeout: int | None) -> Experi
         return _prompt_remedy(ctx, remedy)
     except Exception as err:
         log.debug("remedy %s failed", remedy.id, exc_info=True)
-        reason = str(err) if isinstance(err, ServerError | ClosewaitError) else f"{type(err).__name__}: {err}"
-        return Experiment(
-            id=remedy.id,
-            part=PART,
-            title=remedy.title,
-            claim=remedy.claim,
-            observed="the experiment could not finish",
-            verdict=None,
-            measurements={},
-            status=Status.ERROR,
-            reason=reason,
-            duration_s=time.monotonic() - start,
-        )
+        return unfinished(remedy.id, PART, remedy.title, remedy.claim, err, start)
 
 
 # -- the client scenario ----------------------------------------------------------------------------

@@ -31,8 +31,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from closewait import diagnosis
-from closewait.errors import ClosewaitError
-from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Status, Verdict
+from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Status, Verdict, unfinished
 from closewait.lab.servers import (
     ServerError,
     ServerProcess,
@@ -105,19 +104,7 @@ def _guarded(
         return body(ctx, exp_id, title)
     except Exception as err:
         log.debug("experiment %s failed", exp_id, exc_info=True)
-        reason = str(err) if isinstance(err, ServerError | ClosewaitError) else f"{type(err).__name__}: {err}"
-        return Experiment(
-            id=exp_id,
-            part=PART,
-            title=title,
-            claim=CLAIM,
-            observed="the experiment could not finish",
-            verdict=None,
-            measurements={},
-            status=Status.ERROR,
-            reason=reason,
-            duration_s=time.monotonic() - start,
-        )
+        return unfinished(exp_id, PART, title, CLAIM, err, start)
 
 
 def _python(ctx: LabContext, exp_id: str, title: str) -> Experiment:

@@ -38,9 +38,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from closewait.errors import NetlinkError
 from closewait.lab import capture as cap_mod
-from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Status, Verdict
+from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Verdict, unfinished
 from closewait.model import Endpoint, Socket, TcpState
 from closewait.sources import netlink
 
@@ -102,35 +101,10 @@ def _poll(predicate: Callable[[], Any], timeout: float = WAIT_S, interval: float
 def lookup(local: Endpoint, remote: Endpoint) -> Socket | None:
     """One connection's record from sock_diag, by exact 4-tuple (no dump), or None if it is gone.
 
-    A full dump costs seconds on a host with tens of thousands of sockets; the exact request
-    (``inet_diag_find_one_icsk``) costs one lookup and needs no privilege. It also finds orphans and
-    TIME_WAIT entries. Pitfall: when no connection matches, the kernel falls back to a listener on
-    ``local``'s port, so the answer is checked against ``remote`` and LISTEN is discarded.
+    A full dump costs seconds on a host with tens of thousands of sockets; see
+    ``netlink.lookup_connection`` for the exact request and its listener pitfall.
     """
-    af = socket.AF_INET6 if ":" in local.address else socket.AF_INET
-    src = socket.inet_pton(af, local.address).ljust(16, b"\0")[:16]
-    dst = socket.inet_pton(af, remote.address).ljust(16, b"\0")[:16]
-    body = netlink.INET_DIAG_REQ_V2_HEAD.pack(af, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + struct.pack(
-        ">HH16s16sI8s", local.port, remote.port, src, dst, 0, b"\xff" * 8
-    )
-    seq = int(time.monotonic_ns() & 0x7FFFFFFF)
-    header = netlink.NLMSGHDR.pack(
-        netlink.NLMSGHDR.size + len(body), netlink.SOCK_DIAG_BY_FAMILY, netlink.NLM_F_REQUEST, seq, 0
-    )
-    with netlink.open_socket() as nl:
-        nl.settimeout(WAIT_S)
-        nl.sendto(header + body, (0, 0))
-        data = nl.recv(65536)
-    try:
-        found, _done = netlink.parse_messages(data, seq)
-    except NetlinkError as err:
-        if err.errno == errno_mod.ENOENT:
-            return None
-        raise
-    for sock in found:
-        if sock.state != TcpState.LISTEN and sock.local == local and sock.remote == remote:
-            return sock
-    return None
+    return netlink.lookup_connection(local, remote)
 
 
 def _endpoint(address: Any) -> Endpoint:
@@ -932,20 +906,7 @@ def run(ctx: LabContext) -> list[Experiment]:
             raise
         except Exception as err:
             log.exception("teardown experiment %s failed", exp_id)
-            results.append(
-                Experiment(
-                    id=exp_id,
-                    part=PART,
-                    title=exp_id,
-                    claim="",
-                    observed="",
-                    verdict=None,
-                    measurements={},
-                    status=Status.ERROR,
-                    reason=f"{type(err).__name__}: {err}",
-                    duration_s=round(time.monotonic() - start, 3),
-                )
-            )
+            results.append(unfinished(exp_id, PART, exp_id, "", err, start))
     return results
 
 

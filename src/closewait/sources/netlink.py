@@ -15,7 +15,8 @@ import itertools
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from closewait.errors import AccessDenied, NetlinkError, NotSupported
@@ -204,11 +205,18 @@ def parse_diag_msg(payload: memoryview) -> Socket:
     )
 
 
-def parse_messages(buffer: bytes | memoryview, seq: int | None = None) -> tuple[list[Socket], bool]:
-    """Parse one recv()'s worth of netlink messages. Returns (sockets, done)."""
+def walk_messages(
+    buffer: bytes | memoryview,
+    seq: int | None,
+    on_diag: Callable[[memoryview], None],
+) -> bool:
+    """Validate one recv()'s worth of netlink messages and hand each SOCK_DIAG_BY_FAMILY payload
+    (an ``inet_diag_msg`` with its attributes) to ``on_diag``. Returns True at the end of the reply.
+
+    NLMSG_ERROR (an error, or 0 = an ACK) and NLMSG_DONE are handled before anything else; messages
+    of another sequence number are skipped; anything truncated or unexpected raises NetlinkError.
+    """
     view = memoryview(buffer)
-    sockets: list[Socket] = []
-    append = sockets.append
     unpack_header = NLMSGHDR.unpack_from
     header_size = NLMSGHDR.size
     offset = 0
@@ -223,29 +231,34 @@ def parse_messages(buffer: bytes | memoryview, seq: int | None = None) -> tuple[
             _log().debug("ignoring netlink message for sequence %d (want %d)", msg_seq, seq)
             offset += (length + 3) & ~3
             continue
+        if flags & NLM_F_DUMP_INTR:
+            _log().info("sock_diag dump was interrupted by a concurrent change; some sockets may be missing")
         if msg_type == SOCK_DIAG_BY_FAMILY:
-            if flags & NLM_F_DUMP_INTR:
-                _log().info("sock_diag dump was interrupted by a concurrent change; some sockets may be missing")
-            append(parse_diag_msg(view[offset + header_size : offset + length]))
+            on_diag(view[offset + header_size : offset + length])
             offset += (length + 3) & ~3
             continue
-        payload = view[offset + header_size : offset + length]
         if msg_type == NLMSG_ERROR:
-            if len(payload) < 4:
+            if length - header_size < 4:
                 raise NetlinkError("NLMSG_ERROR truncated")
-            (error,) = struct.unpack_from("=i", payload, 0)
+            (error,) = struct.unpack_from("=i", view, offset + header_size)
             if error == 0:  # an ACK
-                return sockets, True
+                return True
             code = -error
             raise NetlinkError(f"sock_diag: {os.strerror(code)}", errno=code)
         if msg_type == NLMSG_DONE:
-            return sockets, True
-        if flags & NLM_F_DUMP_INTR:
-            _log().info("sock_diag dump was interrupted by a concurrent change; some sockets may be missing")
+            return True
         if msg_type != NLMSG_NOOP:
             raise NetlinkError(f"unexpected netlink message type {msg_type}")
         offset += (length + 3) & ~3
-    return sockets, False
+    return False
+
+
+def parse_messages(buffer: bytes | memoryview, seq: int | None = None) -> tuple[list[Socket], bool]:
+    """Parse one recv()'s worth of netlink messages. Returns (sockets, done)."""
+    sockets: list[Socket] = []
+    append = sockets.append
+    done = walk_messages(buffer, seq, lambda payload: append(parse_diag_msg(payload)))
+    return sockets, done
 
 
 def open_socket() -> socket.socket:
@@ -256,6 +269,44 @@ def open_socket() -> socket.socket:
         raise AccessDenied("cannot open a sock_diag netlink socket: permission denied") from err
     except OSError as err:
         raise NotSupported(f"sock_diag netlink is not available: {err.strerror}") from err
+
+
+@contextmanager
+def _channel(sock: socket.socket | None) -> Iterator[socket.socket]:
+    """The caller's netlink socket, or one opened here and closed afterwards."""
+    if sock is not None:
+        yield sock
+        return
+    nl = open_socket()
+    try:
+        yield nl
+    finally:
+        nl.close()
+
+
+def _replies(nl: socket.socket, request: bytes, until: str = "NLMSG_DONE") -> Iterator[bytes]:
+    """Send ``request`` and yield each recv()'s bytes; the caller stops at the end of the reply."""
+    try:
+        nl.sendto(request, (0, 0))
+    except OSError as err:
+        raise NetlinkError(f"sock_diag request failed: {err.strerror}", errno=err.errno) from err
+    while True:
+        try:
+            data = nl.recv(_RECV_BUFFER)
+        except OSError as err:
+            raise NetlinkError(f"sock_diag receive failed: {err.strerror}", errno=err.errno) from err
+        if not data:
+            raise NetlinkError(f"sock_diag reply ended before {until}")
+        yield data
+
+
+def _seq_of(request: bytes) -> int:
+    return int(NLMSGHDR.unpack_from(request, 0)[3])
+
+
+def _no_ipv6_table(err: NetlinkError, family: Family) -> bool:
+    """IPv6 disabled at boot: the kernel has no tcp6 table and answers ENOENT; nothing to list."""
+    return err.errno == errno_mod.ENOENT and family == Family.IPV6
 
 
 def dump(
@@ -271,36 +322,19 @@ def dump(
     network namespace); otherwise one is opened and closed here.
     """
     states = frozenset(states)
-    own = sock is None
-    nl = open_socket() if sock is None else sock
-    try:
+    with _channel(sock) as nl:
         for family in families:
             request = build_request(family, states, with_info=with_info)
-            seq = NLMSGHDR.unpack_from(request, 0)[3]
+            seq = _seq_of(request)
             try:
-                nl.sendto(request, (0, 0))
-            except OSError as err:
-                raise NetlinkError(f"sock_diag request failed: {err.strerror}", errno=err.errno) from err
-            while True:
-                try:
-                    data = nl.recv(_RECV_BUFFER)
-                except OSError as err:
-                    raise NetlinkError(f"sock_diag receive failed: {err.strerror}", errno=err.errno) from err
-                if not data:
-                    raise NetlinkError("sock_diag reply ended before NLMSG_DONE")
-                try:
+                for data in _replies(nl, request):
                     batch, done = parse_messages(data, seq)
-                except NetlinkError as err:
-                    if err.errno == errno_mod.ENOENT and family == Family.IPV6:
-                        # IPv6 disabled at boot: no tcp6 table, nothing to list.
+                    yield from batch
+                    if done:
                         break
+            except NetlinkError as err:
+                if not _no_ipv6_table(err, family):
                     raise
-                yield from batch
-                if done:
-                    break
-    finally:
-        if own:
-            nl.close()
 
 
 def count_by_state(
@@ -315,69 +349,27 @@ def count_by_state(
     ``dump()``. NLMSG_ERROR and NLMSG_DONE are handled first, as in ``parse_messages``.
     """
     counts = dict.fromkeys(sorted(TcpState), 0)
-    by_number = {int(state): state for state in TcpState}
-    own = sock is None
-    nl = open_socket() if sock is None else sock
-    try:
+
+    def count(payload: memoryview) -> None:
+        if len(payload) < _MSG_SIZE:
+            raise NetlinkError(f"inet_diag_msg truncated: {len(payload)} bytes, need {_MSG_SIZE}")
+        state = _STATES.get(payload[1])  # inet_diag_msg.idiag_state
+        if state is None:
+            raise NetlinkError(f"inet_diag_msg with unknown TCP state {payload[1]}")
+        counts[state] += 1
+
+    with _channel(sock) as nl:
         for family in families:
             request = build_request(family, TcpState, with_info=False)
-            seq = NLMSGHDR.unpack_from(request, 0)[3]
+            seq = _seq_of(request)
             try:
-                nl.sendto(request, (0, 0))
-            except OSError as err:
-                raise NetlinkError(f"sock_diag request failed: {err.strerror}", errno=err.errno) from err
-            done = False
-            while not done:
-                try:
-                    data = nl.recv(_RECV_BUFFER)
-                except OSError as err:
-                    raise NetlinkError(f"sock_diag receive failed: {err.strerror}", errno=err.errno) from err
-                if not data:
-                    raise NetlinkError("sock_diag reply ended before NLMSG_DONE")
-                try:
-                    done = _count_messages(data, seq, counts, by_number)
-                except NetlinkError as err:
-                    if err.errno == errno_mod.ENOENT and family == Family.IPV6:
-                        break  # IPv6 disabled at boot: no tcp6 table
+                for data in _replies(nl, request):
+                    if walk_messages(data, seq, count):
+                        break
+            except NetlinkError as err:
+                if not _no_ipv6_table(err, family):
                     raise
-    finally:
-        if own:
-            nl.close()
     return counts
-
-
-def _count_messages(data: bytes, seq: int, counts: dict[TcpState, int], by_number: dict[int, TcpState]) -> bool:
-    """Add one recv()'s SOCK_DIAG_BY_FAMILY messages to ``counts`` by state. Returns True at the end."""
-    offset = 0
-    end = len(data)
-    state_at = NLMSGHDR.size + 1  # inet_diag_msg.idiag_state
-    while offset < end:
-        if end - offset < NLMSGHDR.size:
-            raise NetlinkError(f"netlink message header truncated: {end - offset} bytes left")
-        length, msg_type, _flags, msg_seq, _pid = NLMSGHDR.unpack_from(data, offset)
-        if length < NLMSGHDR.size or offset + length > end:
-            raise NetlinkError(f"netlink message length {length} does not fit the {end - offset} bytes received")
-        if msg_seq == seq:
-            if msg_type == NLMSG_ERROR:
-                if length < NLMSGHDR.size + 4:
-                    raise NetlinkError("NLMSG_ERROR truncated")
-                (error,) = struct.unpack_from("=i", data, offset + NLMSGHDR.size)
-                if error == 0:
-                    return True
-                raise NetlinkError(f"sock_diag: {os.strerror(-error)}", errno=-error)
-            if msg_type == NLMSG_DONE:
-                return True
-            if msg_type == SOCK_DIAG_BY_FAMILY:
-                if length < NLMSGHDR.size + INET_DIAG_MSG.size:
-                    raise NetlinkError(f"inet_diag_msg truncated: {length - NLMSGHDR.size} bytes")
-                state = by_number.get(data[offset + state_at])
-                if state is None:
-                    raise NetlinkError(f"inet_diag_msg with unknown TCP state {data[offset + state_at]}")
-                counts[state] += 1
-            elif msg_type != NLMSG_NOOP:
-                raise NetlinkError(f"unexpected netlink message type {msg_type}")
-        offset += _align4(length)
-    return False
 
 
 # --- Exact lookups and SOCK_DESTROY (``closewait reap``) ---------------------------------------------------
@@ -419,29 +411,15 @@ def build_exact_request(msg_type: int, sock: Socket, *, interface: int = 0, with
 
 def _exchange(request: bytes, sock: socket.socket | None) -> list[Socket]:
     """Send one acknowledged request and collect its replies up to the ACK (or raise its error)."""
-    seq = NLMSGHDR.unpack_from(request, 0)[3]
-    own = sock is None
-    nl = open_socket() if sock is None else sock
-    try:
-        try:
-            nl.sendto(request, (0, 0))
-        except OSError as err:
-            raise NetlinkError(f"sock_diag request failed: {err.strerror}", errno=err.errno) from err
-        found: list[Socket] = []
-        while True:
-            try:
-                data = nl.recv(_RECV_BUFFER)
-            except OSError as err:
-                raise NetlinkError(f"sock_diag receive failed: {err.strerror}", errno=err.errno) from err
-            if not data:
-                raise NetlinkError("sock_diag reply ended before its acknowledgement")
+    seq = _seq_of(request)
+    found: list[Socket] = []
+    with _channel(sock) as nl:
+        for data in _replies(nl, request, until="its acknowledgement"):
             batch, done = parse_messages(data, seq)
             found.extend(batch)
             if done:
-                return found
-    finally:
-        if own:
-            nl.close()
+                break
+    return found
 
 
 #: Offsets in inet_diag_msg of idiag_if and idiag_cookie (after 4 bytes of header, ports and addresses).
@@ -460,45 +438,19 @@ def interface_of(sock: Socket, *, nl: socket.socket | None = None) -> int | None
         return None
     cookie = sock.cookie.to_bytes(8, "little")
     request = build_request(sock.family, TcpState, with_info=False)
-    seq = NLMSGHDR.unpack_from(request, 0)[3]
-    own = nl is None
-    channel = open_socket() if nl is None else nl
     found: int | None = None
-    try:
-        try:
-            channel.sendto(request, (0, 0))
-        except OSError as err:
-            raise NetlinkError(f"sock_diag request failed: {err.strerror}", errno=err.errno) from err
-        while True:  # read to NLMSG_DONE even after a hit, so the channel holds nothing stale
-            try:
-                data = channel.recv(_RECV_BUFFER)
-            except OSError as err:
-                raise NetlinkError(f"sock_diag receive failed: {err.strerror}", errno=err.errno) from err
-            if not data:
-                raise NetlinkError("sock_diag reply ended before NLMSG_DONE")
-            view = memoryview(data)
-            offset = 0
-            while offset < len(view):
-                if len(view) - offset < NLMSGHDR.size:
-                    raise NetlinkError(f"netlink message header truncated: {len(view) - offset} bytes left")
-                length, msg_type, _flags, msg_seq, _pid = NLMSGHDR.unpack_from(view, offset)
-                if length < NLMSGHDR.size or offset + length > len(view):
-                    raise NetlinkError(f"netlink message length {length} does not fit the bytes received")
-                if msg_seq == seq:
-                    if msg_type in (NLMSG_ERROR, NLMSG_DONE):
-                        parse_messages(view[offset : offset + length], seq)  # raises on an error
-                        return found
-                    body = offset + NLMSGHDR.size
-                    if (
-                        msg_type == SOCK_DIAG_BY_FAMILY
-                        and length - NLMSGHDR.size >= INET_DIAG_MSG.size
-                        and view[body + _IDIAG_COOKIE_OFFSET : body + _IDIAG_COOKIE_OFFSET + 8] == cookie
-                    ):
-                        found = struct.unpack_from("=I", view, body + _IDIAG_IF_OFFSET)[0]
-                offset += _align4(length)
-    finally:
-        if own:
-            channel.close()
+
+    def match(payload: memoryview) -> None:
+        nonlocal found
+        if len(payload) >= _MSG_SIZE and payload[_IDIAG_COOKIE_OFFSET : _IDIAG_COOKIE_OFFSET + 8] == cookie:
+            found = struct.unpack_from("=I", payload, _IDIAG_IF_OFFSET)[0]
+
+    with _channel(nl) as channel:
+        # Read to NLMSG_DONE even after a hit, so the channel holds nothing stale.
+        for data in _replies(channel, request):
+            if walk_messages(data, _seq_of(request), match):
+                break
+    return found
 
 
 def lookup(sock: Socket, *, interface: int | None = None, nl: socket.socket | None = None) -> Socket | None:
@@ -515,6 +467,36 @@ def lookup(sock: Socket, *, interface: int | None = None, nl: socket.socket | No
         bound = interface_of(sock, nl=nl)
         if bound:
             found = _lookup(sock, bound, nl)
+    return found
+
+
+#: INET_DIAG_NOCOOKIE: an exact request with this cookie matches by endpoints alone.
+NO_COOKIE = (1 << 64) - 1
+
+
+def lookup_connection(local: Endpoint, remote: Endpoint, *, nl: socket.socket | None = None) -> Socket | None:
+    """The kernel's record of the connection ``local`` <-> ``remote`` by endpoints alone, or None.
+
+    The kernel's own hash lookup (``inet_diag_find_one_icsk``): no dump, so it costs the same on a
+    host with 200,000 connections as on an idle one, needs no privilege, and also finds orphans and
+    TIME_WAIT entries. Pitfall: when no connection matches, the kernel falls back to a listener on
+    ``local``'s port, so the answer is checked against both endpoints and LISTEN is discarded.
+    """
+    family = Family.IPV6 if ":" in local.address else Family.IPV4
+    probe = Socket(
+        state=TcpState.ESTABLISHED,
+        family=family,
+        local=local,
+        remote=remote,
+        inode=0,
+        uid=0,
+        recv_q=0,
+        send_q=0,
+        cookie=NO_COOKIE,
+    )
+    found = _lookup(probe, 0, nl)
+    if found is None or found.state == TcpState.LISTEN or found.local != local or found.remote != remote:
+        return None
     return found
 
 

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
+from closewait.errors import ClosewaitError
 from closewait.lab.model import LabContext
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def run_parallel(ctx: LabContext, calls: Sequence[Callable[[], T]], name: str) -
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ServerError(Exception):
+class ServerError(ClosewaitError):
     """A lab server did not start or behaved unexpectedly; the message is one line for the report."""
 
 

@@ -20,7 +20,7 @@ from closewait.errors import NoSuchProcess
 from closewait.lab import capture as capture_mod
 from closewait.lab.capture import Capture
 from closewait.lab.model import LabContext
-from closewait.model import ALL_STATES, TEARDOWN_STATES, Endpoint, Family, Finding, Role, Socket, TcpState
+from closewait.model import ALL_STATES, TEARDOWN_STATES, Endpoint, Finding, Role, TcpState
 from closewait.scan import scan
 from closewait.sources import netlink
 from closewait.sources.owners import socket_fds
@@ -75,8 +75,6 @@ def connection_findings(
     return found
 
 
-#: INET_DIAG_NOCOOKIE: an exact sock_diag request with this cookie matches by endpoints alone.
-NO_COOKIE = (1 << 64) - 1
 LOOPBACK = "127.0.0.1"
 
 
@@ -89,19 +87,8 @@ def lookup_end(local_port: int, remote_port: int, address: str = LOOPBACK) -> Fi
     back to the listening socket on the local port, so anything that is not this exact connection
     counts as gone.
     """
-    probe = Socket(
-        state=TcpState.ESTABLISHED,
-        family=Family.IPV4,
-        local=Endpoint(address, local_port),
-        remote=Endpoint(address, remote_port),
-        inode=0,
-        uid=0,
-        recv_q=0,
-        send_q=0,
-        cookie=NO_COOKIE,
-    )
-    found = netlink.lookup(probe, interface=0)
-    if found is None or found.state == TcpState.LISTEN or found.remote.port != remote_port:
+    found = netlink.lookup_connection(Endpoint(address, local_port), Endpoint(address, remote_port))
+    if found is None:
         return None
     return Finding(found, (), Role.UNKNOWN, diagnose(found, (), Role.UNKNOWN))
 
