@@ -39,9 +39,16 @@ class OwnerMap:
         if not self.denied_pids:
             return []
         n = len(self.denied_pids)
+        processes = f"{n} process{'es' if n != 1 else ''}"
+        if os.geteuid() == 0:
+            # Root is refused too by processes the ptrace access check protects from this one
+            # (another user namespace's init, an LSM policy): say so instead of "run as root".
+            shown = ", ".join(str(pid) for pid in self.denied_pids[:5]) + (", ..." if n > 5 else "")
+            return [
+                f"owner unknown: the kernel refused to show the descriptors of {processes} even to root (pid {shown})"
+            ]
         return [
-            f"owner unknown: permission denied, run as root "
-            f"(cannot read the descriptors of {n} process{'es' if n != 1 else ''} of other users)"
+            f"owner unknown: permission denied, run as root (cannot read the descriptors of {processes} of other users)"
         ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 
 from rich.console import Console
@@ -28,7 +29,8 @@ def _process_title(group: ProcessGroup, snapshot: Snapshot) -> Text:
             # TIME_WAIT, orphaned FIN_WAIT2: the program closed them; only the kernel holds them now.
             return Text("no owning process (closed by its program, the kernel finishes the teardown)", style="bold")
         if snapshot.errors:
-            return Text("owner unknown (permission denied, run as root)", style="bold yellow")
+            why = "refused even to root" if os.geteuid() == 0 else "permission denied, run as root"
+            return Text(f"owner unknown ({why})", style="bold yellow")
         return Text("owner unknown (no process holds a descriptor; it may have just exited)", style="bold yellow")
     cmd = shlex.join(process.cmdline) if process.cmdline else f"[{process.name}]"
     # Arguments may hold newlines (python -c, sh -c): keep the title on one line.
