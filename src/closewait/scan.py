@@ -16,7 +16,7 @@ from closewait.errors import AccessDenied, NoSuchProcess, UsageError
 from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState
 from closewait.sources import SocketSource, get_source
 from closewait.sources import netns as netns_mod
-from closewait.sources.owners import find_owners, read_process
+from closewait.sources.owners import descriptors_denied, find_owners, read_process
 
 CLOSE_WAIT_ONLY: frozenset[TcpState] = frozenset({TcpState.CLOSE_WAIT})
 
@@ -44,7 +44,7 @@ def validate_pids(pids: Iterable[int], proc_root: str = "/proc") -> frozenset[in
         try:
             os.close(os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         except PermissionError as err:
-            raise AccessDenied(f"cannot read the descriptors of pid {pid}: permission denied, run as root") from err
+            raise AccessDenied(descriptors_denied(pid)) from err
         except FileNotFoundError:
             raise NoSuchProcess(pid) from None
     return result
@@ -103,9 +103,7 @@ def scan(
         denied_targets = sorted(pid_filter.intersection(owner_map.denied_pids))
         if denied_targets:
             # The caller named this process: an empty answer would be a lie, so refuse.
-            raise AccessDenied(
-                f"cannot read the descriptors of pid {denied_targets[0]}: permission denied, run as root"
-            )
+            raise AccessDenied(descriptors_denied(denied_targets[0]))
         if any(s.inode and not owner_index.get(s.inode) for s in targets):
             # Only worth a warning when some socket really was left without an owner.
             errors.extend(owner_map.errors())

@@ -52,6 +52,13 @@ class OwnerMap:
         ]
 
 
+def descriptors_denied(pid: int) -> str:
+    """The one-line reason a process's descriptors could not be read, with the fix that applies."""
+    if os.geteuid() == 0:
+        return f"cannot read the descriptors of pid {pid}: the kernel refuses it even to root (a protected process)"
+    return f"cannot read the descriptors of pid {pid}: permission denied, run as root"
+
+
 def _read_bytes(path: str) -> bytes:
     with open(path, "rb") as handle:
         return handle.read()
@@ -110,7 +117,7 @@ def socket_fds(pid: int, proc_root: str = "/proc") -> dict[int, int]:
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(pid) from None
     except PermissionError as err:
-        raise AccessDenied(f"cannot read the descriptors of pid {pid}: permission denied, run as root") from err
+        raise AccessDenied(descriptors_denied(pid)) from err
     result: dict[int, int] = {}
     try:
         for name in os.listdir(dir_fd):
