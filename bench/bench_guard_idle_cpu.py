@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_guard_idle_cpu.py --connections 19000 --seconds 10
 
-The issue asks for 20,000; the hard RLIMIT_NOFILE here is 20,000 per process and the server also
+The project's target is stated for ~20,000; the hard RLIMIT_NOFILE here is 20,000 per process and the server also
 needs its listening socket, epoll, pipes and stdio, so one server holds 19,000 (the client sockets
 are spread over two client processes of 9,500 each). For each server mode (see
 bench_guard_common.py: ``bare`` asyncio without any reaper, ``guarded-no-idle`` serve() without a

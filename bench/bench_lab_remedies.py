@@ -72,7 +72,7 @@ def machine() -> str:
     load = os.getloadavg()
     return (
         f"{os.cpu_count()} CPUs, {mem_kib / 1024 / 1024:.0f} GiB, Linux {platform.release()}, "
-        f"Python {platform.python_version()}; load average at the start {load[0]:.1f}"
+        f"Python {platform.python_version()}; load average {load[0]:.1f} at the start"
     )
 
 
@@ -114,13 +114,16 @@ def main() -> int:
             "lab's scenario (connect, send a line, close); milliseconds from the client's close() to the "
             "server's close(), both CLOCK_MONOTONIC. Settings as in the lab: idle timeout 1 s (wheel tick "
             "62.5 ms), heartbeat 100 ms, poll 10 ms.\n\n"
-            f"Machine: {header}. {RUN_NOTE}\n\n{text}\n\nTook {took:.0f} s.\n",
+            f"Machine: {header}, {os.getloadavg()[0]:.1f} at the end. {RUN_NOTE}\n\n{text}\n\nTook {took:.0f} s.\n",
             encoding="utf-8",
         )
     return 0
 
 
-RUN_NOTE = "The machine was shared with other engineers' test and benchmark runs, so the maxima are noisy."
+RUN_NOTE = (
+    "The remedy servers mostly sleep, so the load average is other work (or the tail of what ran in the"
+    " minutes before); other work shows up mostly in the maxima."
+)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class Result:
     counted: int
     exit_codes: list[int]
     #: The fixture's CLOSE_WAIT sockets as ``ss -tan`` counted them right before this tool's
-    #: counted run: other programs on a shared host may destroy one (``ss -K``, a reaper test).
+    #: counted run: other programs on the host may destroy one (``ss -K``, a reaper test).
     reference: int = -1
 
     @property
@@ -295,7 +295,7 @@ def _os_release() -> str:
 
 
 def evaluate(results: list[Result]) -> list[tuple[str, float, float, bool]]:
-    """The issue's targets as (what, measured ratio or MB, limit, met)."""
+    """The project's targets as (what, measured ratio or MB, limit, met)."""
     by = {r.name: r for r in results}
     checks: list[tuple[str, float, float, bool]] = []
     owners = by.get("closewait scan --json")
@@ -331,12 +331,13 @@ def render_doc(result_files: list[Path]) -> str:
         "command run as a subprocess (interpreter start-up and imports included, stdout to a file) on the",
         "fixture of `bench/scan_fixture.py`: E established loopback connection pairs (2E sockets) and C",
         "sockets in CLOSE_WAIT held by worker processes, plus idle filler processes so the host has about",
-        "380 processes and about 2E + C + 5,000 open descriptors, like the reference host of issue 2.",
+        "380 processes and about 2E + C + 5,000 open descriptors, like the reference host the project's",
+        "targets were set on.",
         "Tools run round-robin after one discarded warm-up round; wall times are the median and the best",
         "of the counted runs,",
         "CPU is user + system time of the command, RSS is its peak (`ru_maxrss`). `counted` is how many",
         "of the fixture's CLOSE_WAIT sockets the tool reported (must equal what `ss -tan` counted just",
-        "before it: C, unless another program on the shared host destroyed one meanwhile).",
+        "before it: C, unless another program on the host destroyed one meanwhile).",
         "",
     ]
     for run in runs:
@@ -364,7 +365,7 @@ def render_doc(result_files: list[Path]) -> str:
                 f"{_fmt_s(statistics.median(cpus))} | {r['max_rss_kib'] / 1024:.1f} MB | {r['counted']:,}{ok} |"
             )
         scale = "" if run["established_pairs"] >= 100_000 else " (set for full scale; shown for comparison)"
-        lines += ["", f"Targets (issue 2, point 6){scale}:", ""]
+        lines += ["", f"The project's targets{scale}:", ""]
         for what, value, limit, met in run["targets"]:
             unit = " MB" if "MB" in what else "x"
             lines.append(
