@@ -102,6 +102,7 @@ def run_round(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                 str(args.seconds),
             ],
             capture_output=True,
+            preexec_fn=common.pin_load,
             text=True,
             timeout=args.seconds + 60,
             check=True,
