@@ -7,6 +7,7 @@ the kernel once per source, then resolves only the owners of the sockets it kept
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Collection, Iterable
@@ -42,7 +43,15 @@ def validate_pids(pids: Iterable[int], proc_root: str = "/proc") -> frozenset[in
             raise UsageError(f"pid {pid} is not a process id")
         read_process(pid, proc_root)
         try:
-            os.close(os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            dir_fd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                # Listing may be allowed (root, CAP_DAC_READ_SEARCH) while every link is behind the
+                # ptrace access check: read one link too.
+                for name in os.listdir(dir_fd)[:1]:
+                    with contextlib.suppress(FileNotFoundError):  # closed since listing
+                        os.readlink(name, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
         except PermissionError as err:
             raise AccessDenied(descriptors_denied(pid)) from err
         except FileNotFoundError:
