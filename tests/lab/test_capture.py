@@ -16,7 +16,7 @@ import pytest
 
 from closewait.lab.capture import DISABLED_REASON, NO_ROOT_REASON, between, capture, parse_frame, sent
 from closewait.model import Endpoint
-from tests.lab.conftest import Nobody
+from tests.conftest import Nobody
 from tests.lab.kit import pair
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="AF_PACKET needs CAP_NET_RAW")

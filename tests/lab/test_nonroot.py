@@ -11,7 +11,7 @@ import pytest
 
 from closewait.lab.capture import NO_ROOT_REASON
 from closewait.lab.report import LabReport
-from tests.lab.conftest import Nobody
+from tests.conftest import Nobody
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching to user nobody needs root")
 
