@@ -19,17 +19,11 @@ import re
 from collections.abc import Iterable, Sequence
 
 from closewait.lab.model import PARTS, Experiment, Measurement, Status, Verdict
-from closewait.lab.report import LabReport, ladder_rows
+from closewait.lab.report import PART_IDS, LabReport, ladder_rows
 from closewait.lab.teardown import ARTICLE_TABLE
 
-REMEDY_IDS = (
-    "idle-timeout",
-    "send-sigpipe",
-    "read-close",
-    "multiplex-read-close",
-    "nonblocking-read-close",
-    "keepalive",
-)
+#: The remedies charted side by side (churn is a series of its own).
+REMEDY_IDS = tuple(i for i in PART_IDS["remedies"] if i != "churn")
 
 PART_TITLES = {
     "reproduce": "Reproduce: the article's leaking server",

@@ -40,6 +40,7 @@ from typing import Any
 
 from closewait.lab import capture as cap_mod
 from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Verdict, unfinished
+from closewait.lab.report import PART_IDS
 from closewait.model import Endpoint, Socket, TcpState
 from closewait.sources import netlink
 
@@ -57,17 +58,8 @@ MEGABYTES = 3 * 1024 * 1024
 QUIET_S = 0.1
 WAIT_S = 3.0
 
-IDS = (
-    "shutdown-rd",
-    "shutdown-wr",
-    "close-fin",
-    "close-fd-vs-connection",
-    "close-send-buffer",
-    "close-unread-rst",
-    "linger-zero",
-    "shared-fd",
-    "closewait-close-unread",
-)
+#: The experiments' ids, in the article's table order (the reports' list; EXPERIMENTS follows it).
+IDS = PART_IDS["teardown"]
 
 #: The article's table, row by row, with the experiments that test each row (for the reports).
 ARTICLE_TABLE: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
