@@ -17,7 +17,7 @@ from closewait.errors import AccessDenied, NoSuchProcess, UsageError
 from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState
 from closewait.sources import SocketSource, get_source
 from closewait.sources import netns as netns_mod
-from closewait.sources.owners import descriptors_denied, find_owners, read_process
+from closewait.sources.owners import OWNER_SOURCES, descriptors_denied, find_owners, read_process
 
 CLOSE_WAIT_ONLY: frozenset[TcpState] = frozenset({TcpState.CLOSE_WAIT})
 
@@ -67,6 +67,7 @@ def scan(
     netns: str | netns_mod.Netns | None = None,
     backend: str | SocketSource = "auto",
     owners: bool = True,
+    owner_source: str = "auto",
     proc_root: str = "/proc",
 ) -> Snapshot:
     """Every TCP socket in ``states`` (default CLOSE_WAIT), with owners, role and diagnosis.
@@ -74,7 +75,9 @@ def scan(
     ``ports`` keeps sockets whose local or remote port is one of them. ``pids`` keeps sockets held
     by those processes (and walks only their descriptors). ``netns`` scans another network
     namespace; owners are still looked up across all of the host's processes. ``owners=False``
-    skips the /proc walk (role is then ``unknown``).
+    skips the owner lookup (role is then ``unknown``). ``owner_source`` picks how owners are found:
+    ``bpf`` (one pass over every fd table in the kernel, root only), ``procfs`` (the /proc/PID/fd
+    walk) or ``auto`` (bpf when the kernel allows it, else procfs).
 
     Processes whose descriptors cannot be read (other users', without root) leave their sockets
     without owners and add one line to ``Snapshot.errors``; a pid named in ``pids`` that cannot be
@@ -87,6 +90,8 @@ def scan(
     pid_filter = validate_pids(pids, proc_root)
     if pid_filter and not owners:
         raise UsageError("--pid needs owners; drop --no-owners")
+    if owner_source not in OWNER_SOURCES:
+        raise UsageError(f"unknown owner source {owner_source!r} (one of {', '.join(OWNER_SOURCES)})")
     ns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
     source = get_source(backend) if isinstance(backend, str) else backend
 
@@ -105,10 +110,14 @@ def scan(
     errors: list[str] = []
     owner_index: dict[int, list[Owner]] = {}
     listening: list[tuple[int, Endpoint]] = []
+    owners_via: str | None = None
     if owners and targets:
         inodes = {s.inode for s in targets} | {s.inode for s in listeners}
-        owner_map = find_owners(inodes, pids=sorted(pid_filter) if pid_filter else None, proc_root=proc_root)
+        owner_map = find_owners(
+            inodes, pids=sorted(pid_filter) if pid_filter else None, proc_root=proc_root, method=owner_source
+        )
         owner_index = owner_map.owners
+        owners_via = owner_map.method
         denied_targets = sorted(pid_filter.intersection(owner_map.denied_pids))
         if denied_targets:
             # The caller named this process: an empty answer would be a lie, so refuse.
@@ -142,6 +151,7 @@ def scan(
         owners_resolved=owners,
         errors=tuple(errors),
         state_counts=counts,
+        owners_via=owners_via,
     )
 
 

@@ -61,6 +61,7 @@ def snapshot_dict(snapshot: Snapshot) -> dict[str, Any]:
         "backend": snapshot.backend,
         "netns": snapshot.netns,
         "owners_resolved": snapshot.owners_resolved,
+        "owners_via": snapshot.owners_via,
         "taken_at": snapshot.taken_at,
         "state_counts": {state.name: count for state, count in snapshot.state_counts.items()},
     }

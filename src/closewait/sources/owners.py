@@ -20,10 +20,14 @@ import os
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from closewait.errors import AccessDenied, KernelDataError, NoSuchProcess
+from closewait.errors import AccessDenied, KernelDataError, NoSuchProcess, UsageError
 from closewait.model import Owner, Process
 
 _SOCKET_PREFIX = "socket:["
+
+#: How owners can be found: ``auto`` (bpf when the kernel allows it, else procfs), ``bpf`` (one
+#: kernel pass over every fd table, ``sources/bpf.py``) or ``procfs`` (the /proc/PID/fd walk).
+OWNER_SOURCES = ("auto", "bpf", "procfs")
 
 
 @dataclass
@@ -34,6 +38,10 @@ class OwnerMap:
     denied_pids: list[int] = field(default_factory=list)
     #: Every process that holds at least one wanted socket, by pid.
     processes: dict[int, Process] = field(default_factory=dict)
+    #: How the owners were found: "bpf" or "procfs".
+    method: str = "procfs"
+    #: Why the BPF iterator was not used, when ``auto`` fell back to procfs (None otherwise).
+    bpf_unavailable: str | None = None
 
     def errors(self) -> list[str]:
         if not self.denied_pids:
@@ -139,33 +147,60 @@ def find_owners(
     *,
     pids: Iterable[int] | None = None,
     proc_root: str = "/proc",
+    method: str = "auto",
 ) -> OwnerMap:
     """Every (process, fd) holding one of ``inodes``.
 
-    ``pids`` restricts the walk to those processes (much faster when the caller knows them).
+    ``pids`` restricts the lookup to those processes (a /proc walk of just them: much faster when
+    the caller knows them). ``method`` is one of ``OWNER_SOURCES``: ``auto`` asks the kernel
+    through a BPF iterator when it can (root, a kernel with BTF; see ``sources/bpf.py``) and walks
+    /proc otherwise; ``bpf`` raises ``BpfUnavailable`` instead of falling back; ``procfs`` always
+    walks. Only the walk can meet processes it may not read (``denied_pids``): the iterator runs as
+    root and sees every fd table.
 
     A full walk reads one link per open descriptor on the host (210,000 on a busy one), and each
     readlink costs the kernel a few microseconds (a dentry lookup, a ptrace access check and a
     d_path). The syscalls release the GIL, so on a machine with two or more usable CPUs the walk
     runs in ``_walk_threads(n)`` threads pulling pids from one shared list.
     """
+    if method not in OWNER_SOURCES:
+        raise UsageError(f"unknown owner source {method!r} (one of {', '.join(OWNER_SOURCES)})")
     wanted = frozenset(i for i in inodes if i)
     result = OwnerMap()
     if not wanted:
         return result
-    if pids is None:
-        try:
-            pids = list_pids(proc_root)
-        except OSError as err:
-            raise AccessDenied(f"cannot list {proc_root}: {err.strerror}") from err
-    pid_list = list(pids)
-    # Compare the link text itself: one hash lookup per descriptor, no parsing of the
-    # 200,000 links that are other sockets.
-    wanted_links = {f"{_SOCKET_PREFIX}{inode}]": inode for inode in wanted}
     found: list[tuple[int, list[tuple[int, int]]]] = []
-    _walk_parallel(iter(pid_list), proc_root, wanted_links, found, result.denied_pids, _walk_threads(len(pid_list)))
-    found.sort()
-    result.denied_pids.sort()
+    if method != "procfs" and pids is None and proc_root == "/proc":
+        from closewait.sources import bpf
+
+        try:
+            holders = bpf.socket_holders(wanted)
+        except bpf.BpfUnavailable as err:
+            if method == "bpf":
+                raise
+            result.bpf_unavailable = str(err)
+        else:
+            result.method = "bpf"
+            by_pid: dict[int, list[tuple[int, int]]] = {}
+            for inode, pairs in holders.items():
+                for pid, fd in pairs:
+                    by_pid.setdefault(pid, []).append((fd, inode))
+            found = sorted((pid, sorted(hits)) for pid, hits in by_pid.items())
+    elif method == "bpf":
+        raise UsageError("the BPF owner lookup reads the whole host: it cannot be combined with --pid")
+    if result.method == "procfs":
+        if pids is None:
+            try:
+                pids = list_pids(proc_root)
+            except OSError as err:
+                raise AccessDenied(f"cannot list {proc_root}: {err.strerror}") from err
+        pid_list = list(pids)
+        # Compare the link text itself: one hash lookup per descriptor, no parsing of the
+        # 200,000 links that are other sockets.
+        wanted_links = {f"{_SOCKET_PREFIX}{inode}]": inode for inode in wanted}
+        _walk_parallel(iter(pid_list), proc_root, wanted_links, found, result.denied_pids, _walk_threads(len(pid_list)))
+        found.sort()
+        result.denied_pids.sort()
     for pid, hits in found:
         try:
             process = read_process(pid, proc_root)
