@@ -20,7 +20,17 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from closewait.errors import AccessDenied, NetlinkError, NotSupported
-from closewait.model import Endpoint, Family, Socket, TcpInfo, TcpState, state_mask
+from closewait.model import (
+    Endpoint,
+    Family,
+    Socket,
+    TcpInfo,
+    TcpState,
+    make_endpoint,
+    make_socket,
+    make_tcp_info,
+    state_mask,
+)
 
 if TYPE_CHECKING:
     import logging
@@ -71,6 +81,12 @@ RTATTR = struct.Struct("=HH")
 TCP_INFO_HEAD = struct.Struct("=8B24I")
 TCP_INFO_BYTES = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received at offset 120
 TCP_INFO_BYTES_OFFSET = 120
+#: Only the tcp_info fields closewait keeps, in offset order, the rest skipped as padding: tcpi_state,
+#: tcpi_retransmits, tcpi_probes, tcpi_backoff, tcpi_rto (8), tcpi_unacked (24), tcpi_last_data_sent
+#: (44), tcpi_last_data_recv (52), tcpi_last_ack_recv (56), tcpi_rtt (68), tcpi_total_retrans (100),
+#: then tcpi_bytes_acked and tcpi_bytes_received (120, 128) in the longer form.
+TCP_INFO_USED = struct.Struct("=Bx3B3xI12xI16xI4x2I8xI28xI")
+TCP_INFO_USED_BYTES = struct.Struct("=Bx3B3xI12xI16xI4x2I8xI28xI16x2Q")
 
 _FAMILY_AF = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
 _AF_FAMILY = {socket.AF_INET: Family.IPV4, socket.AF_INET6: Family.IPV6}
@@ -94,29 +110,37 @@ def build_request(family: Family, states: Iterable[TcpState], *, with_info: bool
 
 def parse_tcp_info(data: bytes | memoryview) -> TcpInfo:
     """Parse the part of ``struct tcp_info`` closewait uses; older, shorter structs are accepted."""
-    size = len(data)
-    if size < _TCP_INFO_HEAD_SIZE:
-        raise NetlinkError(f"INET_DIAG_INFO too short: {size} bytes, need {_TCP_INFO_HEAD_SIZE}")
-    f = _unpack_tcp_info_head(data, 0)
-    bytes_acked = bytes_received = None
+    return _tcp_info_at(data, 0, len(data))
+
+
+def _tcp_info_at(data: bytes | memoryview, offset: int, size: int) -> TcpInfo:
+    """``parse_tcp_info`` of the ``size`` bytes at ``offset`` in ``data``, without slicing them out."""
     if size >= _TCP_INFO_BYTES_END:
-        bytes_acked, bytes_received = _unpack_tcp_info_bytes(data, TCP_INFO_BYTES_OFFSET)
-    # f[8:] are the __u32 fields: f[8] tcpi_rto, f[12] tcpi_unacked, f[17] tcpi_last_data_sent,
-    # f[19] tcpi_last_data_recv, f[20] tcpi_last_ack_recv, f[23] tcpi_rtt, f[31] tcpi_total_retrans.
-    return TcpInfo(
-        state=f[0],
-        retransmits=f[2],
-        probes=f[3],
-        backoff=f[4],
-        rto_us=f[8],
-        unacked=f[12],
-        last_data_sent_ms=f[17],
-        last_data_recv_ms=f[19],
-        last_ack_recv_ms=f[20],
-        rtt_us=f[23],
-        total_retrans=f[31],
-        bytes_acked=bytes_acked,
-        bytes_received=bytes_received,
+        (
+            state,
+            retransmits,
+            probes,
+            backoff,
+            rto,
+            unacked,
+            data_sent,
+            data_recv,
+            ack_recv,
+            rtt,
+            total,
+            acked,
+            received,
+        ) = _unpack_tcp_info_used_bytes(data, offset)
+    elif size >= _TCP_INFO_HEAD_SIZE:
+        (state, retransmits, probes, backoff, rto, unacked, data_sent, data_recv, ack_recv, rtt, total) = (
+            _unpack_tcp_info_used(data, offset)
+        )
+        acked = received = None
+    else:
+        raise NetlinkError(f"INET_DIAG_INFO too short: {size} bytes, need {_TCP_INFO_HEAD_SIZE}")
+    # make_tcp_info takes TcpInfo's fields in declaration order.
+    return make_tcp_info(
+        state, retransmits, probes, backoff, rto, data_sent, ack_recv, data_recv, rtt, unacked, total, acked, received
     )
 
 
@@ -125,15 +149,21 @@ def parse_tcp_info(data: bytes | memoryview) -> TcpInfo:
 # calls, and a cache of address text (the same few local addresses recur on every socket).
 _unpack_msg = INET_DIAG_MSG_FAST.unpack_from
 _unpack_rtattr = RTATTR.unpack_from
-_unpack_tcp_info_head = TCP_INFO_HEAD.unpack_from
-_unpack_tcp_info_bytes = TCP_INFO_BYTES.unpack_from
+_unpack_tcp_info_used = TCP_INFO_USED.unpack_from
+_unpack_tcp_info_used_bytes = TCP_INFO_USED_BYTES.unpack_from
 _TCP_INFO_HEAD_SIZE = TCP_INFO_HEAD.size
 _TCP_INFO_BYTES_END = TCP_INFO_BYTES_OFFSET + TCP_INFO_BYTES.size
 _MSG_SIZE = INET_DIAG_MSG.size
+_unpack_header = NLMSGHDR.unpack_from
+_NLMSGHDR_SIZE = NLMSGHDR.size
 _RTATTR_SIZE = RTATTR.size
 _STATES: dict[int, TcpState] = {int(s): s for s in TcpState}
 _ADDRESS_CACHE: dict[tuple[int, bytes], str] = {}
 _ADDRESS_CACHE_MAX = 65536
+#: Endpoint objects by (raw address, port), one dict per address family: a server's local endpoint
+#: is shared by all its connections, and an Endpoint is immutable, so one object serves them all.
+_ENDPOINT_CACHES: dict[int, dict[tuple[bytes, int], Endpoint]] = {socket.AF_INET: {}, socket.AF_INET6: {}}
+_ENDPOINT_CACHE_MAX = 65536
 
 
 def _address(af: int, raw: bytes) -> str:
@@ -148,14 +178,26 @@ def _address(af: int, raw: bytes) -> str:
 
 
 def _endpoint(af: int, raw: bytes, port: int) -> Endpoint:
-    return Endpoint(_address(af, raw), port)
+    cache = _ENDPOINT_CACHES[af]
+    key = (raw, port)
+    endpoint = cache.get(key)
+    if endpoint is None:
+        endpoint = make_endpoint(_address(af, raw), port)
+        if len(cache) >= _ENDPOINT_CACHE_MAX:
+            cache.clear()
+        cache[key] = endpoint
+    return endpoint
 
 
 def parse_diag_msg(payload: memoryview) -> Socket:
     """Parse one ``inet_diag_msg`` with its attributes into a Socket."""
-    end = len(payload)
-    if end < _MSG_SIZE:
-        raise NetlinkError(f"inet_diag_msg truncated: {end} bytes, need {_MSG_SIZE}")
+    return _diag_msg_at(payload, 0, len(payload))
+
+
+def _diag_msg_at(payload: memoryview, start: int, end: int) -> Socket:
+    """``parse_diag_msg`` of ``payload[start:end]``, without slicing it out."""
+    if end - start < _MSG_SIZE:
+        raise NetlinkError(f"inet_diag_msg truncated: {end - start} bytes, need {_MSG_SIZE}")
     (
         af,
         state,
@@ -174,7 +216,7 @@ def parse_diag_msg(payload: memoryview) -> Socket:
         wqueue,
         uid,
         inode,
-    ) = _unpack_msg(payload, 0)
+    ) = _unpack_msg(payload, start)
     family = _AF_FAMILY.get(af)
     if family is None:
         raise NetlinkError(f"inet_diag_msg with unknown address family {af}")
@@ -182,26 +224,27 @@ def parse_diag_msg(payload: memoryview) -> Socket:
     if tcp_state is None:
         raise NetlinkError(f"inet_diag_msg with unknown TCP state {state}")
     info: TcpInfo | None = None
-    offset = _MSG_SIZE
+    offset = start + _MSG_SIZE
     while offset + _RTATTR_SIZE <= end:
         rta_len, rta_type = _unpack_rtattr(payload, offset)
         if rta_len < _RTATTR_SIZE or offset + rta_len > end:
             raise NetlinkError(f"malformed attribute (length {rta_len}) in inet_diag_msg")
         if rta_type == INET_DIAG_INFO:
-            info = parse_tcp_info(payload[offset + _RTATTR_SIZE : offset + rta_len])
+            info = _tcp_info_at(payload, offset + _RTATTR_SIZE, rta_len - _RTATTR_SIZE)
         offset += (rta_len + 3) & ~3
-    return Socket(
-        state=tcp_state,
-        family=family,
-        local=Endpoint(_address(af, src), sport_hi << 8 | sport_lo),
-        remote=Endpoint(_address(af, dst), dport_hi << 8 | dport_lo),
-        inode=inode,
-        uid=uid,
-        recv_q=rqueue,
-        send_q=wqueue,
-        cookie=int.from_bytes(cookie, "little"),
-        tcp_info=info,
-        source="netlink",
+    # make_socket takes Socket's fields in declaration order.
+    return make_socket(
+        tcp_state,
+        family,
+        _endpoint(af, src, sport_hi << 8 | sport_lo),
+        _endpoint(af, dst, dport_hi << 8 | dport_lo),
+        inode,
+        uid,
+        rqueue,
+        wqueue,
+        int.from_bytes(cookie, "little"),
+        info,
+        "netlink",
     )
 
 
@@ -254,10 +297,32 @@ def walk_messages(
 
 
 def parse_messages(buffer: bytes | memoryview, seq: int | None = None) -> tuple[list[Socket], bool]:
-    """Parse one recv()'s worth of netlink messages. Returns (sockets, done)."""
+    """Parse one recv()'s worth of netlink messages. Returns (sockets, done).
+
+    A dump's reply is a run of SOCK_DIAG_BY_FAMILY messages of our sequence: those are parsed in
+    place here (the inner loop of a scan). At the first message of any other kind, sequence or
+    flag, ``walk_messages`` takes over the rest of the buffer with all its checks.
+    """
+    view = memoryview(buffer)
     sockets: list[Socket] = []
     append = sockets.append
-    done = walk_messages(buffer, seq, lambda payload: append(parse_diag_msg(payload)))
+    offset = 0
+    end = len(view)
+    while end - offset >= _NLMSGHDR_SIZE:
+        length, msg_type, flags, msg_seq, _pid = _unpack_header(view, offset)
+        if (
+            msg_type != SOCK_DIAG_BY_FAMILY
+            or flags & NLM_F_DUMP_INTR
+            or (seq is not None and msg_seq != seq)
+            or length < _NLMSGHDR_SIZE
+            or offset + length > end
+        ):
+            break
+        append(_diag_msg_at(view, offset + _NLMSGHDR_SIZE, offset + length))
+        offset += (length + 3) & ~3
+    if offset >= end:
+        return sockets, False
+    done = walk_messages(view[offset:], seq, lambda payload: append(parse_diag_msg(payload)))
     return sockets, done
 
 
