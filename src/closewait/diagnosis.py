@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from closewait.model import Diagnosis, Endpoint, Owner, Role, Socket, TcpState
+from closewait.model import Diagnosis, Endpoint, Owner, Role, Socket, TcpState, make_diagnosis
 
 EOF_NOT_CLOSED = "eof-not-closed"
 NOT_READING = "not-reading"
@@ -114,7 +114,7 @@ def _close_wait(socket: Socket, role: Role) -> Diagnosis:
             )
         else:
             remedy = "the owner read EOF and kept the socket: close it when read() returns 0"
-        return Diagnosis(EOF_NOT_CLOSED, summary, remedy)
+        return make_diagnosis(EOF_NOT_CLOSED, summary, remedy)
     if socket.recv_q == 1:
         summary = f"{peer} closed{_idle_phrase(socket)} and nothing has read this socket since"
         if role == Role.SERVER:
@@ -129,7 +129,7 @@ def _close_wait(socket: Socket, role: Role) -> Diagnosis:
             )
         else:
             remedy = "nothing reads this socket: read it until EOF and close, or add an idle timeout"
-        return Diagnosis(NOT_READING, summary, remedy)
+        return make_diagnosis(NOT_READING, summary, remedy)
     unread = socket.unread_bytes
     summary = f"{unread} byte{'s' if unread != 1 else ''} sent by {peer} before it closed were never read"
     if role == Role.CLIENT:
@@ -142,7 +142,7 @@ def _close_wait(socket: Socket, role: Role) -> Diagnosis:
             "the code that should read this connection is stuck or gone: find it (py-spy dump, jstack, "
             "gdb), read to EOF and close"
         )
-    return Diagnosis(UNREAD_DATA, summary, remedy)
+    return make_diagnosis(UNREAD_DATA, summary, remedy)
 
 
 def diagnose(socket: Socket, owners: Collection[Owner], role: Role) -> Diagnosis | None:
@@ -152,13 +152,13 @@ def diagnose(socket: Socket, owners: Collection[Owner], role: Role) -> Diagnosis
         return _close_wait(socket, role)
     if state == TcpState.FIN_WAIT2:
         if not owners:
-            return Diagnosis(
+            return make_diagnosis(
                 ORPHAN_FIN_WAIT2,
                 f"closed here; {socket.remote} has not closed its side",
                 "the peer is likely stuck in CLOSE_WAIT: fix the peer; the kernel drops this socket after "
                 "net.ipv4.tcp_fin_timeout",
             )
-        return Diagnosis(
+        return make_diagnosis(
             HALF_CLOSED,
             f"shut down for writing here; {socket.remote} has not closed its side",
             "the peer must close (it may be in CLOSE_WAIT); or close this end if no more data is expected",
@@ -167,26 +167,26 @@ def diagnose(socket: Socket, owners: Collection[Owner], role: Role) -> Diagnosis
     # Send-Q 1 is only the FIN in flight; more means data the peer has not taken.
     if state == TcpState.FIN_WAIT1 and socket.send_q > 1:
         queued = socket.send_q - 1
-        return Diagnosis(
+        return make_diagnosis(
             PEER_NOT_READING,
             f"{queued} byte{'s' if queued != 1 else ''} still queued for {socket.remote}, which is not reading",
             "the peer's receive window is closed: fix the peer's reader, or use SO_LINGER/TCP_USER_TIMEOUT "
             "to bound how long the kernel keeps trying",
         )
     if state == TcpState.LAST_ACK:
-        return Diagnosis(
+        return make_diagnosis(
             LAST_ACK,
             f"closed after {socket.remote} did; waiting for its final ACK",
             "normal and short-lived; many of them mean the peer vanished without acknowledging",
         )
     if state == TcpState.TIME_WAIT:
-        return Diagnosis(
+        return make_diagnosis(
             TIME_WAIT,
             "this side closed first; the kernel keeps the connection for 60 s to absorb stray segments",
             "normal; if ports run out, reuse connections (keep-alive) rather than tuning TIME_WAIT away",
         )
     if state == TcpState.CLOSING:
-        return Diagnosis(
+        return make_diagnosis(
             CLOSING,
             "both sides closed at the same time; waiting for the final ACK",
             "normal and short-lived",

@@ -84,6 +84,9 @@ TEARDOWN_STATES: frozenset[TcpState] = frozenset(
 ALL_STATES: frozenset[TcpState] = frozenset(TcpState)
 #: States whose Recv-Q includes the peer's FIN (one sequence number) until EOF is read.
 _FIN_RECEIVED: frozenset[TcpState] = frozenset({TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.CLOSING})
+# Module constants for the properties read once per socket per scan (a global lookup, not two).
+_CLOSE_WAIT = TcpState.CLOSE_WAIT
+_LISTEN = TcpState.LISTEN
 
 
 def state_mask(states: Iterable[TcpState]) -> int:
@@ -196,7 +199,7 @@ class Socket:
         The kernel counts the FIN as one byte of Recv-Q until the application reads past it, so a
         Recv-Q of 0 in CLOSE_WAIT means EOF was read and the socket was still not closed.
         """
-        return self.state == TcpState.CLOSE_WAIT and self.recv_q == 0
+        return self.state == _CLOSE_WAIT and self.recv_q == 0
 
     @property
     def unread_bytes(self) -> int:
@@ -205,9 +208,11 @@ class Socket:
         Every state reached by receiving the peer's FIN (CLOSE_WAIT, LAST_ACK, CLOSING) counts that
         FIN as one byte of Recv-Q until the application reads EOF.
         """
-        if self.state in _FIN_RECEIVED:
-            return max(self.recv_q - 1, 0)
-        if self.state == TcpState.LISTEN:
+        state = self.state
+        if state in _FIN_RECEIVED:
+            recv_q = self.recv_q
+            return recv_q - 1 if recv_q > 1 else 0
+        if state == _LISTEN:
             return 0
         return self.recv_q
 
@@ -219,9 +224,10 @@ class Socket:
         ``tcpi_last_data_recv``. ``None`` when the backend has no tcp_info (procfs), and for a
         listening socket (no peer sends to it; the kernel reports 0 there).
         """
-        if self.tcp_info is None or self.state == TcpState.LISTEN:
+        info = self.tcp_info
+        if info is None or self.state == _LISTEN:
             return None
-        return self.tcp_info.last_ack_recv_ms
+        return info.last_ack_recv_ms
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterable
 
 from closewait import diagnosis as rules
 from closewait.errors import AccessDenied, NoSuchProcess, UsageError
-from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState
+from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState, make_finding
 from closewait.sources import SocketSource, get_source
 from closewait.sources import netns as netns_mod
 from closewait.sources.owners import OWNER_SOURCES, descriptors_denied, find_owners, read_process
@@ -131,12 +131,14 @@ def scan(
     host_ports = {s.local.port for s in listeners}
 
     findings: list[Finding] = []
+    append, diagnose, no_owners = findings.append, rules.diagnose, ()
     for sock in targets:
-        sock_owners = tuple(owner_index.get(sock.inode, ()))
+        found = owner_index.get(sock.inode) if owner_index else None
+        sock_owners: tuple[Owner, ...] = tuple(found) if found else no_owners
         if pid_filter and not sock_owners:
             continue
         role = rules.role_of(sock, sock_owners, listening, host_ports) if owners else Role.UNKNOWN
-        findings.append(Finding(sock, sock_owners, role, rules.diagnose(sock, sock_owners, role)))
+        append(make_finding(sock, sock_owners, role, diagnose(sock, sock_owners, role)))
     findings.sort(key=_finding_order)
 
     counts = dict.fromkeys(sorted(wanted_states), 0)
@@ -157,4 +159,4 @@ def scan(
 
 def _finding_order(finding: Finding) -> tuple[int, int, int, int]:
     sock = finding.socket
-    return (int(sock.state), -(sock.idle_ms or 0), sock.local.port, sock.remote.port)
+    return (sock.state, -(sock.idle_ms or 0), sock.local.port, sock.remote.port)
