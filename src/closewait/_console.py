@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> Any:
         from closewait.cli import main as cli_main
 
         return cli_main(args)
+    # One scan, one print, exit: a short-lived process holding no cycles worth collecting. The
+    # collector would otherwise run a few dozen times over the ~100,000 objects a big scan builds.
+    import gc
+
+    gc.disable()
     from closewait.errors import ClosewaitError
 
     try:
