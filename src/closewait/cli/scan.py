@@ -9,6 +9,7 @@ import click
 from closewait.cli._options import backend_option, filter_options, state_option, states_from
 from closewait.scan import CLOSE_WAIT_ONLY, scan
 from closewait.serialize import snapshot_json
+from closewait.sources.owners import OWNER_SOURCES
 
 
 @click.command("scan")
@@ -16,6 +17,14 @@ from closewait.serialize import snapshot_json
 @filter_options
 @backend_option
 @click.option("--no-owners", is_flag=True, help="Skip finding the owning processes (much faster on big hosts).")
+@click.option(
+    "--owners-from",
+    "owner_source",
+    type=click.Choice(OWNER_SOURCES),
+    default="auto",
+    show_default=True,
+    help="How to find owners: a BPF iterator (one kernel pass, root), the /proc/PID/fd walk, or bpf when allowed.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (docs/json.md).")
 @click.option("--wide", is_flag=True, help="Show every socket, not only the first ones of each process.")
 def scan_command(
@@ -25,6 +34,7 @@ def scan_command(
     netns: str | None,
     backend: str,
     no_owners: bool,
+    owner_source: str,
     as_json: bool,
     wide: bool,
 ) -> None:
@@ -36,6 +46,7 @@ def scan_command(
         netns=netns,
         backend=backend,
         owners=not no_owners,
+        owner_source=owner_source,
     )
     if as_json:
         sys.stdout.write(snapshot_json(snapshot))

@@ -30,6 +30,7 @@ once, with the pid being the process id (tgid), as in /proc/PID/fd.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import platform
@@ -371,11 +372,73 @@ def read_btf(path: str = BTF_PATH) -> bytes:
         raise BpfUnavailable(f"cannot read {path}: {err.strerror}") from None
 
 
-def socket_holders(inodes: Collection[int], *, btf_path: str = BTF_PATH) -> dict[int, list[tuple[int, int]]]:
+#: Where the parsed Layout is kept between runs: a tmpfs, emptied at boot, when the kernel changes.
+CACHE_PATH = "/run/closewait/btf-layout.json"
+
+
+def _kernel_key(btf_path: str) -> str:
+    """What identifies this kernel's types: its release, its build string and the BTF's size."""
+    uname = os.uname()
+    try:
+        size = os.stat(btf_path).st_size
+    except OSError:
+        size = -1
+    return f"{uname.release} {uname.version} {size}"
+
+
+def cached_layout(btf_path: str = BTF_PATH, cache_path: str = CACHE_PATH) -> Layout | None:
+    """The Layout saved for this kernel by an earlier run, or None.
+
+    Walking the BTF costs ~50 ms (the attach point's id is its position among ~130,000 types), so
+    root runs keep the result in ``cache_path``. The file is trusted only when it belongs to this
+    user and nobody else may write it, and only for the same kernel; even then, a wrong offset
+    could not do harm: the verifier checks every load, and the marker check catches a wrong answer
+    (the caller then parses the BTF again and rewrites the file).
+    """
+    import json
+
+    try:
+        with open(cache_path, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                return None
+            saved = json.loads(handle.read())
+        if saved.get("kernel") != _kernel_key(btf_path):
+            return None
+        return Layout(**{name: int(saved["layout"][name]) for name in Layout.__dataclass_fields__})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def save_layout(layout: Layout, btf_path: str = BTF_PATH, cache_path: str = CACHE_PATH) -> None:
+    """Keep ``layout`` for the next run; silently skipped when the directory is not writable."""
+    import json
+
+    directory = os.path.dirname(cache_path)
+    fields = {name: getattr(layout, name) for name in Layout.__dataclass_fields__}
+    text = json.dumps({"kernel": _kernel_key(btf_path), "layout": fields})
+    temporary = f"{cache_path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+        os.replace(temporary, cache_path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+
+
+def socket_holders(
+    inodes: Collection[int], *, btf_path: str = BTF_PATH, cache_path: str | None = CACHE_PATH
+) -> dict[int, list[tuple[int, int]]]:
     """Every (pid, fd) holding each of ``inodes``, from one kernel pass over all fd tables.
 
     Inodes nobody holds are absent. Raises BpfUnavailable (with the reason) when the iterator
-    cannot be used or cannot be trusted here; the caller then walks /proc instead.
+    cannot be used or cannot be trusted here; the caller then walks /proc instead. ``cache_path``
+    None neither reads nor writes the Layout cache.
     """
     wanted = sorted({inode for inode in inodes if inode})
     bpf = _Bpf()
@@ -384,29 +447,48 @@ def socket_holders(inodes: Collection[int], *, btf_path: str = BTF_PATH) -> dict
         marker_inode = os.fstat(marker.fileno()).st_ino
         # The map first: it is the cheapest call that tells whether bpf() is allowed at all.
         map_fd = _create_map(bpf, len(wanted) + 1)
-        layout = parse_btf(read_btf(btf_path))
         _fill_map(bpf, map_fd, [*wanted, marker_inode])
-        prog_fd = _load_program(bpf, layout, map_fd)
-        link_attr = struct.pack("<IIII", prog_fd, 0, _BPF_TRACE_ITER, 0) + bytes(32)
-        link_fd = bpf.new_fd(_BPF_LINK_CREATE, link_attr, "attaching the BPF iterator")
-        iter_fd = bpf.new_fd(_BPF_ITER_CREATE, struct.pack("<II", link_fd, 0), "creating the BPF iterator")
-        chunks: list[bytes] = []
-        while True:
+        cached = cached_layout(btf_path, cache_path) if cache_path else None
+        if cached is not None:
             try:
-                chunk = os.read(iter_fd, 1 << 16)
-            except OSError as err:
-                raise _os_error(err.errno or 0, "reading the BPF iterator") from None
-            if not chunk:
-                break
-            chunks.append(chunk)
-        holders = parse_records(b"".join(chunks))
-        seen = holders.pop(marker_inode, [])
-        if (os.getpid(), marker.fileno()) not in seen:
-            raise BpfUnavailable(
-                "the BPF iterator did not report this process's own socket as expected "
-                f"(saw {seen or 'nothing'}; another pid namespace?)"
-            )
+                return _iterate(bpf, cached, map_fd, marker, marker_inode)
+            except BpfUnavailable:
+                layout = parse_btf(read_btf(btf_path))
+                if layout == cached:
+                    raise  # the cache was right: the failure is this host's, not the cache's
+        else:
+            layout = parse_btf(read_btf(btf_path))
+        holders = _iterate(bpf, layout, map_fd, marker, marker_inode)
+        if cache_path and layout != cached:
+            save_layout(layout, btf_path, cache_path)
         return holders
     finally:
         marker.close()
         bpf.close()
+
+
+def _iterate(
+    bpf: _Bpf, layout: Layout, map_fd: int, marker: socket.socket, marker_inode: int
+) -> dict[int, list[tuple[int, int]]]:
+    """Load the program for ``layout``, run the iterator once, and check the marker came back right."""
+    prog_fd = _load_program(bpf, layout, map_fd)
+    link_attr = struct.pack("<IIII", prog_fd, 0, _BPF_TRACE_ITER, 0) + bytes(32)
+    link_fd = bpf.new_fd(_BPF_LINK_CREATE, link_attr, "attaching the BPF iterator")
+    iter_fd = bpf.new_fd(_BPF_ITER_CREATE, struct.pack("<II", link_fd, 0), "creating the BPF iterator")
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(iter_fd, 1 << 16)
+        except OSError as err:
+            raise _os_error(err.errno or 0, "reading the BPF iterator") from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+    holders = parse_records(b"".join(chunks))
+    seen = holders.pop(marker_inode, [])
+    if (os.getpid(), marker.fileno()) not in seen:
+        raise BpfUnavailable(
+            "the BPF iterator did not report this process's own socket as expected "
+            f"(saw {seen or 'nothing'}; another pid namespace?)"
+        )
+    return holders
