@@ -104,6 +104,15 @@ def test_owners_of_other_users_need_sys_ptrace_and_dac_read_search(spawn: Spawn)
     # ...both together find the owner: what the systemd unit and the DaemonSet grant.
     both = _scrape_with(["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"])
     assert [r[2:] for r in _rows_for(both, str(other.pid))] == [[2.0, "server"]]
+    # CAP_BPF + CAP_PERFMON alone find it too, without reading any /proc/PID/fd: the BPF iterator
+    # (the systemd unit grants both; CAP_SYS_ADMIN, which the DaemonSet has, implies them).
+    bpf_only = _scrape_with(["CAP_BPF", "CAP_PERFMON"])
+    assert [r[2:] for r in _rows_for(bpf_only, str(other.pid))] == [[2.0, "server"]]
+    bpf_errors = bpf_only["errors"]
+    assert isinstance(bpf_errors, dict)
+    assert bpf_errors["owners"] == 0
+    admin_only = _scrape_with(["CAP_SYS_ADMIN"])
+    assert [r[2:] for r in _rows_for(admin_only, str(other.pid))] == [[2.0, "server"]]
 
 
 def test_another_namespace_needs_sys_admin(spawn: Spawn, netns_name: str) -> None:
