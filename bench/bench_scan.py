@@ -143,6 +143,11 @@ def tools(ports: list[int], baseline_src: str | None) -> list[Tool]:
     python = str(VENV_BIN / "python")
     found = [
         Tool("closewait scan --json", [closewait, "scan", "--json"], "closewait"),
+        Tool(
+            "closewait scan --json --owners-from procfs",
+            [closewait, "scan", "--json", "--owners-from", "procfs"],
+            "closewait",
+        ),
         Tool("closewait scan --json --no-owners", [closewait, "scan", "--json", "--no-owners"], "closewait"),
         Tool("ss -tan state close-wait", ["ss", "-tan", "state", "close-wait"], "ss"),
         Tool("ss -tanp state close-wait", ["ss", "-tanp", "state", "close-wait"], "ss"),
@@ -157,7 +162,7 @@ def tools(ports: list[int], baseline_src: str | None) -> list[Tool]:
     if baseline_src:
         entry = "import sys;from closewait.cli import main;sys.argv[0]='closewait';main()"
         env = {"PYTHONPATH": baseline_src}
-        found[2:2] = [
+        found[3:3] = [
             Tool("closewait scan --json (before)", [python, "-c", entry, "scan", "--json"], "closewait", env),
             Tool(
                 "closewait scan --json --no-owners (before)",
