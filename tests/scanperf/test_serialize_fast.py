@@ -1,0 +1,79 @@
+"""``snapshot_json`` writes findings with a template; it must print exactly json.dumps of snapshot_dict.
+
+Generated snapshots cover what a template can get wrong: strings json must escape (quotes,
+backslashes, control and non-ASCII characters), None where the model allows it (no cookie, no
+tcp_info, no diagnosis), owners, every state and role, 64-bit cookies.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from closewait.model import (
+    Diagnosis,
+    Endpoint,
+    Family,
+    Finding,
+    Owner,
+    Process,
+    Role,
+    Snapshot,
+    Socket,
+    TcpInfo,
+    TcpState,
+)
+from closewait.serialize import snapshot_dict, snapshot_json
+
+u32 = st.integers(0, 2**32 - 1)
+text = st.text(max_size=12)
+endpoints = st.builds(Endpoint, text, st.integers(0, 65535))
+tcp_infos = st.builds(
+    TcpInfo, *[u32] * 11, bytes_acked=st.none() | st.integers(0, 2**64 - 1), bytes_received=st.none() | u32
+)
+sockets = st.builds(
+    Socket,
+    st.sampled_from(TcpState),
+    st.sampled_from(Family),
+    endpoints,
+    endpoints,
+    u32,
+    u32,
+    u32,
+    u32,
+    cookie=st.none() | st.integers(0, 2**64 - 1),
+    tcp_info=st.none() | tcp_infos,
+    source=st.sampled_from(["netlink", "procfs"]),
+)
+processes = st.builds(Process, st.integers(1, 2**22), u32, text, st.lists(text, max_size=3).map(tuple))
+owners = st.lists(st.builds(Owner, processes, st.integers(0, 4096)), max_size=2).map(tuple)
+findings = st.builds(
+    Finding, sockets, owners, st.sampled_from(Role), st.none() | st.builds(Diagnosis, text, text, text)
+)
+snapshots = st.builds(
+    Snapshot,
+    st.lists(findings, max_size=4).map(tuple),
+    st.frozensets(st.sampled_from(TcpState)),
+    st.floats(0, 2e9),
+    st.sampled_from(["netlink", "procfs", "static"]),
+    netns=st.none() | text,
+    owners_resolved=st.booleans(),
+    errors=st.lists(text, max_size=2).map(tuple),
+    owners_via=st.none() | st.sampled_from(["bpf", "procfs"]),
+    state_counts=st.dictionaries(st.sampled_from(TcpState), st.integers(0, 10**6)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(snapshots)
+def test_snapshot_json_is_json_dumps_of_snapshot_dict(snapshot: Snapshot) -> None:
+    expected = json.dumps(snapshot_dict(snapshot), separators=(",", ":")) + "\n"
+    assert snapshot_json(snapshot) == expected
+
+
+def test_snapshot_json_of_an_empty_scan() -> None:
+    snapshot = Snapshot((), frozenset({TcpState.CLOSE_WAIT}), 1.5, "netlink", state_counts={TcpState.CLOSE_WAIT: 0})
+    assert json.loads(snapshot_json(snapshot))["sockets"] == []
+    assert snapshot_json(snapshot) == json.dumps(snapshot_dict(snapshot), separators=(",", ":")) + "\n"
