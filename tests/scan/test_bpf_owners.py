@@ -305,3 +305,12 @@ def test_parse_records_groups_and_deduplicates(records: list[tuple[int, int, int
 def test_a_kernel_without_btf_is_one_clear_reason(tmp_path: Path) -> None:
     with pytest.raises(bpf.BpfUnavailable, match="without BTF"):
         bpf.read_btf(str(tmp_path / "vmlinux"))
+
+
+@needs_bpf
+def test_malformed_btf_makes_the_iterator_unavailable_not_the_scan_fail(tmp_path: Path, kernel_btf: bytes) -> None:
+    """Damaged type data is a reason to walk /proc instead (BpfUnavailable), with the damage named."""
+    damaged = tmp_path / "vmlinux"
+    damaged.write_bytes(kernel_btf[:4096])  # the header promises megabytes of types
+    with socket.socket() as mine, pytest.raises(bpf.BpfUnavailable, match="BTF header points outside"):
+        bpf.socket_holders({os.fstat(mine.fileno()).st_ino}, btf_path=str(damaged), cache_path=None)

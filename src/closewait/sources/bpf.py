@@ -462,6 +462,9 @@ def socket_holders(
         if cache_path and layout != cached:
             save_layout(layout, btf_path, cache_path)
         return holders
+    except KernelDataError as err:
+        # Malformed BTF or iterator output: this way cannot be trusted, the /proc walk still can.
+        raise BpfUnavailable(str(err)) from err
     finally:
         marker.close()
         bpf.close()
