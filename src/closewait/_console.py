@@ -15,7 +15,10 @@ The fast path keeps ``closewait.cli.main``'s contract: a ClosewaitError is one l
 from __future__ import annotations
 
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    from typing import Any
 
 _FAST_FLAGS = frozenset({"--json", "--no-owners"})
 
@@ -43,13 +46,21 @@ def main(argv: list[str] | None = None) -> Any:
     import gc
 
     gc.disable()
+    # Start the kernel's dump now, before importing the model: it runs on two threads while this
+    # one imports and parses. The states are those scan() asks for: CLOSE_WAIT, plus the
+    # listeners when owners (and so roles) are looked up. Should they ever differ, the prefetched
+    # source reads the kernel again instead.
+    from closewait.sources import prefetch
+
+    early = prefetch.start((prefetch.TCP_CLOSE_WAIT, prefetch.TCP_LISTEN) if owners else (prefetch.TCP_CLOSE_WAIT,))
     from closewait.errors import ClosewaitError
 
     try:
         from closewait.scan import CLOSE_WAIT_ONLY, scan
         from closewait.serialize import snapshot_json
 
-        sys.stdout.write(snapshot_json(scan(CLOSE_WAIT_ONLY, owners=owners)))
+        snapshot = scan(CLOSE_WAIT_ONLY, owners=owners, backend=early if early is not None else "auto")
+        sys.stdout.write(snapshot_json(snapshot))
         sys.stdout.flush()
     except ClosewaitError as err:
         sys.stderr.write(f"closewait: error: {err}\n")

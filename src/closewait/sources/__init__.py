@@ -5,22 +5,29 @@ is a fake that ships publicly so users can test code built on closewait without 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Protocol
-
 from closewait.errors import ClosewaitError, UsageError
-from closewait.model import Socket, TcpState
-from closewait.sources import netlink, procfs
+
+# Nothing heavy is imported here: netlink and procfs (and through them the model) by the methods
+# that use them, SocketSource (a typing.Protocol) on first access, so importing
+# closewait.sources.prefetch stays cheap: the console starts the kernel's dump with it before the
+# model is imported.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from closewait.model import Socket, TcpState
+    from closewait.sources.base import SocketSource
+
+
+def __getattr__(name: str) -> object:
+    if name == "SocketSource":
+        from closewait.sources.base import SocketSource
+
+        return SocketSource
+    raise AttributeError(f"module 'closewait.sources' has no attribute {name!r}")
+
 
 BACKENDS = ("auto", "netlink", "procfs")
-
-
-class SocketSource(Protocol):
-    """Anything that lists TCP sockets by state."""
-
-    name: str
-
-    def sockets(self, states: frozenset[TcpState]) -> Iterable[Socket]: ...
 
 
 class NetlinkSource:
@@ -29,6 +36,8 @@ class NetlinkSource:
     name = "netlink"
 
     def sockets(self, states: frozenset[TcpState]) -> Iterable[Socket]:
+        from closewait.sources import netlink
+
         return netlink.dump(states)
 
 
@@ -41,6 +50,8 @@ class ProcfsSource:
         self.proc_net = proc_net
 
     def sockets(self, states: frozenset[TcpState]) -> Iterable[Socket]:
+        from closewait.sources import procfs
+
         return procfs.dump(states, proc_net=self.proc_net)
 
 
@@ -51,6 +62,8 @@ class AutoSource:
         self.name = "netlink"
 
     def sockets(self, states: frozenset[TcpState]) -> Iterable[Socket]:
+        from closewait.sources import netlink, procfs
+
         try:
             nl = netlink.open_socket()
         except ClosewaitError:

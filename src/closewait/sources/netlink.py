@@ -89,7 +89,7 @@ TCP_INFO_USED = struct.Struct("=Bx3B3xI12xI16xI4x2I8xI28xI")
 TCP_INFO_USED_BYTES = struct.Struct("=Bx3B3xI12xI16xI4x2I8xI28xI16x2Q")
 
 _FAMILY_AF = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
-_AF_FAMILY = {socket.AF_INET: Family.IPV4, socket.AF_INET6: Family.IPV6}
+_AF_FAMILY: dict[int, Family] = {socket.AF_INET: Family.IPV4, socket.AF_INET6: Family.IPV6}
 _RECV_BUFFER = 65536
 _seq = itertools.count(1)
 
@@ -390,16 +390,29 @@ def dump(
     with _channel(sock) as nl:
         for family in families:
             request = build_request(family, states, with_info=with_info)
-            seq = _seq_of(request)
-            try:
-                for data in _replies(nl, request):
-                    batch, done = parse_messages(data, seq)
-                    yield from batch
-                    if done:
-                        break
-            except NetlinkError as err:
-                if not _no_ipv6_table(err, family):
-                    raise
+            yield from parse_reply(_replies(nl, request), _seq_of(request), family)
+
+
+def parse_reply(replies: Iterable[bytes], seq: int, family: Family) -> Iterator[Socket]:
+    """The sockets of one dump's reply to request ``seq`` for ``family``, given its recv()s.
+
+    Stops at NLMSG_DONE; an IPv6 dump the kernel refuses because IPv6 is disabled yields nothing.
+    ``dump`` reads the replies itself; ``closewait.sources.prefetch`` reads them on a thread.
+    """
+    try:
+        for data in replies:
+            batch, done = parse_messages(data, seq)
+            yield from batch
+            if done:
+                break
+    except NetlinkError as err:
+        if not _no_ipv6_table(err, family):
+            raise
+
+
+def family_of(af: int) -> Family:
+    """The Family of an address family number (AF_INET, AF_INET6)."""
+    return _AF_FAMILY[af]
 
 
 def count_by_state(

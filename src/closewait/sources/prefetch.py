@@ -1,0 +1,176 @@
+"""Start the kernel's sock_diag dump before the model is imported, for the one-shot ``scan --json``.
+
+On a big host most of ``closewait scan --json`` is the kernel walking its TCP hash table during
+the netlink dump (~0.13 s for 200,000 connections: the walk ``ss`` waits for too). The console's
+fast path (``closewait._console``) calls ``start()`` first thing: one netlink socket per address
+family, each sent its dump request and read by a thread of its own, so the kernel's two walks run
+at once, and while they run the main thread imports the rest of closewait and parses each reply
+as it arrives. The Python work hides behind the kernel's instead of following it.
+
+This module only moves bytes. ``PrefetchedSource.sockets`` hands them to
+``netlink.parse_reply``: the same checks, errors and IPv6-disabled rule as ``netlink.dump``. It
+imports only C modules and struct, so it runs before the model is imported, and duplicates the
+few numbers of the dump request (tests/scanperf/test_prefetch.py checks its requests are the bytes
+``netlink.build_request`` sends). It is meant for a process that scans once: its threads end with
+the kernel's reply, or with the process.
+"""
+
+from __future__ import annotations
+
+import _queue
+import _socket
+import _thread
+import struct
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    from collections.abc import Collection, Iterator
+
+    from closewait.model import Socket, TcpState
+
+#: TCP states by the kernel's numbers (include/net/tcp_states.h), for ``start``.
+TCP_CLOSE_WAIT = 8
+TCP_LISTEN = 10
+
+# The numbers of a SOCK_DIAG_BY_FAMILY dump request, as in closewait.sources.netlink.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_INET_DIAG_INFO_EXT = 1 << (2 - 1)  # ask for INET_DIAG_INFO (struct tcp_info)
+_NLMSGHDR = struct.Struct("=IHHII")
+_NLMSGHDR_LEN_TYPE = struct.Struct("=IH")
+_INET_DIAG_REQ_V2_HEAD = struct.Struct("=BBBBI")
+#: inet_diag_sockid of a dump: no ports, addresses or interface; cookie INET_DIAG_NOCOOKIE.
+_ANY_SOCKID = bytes(40) + b"\xff" * 8
+_RECV_BUFFER = 65536
+#: How long the main thread runs before handing the GIL to a reader whose recv() returned: the
+#: readers need it for microseconds per 32 KiB reply, and the default 5 ms would hold the kernel's
+#: walk back for that long after each one while the main thread imports or parses.
+_SWITCH_INTERVAL = 0.0005
+
+
+def dump_request(af: int, state_numbers: Collection[int], seq: int) -> bytes:
+    """The SOCK_DIAG_BY_FAMILY dump request ``netlink.build_request`` sends (with tcp_info)."""
+    mask = 0
+    for number in state_numbers:
+        mask |= 1 << number
+    body = _INET_DIAG_REQ_V2_HEAD.pack(af, _socket.IPPROTO_TCP, _INET_DIAG_INFO_EXT, 0, mask) + _ANY_SOCKID
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0) + body
+
+
+class _Failed:
+    """An OSError a reader thread met, for the main thread to raise as netlink.dump would."""
+
+    def __init__(self, sending: bool, error: OSError) -> None:
+        self.sending = sending
+        self.error = error
+
+
+def _ends_reply(data: bytes) -> bool:
+    """Whether this recv() holds the end of the dump's reply (NLMSG_DONE or NLMSG_ERROR).
+
+    Only the headers are read; the parser checks everything. A header too short to step over
+    ends the reading too: the parser will reject it.
+    """
+    offset = 0
+    end = len(data)
+    while end - offset >= _NLMSGHDR.size:
+        length, msg_type = _NLMSGHDR_LEN_TYPE.unpack_from(data, offset)
+        if msg_type in (_NLMSG_DONE, _NLMSG_ERROR) or length < _NLMSGHDR.size:
+            return True
+        offset += (length + 3) & ~3
+    return False
+
+
+def _read(sock: _socket.socket, request: bytes, replies: _queue.SimpleQueue[bytes | _Failed]) -> None:
+    """Send ``request``, queue every recv() up to the end of the reply, close ``sock``."""
+    try:
+        try:
+            sock.sendto(request, (0, 0))
+        except OSError as err:
+            replies.put(_Failed(True, err))
+            return
+        while True:
+            try:
+                data = sock.recv(_RECV_BUFFER)
+            except OSError as err:
+                replies.put(_Failed(False, err))
+                return
+            replies.put(data)
+            if not data or _ends_reply(data):
+                return
+    finally:
+        sock.close()
+
+
+class PrefetchedSource:
+    """A SocketSource whose dump was started by ``start()``: the netlink backend, read early.
+
+    ``sockets()`` returns the prefetched reply when asked for the states ``start`` requested (once);
+    any other call reads the kernel again through ``netlink.dump``.
+    """
+
+    name = "netlink"
+
+    def __init__(
+        self, state_numbers: frozenset[int], readers: list[tuple[int, int, _queue.SimpleQueue[bytes | _Failed]]]
+    ):
+        self._state_numbers = state_numbers
+        self._readers = readers
+
+    def sockets(self, states: frozenset[TcpState]) -> list[Socket]:
+        from closewait.sources import netlink
+
+        readers, self._readers = self._readers, []
+        if not readers or frozenset(int(state) for state in states) != self._state_numbers:
+            return list(netlink.dump(states))
+        found: list[Socket] = []
+        for af, seq, replies in readers:
+            found.extend(netlink.parse_reply(_received(replies), seq, netlink.family_of(af)))
+        return found
+
+
+def _received(replies: _queue.SimpleQueue[bytes | _Failed]) -> Iterator[bytes]:
+    """The reader's recv()s in order; its errors raised as ``netlink.dump`` raises them."""
+    from closewait.errors import NetlinkError
+
+    while True:
+        item = replies.get()
+        if isinstance(item, _Failed):
+            err = item.error
+            what = "request" if item.sending else "receive"
+            raise NetlinkError(f"sock_diag {what} failed: {err.strerror}", errno=err.errno) from err
+        if not item:
+            raise NetlinkError("sock_diag reply ended before NLMSG_DONE")
+        yield item
+
+
+def start(state_numbers: Collection[int]) -> PrefetchedSource | None:
+    """Send the dump requests for ``state_numbers`` (IPv4 and IPv6) and start reading the replies.
+
+    None when a netlink sock_diag socket cannot be opened: the caller then scans as usual (which
+    falls back to /proc/net/tcp, or reports why it cannot). Lowers the interpreter's switch
+    interval (see ``_SWITCH_INTERVAL``): call it only in a process that exists to scan.
+    """
+    import sys
+
+    numbers = frozenset(state_numbers)
+    sockets: list[_socket.socket] = []
+    try:
+        for _family in (_socket.AF_INET, _socket.AF_INET6):
+            sockets.append(
+                _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
+            )
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        return None
+    sys.setswitchinterval(min(sys.getswitchinterval(), _SWITCH_INTERVAL))
+    readers: list[tuple[int, int, _queue.SimpleQueue[bytes | _Failed]]] = []
+    for seq, (af, sock) in enumerate(zip((_socket.AF_INET, _socket.AF_INET6), sockets, strict=True), start=1):
+        replies: _queue.SimpleQueue[bytes | _Failed] = _queue.SimpleQueue()
+        _thread.start_new_thread(_read, (sock, dump_request(af, numbers, seq), replies))
+        readers.append((af, seq, replies))
+    return PrefetchedSource(numbers, readers)
