@@ -57,10 +57,12 @@ def main(argv: list[str] | None = None) -> Any:
 
     try:
         from closewait.scan import CLOSE_WAIT_ONLY, scan
-        from closewait.serialize import snapshot_json
+        from closewait.serialize import snapshot_json_chunks
 
         snapshot = scan(CLOSE_WAIT_ONLY, owners=owners, backend=early if early is not None else "auto")
-        sys.stdout.write(snapshot_json(snapshot))
+        write = sys.stdout.write
+        for chunk in snapshot_json_chunks(snapshot):
+            write(chunk)
         sys.stdout.flush()
     except ClosewaitError as err:
         sys.stderr.write(f"closewait: error: {err}\n")

@@ -77,3 +77,32 @@ def test_snapshot_json_of_an_empty_scan() -> None:
     snapshot = Snapshot((), frozenset({TcpState.CLOSE_WAIT}), 1.5, "netlink", state_counts={TcpState.CLOSE_WAIT: 0})
     assert json.loads(snapshot_json(snapshot))["sockets"] == []
     assert snapshot_json(snapshot) == json.dumps(snapshot_dict(snapshot), separators=(",", ":")) + "\n"
+
+
+def test_snapshot_json_across_chunk_boundaries() -> None:
+    """Hundreds of findings span several of snapshot_json_chunks' pieces; the joins must not show."""
+    info = TcpInfo(8, 0, 0, 0, 200000, 5, 6, 7, 30, 0, 0, None, None)
+    findings = tuple(
+        Finding(
+            Socket(
+                TcpState.CLOSE_WAIT,
+                Family.IPV4,
+                Endpoint("127.0.0.1", 80),
+                Endpoint("127.0.0.2", port),
+                port,
+                0,
+                1,
+                0,
+                port,
+                info,
+            ),
+            (),
+            Role.UNKNOWN,
+            Diagnosis("not-reading", f"peer {port} closed", "read it"),
+        )
+        for port in range(1, 452)
+    )
+    snapshot = Snapshot(findings, frozenset({TcpState.CLOSE_WAIT}), 2.0, "netlink", owners_resolved=False)
+    text = snapshot_json(snapshot)
+    assert text == json.dumps(snapshot_dict(snapshot), separators=(",", ":")) + "\n"
+    assert [s["remote"]["port"] for s in json.loads(text)["sockets"]] == list(range(1, 452))
