@@ -98,7 +98,8 @@ def _finding_json(finding: Finding) -> str:
 
     Strings go through json's own C escaper (ensure_ascii, as json.dumps does); the enum names and
     values are plain ASCII words; an ``int`` field formats as json writes it (``str(int)``; the
-    model types them ``int``, never bool). Written out in one function: this runs once per socket.
+    model types them ``int``, never bool; no format spec, which costs a call to ``int.__format__``).
+    Written out in one function: this runs once per socket.
     """
     sock = finding.socket
     local = sock.local
@@ -109,12 +110,12 @@ def _finding_json(finding: Finding) -> str:
     idle_ms = sock.idle_ms
     return (
         f'{{"state":"{_STATE_NAMES[sock.state]}","family":"{_FAMILY_VALUES[sock.family]}",'
-        f'"local":{{"address":{_json_str(local.address)},"port":{local.port:d}}},'
-        f'"remote":{{"address":{_json_str(remote.address)},"port":{remote.port:d}}},'
-        f'"inode":{sock.inode:d},"cookie":{"null" if cookie is None else f"{cookie:d}"},"uid":{sock.uid:d},'
-        f'"recv_q":{sock.recv_q:d},"send_q":{sock.send_q:d},'
-        f'"unread_bytes":{sock.unread_bytes:d},"eof_read":{"true" if sock.eof_read else "false"},'
-        f'"idle_ms":{"null" if idle_ms is None else f"{idle_ms:d}"},"role":"{_ROLE_VALUES[finding.role]}",'
+        f'"local":{{"address":{_json_str(local.address)},"port":{local.port}}},'
+        f'"remote":{{"address":{_json_str(remote.address)},"port":{remote.port}}},'
+        f'"inode":{sock.inode},"cookie":{"null" if cookie is None else f"{cookie}"},"uid":{sock.uid},'
+        f'"recv_q":{sock.recv_q},"send_q":{sock.send_q},'
+        f'"unread_bytes":{sock.unread_bytes},"eof_read":{"true" if sock.eof_read else "false"},'
+        f'"idle_ms":{"null" if idle_ms is None else f"{idle_ms}"},"role":"{_ROLE_VALUES[finding.role]}",'
         f'"owners":{_compact([owner_dict(o) for o in owners]) if owners else "[]"},"diagnosis":'
         + (
             "null}"
