@@ -10,10 +10,10 @@ raises ``NetlinkError`` instead of yielding half-parsed sockets.
 
 from __future__ import annotations
 
+import _socket
 import errno as errno_mod
 import itertools
 import os
-import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -34,6 +34,12 @@ from closewait.model import (
 
 if TYPE_CHECKING:
     import logging
+    import socket
+
+# The constants and address functions come from _socket, the C module under socket: importing
+# socket itself (its enums, selectors) costs ~6 ms that the console's scan --json does not need,
+# since closewait.sources.prefetch opens its netlink sockets with _socket too. open_socket() imports
+# socket when it is called.
 
 
 def _log() -> logging.Logger:
@@ -88,8 +94,8 @@ TCP_INFO_BYTES_OFFSET = 120
 TCP_INFO_USED = struct.Struct("=Bx3B3xI12xI16xI4x2I8xI28xI")
 TCP_INFO_USED_BYTES = struct.Struct("=Bx3B3xI12xI16xI4x2I8xI28xI16x2Q")
 
-_FAMILY_AF = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
-_AF_FAMILY: dict[int, Family] = {socket.AF_INET: Family.IPV4, socket.AF_INET6: Family.IPV6}
+_FAMILY_AF = {Family.IPV4: _socket.AF_INET, Family.IPV6: _socket.AF_INET6}
+_AF_FAMILY: dict[int, Family] = {_socket.AF_INET: Family.IPV4, _socket.AF_INET6: Family.IPV6}
 _RECV_BUFFER = 65536
 _seq = itertools.count(1)
 
@@ -102,7 +108,7 @@ def build_request(family: Family, states: Iterable[TcpState], *, with_info: bool
     """One SOCK_DIAG_BY_FAMILY dump request for TCP sockets of ``family`` in ``states``."""
     ext = (1 << (INET_DIAG_INFO - 1)) if with_info else 0
     body = INET_DIAG_REQ_V2_HEAD.pack(
-        _FAMILY_AF[family], socket.IPPROTO_TCP, ext, 0, state_mask(states)
+        _FAMILY_AF[family], _socket.IPPROTO_TCP, ext, 0, state_mask(states)
     ) + INET_DIAG_SOCKID.pack(0, 0, b"", b"", 0, b"\xff" * 8)
     header = NLMSGHDR.pack(NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, next(_seq), 0)
     return header + body
@@ -162,7 +168,7 @@ _ADDRESS_CACHE: dict[tuple[int, bytes], str] = {}
 _ADDRESS_CACHE_MAX = 65536
 #: Endpoint objects by (raw address, port), one dict per address family: a server's local endpoint
 #: is shared by all its connections, and an Endpoint is immutable, so one object serves them all.
-_ENDPOINT_CACHES: dict[int, dict[tuple[bytes, int], Endpoint]] = {socket.AF_INET: {}, socket.AF_INET6: {}}
+_ENDPOINT_CACHES: dict[int, dict[tuple[bytes, int], Endpoint]] = {_socket.AF_INET: {}, _socket.AF_INET6: {}}
 _ENDPOINT_CACHE_MAX = 65536
 
 
@@ -170,7 +176,7 @@ def _address(af: int, raw: bytes) -> str:
     key = (af, raw)
     text = _ADDRESS_CACHE.get(key)
     if text is None:
-        text = socket.inet_ntop(socket.AF_INET, raw[:4]) if af == socket.AF_INET else socket.inet_ntop(af, raw)
+        text = _socket.inet_ntop(_socket.AF_INET, raw[:4]) if af == _socket.AF_INET else _socket.inet_ntop(af, raw)
         if len(_ADDRESS_CACHE) >= _ADDRESS_CACHE_MAX:
             _ADDRESS_CACHE.clear()
         _ADDRESS_CACHE[key] = text
@@ -328,6 +334,8 @@ def parse_messages(buffer: bytes | memoryview, seq: int | None = None) -> tuple[
 
 def open_socket() -> socket.socket:
     """A NETLINK_SOCK_DIAG socket, or NotSupported/AccessDenied with a clear message."""
+    import socket
+
     try:
         return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
     except PermissionError as err:
@@ -460,7 +468,7 @@ _EVERY_STATE_MASK = state_mask(TcpState)
 
 def _address_bytes(family: Family, address: str) -> bytes:
     af = _FAMILY_AF[family]
-    return socket.inet_pton(af, address).ljust(16, b"\0")
+    return _socket.inet_pton(af, address).ljust(16, b"\0")
 
 
 def build_exact_request(msg_type: int, sock: Socket, *, interface: int = 0, with_info: bool = False) -> bytes:
@@ -474,7 +482,7 @@ def build_exact_request(msg_type: int, sock: Socket, *, interface: int = 0, with
         raise ValueError("an exact sock_diag request needs the socket's cookie (netlink backend)")
     ext = (1 << (INET_DIAG_INFO - 1)) if with_info else 0
     body = (
-        INET_DIAG_REQ_V2_HEAD.pack(_FAMILY_AF[sock.family], socket.IPPROTO_TCP, ext, 0, _EVERY_STATE_MASK)
+        INET_DIAG_REQ_V2_HEAD.pack(_FAMILY_AF[sock.family], _socket.IPPROTO_TCP, ext, 0, _EVERY_STATE_MASK)
         + _SOCKID_PORTS_ADDRS.pack(
             sock.local.port,
             sock.remote.port,
