@@ -1,8 +1,13 @@
 """TCP sockets from the kernel over NETLINK_SOCK_DIAG (what ``ss`` uses), standard library only.
 
-One ``inet_diag_req_v2`` dump per address family; the kernel filters by state bitmask, so asking for
-CLOSE_WAIT on a host with 200,000 established connections returns only the CLOSE_WAIT ones. Field
-names follow ``include/uapi/linux/inet_diag.h`` and ``sock_diag.h``.
+The kernel filters by state bitmask, so asking for CLOSE_WAIT on a host with 200,000 established
+connections returns only the CLOSE_WAIT ones; but it walks its whole TCP hash table for every dump
+request, and that walk is most of a dump's cost. An ``inet_diag_req_v2`` (SOCK_DIAG_BY_FAMILY)
+request names one address family, so IPv4 and IPv6 take two walks, as in ``ss``. The original
+request, ``struct inet_diag_req`` with message type TCPDIAG_GETSOCK, still answered by every kernel,
+asks for both families in one walk (the kernel fills in AF_UNSPEC): ``dump()`` sends that one
+when both families are wanted, and falls back to one v2 request per family if the kernel refuses
+it. Field names follow ``include/uapi/linux/inet_diag.h`` and ``sock_diag.h``.
 
 NLMSG_ERROR and NLMSG_DONE are handled before anything else; a reply that is truncated or malformed
 raises ``NetlinkError`` instead of yielding half-parsed sockets.
@@ -17,7 +22,6 @@ import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from closewait.errors import AccessDenied, NetlinkError, NotSupported
 from closewait.model import (
@@ -32,6 +36,7 @@ from closewait.model import (
     state_mask,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
     import logging
     import socket
@@ -51,6 +56,8 @@ def _log() -> logging.Logger:
 
 
 NETLINK_SOCK_DIAG = 4
+#: The original inet_diag request type (linux/inet_diag.h): both address families in one dump.
+TCPDIAG_GETSOCK = 18
 SOCK_DIAG_BY_FAMILY = 20
 SOCK_DESTROY = 21
 
@@ -74,6 +81,10 @@ INET_DIAG_SOCKID = struct.Struct(">HH16s16sI8s")
 #: struct inet_diag_req_v2 { __u8 sdiag_family, sdiag_protocol, idiag_ext, pad; __u32 idiag_states;
 #:                           struct inet_diag_sockid id; }
 INET_DIAG_REQ_V2_HEAD = struct.Struct("=BBBBI")
+#: struct inet_diag_req { __u8 idiag_family, idiag_src_len, idiag_dst_len, idiag_ext;
+#:                        struct inet_diag_sockid id; __u32 idiag_states, idiag_dbs; }
+INET_DIAG_REQ_HEAD = struct.Struct("=BBBB")
+INET_DIAG_REQ_TAIL = struct.Struct("=II")
 #: struct inet_diag_msg { __u8 idiag_family, idiag_state, idiag_timer, idiag_retrans;
 #:                        struct inet_diag_sockid id;
 #:                        __u32 idiag_expires, idiag_rqueue, idiag_wqueue, idiag_uid, idiag_inode; }
@@ -195,6 +206,22 @@ def _endpoint(af: int, raw: bytes, port: int) -> Endpoint:
     return endpoint
 
 
+def build_request_both(states: Iterable[TcpState], *, with_info: bool = True) -> bytes:
+    """One TCPDIAG_GETSOCK dump request for TCP sockets of both families in ``states``.
+
+    The kernel answers it with messages of type TCPDIAG_GETSOCK carrying the same
+    ``inet_diag_msg`` as SOCK_DIAG_BY_FAMILY's, each with its own ``idiag_family``.
+    """
+    ext = (1 << (INET_DIAG_INFO - 1)) if with_info else 0
+    body = (
+        INET_DIAG_REQ_HEAD.pack(0, 0, 0, ext)
+        + INET_DIAG_SOCKID.pack(0, 0, b"", b"", 0, b"\xff" * 8)
+        + INET_DIAG_REQ_TAIL.pack(state_mask(states), 0)
+    )
+    header = NLMSGHDR.pack(NLMSGHDR.size + len(body), TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP, next(_seq), 0)
+    return header + body
+
+
 def parse_diag_msg(payload: memoryview) -> Socket:
     """Parse one ``inet_diag_msg`` with its attributes into a Socket."""
     return _diag_msg_at(payload, 0, len(payload))
@@ -258,9 +285,11 @@ def walk_messages(
     buffer: bytes | memoryview,
     seq: int | None,
     on_diag: Callable[[memoryview], None],
+    data_type: int = SOCK_DIAG_BY_FAMILY,
 ) -> bool:
-    """Validate one recv()'s worth of netlink messages and hand each SOCK_DIAG_BY_FAMILY payload
-    (an ``inet_diag_msg`` with its attributes) to ``on_diag``. Returns True at the end of the reply.
+    """Validate one recv()'s worth of netlink messages and hand each ``data_type`` payload (an
+    ``inet_diag_msg`` with its attributes) to ``on_diag``. Returns True at the end of the reply.
+    ``data_type`` is the request's message type: the kernel answers with the type it was asked.
 
     NLMSG_ERROR (an error, or 0 = an ACK) and NLMSG_DONE are handled before anything else; messages
     of another sequence number are skipped; anything truncated or unexpected raises NetlinkError.
@@ -282,7 +311,7 @@ def walk_messages(
             continue
         if flags & NLM_F_DUMP_INTR:
             _log().info("sock_diag dump was interrupted by a concurrent change; some sockets may be missing")
-        if msg_type == SOCK_DIAG_BY_FAMILY:
+        if msg_type == data_type:
             on_diag(view[offset + header_size : offset + length])
             offset += (length + 3) & ~3
             continue
@@ -302,10 +331,12 @@ def walk_messages(
     return False
 
 
-def parse_messages(buffer: bytes | memoryview, seq: int | None = None) -> tuple[list[Socket], bool]:
+def parse_messages(
+    buffer: bytes | memoryview, seq: int | None = None, data_type: int = SOCK_DIAG_BY_FAMILY
+) -> tuple[list[Socket], bool]:
     """Parse one recv()'s worth of netlink messages. Returns (sockets, done).
 
-    A dump's reply is a run of SOCK_DIAG_BY_FAMILY messages of our sequence: those are parsed in
+    A dump's reply is a run of ``data_type`` messages of our sequence: those are parsed in
     place here (the inner loop of a scan). At the first message of any other kind, sequence or
     flag, ``walk_messages`` takes over the rest of the buffer with all its checks.
     """
@@ -317,7 +348,7 @@ def parse_messages(buffer: bytes | memoryview, seq: int | None = None) -> tuple[
     while end - offset >= _NLMSGHDR_SIZE:
         length, msg_type, flags, msg_seq, _pid = _unpack_header(view, offset)
         if (
-            msg_type != SOCK_DIAG_BY_FAMILY
+            msg_type != data_type
             or flags & NLM_F_DUMP_INTR
             or (seq is not None and msg_seq != seq)
             or length < _NLMSGHDR_SIZE
@@ -328,7 +359,7 @@ def parse_messages(buffer: bytes | memoryview, seq: int | None = None) -> tuple[
         offset += (length + 3) & ~3
     if offset >= end:
         return sockets, False
-    done = walk_messages(view[offset:], seq, lambda payload: append(parse_diag_msg(payload)))
+    done = walk_messages(view[offset:], seq, lambda payload: append(parse_diag_msg(payload)), data_type)
     return sockets, done
 
 
@@ -382,39 +413,65 @@ def _no_ipv6_table(err: NetlinkError, family: Family) -> bool:
     return err.errno == errno_mod.ENOENT and family == Family.IPV6
 
 
+BOTH_FAMILIES: tuple[Family, Family] = (Family.IPV4, Family.IPV6)
+
+
 def dump(
     states: Iterable[TcpState],
-    families: Iterable[Family] = (Family.IPV4, Family.IPV6),
+    families: Iterable[Family] = BOTH_FAMILIES,
     *,
     with_info: bool = True,
     sock: socket.socket | None = None,
 ) -> Iterator[Socket]:
     """Yield every TCP socket in ``states`` for each family, as the kernel lists them.
 
+    Both families (the default) are asked for in one TCPDIAG_GETSOCK request, one walk of the
+    kernel's table; a kernel that refuses it gets one SOCK_DIAG_BY_FAMILY request per family.
     ``sock`` lets the caller pass a netlink socket opened elsewhere (for example inside another
     network namespace); otherwise one is opened and closed here.
     """
     states = frozenset(states)
+    wanted = tuple(families)
     with _channel(sock) as nl:
-        for family in families:
+        if set(wanted) == set(BOTH_FAMILIES):
+            request = build_request_both(states, with_info=with_info)
+            yielded = False
+            try:
+                for found in parse_reply(_replies(nl, request), _seq_of(request), None, TCPDIAG_GETSOCK):
+                    yielded = True
+                    yield found
+                return
+            except NetlinkError as err:
+                if yielded or not both_refused(err):
+                    raise
+        for family in wanted:
             request = build_request(family, states, with_info=with_info)
             yield from parse_reply(_replies(nl, request), _seq_of(request), family)
 
 
-def parse_reply(replies: Iterable[bytes], seq: int, family: Family) -> Iterator[Socket]:
-    """The sockets of one dump's reply to request ``seq`` for ``family``, given its recv()s.
+def both_refused(err: NetlinkError) -> bool:
+    """The kernel answered the two-family TCPDIAG_GETSOCK request with an error of its own (no inet
+    compat handler, a future kernel without it): ask per family instead."""
+    return err.errno in (errno_mod.EOPNOTSUPP, errno_mod.EINVAL, errno_mod.ENOENT, errno_mod.EPROTONOSUPPORT)
+
+
+def parse_reply(
+    replies: Iterable[bytes], seq: int, family: Family | None, data_type: int = SOCK_DIAG_BY_FAMILY
+) -> Iterator[Socket]:
+    """The sockets of one dump's reply to request ``seq`` for ``family`` (None: both), given its
+    recv()s; ``data_type`` is the request's message type.
 
     Stops at NLMSG_DONE; an IPv6 dump the kernel refuses because IPv6 is disabled yields nothing.
     ``dump`` reads the replies itself; ``closewait.sources.prefetch`` reads them on a thread.
     """
     try:
         for data in replies:
-            batch, done = parse_messages(data, seq)
+            batch, done = parse_messages(data, seq, data_type)
             yield from batch
             if done:
                 break
     except NetlinkError as err:
-        if not _no_ipv6_table(err, family):
+        if family is None or not _no_ipv6_table(err, family):
             raise
 
 
@@ -424,15 +481,16 @@ def family_of(af: int) -> Family:
 
 
 def count_by_state(
-    families: Iterable[Family] = (Family.IPV4, Family.IPV6),
+    families: Iterable[Family] = BOTH_FAMILIES,
     *,
     sock: socket.socket | None = None,
 ) -> dict[TcpState, int]:
     """How many TCP sockets are in each state (every state, zeros included), cheaply.
 
-    One dump of all states per family without INET_DIAG_INFO; only each message's ``idiag_state``
-    byte is read, no Socket is built. On a host with 100,000 connections this costs a fraction of
-    ``dump()``. NLMSG_ERROR and NLMSG_DONE are handled first, as in ``parse_messages``.
+    One dump of all states (both families at once, as in ``dump``) without INET_DIAG_INFO; only
+    each message's ``idiag_state`` byte is read, no Socket is built. On a host with 100,000
+    connections this costs a fraction of ``dump()``. NLMSG_ERROR and NLMSG_DONE are handled
+    first, as in ``parse_messages``.
     """
     counts = dict.fromkeys(sorted(TcpState), 0)
 
@@ -445,7 +503,18 @@ def count_by_state(
         counts[state] += 1
 
     with _channel(sock) as nl:
-        for family in families:
+        wanted = tuple(families)
+        if set(wanted) == set(BOTH_FAMILIES):
+            request = build_request_both(TcpState, with_info=False)
+            seq = _seq_of(request)
+            try:
+                for data in _replies(nl, request):
+                    if walk_messages(data, seq, count, TCPDIAG_GETSOCK):
+                        return counts
+            except NetlinkError as err:
+                if any(counts.values()) or not both_refused(err):
+                    raise
+        for family in wanted:
             request = build_request(family, TcpState, with_info=False)
             seq = _seq_of(request)
             try:

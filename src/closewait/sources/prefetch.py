@@ -2,10 +2,11 @@
 
 On a big host most of ``closewait scan --json`` is the kernel walking its TCP hash table during
 the netlink dump (~0.13 s for 200,000 connections: the walk ``ss`` waits for too). The console's
-fast path (``closewait._console``) calls ``start()`` first thing: one netlink socket per address
-family, each sent its dump request and read by a thread of its own, so the kernel's two walks run
-at once, and while they run the main thread imports the rest of closewait and parses each reply
-as it arrives. The Python work hides behind the kernel's instead of following it.
+fast path (``closewait._console``) calls ``start()`` first thing: one netlink socket, sent the
+two-family TCPDIAG_GETSOCK dump request (one walk of the kernel's table for IPv4 and IPv6, see
+``netlink.dump``) and read by a thread of its own, and while the kernel walks, the main thread
+imports the rest of closewait and parses each reply as it arrives. The Python work hides behind
+the kernel's instead of following it.
 
 This module only moves bytes. ``PrefetchedSource.sockets`` hands them to
 ``netlink.parse_reply``: the same checks, errors and IPv6-disabled rule as ``netlink.dump``. It
@@ -32,16 +33,17 @@ if TYPE_CHECKING:
 TCP_CLOSE_WAIT = 8
 TCP_LISTEN = 10
 
-# The numbers of a SOCK_DIAG_BY_FAMILY dump request, as in closewait.sources.netlink.
+# The numbers of a TCPDIAG_GETSOCK dump request, as in closewait.sources.netlink.
 _NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
+_TCPDIAG_GETSOCK = 18
 _NLM_F_REQUEST_DUMP = 0x1 | 0x300
 _NLMSG_ERROR = 2
 _NLMSG_DONE = 3
 _INET_DIAG_INFO_EXT = 1 << (2 - 1)  # ask for INET_DIAG_INFO (struct tcp_info)
 _NLMSGHDR = struct.Struct("=IHHII")
 _NLMSGHDR_LEN_TYPE = struct.Struct("=IH")
-_INET_DIAG_REQ_V2_HEAD = struct.Struct("=BBBBI")
+_INET_DIAG_REQ_HEAD = struct.Struct("=BBBB")
+_INET_DIAG_REQ_TAIL = struct.Struct("=II")
 #: inet_diag_sockid of a dump: no ports, addresses or interface; cookie INET_DIAG_NOCOOKIE.
 _ANY_SOCKID = bytes(40) + b"\xff" * 8
 _RECV_BUFFER = 65536
@@ -51,13 +53,13 @@ _RECV_BUFFER = 65536
 _SWITCH_INTERVAL = 0.0005
 
 
-def dump_request(af: int, state_numbers: Collection[int], seq: int) -> bytes:
-    """The SOCK_DIAG_BY_FAMILY dump request ``netlink.build_request`` sends (with tcp_info)."""
+def dump_request(state_numbers: Collection[int], seq: int) -> bytes:
+    """The two-family dump request ``netlink.build_request_both`` sends (with tcp_info)."""
     mask = 0
     for number in state_numbers:
         mask |= 1 << number
-    body = _INET_DIAG_REQ_V2_HEAD.pack(af, _socket.IPPROTO_TCP, _INET_DIAG_INFO_EXT, 0, mask) + _ANY_SOCKID
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0) + body
+    body = _INET_DIAG_REQ_HEAD.pack(0, 0, 0, _INET_DIAG_INFO_EXT) + _ANY_SOCKID + _INET_DIAG_REQ_TAIL.pack(mask, 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _TCPDIAG_GETSOCK, _NLM_F_REQUEST_DUMP, seq, 0) + body
 
 
 class _Failed:
@@ -109,27 +111,30 @@ class PrefetchedSource:
     """A SocketSource whose dump was started by ``start()``: the netlink backend, read early.
 
     ``sockets()`` returns the prefetched reply when asked for the states ``start`` requested (once);
-    any other call reads the kernel again through ``netlink.dump``.
+    any other call, or a kernel that refused the two-family request, reads the kernel again
+    through ``netlink.dump``.
     """
 
     name = "netlink"
 
-    def __init__(
-        self, state_numbers: frozenset[int], readers: list[tuple[int, int, _queue.SimpleQueue[bytes | _Failed]]]
-    ):
+    def __init__(self, state_numbers: frozenset[int], seq: int, replies: _queue.SimpleQueue[bytes | _Failed]):
         self._state_numbers = state_numbers
-        self._readers = readers
+        self._seq = seq
+        self._replies: _queue.SimpleQueue[bytes | _Failed] | None = replies
 
     def sockets(self, states: frozenset[TcpState]) -> list[Socket]:
+        from closewait.errors import NetlinkError
         from closewait.sources import netlink
 
-        readers, self._readers = self._readers, []
-        if not readers or frozenset(int(state) for state in states) != self._state_numbers:
+        replies, self._replies = self._replies, None
+        if replies is None or frozenset(int(state) for state in states) != self._state_numbers:
             return list(netlink.dump(states))
-        found: list[Socket] = []
-        for af, seq, replies in readers:
-            found.extend(netlink.parse_reply(_received(replies), seq, netlink.family_of(af)))
-        return found
+        try:
+            return list(netlink.parse_reply(_received(replies), self._seq, None, netlink.TCPDIAG_GETSOCK))
+        except NetlinkError as err:
+            if not netlink.both_refused(err):
+                raise
+        return list(netlink.dump(states))
 
 
 def _received(replies: _queue.SimpleQueue[bytes | _Failed]) -> Iterator[bytes]:
@@ -148,7 +153,7 @@ def _received(replies: _queue.SimpleQueue[bytes | _Failed]) -> Iterator[bytes]:
 
 
 def start(state_numbers: Collection[int]) -> PrefetchedSource | None:
-    """Send the dump requests for ``state_numbers`` (IPv4 and IPv6) and start reading the replies.
+    """Send the two-family dump request for ``state_numbers`` and start reading the reply.
 
     None when a netlink sock_diag socket cannot be opened: the caller then scans as usual (which
     falls back to /proc/net/tcp, or reports why it cannot). Lowers the interpreter's switch
@@ -157,20 +162,12 @@ def start(state_numbers: Collection[int]) -> PrefetchedSource | None:
     import sys
 
     numbers = frozenset(state_numbers)
-    sockets: list[_socket.socket] = []
     try:
-        for _family in (_socket.AF_INET, _socket.AF_INET6):
-            sockets.append(
-                _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
-            )
+        sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG)
     except OSError:
-        for sock in sockets:
-            sock.close()
         return None
     sys.setswitchinterval(min(sys.getswitchinterval(), _SWITCH_INTERVAL))
-    readers: list[tuple[int, int, _queue.SimpleQueue[bytes | _Failed]]] = []
-    for seq, (af, sock) in enumerate(zip((_socket.AF_INET, _socket.AF_INET6), sockets, strict=True), start=1):
-        replies: _queue.SimpleQueue[bytes | _Failed] = _queue.SimpleQueue()
-        _thread.start_new_thread(_read, (sock, dump_request(af, numbers, seq), replies))
-        readers.append((af, seq, replies))
-    return PrefetchedSource(numbers, readers)
+    seq = 1
+    replies: _queue.SimpleQueue[bytes | _Failed] = _queue.SimpleQueue()
+    _thread.start_new_thread(_read, (sock, dump_request(numbers, seq), replies))
+    return PrefetchedSource(numbers, seq, replies)
