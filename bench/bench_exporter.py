@@ -10,8 +10,8 @@ measures:
 - exporter memory: VmRSS after the scrapes and VmHWM (peak RSS) from /proc/PID/status;
 - where the time goes, measured in this process on the same host: the per-state count
   (``netlink.count_by_state``, no tcp_info, no owners), the CLOSE_WAIT dump with tcp_info, the
-  /proc owner walk (``closewait.scan``), and for comparison a dump of every state with tcp_info
-  (what a naive exporter would do);
+  owner lookup (``closewait.scan``: the BPF iterator as root, else the /proc walk), and for
+  comparison a dump of every state with tcp_info (what a naive exporter would do);
 - optionally node_exporter's tcpstat collector (Debian's prometheus-node-exporter, per-state counts
   only, no processes) scraped the same way, when the binary is installed.
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         cw_s = _time(lambda: list(netlink.dump({TcpState.CLOSE_WAIT, TcpState.LISTEN})), 3)
         print(f"  CLOSE_WAIT + LISTEN dump with tcp_info:     {cw_s * 1000:8.0f} ms")
         scan_s = _time(scan, 3)
-        print(f"  closewait.scan() (dump + /proc owner walk): {scan_s * 1000:8.0f} ms")
+        print(f"  closewait.scan() (dump + owner lookup):     {scan_s * 1000:8.0f} ms")
         every_s = _time(lambda: list(netlink.dump(TcpState)), 3)
         print(f"  for comparison, every state with tcp_info:  {every_s * 1000:8.0f} ms")
 
