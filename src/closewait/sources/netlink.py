@@ -40,6 +40,9 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); 
 if TYPE_CHECKING:
     import logging
     import socket
+    from typing import TypeVar
+
+    _T = TypeVar("_T")
 
 # The constants and address functions come from _socket, the C module under socket: importing
 # socket itself (its enums, selectors) costs ~6 ms that the console's scan --json does not need,
@@ -430,29 +433,57 @@ def dump(
     ``sock`` lets the caller pass a netlink socket opened elsewhere (for example inside another
     network namespace); otherwise one is opened and closed here.
     """
-    states = frozenset(states)
-    wanted = tuple(families)
     with _channel(sock) as nl:
-        if set(wanted) == set(BOTH_FAMILIES):
-            request = build_request_both(states, with_info=with_info)
-            yielded = False
-            try:
-                for found in parse_reply(_replies(nl, request), _seq_of(request), None, TCPDIAG_GETSOCK):
-                    yielded = True
-                    yield found
-                return
-            except NetlinkError as err:
-                if yielded or not both_refused(err):
-                    raise
-        for family in wanted:
-            request = build_request(family, states, with_info=with_info)
-            yield from parse_reply(_replies(nl, request), _seq_of(request), family)
+        yield from _dump_items(nl, frozenset(states), tuple(families), with_info, parse_messages)
 
 
 def both_refused(err: NetlinkError) -> bool:
     """The kernel answered the two-family TCPDIAG_GETSOCK request with an error of its own (no inet
     compat handler, a future kernel without it): ask per family instead."""
     return err.errno in (errno_mod.EOPNOTSUPP, errno_mod.EINVAL, errno_mod.ENOENT, errno_mod.EPROTONOSUPPORT)
+
+
+def _dump_items(
+    nl: socket.socket,
+    states: Iterable[TcpState],
+    families: tuple[Family, ...],
+    with_info: bool,
+    parse: Callable[[bytes, int, int], tuple[list[_T], bool]],
+) -> Iterator[_T]:
+    """What ``parse`` makes of each recv() of the dump of ``states`` for ``families``.
+
+    The one place that picks the request: one TCPDIAG_GETSOCK for both families, or one
+    SOCK_DIAG_BY_FAMILY per family when only one is wanted or the kernel refused the first
+    (before anything was yielded). ``parse(data, seq, data_type)`` returns (items, reply done).
+    """
+    if set(families) == set(BOTH_FAMILIES):
+        request = build_request_both(states, with_info=with_info)
+        yielded = False
+        try:
+            for item in _reply_items(_replies(nl, request), _seq_of(request), TCPDIAG_GETSOCK, parse):
+                yielded = True
+                yield item
+            return
+        except NetlinkError as err:
+            if yielded or not both_refused(err):
+                raise
+    for family in families:
+        request = build_request(family, states, with_info=with_info)
+        try:
+            yield from _reply_items(_replies(nl, request), _seq_of(request), SOCK_DIAG_BY_FAMILY, parse)
+        except NetlinkError as err:
+            if not _no_ipv6_table(err, family):
+                raise
+
+
+def _reply_items(
+    replies: Iterable[bytes], seq: int, data_type: int, parse: Callable[[bytes, int, int], tuple[list[_T], bool]]
+) -> Iterator[_T]:
+    for data in replies:
+        items, done = parse(data, seq, data_type)
+        yield from items
+        if done:
+            return
 
 
 def parse_reply(
@@ -465,11 +496,7 @@ def parse_reply(
     ``dump`` reads the replies itself; ``closewait.sources.prefetch`` reads them on a thread.
     """
     try:
-        for data in replies:
-            batch, done = parse_messages(data, seq, data_type)
-            yield from batch
-            if done:
-                break
+        yield from _reply_items(replies, seq, data_type, parse_messages)
     except NetlinkError as err:
         if family is None or not _no_ipv6_table(err, family):
             raise
@@ -493,6 +520,16 @@ def count_by_state(
     first, as in ``parse_messages``.
     """
     counts = dict.fromkeys(sorted(TcpState), 0)
+    with _channel(sock) as nl:
+        for partial in _dump_items(nl, TcpState, tuple(families), False, _count_states):
+            for state, n in partial.items():
+                counts[state] += n
+    return counts
+
+
+def _count_states(data: bytes, seq: int, data_type: int) -> tuple[list[dict[TcpState, int]], bool]:
+    """``count_by_state``'s parse: the states counted in one recv() (one dict), and whether the reply ended."""
+    counts = dict.fromkeys(TcpState, 0)
 
     def count(payload: memoryview) -> None:
         if len(payload) < _MSG_SIZE:
@@ -502,29 +539,8 @@ def count_by_state(
             raise NetlinkError(f"inet_diag_msg with unknown TCP state {payload[1]}")
         counts[state] += 1
 
-    with _channel(sock) as nl:
-        wanted = tuple(families)
-        if set(wanted) == set(BOTH_FAMILIES):
-            request = build_request_both(TcpState, with_info=False)
-            seq = _seq_of(request)
-            try:
-                for data in _replies(nl, request):
-                    if walk_messages(data, seq, count, TCPDIAG_GETSOCK):
-                        return counts
-            except NetlinkError as err:
-                if any(counts.values()) or not both_refused(err):
-                    raise
-        for family in wanted:
-            request = build_request(family, TcpState, with_info=False)
-            seq = _seq_of(request)
-            try:
-                for data in _replies(nl, request):
-                    if walk_messages(data, seq, count):
-                        break
-            except NetlinkError as err:
-                if not _no_ipv6_table(err, family):
-                    raise
-    return counts
+    done = walk_messages(data, seq, count, data_type)
+    return [counts], done
 
 
 # --- Exact lookups and SOCK_DESTROY (``closewait reap``) ---------------------------------------------------
