@@ -6,23 +6,11 @@ import socket
 
 import closewait
 from tests.conftest import Spawn
-from tests.util import wait_for
-
-LEAKER = """
-import socket, time
-server = socket.socket()
-server.bind(("127.0.0.1", 0))
-server.listen()
-print(server.getsockname()[1], flush=True)
-conn, _ = server.accept()
-while conn.recv(100):
-    pass
-time.sleep(60)  # read EOF, never close
-"""
+from tests.util import EOF_LEAKER, wait_for
 
 
 def test_leaked_socket_is_found_with_owner_and_diagnosis(spawn: Spawn) -> None:
-    child = spawn(LEAKER)
+    child = spawn(EOF_LEAKER)
     assert child.stdout is not None
     port = int(child.stdout.readline())
     client = socket.create_connection(("127.0.0.1", port))

@@ -1,4 +1,4 @@
-"""Helpers for tests: bounded waiting on the kernel."""
+"""Helpers for tests: bounded waiting on the kernel, and the simplest leaking child program."""
 
 from __future__ import annotations
 
@@ -22,3 +22,18 @@ def wait_for(predicate: Callable[[], T], timeout: float = 5.0, interval: float =
         time.sleep(interval)
         value = predicate()
     return value
+
+
+#: A child program that prints its port, accepts one connection, reads it to EOF and never closes
+#: it: the accepted socket sits in CLOSE_WAIT with Recv-Q 0 (``eof-not-closed``) for 60 s.
+EOF_LEAKER = """
+import socket, time
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+while conn.recv(100):
+    pass
+time.sleep(60)  # read EOF, never close
+"""

@@ -14,19 +14,7 @@ import closewait
 from closewait import testing
 from tests.conftest import Spawn
 from tests.prevent.conftest import LeakyServer
-from tests.util import wait_for
-
-CHILD_LEAKER = """
-import socket, time
-server = socket.socket()
-server.bind(("127.0.0.1", 0))
-server.listen()
-print(server.getsockname()[1], flush=True)
-conn, _ = server.accept()
-while conn.recv(100):
-    pass
-time.sleep(60)  # read EOF, never close
-"""
+from tests.util import EOF_LEAKER, wait_for
 
 
 def _inode(sock: socket.socket) -> int:
@@ -116,7 +104,7 @@ def test_asyncio_handler_that_forgets_close_is_caught_because_gc_is_paused() -> 
 
 
 def test_another_process_can_be_checked(spawn: Spawn) -> None:
-    child = spawn(CHILD_LEAKER)
+    child = spawn(EOF_LEAKER)
     assert child.stdout is not None
     port = int(child.stdout.readline())
     before = testing.close_wait_inodes(child.pid)
