@@ -17,7 +17,7 @@ from closewait.errors import AccessDenied, NoSuchProcess, UsageError
 from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState, make_finding
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
-from closewait.sources.owners import OWNER_SOURCES, descriptors_denied, find_owners, read_process
+from closewait.sources.owners import check_owner_source, descriptors_denied, find_owners, read_process
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
@@ -94,8 +94,8 @@ def scan(
     pid_filter = validate_pids(pids, proc_root)
     if pid_filter and not owners:
         raise UsageError("--pid needs owners; drop --no-owners")
-    if owner_source not in OWNER_SOURCES:
-        raise UsageError(f"unknown owner source {owner_source!r} (one of {', '.join(OWNER_SOURCES)})")
+    # Checked here too: with nothing to look up, find_owners is never called.
+    check_owner_source(owner_source)
     ns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
     source = get_source(backend) if isinstance(backend, str) else backend
 

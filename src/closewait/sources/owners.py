@@ -30,6 +30,13 @@ _SOCKET_PREFIX = "socket:["
 OWNER_SOURCES = ("auto", "bpf", "procfs")
 
 
+def check_owner_source(method: str) -> str:
+    """``method`` if it is one of ``OWNER_SOURCES``, else UsageError."""
+    if method not in OWNER_SOURCES:
+        raise UsageError(f"unknown owner source {method!r} (one of {', '.join(OWNER_SOURCES)})")
+    return method
+
+
 @dataclass
 class OwnerMap:
     """The result of a walk: owners by inode, and what could not be read."""
@@ -163,8 +170,7 @@ def find_owners(
     d_path). The syscalls release the GIL, so on a machine with two or more usable CPUs the walk
     runs in ``_walk_threads(n)`` threads pulling pids from one shared list.
     """
-    if method not in OWNER_SOURCES:
-        raise UsageError(f"unknown owner source {method!r} (one of {', '.join(OWNER_SOURCES)})")
+    check_owner_source(method)
     wanted = frozenset(i for i in inodes if i)
     result = OwnerMap()
     if not wanted:
