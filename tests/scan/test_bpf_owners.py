@@ -43,9 +43,8 @@ def _bpf_reason() -> str | None:
     return None
 
 
-needs_bpf = pytest.mark.skipif(
-    os.geteuid() != 0 or _bpf_reason() is not None, reason=f"BPF iterator unavailable: {_bpf_reason()}"
-)
+_BPF_REASON = _bpf_reason() if os.geteuid() == 0 else "not root"
+needs_bpf = pytest.mark.skipif(_BPF_REASON is not None, reason=f"BPF iterator unavailable: {_BPF_REASON}")
 
 
 @pytest.fixture(scope="module")
