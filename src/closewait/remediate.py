@@ -57,7 +57,7 @@ from typing import Any
 from closewait.errors import AccessDenied, NetlinkError, NotSupported, UsageError
 from closewait.model import Endpoint, Finding, Owner, Process, Snapshot, Socket, TcpState
 from closewait.sources import netlink
-from closewait.sources.owners import find_owners, parse_stat, socket_fds
+from closewait.sources.owners import find_owners, parse_stat
 
 log = logging.getLogger(__name__)
 
@@ -388,13 +388,11 @@ def survey(
     socket (fork, SCM_RIGHTS) affects all its holders and the plan must say so (as far as this
     user can see: without root, other users' processes are not looked into).
     """
-    from closewait.scan import CLOSE_WAIT_ONLY, scan
+    from closewait.scan import CLOSE_WAIT_ONLY, scan, validate_pids
 
     for pid in sorted(pids):
-        if pid <= 0:
-            raise UsageError(f"pid {pid} is not a process id")
         try:
-            socket_fds(pid, proc_root)
+            validate_pids([pid], proc_root)  # one fd link read, not all of them: scan() walks them next
         except AccessDenied:
             raise AccessDenied(_ptrace_message(pid, proc_root)) from None
     snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, backend="netlink", proc_root=proc_root)
