@@ -57,7 +57,7 @@ from typing import Any
 from closewait.errors import AccessDenied, NetlinkError, NotSupported, UsageError
 from closewait.model import Endpoint, Finding, Owner, Process, Snapshot, Socket, TcpState
 from closewait.sources import netlink
-from closewait.sources.owners import find_owners, parse_stat
+from closewait.sources.owners import find_owners, parse_stat, socket_inode
 
 log = logging.getLogger(__name__)
 
@@ -604,9 +604,7 @@ def _fd_inode(pid: int, fd: int, proc_root: str) -> int:
         raise _Skip("fd-closed", f"fd {fd} is no longer open in pid {pid}") from None
     except PermissionError:
         raise AccessDenied(_ptrace_message(pid, proc_root)) from None
-    if link.startswith("socket:[") and link.endswith("]"):
-        return int(link[8:-1])
-    return 0
+    return socket_inode(link) or 0
 
 
 _TCP_INFO_STATE = struct.Struct("=B")

@@ -122,6 +122,13 @@ def list_pids(proc_root: str = "/proc") -> list[int]:
     return [int(name) for name in os.listdir(proc_root) if name.isdigit()]
 
 
+def socket_inode(link: str) -> int | None:
+    """The inode of a ``/proc/PID/fd`` link's text when it names a socket (``socket:[INODE]``)."""
+    if link.startswith(_SOCKET_PREFIX) and link.endswith("]"):
+        return int(link[len(_SOCKET_PREFIX) : -1])
+    return None
+
+
 def socket_fds(pid: int, proc_root: str = "/proc") -> dict[int, int]:
     """fd -> socket inode for every socket descriptor of ``pid``.
 
@@ -140,8 +147,9 @@ def socket_fds(pid: int, proc_root: str = "/proc") -> dict[int, int]:
                 link = os.readlink(name, dir_fd=dir_fd)
             except OSError:
                 continue  # closed since listing
-            if link.startswith(_SOCKET_PREFIX):
-                result[int(name)] = int(link[8:-1])
+            inode = socket_inode(link)
+            if inode is not None:
+                result[int(name)] = inode
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(pid) from None
     finally:
