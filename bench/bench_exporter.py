@@ -79,12 +79,15 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 @contextlib.contextmanager
-def closewait_exporter(top: int) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def closewait_exporter(top: int, src: str | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``closewait exporter`` on a free loopback port; ``src`` runs another closewait's src/ instead."""
+    env = dict(os.environ, PYTHONPATH=src) if src else None
     proc = subprocess.Popen(
         [CLOSEWAIT, "exporter", "--listen", "127.0.0.1:0", "--min-interval", "0", "--top", str(top)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     try:
         assert proc.stderr is not None
@@ -169,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fds", type=int, default=210_000, help="open descriptors on the host to reach")
     parser.add_argument("--scrapes", type=int, default=7)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument(
+        "--baseline-src",
+        help="a src/ directory of an older closewait: its exporter is scraped in the same rounds, as '(before)'",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.scrapes <= 100:
         parser.error("--scrapes must be 1..100")
@@ -200,8 +207,18 @@ def main(argv: list[str] | None = None) -> int:
         every_s = _time(lambda: list(netlink.dump(TcpState)), 3)
         print(f"  for comparison, every state with tcp_info:  {every_s * 1000:8.0f} ms")
 
-        with closewait_exporter(args.top) as (proc, url):
-            times, body = scrape_times(url, args.scrapes)
+        with contextlib.ExitStack() as stack:
+            proc, url = stack.enter_context(closewait_exporter(args.top))
+            before = stack.enter_context(closewait_exporter(args.top, args.baseline_src)) if args.baseline_src else None
+            # Round-robin, one scrape of each per round, so load from elsewhere hits both alike.
+            times: list[float] = []
+            before_times: list[float] = []
+            body = ""
+            for _ in range(args.scrapes):
+                round_times, body = scrape_times(url, 1)
+                times.extend(round_times)
+                if before is not None:
+                    before_times.extend(scrape_times(before[1], 1)[0])
             scan_duration = _gauge(body, "closewait_scan_duration_seconds")
             rss = _status_kib(proc.pid, "VmRSS")
             hwm = _status_kib(proc.pid, "VmHWM")
@@ -211,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  closewait_scan_duration_seconds (last): {scan_duration * 1000:.0f} ms")
             print(f"  response: {len(body)} bytes, {series} samples")
             print(f"  exporter memory: RSS {rss / 1024:.1f} MiB, peak RSS {hwm / 1024:.1f} MiB")
+            if before is not None:
+                print(f"closewait exporter (before: {args.baseline_src}), same rounds:")
+                print(f"  scrape wall time: {_fmt(before_times)}")
+                print(f"  exporter memory: peak RSS {_status_kib(before[0].pid, 'VmHWM') / 1024:.1f} MiB")
 
         with node_exporter() as ne:
             if ne is None:
