@@ -27,7 +27,7 @@ import sys
 import textwrap
 import time
 
-from closewait import remediate
+from closewait import reap
 
 CHILD = textwrap.dedent(
     """
@@ -64,20 +64,20 @@ def start_child(n: int) -> tuple[subprocess.Popen[str], int]:
     return proc, port
 
 
-def measure(n: int, method: remediate.Method) -> dict[str, float]:
+def measure(n: int, method: reap.Method) -> dict[str, float]:
     proc, port = start_child(n)
     try:
         time.sleep(0.2)
         t0 = time.perf_counter()
-        snapshot = remediate.survey(pids=[proc.pid])
+        snapshot = reap.survey(pids=[proc.pid])
         t1 = time.perf_counter()
-        reap_plan = remediate.plan(snapshot, pids=[proc.pid], method=method)
+        reap_plan = reap.plan(snapshot, pids=[proc.pid], method=method)
         t2 = time.perf_counter()
-        result = remediate.apply(reap_plan)
+        result = reap.apply(reap_plan)
         t3 = time.perf_counter()
         assert len(reap_plan.targets) == n, (len(reap_plan.targets), n)
-        assert len(result.done) == n, [o for o in result.outcomes if o.outcome != remediate.Outcome.DONE][:3]
-        assert remediate.survey(pids=[proc.pid]).findings == ()
+        assert len(result.done) == n, [o for o in result.outcomes if o.outcome != reap.Outcome.DONE][:3]
+        assert reap.survey(pids=[proc.pid]).findings == ()
         with socket.create_connection(("127.0.0.1", port), timeout=10) as check:
             assert check.recv(100) == b"alive\n"
         return {"survey": t1 - t0, "plan": t2 - t1, "apply": t3 - t2}
@@ -99,7 +99,7 @@ def main() -> None:
     for n in args.sizes:
         if n > hard - 100:
             raise SystemExit(f"{n} sockets exceed RLIMIT_NOFILE's hard limit {hard}")
-        for method in remediate.Method:
+        for method in reap.Method:
             runs = sorted((measure(n, method) for _ in range(args.repeat)), key=lambda r: r["apply"])
             median = runs[len(runs) // 2]
             print(

@@ -337,10 +337,11 @@ class CloseWaitCollector(Collector):
 
 
 def _comm(proc_root: str, pid: int) -> str:
+    from closewait.sources.process import read_comm
+
     try:
-        with open(f"{proc_root}/{pid}/comm", encoding="utf-8", errors="replace") as handle:
-            return handle.read().strip() or "?"
-    except OSError:
+        return read_comm(pid, proc_root).strip() or "?"
+    except ClosewaitError:
         return "?"
 
 

@@ -7,17 +7,16 @@ the kernel once per source, then resolves only the owners of the sockets it kept
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections.abc import Collection, Iterable
 
 from closewait import diagnosis as rules
-from closewait.errors import AccessDenied, NoSuchProcess, UsageError
+from closewait.errors import AccessDenied, UsageError
 from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState, make_finding
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
-from closewait.sources.owners import check_owner_source, descriptors_denied, find_owners, read_process
+from closewait.sources.owners import check_owner_source, descriptors_denied, find_owners
+from closewait.sources.process import validate_pids
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
@@ -31,35 +30,6 @@ def validate_ports(ports: Iterable[int]) -> frozenset[int]:
     for port in result:
         if not 0 < port <= 65535:
             raise UsageError(f"port {port} is out of range (1-65535)")
-    return result
-
-
-def validate_pids(pids: Iterable[int], proc_root: str = "/proc") -> frozenset[int]:
-    """Check each pid exists now and its descriptors can be read.
-
-    Raises NoSuchProcess for the first that does not exist, AccessDenied for the first whose
-    /proc/PID/fd this user may not read (another user's process, without root): checked here,
-    before the kernel is read, so the answer does not depend on whether any socket matched.
-    """
-    result = frozenset(pids)
-    for pid in sorted(result):
-        if pid <= 0:
-            raise UsageError(f"pid {pid} is not a process id")
-        read_process(pid, proc_root)
-        try:
-            dir_fd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                # Listing may be allowed (root, CAP_DAC_READ_SEARCH) while every link is behind the
-                # ptrace access check: read one link too.
-                for name in os.listdir(dir_fd)[:1]:
-                    with contextlib.suppress(FileNotFoundError):  # closed since listing
-                        os.readlink(name, dir_fd=dir_fd)
-            finally:
-                os.close(dir_fd)
-        except PermissionError as err:
-            raise AccessDenied(descriptors_denied(pid)) from err
-        except FileNotFoundError:
-            raise NoSuchProcess(pid) from None
     return result
 
 

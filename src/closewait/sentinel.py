@@ -23,18 +23,18 @@ application's descriptor: it duplicates it, checks the duplicate still refers to
 connection leaves the TCP table (LAST_ACK, then gone), and the application's next ``recv`` returns
 ``b''``, so code that handles EOF closes it; the descriptor itself stays the application's to close.
 
-Cost, bounded: a check is one walk of ``/proc/self/fd`` (``readlink`` per descriptor) and, only if
-the process holds sockets, one sock_diag dump of the host's CLOSE_WAIT sockets (filtered by state
-in the kernel; no tcp_info). Only when that intersection is non-empty does it run the full
-``scan(pids=[own pid])`` for diagnoses. docs/prevention.md has measured figures; ``statistics()``
-reports the cost of the last and the slowest check.
+Cost, bounded: a check is one walk of ``/proc/self/fd`` asking each descriptor its TCP state
+(``getsockopt(TCP_INFO)``, ``closewait.sources.probe``; where libc cannot be reached, a ``readlink``
+per descriptor and one sock_diag dump of the host's CLOSE_WAIT sockets). Only when that finds a
+socket in CLOSE_WAIT does it run the full ``scan(pids=[own pid])`` for diagnoses.
+docs/prevention.md has measured figures; ``statistics()`` reports the cost of the last and the
+slowest check.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -42,13 +42,23 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Literal
 
-from closewait import testing
 from closewait import trace as trace_mod
 from closewait.diagnosis import format_duration
 from closewait.errors import ClosewaitError, UsageError
 from closewait.model import Finding
+from closewait.scan import CLOSE_WAIT_ONLY, scan
+from closewait.sources import probe
+from closewait.sources.probe import shutdown_socket
 
-__all__ = ["DEFAULT_IDLE_LIMIT", "DEFAULT_INTERVAL", "Sentinel", "SentinelReport", "SentinelStatistics", "start"]
+__all__ = [
+    "DEFAULT_IDLE_LIMIT",
+    "DEFAULT_INTERVAL",
+    "Sentinel",
+    "SentinelReport",
+    "SentinelStatistics",
+    "shutdown_socket",
+    "start",
+]
 
 DEFAULT_INTERVAL = 30.0
 DEFAULT_IDLE_LIMIT = 300.0
@@ -205,10 +215,11 @@ class Sentinel:
         """Run one check in the calling thread: log, and shut down idle sockets if the action says so."""
         with self._check_lock:
             started = time.perf_counter()
-            held = testing.close_wait_inodes(self._pid)
+            held = probe.close_wait_inodes(self._pid)
             findings: tuple[Finding, ...] = ()
             if held:
-                findings = tuple(f for f in testing.close_wait_sockets(self._pid) if f.socket.inode in held)
+                snapshot = scan(CLOSE_WAIT_ONLY, pids=[self._pid])
+                findings = tuple(f for f in snapshot.findings if f.socket.inode in held)
             shut_down = self._shutdown_idle(findings) if self.action == "shutdown" else ()
             seconds = time.perf_counter() - started
             diagnoses: dict[str, int] = {}
@@ -287,31 +298,6 @@ class Sentinel:
                     format_duration(sock.idle_ms),
                 )
         return tuple(done)
-
-
-def shutdown_socket(fd: int, inode: int) -> bool:
-    """``shutdown(SHUT_RDWR)`` the socket behind this process's ``fd`` if it still has ``inode``.
-
-    Works on a duplicate so the application's descriptor is never closed. False when the fd is
-    closed or now refers to another socket.
-    """
-    try:
-        dup = os.dup(fd)
-    except OSError:
-        return False
-    try:
-        if os.fstat(dup).st_ino != inode:
-            return False
-        with socket.socket(fileno=dup) as sock:
-            dup = -1  # owned (and closed) by sock now
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                return False
-        return True
-    finally:
-        if dup >= 0:
-            os.close(dup)
 
 
 def start(

@@ -16,11 +16,13 @@ import json
 from collections.abc import Iterator
 from json.encoder import encode_basestring_ascii as _json_str
 
-from closewait.model import Diagnosis, Endpoint, Family, Finding, Owner, Role, Snapshot, TcpState
+from closewait.model import Diagnosis, Endpoint, Family, Finding, Owner, Role, Snapshot, Socket, TcpState
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
     from typing import Any
+
+    from closewait import reap
 
 # An enum's .name and .value are Python-level descriptors, a dict lookup is one C call: the names
 # below are read once per socket.
@@ -160,3 +162,64 @@ def snapshot_json_chunks(snapshot: Snapshot) -> Iterator[str]:
         text = ",".join([_finding_json(f) for f in findings[start : start + _CHUNK_FINDINGS]])
         yield f",{text}" if start else text
     yield f"],{_compact(_snapshot_fields(snapshot))[1:]}\n"
+
+
+# -- reap --json (docs/reap.md) ------------------------------------------------------------------------
+
+
+def _reap_socket_dict(sock: Socket) -> dict[str, Any]:
+    return {
+        "state": sock.state.name,
+        "local": endpoint_dict(sock.local),
+        "remote": endpoint_dict(sock.remote),
+        "inode": sock.inode,
+        "cookie": sock.cookie,
+        "recv_q": sock.recv_q,
+        "idle_ms": sock.idle_ms,
+    }
+
+
+def _target_dict(target: reap.ReapTarget) -> dict[str, Any]:
+    return {
+        **_reap_socket_dict(target.socket),
+        "pid": target.process.pid,
+        "start_time": target.process.start_time,
+        "name": target.process.name,
+        "fd": target.fd,
+        "fds": list(target.fds),
+        "other_holders": [owner_dict(o) for o in target.other_holders],
+    }
+
+
+def _excluded_dict(excluded: reap.Excluded) -> dict[str, Any]:
+    return {
+        **_reap_socket_dict(excluded.socket),
+        "owners": [owner_dict(o) for o in excluded.owners],
+        "reason": excluded.reason,
+    }
+
+
+def reap_plan_dict(plan: reap.ReapPlan) -> dict[str, Any]:
+    """``closewait reap --json`` without ``--yes``: the plan."""
+    return {
+        "method": plan.method.value,
+        "criteria": plan.criteria.describe(),
+        "taken_at": plan.taken_at,
+        "targets": [_target_dict(t) for t in plan.targets],
+        "excluded": [_excluded_dict(e) for e in plan.excluded],
+        "errors": list(plan.errors),
+    }
+
+
+def reap_result_dict(result: reap.ReapResult) -> dict[str, Any]:
+    """The plan's JSON plus one entry per outcome and the counts."""
+    return {
+        **reap_plan_dict(result.plan),
+        "outcomes": [
+            {**_target_dict(o.target), "outcome": o.outcome.value, "code": o.code, "reason": o.reason}
+            for o in result.outcomes
+        ],
+        "done": len(result.done),
+        "skipped": len(result.skipped),
+        "failed": len(result.failed),
+    }

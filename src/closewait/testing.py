@@ -36,12 +36,9 @@ Pitfalls:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import os
-import socket
-import threading
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -49,11 +46,9 @@ from dataclasses import dataclass
 
 from closewait import trace
 from closewait.diagnosis import diagnose
-from closewait.errors import ClosewaitError
-from closewait.model import Finding, Role, TcpState
+from closewait.model import Finding, Role
 from closewait.scan import CLOSE_WAIT_ONLY, scan
-from closewait.sources import netlink, procfs
-from closewait.sources.owners import socket_fds
+from closewait.sources.probe import close_wait_inodes
 
 __all__ = [
     "DEFAULT_GRACE",
@@ -71,102 +66,6 @@ __all__ = [
 #: Seconds a check waits for asynchronous closes before reporting.
 DEFAULT_GRACE = 0.5
 _POLL_INTERVAL = 0.02
-
-
-def _kernel_close_wait_inodes() -> set[int]:
-    try:
-        nl = netlink.open_socket()
-    except ClosewaitError:
-        return {s.inode for s in procfs.dump(CLOSE_WAIT_ONLY)}
-    try:
-        return {s.inode for s in netlink.dump(CLOSE_WAIT_ONLY, with_info=False, sock=nl)}
-    finally:
-        nl.close()
-
-
-def close_wait_inodes(pid: int | None = None) -> dict[int, int]:
-    """inode -> fd for every socket of ``pid`` (default: this process) that is in CLOSE_WAIT now.
-
-    The cheap check. For this process it asks each descriptor its TCP state directly
-    (``getsockopt(TCP_INFO)``, a microsecond or two per descriptor, whatever the host holds); for
-    another process it walks ``/proc/PID/fd`` and intersects with one sock_diag dump of the host's
-    CLOSE_WAIT sockets. Raises NoSuchProcess for a pid that does not exist, AccessDenied when its
-    descriptors cannot be read.
-    """
-    if pid is None or pid == os.getpid():
-        own = _own_close_wait_fds()
-        if own is not None:
-            return own
-    fds = socket_fds(os.getpid() if pid is None else pid)
-    if not fds:
-        return {}
-    in_close_wait = _kernel_close_wait_inodes()
-    return {inode: fd for fd, inode in fds.items() if inode in in_close_wait}
-
-
-class _TcpStateProbe:
-    """``getsockopt(fd, SOL_TCP, TCP_INFO)`` through libc on a bare descriptor: no socket object, no
-    dup. The first byte of ``struct tcp_info`` is ``tcpi_state``. Non-sockets and non-TCP sockets
-    fail the call and are skipped."""
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._getsockopt = libc.getsockopt
-        self._getsockopt.argtypes = [
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.POINTER(ctypes.c_uint32),
-        ]
-        self._getsockopt.restype = ctypes.c_int
-        self._buffer = (ctypes.c_uint8 * 8)()
-        self._length = ctypes.c_uint32(8)
-        self._length_ref = ctypes.byref(self._length)
-        self._lock = threading.Lock()
-
-    def close_wait_fds(self) -> dict[int, int]:
-        result: dict[int, int] = {}
-        getsockopt, buffer, length, length_ref = self._getsockopt, self._buffer, self._length, self._length_ref
-        close_wait = int(TcpState.CLOSE_WAIT)
-        level, option = int(socket.IPPROTO_TCP), int(socket.TCP_INFO)
-        with self._lock:
-            for name in os.listdir("/proc/self/fd"):
-                fd = int(name)
-                length.value = 8
-                if getsockopt(fd, level, option, buffer, length_ref) != 0:
-                    continue
-                if buffer[0] == close_wait:
-                    try:
-                        result[os.fstat(fd).st_ino] = fd
-                    except OSError:
-                        continue  # closed since
-        return result
-
-
-_probe: _TcpStateProbe | None = None
-_probe_failed = False
-
-
-def _forget_probe() -> None:
-    global _probe
-    _probe = None  # its lock may have been held by another thread at fork()
-
-
-os.register_at_fork(after_in_child=_forget_probe)
-
-
-def _own_close_wait_fds() -> dict[int, int] | None:
-    global _probe, _probe_failed
-    if _probe_failed:
-        return None
-    if _probe is None:
-        try:
-            _probe = _TcpStateProbe()
-        except (OSError, AttributeError):
-            _probe_failed = True
-            return None
-    return _probe.close_wait_fds()
 
 
 def close_wait_sockets(pid: int | None = None) -> tuple[Finding, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from closewait import remediate
+from closewait import reap
 from closewait.errors import UsageError
 from closewait.model import Endpoint, Family, Finding, Owner, Process, Role, Snapshot, Socket, TcpInfo, TcpState
 
@@ -44,7 +44,7 @@ def test_only_close_wait_sockets_become_targets() -> None:
         finding(make_socket(TcpState.ESTABLISHED, 2, 5001), Owner(APP, 4)),
         finding(make_socket(TcpState.CLOSE_WAIT, 3, 5002), Owner(APP, 5)),
     )
-    plan = remediate.plan(snap, pids=[APP.pid])
+    plan = reap.plan(snap, pids=[APP.pid])
     assert [(t.socket.inode, t.fd) for t in plan.targets] == [(3, 5)]
     assert {e.socket.inode for e in plan.excluded} == {1, 2}
     assert all("only CLOSE_WAIT sockets are ever touched" in e.reason for e in plan.excluded)
@@ -54,10 +54,10 @@ def test_only_close_wait_sockets_become_targets() -> None:
 def test_shared_sockets_name_their_other_holders_and_all_fds() -> None:
     sock = make_socket(TcpState.CLOSE_WAIT, 9, 5003)
     snap = snapshot(finding(sock, Owner(APP, 7), Owner(APP, 11), Owner(CHILD, 7)))
-    (target,) = remediate.plan(snap, pids=[APP.pid]).targets
+    (target,) = reap.plan(snap, pids=[APP.pid]).targets
     assert (target.process, target.fds, target.fd) == (APP, (7, 11), 7)
     assert target.other_holders == (Owner(CHILD, 7),)
-    (via_child,) = remediate.plan(snap, pids=[CHILD.pid]).targets
+    (via_child,) = reap.plan(snap, pids=[CHILD.pid]).targets
     assert via_child.process == CHILD
 
 
@@ -74,18 +74,18 @@ def test_filters_and_exclusions() -> None:
         finding(orphan),
         finding(make_socket(TcpState.CLOSE_WAIT, 24, 6004), Owner(unknown, 3)),
     )
-    aged = remediate.plan(snap, pids=[APP.pid], older_than_ms=60_000)
+    aged = reap.plan(snap, pids=[APP.pid], older_than_ms=60_000)
     assert [t.socket.inode for t in aged.targets] == [21]
     assert [(e.socket.inode, e.reason.split(" (")[0]) for e in aged.excluded] == [(22, "idle time unknown")]
 
-    everyone = remediate.plan(snap, all_processes=True, remote="10.2.0.0/16")
+    everyone = reap.plan(snap, all_processes=True, remote="10.2.0.0/16")
     assert [t.socket.inode for t in everyone.targets] == [20, 21, 22]
     assert {e.socket.inode: e.reason.split(" ")[0] for e in everyone.excluded} == {23: "no", 24: "start"}
 
-    by_port = remediate.plan(snap, pids=[APP.pid], remote="10.2.2.2:6001")
+    by_port = reap.plan(snap, pids=[APP.pid], remote="10.2.2.2:6001")
     assert [t.socket.inode for t in by_port.targets] == [21]
-    assert remediate.plan(snap, pids=[APP.pid], ports=[6000]).targets[0].socket.inode == 20
-    assert remediate.plan(snap, pids=[12345]).targets == ()
+    assert reap.plan(snap, pids=[APP.pid], ports=[6000]).targets[0].socket.inode == 20
+    assert reap.plan(snap, pids=[12345]).targets == ()
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_filters_and_exclusions() -> None:
 )
 def test_plan_refuses_ambiguous_requests(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(UsageError, match=message):
-        remediate.plan(snapshot(), **kwargs)  # type: ignore[arg-type]
+        reap.plan(snapshot(), **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -108,13 +108,13 @@ def test_plan_refuses_ambiguous_requests(kwargs: dict[str, object], message: str
     [("30s", 30_000), ("5m", 300_000), ("1h", 3_600_000), ("500ms", 500), ("1m30s", 90_000), ("1.5s", 1500)],
 )
 def test_durations(text: str, ms: int) -> None:
-    assert remediate.parse_duration(text) == ms
+    assert reap.parse_duration(text) == ms
 
 
 @pytest.mark.parametrize("text", ["", "30", "s", "5 m", "-1s", "1x", "1h-"])
 def test_bad_durations(text: str) -> None:
     with pytest.raises(UsageError, match="bad duration"):
-        remediate.parse_duration(text)
+        reap.parse_duration(text)
 
 
 @pytest.mark.parametrize(
@@ -131,4 +131,4 @@ def test_bad_durations(text: str) -> None:
     ],
 )
 def test_remote_filter(text: str, endpoint: Endpoint, expected: bool) -> None:
-    assert remediate.RemoteFilter.parse(text).matches(endpoint) is expected
+    assert reap.RemoteFilter.parse(text).matches(endpoint) is expected

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from closewait import remediate
+from closewait import reap
 from closewait.errors import NotSupported
 from closewait.model import Snapshot, TcpState
 from closewait.sources import netlink
@@ -29,9 +29,9 @@ from tests.reap.helpers import (
 from tests.util import wait_for
 
 
-def reap_plan(server: LeakyServer, method: str = "shutdown") -> remediate.ReapPlan:
-    snapshot = remediate.survey(pids=[server.pid], ports=[server.port])
-    return remediate.plan(snapshot, pids=[server.pid], ports=[server.port], method=method)
+def reap_plan(server: LeakyServer, method: str = "shutdown") -> reap.ReapPlan:
+    snapshot = reap.survey(pids=[server.pid], ports=[server.port])
+    return reap.plan(snapshot, pids=[server.pid], ports=[server.port], method=method)
 
 
 def assert_server_healthy_after_reap(server: LeakyServer, reaped_fds: list[int], send_error: str) -> None:
@@ -61,12 +61,12 @@ def test_shutdown_reaps_python_server_which_keeps_serving(spawn: Spawn, host: st
     assert {f.socket.state for f in leaked} == {TcpState.CLOSE_WAIT}
 
     plan = reap_plan(server)
-    assert plan.method == remediate.Method.SHUTDOWN
+    assert plan.method == reap.Method.SHUTDOWN
     assert sorted(t.socket.inode for t in plan.targets) == sorted(f.socket.inode for f in leaked)
     assert {t.process.pid for t in plan.targets} == {server.pid}
-    result = remediate.apply(plan)
+    result = reap.apply(plan)
 
-    assert [o.outcome for o in result.outcomes] == [remediate.Outcome.DONE] * 3
+    assert [o.outcome for o in result.outcomes] == [reap.Outcome.DONE] * 3
     assert result.exit_code == 0
     assert_server_healthy_after_reap(server, [t.fd for t in plan.targets], send_error="EPIPE")
 
@@ -122,13 +122,13 @@ def test_sockets_that_change_between_plan_and_apply_are_skipped(spawn: Spawn) ->
     assert server.ask(f"SHUTWR {shut_fd}") == f"SHUTWR {shut_fd}"
     wait_for(lambda: len(server.close_wait()) == 1)
 
-    result = remediate.apply(plan)
+    result = reap.apply(plan)
     by_fd = {o.target.fd: o for o in result.outcomes}
-    assert by_fd[closed_fd].outcome == remediate.Outcome.SKIPPED
+    assert by_fd[closed_fd].outcome == reap.Outcome.SKIPPED
     assert by_fd[closed_fd].code == "fd-reused"
-    assert by_fd[shut_fd].outcome == remediate.Outcome.SKIPPED
+    assert by_fd[shut_fd].outcome == reap.Outcome.SKIPPED
     assert by_fd[shut_fd].code in ("socket-gone", "state-changed")
-    assert by_fd[kept_fd].outcome == remediate.Outcome.DONE
+    assert by_fd[kept_fd].outcome == reap.Outcome.DONE
     assert result.exit_code == 1
     # The ESTABLISHED newcomer that reused the planned fd number was not touched.
     assert server.ask("PING", newcomer) == f"PONG {server.pid}"
@@ -147,8 +147,8 @@ def test_a_process_that_exited_is_never_hit(spawn: Spawn) -> None:
     second.leak(1)
     assert second.pid != first.pid
 
-    result = remediate.apply(plan)
-    assert [(o.outcome, o.code) for o in result.outcomes] == [(remediate.Outcome.SKIPPED, "process-gone")]
+    result = reap.apply(plan)
+    assert [(o.outcome, o.code) for o in result.outcomes] == [(reap.Outcome.SKIPPED, "process-gone")]
     assert len(second.close_wait()) == 1
 
 
@@ -179,9 +179,9 @@ def test_a_reused_pid_is_never_hit(spawn: Spawn) -> None:
     assert impostor.pid == planned.process.pid
     assert [o.fd for o in theirs.owners] == [planned.fd]  # same pid, same fd number: only identity differs
 
-    for method in remediate.Method:
-        (outcome,) = remediate.apply(dataclasses.replace(plan, method=method)).outcomes
-        assert (outcome.outcome, outcome.code) == (remediate.Outcome.SKIPPED, "pid-reused")
+    for method in reap.Method:
+        (outcome,) = reap.apply(dataclasses.replace(plan, method=method)).outcomes
+        assert (outcome.outcome, outcome.code) == (reap.Outcome.SKIPPED, "pid-reused")
     assert [f.socket.inode for f in impostor.close_wait()] == [theirs.socket.inode]
 
 
@@ -193,10 +193,10 @@ def test_identity_check_refuses_a_pid_with_another_start_time(spawn: Spawn) -> N
     impostor = dataclasses.replace(target.process, start_time=target.process.start_time + 1)
     forged = dataclasses.replace(plan, targets=(dataclasses.replace(target, process=impostor),))
 
-    for method in remediate.Method:
-        result = remediate.apply(dataclasses.replace(forged, method=method))
+    for method in reap.Method:
+        result = reap.apply(dataclasses.replace(forged, method=method))
         (outcome,) = result.outcomes
-        assert (outcome.outcome, outcome.code) == (remediate.Outcome.SKIPPED, "pid-reused")
+        assert (outcome.outcome, outcome.code) == (reap.Outcome.SKIPPED, "pid-reused")
         assert "is now another process" in outcome.reason
     assert [f.socket.inode for f in server.close_wait()] == [leaked[0].socket.inode]
 
@@ -222,11 +222,11 @@ def test_destroy_method(spawn: Spawn) -> None:
     plan = reap_plan(server, method="destroy")
     if not destroy_supported():
         with pytest.raises(NotSupported, match="CONFIG_INET_DIAG_DESTROY"):
-            remediate.apply(plan)
+            reap.apply(plan)
         assert len(server.close_wait()) == 2
         return
-    result = remediate.apply(plan)
-    assert [o.outcome for o in result.outcomes] == [remediate.Outcome.DONE] * 2
+    result = reap.apply(plan)
+    assert [o.outcome for o in result.outcomes] == [reap.Outcome.DONE] * 2
     # SOCK_DESTROY aborts the socket: send() then fails with ECONNABORTED instead of EPIPE.
     assert_server_healthy_after_reap(server, [t.fd for t in plan.targets], send_error="ECONNABORTED")
 
@@ -286,8 +286,8 @@ def test_sockets_bound_to_a_device_are_found_and_reaped(spawn: Spawn, method: st
     plan = reap_plan(server, method=method)
     if method == "destroy" and not destroy_supported():
         pytest.skip("kernel without CONFIG_INET_DIAG_DESTROY")
-    result = remediate.apply(plan)
-    assert [o.outcome for o in result.outcomes] == [remediate.Outcome.DONE]
+    result = reap.apply(plan)
+    assert [o.outcome for o in result.outcomes] == [reap.Outcome.DONE]
     assert server.close_wait() == ()
     assert server.ask("PING") == f"PONG {server.pid}"
 
@@ -316,11 +316,11 @@ def test_plan_names_every_other_holder_of_a_shared_socket(spawn: Spawn) -> None:
     try:
 
         def leaked() -> Snapshot | None:
-            found = remediate.survey(pids=[parent.pid], ports=[port])
+            found = reap.survey(pids=[parent.pid], ports=[port])
             return found if found.findings else None
 
         snapshot = wait_for(leaked)
-        (target,) = remediate.plan(snapshot, pids=[parent.pid]).targets
+        (target,) = reap.plan(snapshot, pids=[parent.pid]).targets
         assert target.process.pid == parent.pid
         assert [(o.process.pid, o.fd) for o in target.other_holders] == [(forked, target.fd)]
         proc = run_cli(["reap", "--pid", str(parent.pid)])

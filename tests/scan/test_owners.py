@@ -12,7 +12,8 @@ import pytest
 import closewait
 from closewait.errors import KernelDataError
 from closewait.model import Role
-from closewait.sources.owners import find_owners, parse_stat, read_process
+from closewait.sources.owners import find_owners
+from closewait.sources.process import parse_stat, read_process
 from tests.conftest import Spawn
 from tests.scan.kit import close_wait_of, python_argv
 from tests.util import wait_for
@@ -95,7 +96,9 @@ STAT_TAIL = " S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 424242 20 21 22"
 
 @pytest.mark.parametrize("comm", ["python3", "a b", "x) (y", "))", "(", "", ") S 1 2 3"])
 def test_parse_stat_takes_comm_up_to_the_last_paren(comm: str) -> None:
-    name, start = parse_stat(f"1234 ({comm}){STAT_TAIL}\n")
+    stat = parse_stat(f"1234 ({comm}){STAT_TAIL}\n")
+    name, start = stat.comm, stat.start_time
+    assert (stat.state, stat.ppid) == ("S", 1)
     assert name == comm
     assert start == 424242
 

@@ -7,7 +7,6 @@ error, 2 a bad argument (including an --html path that cannot be written), 130 i
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from typing import NoReturn
 
 import click
 
-from closewait.errors import UsageError
+from closewait.errors import ClosewaitError, UsageError
 from closewait.lab.model import PARTS, Experiment
 
 
@@ -103,23 +102,23 @@ def lab_command(
         sys.exit(1)
 
 
-PR_SET_CHILD_SUBREAPER = 36
-
-
 def _adopt_orphans() -> None:
     """Become a child subreaper: a grandchild whose parent dies (cc1 after a killed cc, a server's
     helper) is re-parented to this process instead of init, so ``_end_adopted`` can end it. Only
     the command does this; ``closewait.lab.run`` inside another program must not change it."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    from closewait.sources.process import set_child_subreaper
+
+    with contextlib.suppress(ClosewaitError):
+        set_child_subreaper()
 
 
 def _end_adopted() -> None:
     """End, by pid, every child process still left once the lab's context is closed, and reap it."""
+    from closewait.sources.process import child_pids
+
     me = os.getpid()
     for _ in range(3):  # a killed child's own children are adopted next: a few rounds at most
-        orphans = _child_pids(me)
+        orphans = child_pids(me)
         if not orphans:
             return
         for pid in orphans:
@@ -128,23 +127,6 @@ def _end_adopted() -> None:
         for pid in orphans:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-
-
-def _child_pids(parent: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The name in parentheses may hold spaces or parentheses: fields resume after the last ')'.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1 and fields[1] == str(parent):
-            pids.append(int(entry))
-    return pids
 
 
 class _OneLine(logging.Formatter):

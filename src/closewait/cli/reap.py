@@ -1,4 +1,4 @@
-"""``closewait reap``: release a running process's CLOSE_WAIT sockets, a thin layer over closewait.remediate.
+"""``closewait reap``: release a running process's CLOSE_WAIT sockets, a thin layer over closewait.reap.
 
 It always plans first and prints the plan; it acts only with ``--yes``. Exit codes (docs/reap.md):
 0 everything planned was released, or a dry run, or nothing matched; 1 some socket was skipped or
@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from closewait import remediate
+from closewait import reap
 from closewait.cli._options import PORT
 
 
@@ -23,8 +23,8 @@ from closewait.cli._options import PORT
 @click.option("--older-than", metavar="DURATION", help="Only sockets idle at least this long (30s, 5m, 1h, 500ms).")
 @click.option(
     "--method",
-    type=click.Choice([m.value for m in remediate.Method]),
-    default=remediate.Method.SHUTDOWN.value,
+    type=click.Choice([m.value for m in reap.Method]),
+    default=reap.Method.SHUTDOWN.value,
     show_default=True,
     help="shutdown: pidfd_getfd + shutdown() (FIN, Linux 5.6+); destroy: SOCK_DESTROY (RST, CAP_NET_ADMIN).",
 )
@@ -47,12 +47,12 @@ def reap_command(
 
     Prints the plan (sockets, fds, method) and changes nothing unless --yes is given.
     """
-    older_than_ms = remediate.parse_duration(older_than) if older_than is not None else None
-    remote_filter = remediate.RemoteFilter.parse(remote) if remote is not None else None
+    older_than_ms = reap.parse_duration(older_than) if older_than is not None else None
+    remote_filter = reap.RemoteFilter.parse(remote) if remote is not None else None
     # Validate before touching the kernel, so a bad combination is one line even without privileges.
-    remediate.ReapCriteria(frozenset(pids), frozenset(ports), remote_filter, older_than_ms, all_processes).validate()
-    snapshot = remediate.survey(pids=pids, ports=ports)
-    reap_plan = remediate.plan(
+    reap.ReapCriteria(frozenset(pids), frozenset(ports), remote_filter, older_than_ms, all_processes).validate()
+    snapshot = reap.survey(pids=pids, ports=ports)
+    reap_plan = reap.plan(
         snapshot,
         pids=pids,
         ports=ports,
@@ -77,7 +77,7 @@ def reap_command(
         return
     if not as_json:
         view.print_plan(reap_plan, dry_run=False)
-    result = remediate.apply(reap_plan)
+    result = reap.apply(reap_plan)
     if as_json:
         _print_json({**result.as_dict(), "applied": True})
     else:

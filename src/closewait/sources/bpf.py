@@ -8,7 +8,7 @@ however few sockets are wanted. The kernel can do the same walk itself. A BPF pr
 inodes, and writes ``(inode, pid, fd)`` for each. The same 210,000 descriptors take ~80 ms.
 
 Everything here is the standard library: the program is 30 instructions assembled below, the
-``bpf()`` syscall is reached through ctypes, and the three struct offsets the program needs
+``bpf()`` syscall is reached through ``_libc`` (ctypes), and the three struct offsets the program needs
 (``file.f_inode``, ``inode.i_mode``/``i_ino``, ``task_struct.tgid``) and the id of the iterator's
 attach point come from the kernel's own type information, ``/sys/kernel/btf/vmlinux``.
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import errno
 import os
 import platform
 import socket
@@ -41,7 +40,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from closewait.errors import KernelDataError, NotSupported
+from closewait.errors import KernelDataError, NotSupported, from_os_error
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
 
@@ -273,8 +272,10 @@ class _Bpf:
             raise BpfUnavailable(f"the bpf() syscall number of {platform.machine()} is not known here")
         import ctypes
 
+        from closewait.sources import _libc
+
         self._ctypes = ctypes
-        self._syscall = ctypes.CDLL(None, use_errno=True).syscall
+        self._syscall = _libc.syscall
         self._number = number
         self._keep: list[Any] = []  # buffers whose addresses are in attributes
         self.fds: list[int] = []
@@ -286,11 +287,10 @@ class _Bpf:
 
     def call(self, command: int, attr: bytes, what: str) -> int:
         buffer = self._ctypes.create_string_buffer(attr, len(attr))
-        result = int(self._syscall(self._number, command, buffer, len(attr)))
-        if result < 0:
-            err = self._ctypes.get_errno()
-            raise _os_error(err, what)
-        return result
+        try:
+            return self._syscall(self._number, command, buffer, len(attr))
+        except OSError as err:
+            raise _os_error(err, what) from None
 
     def new_fd(self, command: int, attr: bytes, what: str) -> int:
         fd = self.call(command, attr, what)
@@ -303,12 +303,9 @@ class _Bpf:
         self._keep.clear()
 
 
-def _os_error(err: int, what: str) -> BpfUnavailable:
-    if err in (errno.EPERM, errno.EACCES):
-        return BpfUnavailable(f"{what}: permission denied (needs root, or CAP_BPF and CAP_PERFMON)")
-    if err == errno.ENOSYS:
-        return BpfUnavailable(f"{what}: this kernel has no bpf() syscall")
-    return BpfUnavailable(f"{what}: {os.strerror(err)}")
+def _os_error(err: OSError, what: str) -> BpfUnavailable:
+    """``from_os_error``'s answer, as the reason the BPF lookup is unavailable (the walk still works)."""
+    return BpfUnavailable(str(from_os_error(err, what, needs="root, or CAP_BPF and CAP_PERFMON")))
 
 
 def _create_map(bpf: _Bpf, entries: int) -> int:
@@ -369,7 +366,7 @@ def read_btf(path: str = BTF_PATH) -> bytes:
     except FileNotFoundError:
         raise BpfUnavailable(f"{path} does not exist (a kernel built without BTF)") from None
     except OSError as err:
-        raise BpfUnavailable(f"cannot read {path}: {err.strerror}") from None
+        raise _os_error(err, f"reading {path}") from None
 
 
 #: Where the parsed Layout is kept between runs: a tmpfs, emptied at boot, when the kernel changes.
@@ -483,7 +480,7 @@ def _iterate(
         try:
             chunk = os.read(iter_fd, 1 << 16)
         except OSError as err:
-            raise _os_error(err.errno or 0, "reading the BPF iterator") from None
+            raise _os_error(err, "reading the BPF iterator") from None
         if not chunk:
             break
         chunks.append(chunk)

@@ -23,7 +23,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from closewait.errors import AccessDenied, NetlinkError, NotSupported
+from closewait.errors import AccessDenied, NetlinkError, NotSupported, from_os_error
 from closewait.model import (
     Endpoint,
     Family,
@@ -372,10 +372,8 @@ def open_socket() -> socket.socket:
 
     try:
         return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
-    except PermissionError as err:
-        raise AccessDenied("cannot open a sock_diag netlink socket: permission denied") from err
     except OSError as err:
-        raise NotSupported(f"sock_diag netlink is not available: {err.strerror}") from err
+        raise from_os_error(err, "opening a sock_diag netlink socket") from err
 
 
 @contextmanager

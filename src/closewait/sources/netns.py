@@ -7,27 +7,24 @@ A namespace is named by a path to its nsfs file: ``/proc/PID/ns/net`` (a contain
 always moves it back. Sockets opened inside keep the namespace they were opened in, which is how
 a netlink socket dumps another namespace's TCP table.
 
-Python 3.11 has no ``os.setns``, so setns(2) is called through ctypes.
+Python 3.11 has no ``os.setns``, so setns(2) and statfs(2) are called through ``_libc``.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from closewait.errors import AccessDenied, NetnsError, NoSuchProcess
+from closewait.errors import ClosewaitError, NetnsError, NoSuchProcess, from_os_error
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
-if TYPE_CHECKING:
-    import ctypes
+# ctypes is imported (by ``_libc``) only when a namespace is really entered or checked: every
+# ``closewait scan`` imports this module, and the import costs milliseconds of a command that
+# should finish in tens of milliseconds.
 
-# ctypes (and ctypes.util, which pulls in subprocess and tempfile) is imported only when a
-# namespace is really entered or checked: every ``closewait scan`` imports this module, and the
-# import alone costs ~10 ms of a command that should finish in tens of milliseconds.
+_NAMES = "give a pid, /proc/PID/ns/net or /run/netns/NAME"
 
 CLONE_NEWNET = 0x40000000
 NSFS_MAGIC = 0x6E736673
@@ -45,21 +42,15 @@ class Netns:
         return self.path
 
 
-def _libc() -> ctypes.CDLL:
-    import ctypes
-    import ctypes.util
+def _setns(fd: int, path: str) -> None:
+    from closewait.sources import _libc
 
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    import ctypes
-
-    if _libc().setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        if err == errno.EPERM:
-            raise AccessDenied("entering a network namespace needs root (CAP_SYS_ADMIN)")
-        raise NetnsError(f"setns failed: {os.strerror(err)}")
+    try:
+        _libc.setns(fd, CLONE_NEWNET)
+    except OSError as err:
+        raise from_os_error(
+            err, "entering a network namespace needs root (CAP_SYS_ADMIN)", path=path, path_error=NetnsError
+        ) from err
 
 
 def resolve(spec: str, *, proc_root: str = "/proc") -> Netns:
@@ -76,13 +67,14 @@ def resolve(spec: str, *, proc_root: str = "/proc") -> Netns:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise NetnsError(
-            f"{spec}: no such network namespace (give a pid, /proc/PID/ns/net or /run/netns/NAME)"
-        ) from None
-    except PermissionError as err:
-        raise AccessDenied(f"{path}: permission denied, run as root") from err
+        # The common mistake gets the namespace's own words; every other errno is from_os_error's.
+        raise NetnsError(f"{spec}: no such network namespace ({_NAMES})") from None
+    except OSError as err:
+        raise from_os_error(
+            err, f"{spec}: not a network namespace ({_NAMES})", path=path, path_error=NetnsError
+        ) from err
     if stat.S_ISDIR(st.st_mode) or not _is_netns(path):
-        raise NetnsError(f"{spec} is not a network namespace (give a pid, /proc/PID/ns/net or /run/netns/NAME)")
+        raise NetnsError(f"{spec} is not a network namespace ({_NAMES})")
     return Netns(path=path, inode=st.st_ino)
 
 
@@ -99,15 +91,12 @@ def _is_netns(path: str) -> bool:
 
 
 def _statfs_type(path: str) -> int:
-    import ctypes
+    from closewait.sources import _libc
 
-    class StatFs(ctypes.Structure):
-        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
-
-    buf = StatFs()
-    if _libc().statfs(path.encode(), ctypes.byref(buf)) != 0:
-        return 0
-    return int(buf.f_type)
+    try:
+        return _libc.statfs_type(path)
+    except OSError:
+        return 0  # not a namespace either way
 
 
 def current(proc_root: str = "/proc") -> Netns:
@@ -128,18 +117,18 @@ def entered(ns: Netns | None) -> Iterator[None]:
             return
         try:
             target_fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
-        except PermissionError as err:
-            raise AccessDenied(f"{ns.path}: permission denied, run as root") from err
-        except FileNotFoundError:
-            raise NetnsError(f"{ns.path}: the namespace is gone") from None
+        except OSError as err:
+            raise from_os_error(
+                err, f"opening network namespace {ns.path}", path=ns.path, path_error=NetnsError
+            ) from err
         try:
-            _setns(target_fd)
+            _setns(target_fd, ns.path)
         finally:
             os.close(target_fd)
         try:
             yield
         finally:
-            _setns(own_fd)
+            _setns(own_fd, "/proc/thread-self/ns/net")
     finally:
         os.close(own_fd)
 
@@ -149,16 +138,14 @@ def discover(proc_root: str = "/proc") -> list[tuple[Netns, int]]:
 
     Processes that vanish or cannot be read are skipped.
     """
+    from closewait.sources.process import list_pids, ns_inode
+
     seen: dict[int, tuple[Netns, int]] = {}
-    for name in os.listdir(proc_root):
-        if not name.isdigit():
-            continue
-        path = f"{proc_root}/{name}/ns/net"
+    for pid in list_pids(proc_root):
         try:
-            inode = os.stat(path).st_ino
-        except OSError:
+            inode = ns_inode(pid, "net", proc_root)
+        except ClosewaitError:
             continue
-        pid = int(name)
         if inode not in seen or pid < seen[inode][1]:
-            seen[inode] = (Netns(path=path, inode=inode), pid)
+            seen[inode] = (Netns(path=f"{proc_root}/{pid}/ns/net", inode=inode), pid)
     return sorted(seen.values(), key=lambda item: item[1])

@@ -11,7 +11,8 @@ do. The walk is the expensive part of a scan, so it does the least it can:
   when that process holds a wanted socket.
 
 Processes that exit mid-walk are skipped. Directories it may not read are counted and reported as
-one line ("owner unknown: permission denied ..."), never raised.
+one line ("owner unknown: permission denied ..."), never raised. One process's files (stat,
+cmdline, a single fd directory) are read by ``process.py``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,19 @@ import os
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from closewait.errors import AccessDenied, KernelDataError, NoSuchProcess, UsageError
+from closewait.errors import AccessDenied, NoSuchProcess, UsageError
 from closewait.model import Owner, Process
+from closewait.sources.process import SOCKET_LINK_PREFIX, descriptors_denied, list_pids, read_process, socket_inode
 
-_SOCKET_PREFIX = "socket:["
+# descriptors_denied and socket_inode are imported by callers from here too.
+__all__ = [
+    "OWNER_SOURCES",
+    "OwnerMap",
+    "check_owner_source",
+    "descriptors_denied",
+    "find_owners",
+    "socket_inode",
+]
 
 #: How owners can be found: ``auto`` (bpf when the kernel allows it, else procfs), ``bpf`` (one
 #: kernel pass over every fd table, ``sources/bpf.py``) or ``procfs`` (the /proc/PID/fd walk).
@@ -43,8 +53,6 @@ class OwnerMap:
 
     owners: dict[int, list[Owner]] = field(default_factory=dict)
     denied_pids: list[int] = field(default_factory=list)
-    #: Every process that holds at least one wanted socket, by pid.
-    processes: dict[int, Process] = field(default_factory=dict)
     #: How the owners were found: "bpf" or "procfs".
     method: str = "procfs"
     #: Why the BPF iterator was not used, when ``auto`` fell back to procfs (None otherwise).
@@ -65,96 +73,6 @@ class OwnerMap:
         return [
             f"owner unknown: permission denied, run as root (cannot read the descriptors of {processes} of other users)"
         ]
-
-
-def descriptors_denied(pid: int) -> str:
-    """The one-line reason a process's descriptors could not be read, with the fix that applies."""
-    if os.geteuid() == 0:
-        return f"cannot read the descriptors of pid {pid}: the kernel refuses it even to root (a protected process)"
-    return f"cannot read the descriptors of pid {pid}: permission denied, run as root"
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read()
-
-
-def parse_stat(text: str) -> tuple[str, int]:
-    """(comm, start time in clock ticks) from the text of /proc/PID/stat.
-
-    comm may contain spaces and parentheses, so it runs to the *last* ')'.
-    """
-    open_paren = text.find("(")
-    close_paren = text.rfind(")")
-    if open_paren < 0 or close_paren < open_paren:
-        raise KernelDataError(f"malformed /proc/PID/stat: {text[:80]!r}")
-    comm = text[open_paren + 1 : close_paren]
-    rest = text[close_paren + 2 :].split()
-    # rest[0] is field 3 (state); starttime is field 22.
-    if len(rest) < 20:
-        raise KernelDataError(f"malformed /proc/PID/stat: {len(rest) + 2} fields")
-    try:
-        return comm, int(rest[19])
-    except ValueError:
-        raise KernelDataError(f"malformed start time in /proc/PID/stat: {rest[19]!r}") from None
-
-
-def read_process(pid: int, proc_root: str = "/proc") -> Process:
-    """Name, cmdline, start time and uid of ``pid``. Raises NoSuchProcess if it is gone."""
-    base = f"{proc_root}/{pid}"
-    try:
-        comm, start_time = parse_stat(_read_bytes(f"{base}/stat").decode("utf-8", "replace"))
-        raw_cmdline = _read_bytes(f"{base}/cmdline")
-        uid: int | None
-        try:
-            uid = os.stat(base).st_uid
-        except OSError:
-            uid = None
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(pid) from None
-    except PermissionError as err:
-        raise AccessDenied(f"cannot read {base}: permission denied") from err
-    cmdline = tuple(part.decode("utf-8", "replace") for part in raw_cmdline.split(b"\0") if part)
-    return Process(pid=pid, start_time=start_time, name=comm, cmdline=cmdline, uid=uid)
-
-
-def list_pids(proc_root: str = "/proc") -> list[int]:
-    return [int(name) for name in os.listdir(proc_root) if name.isdigit()]
-
-
-def socket_inode(link: str) -> int | None:
-    """The inode of a ``/proc/PID/fd`` link's text when it names a socket (``socket:[INODE]``)."""
-    if link.startswith(_SOCKET_PREFIX) and link.endswith("]"):
-        return int(link[len(_SOCKET_PREFIX) : -1])
-    return None
-
-
-def socket_fds(pid: int, proc_root: str = "/proc") -> dict[int, int]:
-    """fd -> socket inode for every socket descriptor of ``pid``.
-
-    Raises NoSuchProcess if the process is gone and AccessDenied if its fds cannot be read.
-    """
-    try:
-        dir_fd = os.open(f"{proc_root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(pid) from None
-    except PermissionError as err:
-        raise AccessDenied(descriptors_denied(pid)) from err
-    result: dict[int, int] = {}
-    try:
-        for name in os.listdir(dir_fd):
-            try:
-                link = os.readlink(name, dir_fd=dir_fd)
-            except OSError:
-                continue  # closed since listing
-            inode = socket_inode(link)
-            if inode is not None:
-                result[int(name)] = inode
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(pid) from None
-    finally:
-        os.close(dir_fd)
-    return result
 
 
 def find_owners(
@@ -204,14 +122,11 @@ def find_owners(
         raise UsageError("the BPF owner lookup reads the whole host: it cannot be combined with --pid")
     if result.method == "procfs":
         if pids is None:
-            try:
-                pids = list_pids(proc_root)
-            except OSError as err:
-                raise AccessDenied(f"cannot list {proc_root}: {err.strerror}") from err
+            pids = list_pids(proc_root)
         pid_list = list(pids)
         # Compare the link text itself: one hash lookup per descriptor, no parsing of the
         # 200,000 links that are other sockets.
-        wanted_links = {f"{_SOCKET_PREFIX}{inode}]": inode for inode in wanted}
+        wanted_links = {f"{SOCKET_LINK_PREFIX}{inode}]": inode for inode in wanted}
         _walk_parallel(iter(pid_list), proc_root, wanted_links, found, result.denied_pids, _walk_threads(len(pid_list)))
         found.sort()
         result.denied_pids.sort()
@@ -222,7 +137,6 @@ def find_owners(
             continue
         except AccessDenied:
             process = Process(pid=pid, start_time=0, name="?", cmdline=())
-        result.processes[pid] = process
         for fd, inode in hits:
             result.owners.setdefault(inode, []).append(Owner(process, fd))
     for owner_list in result.owners.values():

@@ -21,7 +21,7 @@ import struct
 import sys
 from collections.abc import Iterable, Iterator
 
-from closewait.errors import AccessDenied, KernelDataError, NotSupported
+from closewait.errors import KernelDataError, NotSupported, from_os_error
 from closewait.model import Endpoint, Family, Socket, TcpState
 
 _WORD = struct.Struct("=I")
@@ -125,8 +125,8 @@ def read_table(family: Family, *, proc_net: str = "/proc/thread-self/net") -> st
         if family == Family.IPV6:
             return ""  # IPv6 disabled: no tcp6 table
         raise NotSupported(f"{path} does not exist: is /proc mounted?") from None
-    except PermissionError as err:
-        raise AccessDenied(f"cannot read {path}: permission denied") from err
+    except OSError as err:
+        raise from_os_error(err, f"cannot read {path}") from err
 
 
 def dump(

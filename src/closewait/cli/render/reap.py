@@ -12,7 +12,7 @@ from rich.text import Text
 
 from closewait.cli.render import console
 from closewait.diagnosis import format_duration
-from closewait.remediate import Method, Outcome, ReapPlan, ReapResult, ReapTarget
+from closewait.reap import Method, Outcome, ReapPlan, ReapResult, ReapTarget
 
 _METHOD_WORDS = {
     Method.SHUTDOWN: "pidfd_getfd + shutdown(SHUT_RDWR): a normal FIN; the process keeps its fd, "

@@ -23,7 +23,7 @@ from closewait.lab.model import LabContext
 from closewait.model import ALL_STATES, TEARDOWN_STATES, Endpoint, Finding, Role, TcpState
 from closewait.scan import scan
 from closewait.sources import netlink
-from closewait.sources.owners import socket_fds
+from closewait.sources.process import socket_fds
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,449 @@
+"""Release a running process's CLOSE_WAIT sockets without restarting it: ``plan()`` is pure, ``apply()`` acts.
+
+``survey()`` reads what ``plan()`` needs; ``apply()`` acts through ``closewait.sources`` (``pidfd``,
+``netlink``, ``process``). Methods (docs/reap.md): ``shutdown`` (default, Linux 5.6+) borrows the
+descriptor with pidfd_getfd and sends a normal FIN with ``shutdown(SHUT_RDWR)``; ``destroy`` is
+SOCK_DESTROY over sock_diag, as ``ss -K`` does (CAP_NET_ADMIN), an RST. Either way the target's fd
+stays open: its next ``recv()`` returns EOF.
+
+Pitfalls this module exists to avoid:
+
+- pids are reused. The plan records (pid, start time); apply opens a pidfd first and only then
+  compares the start time, so the process checked is the process acted on (a pidfd cannot be
+  re-targeted; if that process exits, pidfd_getfd fails with ESRCH instead of touching another).
+- fds are reused. The target may close the planned fd and get the same number for a new
+  connection; the inode check on the duplicate catches it, so an ESTABLISHED socket is never hit.
+- states change. Between plan and apply the application may close the socket or shut it down
+  itself; each socket is looked up again right before acting and skipped (reported) unless it is
+  still in CLOSE_WAIT.
+- a socket shared by several processes (fork, SCM_RIGHTS) is one socket: shutting it down through
+  one holder affects every holder. The plan lists the other holders.
+
+Only CLOSE_WAIT sockets are ever touched: ``plan()`` drops every other state it is given, and
+``apply()`` re-checks the live state. Library code logs and never prints; the CLI
+(``closewait.cli.reap``) prints the plan and the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import errno
+import logging
+import os
+import socket as socket_mod
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from closewait.errors import AccessDenied, ClosewaitError, NetlinkError, NoSuchProcess, NotSupported, UsageError
+from closewait.filters import ReapCriteria, RemoteFilter, parse_duration
+from closewait.model import Finding, Owner, Process, Snapshot, Socket, TcpState
+from closewait.sources import netlink, pidfd
+from closewait.sources.owners import find_owners
+from closewait.sources.process import fd_link, read_stat, read_uid, socket_inode, validate_pids
+
+log = logging.getLogger(__name__)
+
+
+class Method(enum.StrEnum):
+    """How a planned socket is released."""
+
+    SHUTDOWN = "shutdown"
+    DESTROY = "destroy"
+
+
+class Outcome(enum.StrEnum):
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+# --- the plan --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReapTarget:
+    """One CLOSE_WAIT socket to release through descriptor ``fd`` of ``process``.
+
+    ``fds`` are all of that process's descriptors for the socket (``fd`` is the first);
+    ``other_holders`` are descriptors of other processes sharing it, which the release affects too.
+    """
+
+    socket: Socket
+    process: Process
+    fds: tuple[int, ...]
+    other_holders: tuple[Owner, ...] = ()
+
+    @property
+    def fd(self) -> int:
+        return self.fds[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Excluded:
+    """A socket the filters matched that the plan will not touch, and why."""
+
+    socket: Socket
+    owners: tuple[Owner, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReapPlan:
+    """What ``apply()`` would do. Built by ``plan()`` from a Snapshot; nothing here touches the kernel."""
+
+    method: Method
+    criteria: ReapCriteria
+    targets: tuple[ReapTarget, ...]
+    excluded: tuple[Excluded, ...] = ()
+    taken_at: float = 0.0
+    #: Problems the scan reported (for example processes whose owners could not be read).
+    errors: tuple[str, ...] = ()
+
+    @property
+    def processes(self) -> tuple[Process, ...]:
+        seen: dict[tuple[int, int], Process] = {}
+        for target in self.targets:
+            seen.setdefault(target.process.identity, target.process)
+        return tuple(seen.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``closewait reap --json``, docs/reap.md)."""
+        from closewait.serialize import reap_plan_dict
+
+        return reap_plan_dict(self)
+
+
+def plan(
+    snapshot: Snapshot,
+    *,
+    pids: Iterable[int] = (),
+    ports: Iterable[int] = (),
+    remote: RemoteFilter | str | None = None,
+    older_than_ms: int | None = None,
+    method: Method | str = Method.SHUTDOWN,
+    all_processes: bool = False,
+) -> ReapPlan:
+    """Choose the sockets of ``snapshot`` to release. Pure: reads only its arguments.
+
+    Only CLOSE_WAIT sockets become targets, whatever states the snapshot holds. With ``pids``, a
+    socket is a target through the first of those processes holding it; with ``all_processes``
+    (which needs a port, remote or age filter), through its first holder. Sockets the filters
+    match but that cannot be acted on safely (no cookie from the procfs backend, unknown idle time
+    with ``older_than_ms``, unknown process identity, no known owner) are listed in ``excluded``.
+    """
+    criteria = ReapCriteria(
+        pids=frozenset(pids),
+        ports=frozenset(ports),
+        remote=RemoteFilter.parse(remote) if isinstance(remote, str) else remote,
+        older_than_ms=older_than_ms,
+        all_processes=all_processes,
+    )
+    criteria.validate()
+    try:
+        chosen_method = Method(method)
+    except ValueError:
+        raise UsageError(f"unknown method {method!r}: choose shutdown or destroy") from None
+
+    targets: list[ReapTarget] = []
+    excluded: list[Excluded] = []
+    for finding in snapshot.findings:
+        owners = finding.owners
+        mine = [o for o in owners if criteria.all_processes or o.process.pid in criteria.pids]
+        if criteria.pids and not mine:
+            continue
+        sock = finding.socket
+        if not criteria.matches(sock, keep_unknown_age=True):  # _exclusion says why it is kept out
+            continue
+        reason = _exclusion(finding, mine, criteria)
+        if reason is not None:
+            excluded.append(Excluded(sock, owners, reason))
+            continue
+        process = mine[0].process
+        fds = tuple(o.fd for o in mine if o.process.identity == process.identity)
+        others = tuple(o for o in owners if o.process.identity != process.identity)
+        targets.append(ReapTarget(sock, process, fds, others))
+    targets.sort(key=lambda t: (t.process.pid, t.fd))
+    return ReapPlan(
+        method=chosen_method,
+        criteria=criteria,
+        targets=tuple(targets),
+        excluded=tuple(excluded),
+        taken_at=snapshot.taken_at,
+        errors=snapshot.errors,
+    )
+
+
+def _exclusion(finding: Finding, mine: list[Owner], criteria: ReapCriteria) -> str | None:
+    sock = finding.socket
+    if sock.state != TcpState.CLOSE_WAIT:
+        return f"{sock.state.name}: only CLOSE_WAIT sockets are ever touched"
+    if criteria.older_than_ms is not None and sock.idle_ms is None:
+        return "idle time unknown (no tcp_info from this backend), so --older-than cannot be checked"
+    if sock.cookie is None:
+        return "no socket cookie (procfs backend): it cannot be re-verified exactly, use the netlink backend"
+    if not mine:
+        return "no owning process found (its descriptors may be unreadable: run as root)"
+    if mine[0].process.start_time <= 0:
+        return f"start time of pid {mine[0].process.pid} unknown, so a reused pid could not be told apart"
+    return None
+
+
+def survey(
+    *,
+    pids: Collection[int] = (),
+    ports: Iterable[int] = (),
+    proc_root: str = "/proc",
+) -> Snapshot:
+    """The Snapshot ``plan()`` needs: CLOSE_WAIT sockets from sock_diag, with every owner.
+
+    Checks first that each pid's descriptors are readable, so a missing privilege is one clear
+    ``AccessDenied`` rather than an empty plan. With ``pids``, the scan walks only those processes;
+    then the sockets found are looked up in every other process too, because releasing a shared
+    socket (fork, SCM_RIGHTS) affects all its holders and the plan must say so (as far as this
+    user can see: without root, other users' processes are not looked into).
+    """
+    from closewait.scan import CLOSE_WAIT_ONLY, scan
+
+    for pid in sorted(pids):
+        try:
+            validate_pids([pid], proc_root)  # one fd link read, not all of them: scan() walks them next
+        except AccessDenied:
+            raise AccessDenied(_ptrace_message(pid, proc_root)) from None
+    snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, backend="netlink", proc_root=proc_root)
+    if not pids or not snapshot.findings:
+        return snapshot
+    everyone = find_owners({f.socket.inode for f in snapshot.findings}, proc_root=proc_root)
+    findings = tuple(
+        dataclasses.replace(f, owners=_merge_owners(f.owners, everyone.owners.get(f.socket.inode, ())))
+        for f in snapshot.findings
+    )
+    # Processes this user may not read are left out without a warning: a non-root caller reaping its
+    # own process cannot see (and need not ask about) other users' descriptors.
+    return dataclasses.replace(snapshot, findings=findings)
+
+
+def _merge_owners(first: Iterable[Owner], more: Iterable[Owner]) -> tuple[Owner, ...]:
+    merged = {(o.process.pid, o.fd): o for o in (*more, *first)}  # on a tie the later one, from first, stays
+    return tuple(sorted(merged.values(), key=lambda o: (o.process.pid, o.fd)))
+
+
+def _ptrace_message(pid: int, proc_root: str = "/proc") -> str:
+    try:
+        owner = f" (uid {read_uid(pid, proc_root)})"
+    except ClosewaitError:
+        owner = ""
+    if os.geteuid() == 0:  # never tell root to run as root
+        needs = "was refused even to root (a protected process, or CAP_SYS_PTRACE dropped)"
+    else:
+        needs = f"needs root or CAP_SYS_PTRACE over it (you are uid {os.geteuid()})"
+    return f"permission denied: reaping pid {pid}{owner} {needs}; --method destroy needs CAP_NET_ADMIN"
+
+
+# --- applying it -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReapOutcome:
+    """What happened to one target. ``code`` is stable (docs/reap.md); ``reason`` is for a person."""
+
+    target: ReapTarget
+    outcome: Outcome
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReapResult:
+    plan: ReapPlan
+    outcomes: tuple[ReapOutcome, ...] = field(default=())
+
+    def _with(self, outcome: Outcome) -> tuple[ReapOutcome, ...]:
+        return tuple(o for o in self.outcomes if o.outcome == outcome)
+
+    @property
+    def done(self) -> tuple[ReapOutcome, ...]:
+        return self._with(Outcome.DONE)
+
+    @property
+    def skipped(self) -> tuple[ReapOutcome, ...]:
+        return self._with(Outcome.SKIPPED)
+
+    @property
+    def failed(self) -> tuple[ReapOutcome, ...]:
+        return self._with(Outcome.FAILED)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every planned socket was released (or there was none), 1 when any was skipped or failed."""
+        return 0 if len(self.done) == len(self.outcomes) else 1
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan's JSON plus one entry per outcome and the counts."""
+        from closewait.serialize import reap_result_dict
+
+        return reap_result_dict(self)
+
+
+class _Skip(Exception):
+    """Raised inside one target's steps: this socket is left alone, for ``code``/``reason``."""
+
+    def __init__(self, code: str, reason: str, outcome: Outcome = Outcome.SKIPPED) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.outcome = outcome
+
+
+def apply(reap_plan: ReapPlan, *, proc_root: str = "/proc") -> ReapResult:
+    """Release every target of ``reap_plan``, re-verifying each right before acting.
+
+    Returns one outcome per target, in plan order. A missing privilege (EPERM) or a missing kernel
+    feature (ENOSYS, no SOCK_DESTROY) is raised as ``AccessDenied``/``NotSupported`` when it happens
+    before anything was released; after that it is recorded as a failed outcome, so the result still
+    says what was done.
+    """
+    outcomes: list[ReapOutcome] = []
+    release = _shutdown_one if reap_plan.method == Method.SHUTDOWN else _destroy_one
+    nl = netlink.open_socket()
+    try:
+        for target in reap_plan.targets:
+            try:
+                outcomes.append(ReapOutcome(target, Outcome.DONE, "released", release(target, nl, proc_root)))
+            except _Skip as skip:
+                outcomes.append(ReapOutcome(target, skip.outcome, skip.code, skip.reason))
+            except (AccessDenied, NotSupported) as err:
+                if not any(o.outcome == Outcome.DONE for o in outcomes):
+                    raise
+                code = "permission-denied" if isinstance(err, AccessDenied) else "not-supported"
+                outcomes.append(ReapOutcome(target, Outcome.FAILED, code, str(err)))
+            last = outcomes[-1]
+            log.info("reap pid %d fd %d: %s %s", target.process.pid, target.fd, last.code, last.reason)
+    finally:
+        nl.close()
+    return ReapResult(reap_plan, tuple(outcomes))
+
+
+@contextmanager
+def _about(target: ReapTarget, proc_root: str, failed_code: str | None = None) -> Iterator[None]:
+    """The sources' errors about the target process, as reap reports them: an exited process is a
+    skip, a refusal names the ptrace right needed, other kernel errors fail this target only."""
+    pid = target.process.pid
+    try:
+        yield
+    except NoSuchProcess:
+        raise _Skip("process-gone", f"pid {pid} has exited") from None
+    except AccessDenied as err:
+        raise AccessDenied(_ptrace_message(pid, proc_root)) from err
+    except NotSupported as err:
+        raise NotSupported(f"{err}: use --method destroy") from err
+    except ClosewaitError as err:
+        if failed_code is None:
+            raise
+        raise _Skip(failed_code, str(err), Outcome.FAILED) from err
+
+
+@contextmanager
+def _pinned(target: ReapTarget, proc_root: str, *, required: bool) -> Iterator[int | None]:
+    """A pidfd on the planned process (None where the kernel has none and it is not ``required``),
+    opened *before* its start time is compared, so the process checked is the process acted on."""
+    with _about(target, proc_root, "pidfd-failed"):
+        pin = pidfd.open_pidfd(target.process.pid, required=required)
+    try:
+        with _about(target, proc_root):
+            _check_identity(target.process, proc_root)
+        yield pin
+    finally:
+        if pin is not None:
+            os.close(pin)
+
+
+def _check_fd(target: ReapTarget, inode: int | None) -> None:
+    """The planned fd is still open (``inode`` not None) and still the planned socket (fds are reused)."""
+    if inode is None:
+        raise _Skip("fd-closed", f"fd {target.fd} is no longer open in pid {target.process.pid}")
+    if inode != target.socket.inode:
+        what = f"socket {inode}" if inode else "a file that is not a socket"
+        raise _Skip("fd-reused", f"fd {target.fd} now holds {what}, not the planned {target.socket.inode}")
+
+
+def _shutdown_one(target: ReapTarget, nl: socket_mod.socket, proc_root: str) -> str:
+    with _pinned(target, proc_root, required=True) as pin, _about(target, proc_root, "getfd-failed"):
+        dup = pidfd.borrow(pin, target.process.pid, target.fd) if pin is not None else None
+    try:
+        _check_fd(target, None if dup is None else pidfd.socket_inode_of(dup) or 0)
+        assert dup is not None
+        _check_still_close_wait(target, nl)
+        state = pidfd.tcp_state(dup)
+        if state != TcpState.CLOSE_WAIT:
+            raise _Skip("state-changed", f"socket is now {_state_name(state)}, no longer CLOSE_WAIT")
+        try:
+            pidfd.shutdown(dup)
+        except ClosewaitError as err:
+            raise _Skip("shutdown-failed", str(err), Outcome.FAILED) from err
+        after = pidfd.tcp_state(dup)
+    finally:
+        if dup is not None:
+            os.close(dup)
+    return f"FIN sent; socket now {_state_name(after)}; fd {target.fd} stays open"
+
+
+def _destroy_one(target: ReapTarget, nl: socket_mod.socket, proc_root: str) -> str:
+    with _pinned(target, proc_root, required=False):  # pins the pid while it is checked, where the kernel can
+        with _about(target, proc_root):
+            link = fd_link(target.process.pid, target.fd, proc_root)
+        _check_fd(target, None if link is None else socket_inode(link) or 0)
+        _check_still_close_wait(target, nl)
+        try:
+            netlink.destroy(target.socket, nl=nl)
+        except NetlinkError as err:
+            if err.errno in (errno.ENOENT, errno.ESTALE):
+                raise _Skip("socket-gone", "socket left the TCP table just before SOCK_DESTROY") from err
+            raise _Skip("destroy-failed", str(err), Outcome.FAILED) from err
+    return f"SOCK_DESTROY aborted it (RST sent); fd {target.fd} stays open"
+
+
+def _check_identity(process: Process, proc_root: str) -> None:
+    """The pid still names the planned process (same start time), else skip."""
+    start_time = read_stat(process.pid, proc_root).start_time
+    if start_time != process.start_time:
+        planned = f"start time {start_time}, planned {process.start_time}"
+        raise _Skip("pid-reused", f"pid {process.pid} is now another process ({planned})")
+
+
+def _check_still_close_wait(target: ReapTarget, nl: socket_mod.socket) -> None:
+    """sock_diag's current record of exactly this socket (endpoints + cookie) is CLOSE_WAIT, same inode."""
+    current = netlink.lookup(target.socket, nl=nl)
+    if current is None:
+        raise _Skip("socket-gone", "socket left the TCP table since the plan (closed)")
+    if current.inode != target.socket.inode:
+        raise _Skip("socket-replaced", f"its endpoints now belong to socket {current.inode}")
+    if current.state != TcpState.CLOSE_WAIT:
+        raise _Skip("state-changed", f"socket is now {current.state.name}, no longer CLOSE_WAIT")
+
+
+def _state_name(state: int) -> str:
+    try:
+        name: str = TcpState(state).name
+    except ValueError:
+        return f"state {state}"
+    return "CLOSED (out of the TCP table)" if state == TcpState.CLOSE else name
+
+
+__all__ = [
+    "Excluded",
+    "Method",
+    "Outcome",
+    "ReapCriteria",
+    "ReapOutcome",
+    "ReapPlan",
+    "ReapResult",
+    "ReapTarget",
+    "RemoteFilter",
+    "apply",
+    "parse_duration",
+    "plan",
+    "survey",
+]
