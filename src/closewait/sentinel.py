@@ -44,7 +44,7 @@ from typing import Literal
 
 from closewait import testing
 from closewait import trace as trace_mod
-from closewait.diagnosis import format_duration
+from closewait.display import format_duration
 from closewait.errors import ClosewaitError, UsageError
 from closewait.model import Finding
 
