@@ -170,7 +170,3 @@ def unfinished(exp_id: str, part: str, title: str, claim: str, err: BaseExceptio
         reason=error_reason(err),
         duration_s=round(time.monotonic() - started, 3),
     )
-
-
-def elapsed_ms(start: float) -> float:
-    return (time.monotonic() - start) * 1000.0
