@@ -68,7 +68,7 @@ def validate_parts(parts: Iterable[str]) -> tuple[str, ...]:
 
 
 def _capture_reason(enabled: bool) -> str | None:
-    from closewait.lab.capture import Capture
+    from closewait.sources.capture import Capture
 
     probe = Capture([], enabled=enabled).start()
     probe.stop()

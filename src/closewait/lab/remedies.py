@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from closewait.lab import churn
-from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Verdict, unfinished
+from closewait.lab.model import Experiment, LabContext, Measurement, Verdict, unfinished
 from closewait.lab.servers import (
     HEARTBEAT_S,
     IDLE_TIMEOUT_S,
@@ -57,13 +57,14 @@ from closewait.lab.servers import (
 )
 from closewait.lab.servers.observe import (
     capturing,
-    fin_timeout_s,
     held_inodes,
     lookup_end,
     median,
     no_capture_note,
 )
 from closewait.model import Finding, TcpState
+from closewait.sources.capture import Capture, Segment
+from closewait.sources.sysctl import tcp_fin_timeout_s
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class Trial:
 
 def run(ctx: LabContext) -> list[Experiment]:
     """The six remedy experiments (run in parallel, each on its own server), then the churn run."""
-    fin_timeout = fin_timeout_s()
+    fin_timeout = tcp_fin_timeout_s()
     calls = [functools.partial(_guarded, remedy, ctx, fin_timeout) for remedy in REMEDIES]
     results = run_parallel(ctx, calls, "lab-remedy")
     results.extend(churn.run(ctx))
@@ -308,21 +309,17 @@ def _prompt_remedy(ctx: LabContext, remedy: Remedy) -> Experiment:
             notes.append("The half-close caveat did not show on this kernel: the half-closed peer was detected.")
     else:
         verdict = Verdict.HOLDS if all_hold else Verdict.DOES_NOT_HOLD
-    if not cap.active:
-        notes.append(no_capture_note(cap.reason, "socket states, /proc and errno"))
-    return Experiment(
-        id=remedy.id,
-        part=PART,
-        title=remedy.title,
-        claim=remedy.claim,
+    return _remedy_experiment(
+        remedy,
+        cap,
+        segments,
+        (port, first.client_port),
         observed=observed,
         verdict=verdict,
         measurements=measurements,
-        packets=_one_connection(segments, first.client_port),
-        packets_captured=cap.active,
-        actors={f"127.0.0.1:{port}": "server", f"127.0.0.1:{first.client_port}": "client"},
-        notes=(remedy.caveat, *notes),
-        duration_s=time.monotonic() - start,
+        notes=[remedy.caveat, *notes],
+        evidence="socket states, /proc and errno",
+        start=start,
     )
 
 
@@ -507,8 +504,41 @@ def _keepalive(ctx: LabContext, remedy: Remedy, fin_timeout: int | None) -> Expe
             "while the fd stays leaked."
         )
         verdict = Verdict.HOLDS_WITH_CAVEAT if still_close_wait and all(held_after_probes) else Verdict.DOES_NOT_HOLD
+    return _remedy_experiment(
+        remedy,
+        cap,
+        segments,
+        (port, conns[0][0]),
+        observed=observed,
+        verdict=verdict,
+        measurements=measurements,
+        notes=notes,
+        evidence="socket states, tcp_info and /proc",
+        start=start,
+    )
+
+
+def _remedy_experiment(
+    remedy: Remedy,
+    cap: Capture,
+    segments: tuple[Segment, ...],
+    ports: tuple[int, int],
+    *,
+    observed: str,
+    verdict: Verdict,
+    measurements: dict[str, Measurement],
+    notes: list[str],
+    evidence: str,
+    start: float,
+) -> Experiment:
+    """The record of a remedy tried over many connections to server port ``ports[0]``.
+
+    The ladder shows only the first connection (client port ``ports[1]``): all of them would be
+    unreadable. Without packets, the last note says what ``evidence`` stood in for them.
+    """
+    port, client_port = ports
     if not cap.active:
-        notes.append(no_capture_note(cap.reason, "socket states, tcp_info and /proc"))
+        notes = [*notes, no_capture_note(cap.reason, evidence)]
     return Experiment(
         id=remedy.id,
         part=PART,
@@ -517,9 +547,9 @@ def _keepalive(ctx: LabContext, remedy: Remedy, fin_timeout: int | None) -> Expe
         observed=observed,
         verdict=verdict,
         measurements=measurements,
-        packets=_one_connection(segments, conns[0][0]),
+        packets=_one_connection(segments, client_port),
         packets_captured=cap.active,
-        actors={f"127.0.0.1:{port}": "server", f"127.0.0.1:{conns[0][0]}": "client"},
+        actors={f"127.0.0.1:{port}": "server", f"127.0.0.1:{client_port}": "client"},
         notes=tuple(notes),
         duration_s=time.monotonic() - start,
     )

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from closewait.display import format_bytes
-from closewait.lab.model import PARTS, Experiment, Segment, Status
+from closewait.lab.model import PARTS, Experiment, Status
+from closewait.sources.capture import Segment
 
 #: Every experiment id each part produces, in report order (skipped placeholders use these).
 PART_IDS: dict[str, tuple[str, ...]] = {

@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from closewait import diagnosis
-from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Status, Verdict, unfinished
+from closewait.lab.model import Experiment, LabContext, Measurement, Status, Verdict, unfinished
 from closewait.lab.servers import (
     ServerError,
     ServerProcess,
@@ -47,12 +47,13 @@ from closewait.lab.servers.observe import (
     capturing,
     client_end,
     connection_findings,
-    fin_timeout_s,
     lookup_end,
     no_capture_note,
 )
 from closewait.model import Finding, TcpState
 from closewait.scan import scan
+from closewait.sources.capture import Segment
+from closewait.sources.sysctl import tcp_fin_timeout_s
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def _state_name(finding: Finding | None) -> str | None:
 
 def _observe(ctx: LabContext, exp_id: str, title: str, server: ServerProcess, port: int, what: str) -> Experiment:
     start = time.monotonic()
-    fin_timeout = fin_timeout_s()
+    fin_timeout = tcp_fin_timeout_s()
     stop = stop_event(ctx)
     notes: list[str] = []
     with capturing(ctx, [port]) as cap:
