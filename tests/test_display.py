@@ -10,6 +10,7 @@ from closewait.display import (
     format_command,
     format_decimal,
     format_duration,
+    format_latency,
     format_ms,
     plural,
 )
@@ -32,6 +33,13 @@ from closewait.model import Endpoint
 )
 def test_format_duration(ms: int, text: str) -> None:
     assert format_duration(ms) == text
+
+
+@pytest.mark.parametrize(
+    ("ms", "text"), [(0.0, "0.0 ms"), (3.44, "3.4 ms"), (999.9, "999.9 ms"), (1000.0, "1.0 s"), (61_250.0, "61.2 s")]
+)
+def test_format_latency(ms: float, text: str) -> None:
+    assert format_latency(ms) == text
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ report and the exporter's messages all format through these, so one quantity rea
 everywhere:
 
 - ``format_duration``: a measured age for a table cell (``12 ms``, ``3.4 s``, ``5 min``, ``2.1 h``).
+- ``format_latency``: a measured delay to a tenth of a millisecond (``3.4 ms``, ``1.2 s``).
 - ``format_ms``: a duration the user typed, given back exactly (``90s``, ``5m``, ``250ms``).
 - ``format_address``: ``host:port``, IPv6 hosts in brackets (``[::1]:8080``); ``Endpoint.__str__``.
 - ``format_bytes``: a byte count scaled to B, KiB or MiB.
@@ -27,6 +28,7 @@ __all__ = [
     "format_command",
     "format_decimal",
     "format_duration",
+    "format_latency",
     "format_ms",
     "plural",
 ]
@@ -51,6 +53,14 @@ def format_duration(ms: int) -> str:
     if seconds < 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} d"
+
+
+def format_latency(ms: float) -> str:
+    """3.4 ms, 1.2 s: a short measured delay (the lab's close latencies), where the tenth of a
+    millisecond ``format_duration`` rounds away is the measurement."""
+    if ms >= 1000:
+        return f"{ms / 1000:.1f} s"
+    return f"{ms:.1f} ms"
 
 
 def format_ms(ms: int) -> str:

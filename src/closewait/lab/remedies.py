@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from closewait.display import format_latency
 from closewait.lab import churn
 from closewait.lab.model import Experiment, LabContext, Measurement, Verdict, unfinished
 from closewait.lab.servers import (
@@ -611,8 +612,4 @@ def _round(value: float | None) -> float | None:
 
 
 def _ms(value: float | None) -> str:
-    if value is None:
-        return "never"
-    if value >= 1000:
-        return f"{value / 1000:.1f} s"
-    return f"{value:.1f} ms"
+    return "never" if value is None else format_latency(value)
