@@ -58,13 +58,13 @@ from closewait.lab.servers import (
 )
 from closewait.lab.servers.observe import (
     capturing,
+    connection_experiment,
     held_inodes,
     lookup_end,
     median,
-    no_capture_note,
 )
 from closewait.model import Finding, TcpState
-from closewait.sources.capture import Capture, Segment
+from closewait.sources.capture import Segment
 from closewait.sources.sysctl import tcp_fin_timeout_s
 
 log = logging.getLogger(__name__)
@@ -310,17 +310,20 @@ def _prompt_remedy(ctx: LabContext, remedy: Remedy) -> Experiment:
             notes.append("The half-close caveat did not show on this kernel: the half-closed peer was detected.")
     else:
         verdict = Verdict.HOLDS if all_hold else Verdict.DOES_NOT_HOLD
-    return _remedy_experiment(
-        remedy,
-        cap,
-        segments,
-        (port, first.client_port),
+    return connection_experiment(
+        remedy.id,
+        PART,
+        remedy.title,
+        remedy.claim,
         observed=observed,
         verdict=verdict,
         measurements=measurements,
+        cap=cap,
+        packets=_one_connection(segments, first.client_port),
+        ports=(port, first.client_port),
         notes=[remedy.caveat, *notes],
         evidence="socket states, /proc and errno",
-        start=start,
+        started=start,
     )
 
 
@@ -505,54 +508,20 @@ def _keepalive(ctx: LabContext, remedy: Remedy, fin_timeout: int | None) -> Expe
             "while the fd stays leaked."
         )
         verdict = Verdict.HOLDS_WITH_CAVEAT if still_close_wait and all(held_after_probes) else Verdict.DOES_NOT_HOLD
-    return _remedy_experiment(
-        remedy,
-        cap,
-        segments,
-        (port, conns[0][0]),
+    return connection_experiment(
+        remedy.id,
+        PART,
+        remedy.title,
+        remedy.claim,
         observed=observed,
         verdict=verdict,
         measurements=measurements,
+        cap=cap,
+        packets=_one_connection(segments, conns[0][0]),
+        ports=(port, conns[0][0]),
         notes=notes,
         evidence="socket states, tcp_info and /proc",
-        start=start,
-    )
-
-
-def _remedy_experiment(
-    remedy: Remedy,
-    cap: Capture,
-    segments: tuple[Segment, ...],
-    ports: tuple[int, int],
-    *,
-    observed: str,
-    verdict: Verdict,
-    measurements: dict[str, Measurement],
-    notes: list[str],
-    evidence: str,
-    start: float,
-) -> Experiment:
-    """The record of a remedy tried over many connections to server port ``ports[0]``.
-
-    The ladder shows only the first connection (client port ``ports[1]``): all of them would be
-    unreadable. Without packets, the last note says what ``evidence`` stood in for them.
-    """
-    port, client_port = ports
-    if not cap.active:
-        notes = [*notes, no_capture_note(cap.reason, evidence)]
-    return Experiment(
-        id=remedy.id,
-        part=PART,
-        title=remedy.title,
-        claim=remedy.claim,
-        observed=observed,
-        verdict=verdict,
-        measurements=measurements,
-        packets=_one_connection(segments, client_port),
-        packets_captured=cap.active,
-        actors={f"127.0.0.1:{port}": "server", f"127.0.0.1:{client_port}": "client"},
-        notes=tuple(notes),
-        duration_s=time.monotonic() - start,
+        started=start,
     )
 
 

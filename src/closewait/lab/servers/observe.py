@@ -5,6 +5,7 @@
   project's own scanner, netlink sock_diag) so the lab demonstrates the tool it ships.
 - ``held_inodes``: which socket inodes a process still holds (``/proc/PID/fd``): the only honest
   answer to "was the fd released?" (a socket can leave the TCP table while its fd leaks).
+- ``connection_experiment``: the Experiment record of such a run, its ladder on one connection.
 - ``capturing``: the packet capture (``closewait.sources.capture``); when it cannot run (not root,
   ``--no-capture``) ``cap.active`` is False and ``cap.reason`` says why.
 """
@@ -13,16 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Collection, Iterator
+import time
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from closewait.diagnosis import diagnose
 from closewait.errors import NoSuchProcess
-from closewait.lab.model import LabContext
+from closewait.lab.model import Experiment, LabContext, Measurement, Verdict
 from closewait.model import ALL_STATES, TEARDOWN_STATES, Endpoint, Finding, Role, TcpState
 from closewait.scan import scan
 from closewait.sources import capture as capture_mod
 from closewait.sources import netlink
-from closewait.sources.capture import Capture
+from closewait.sources.capture import Capture, Segment
 from closewait.sources.owners import socket_fds
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,47 @@ def capturing(ctx: LabContext, ports: Collection[int]) -> Iterator[Capture]:
         finally:
             if cap.active:
                 cap.sync()
+
+
+def connection_experiment(
+    exp_id: str,
+    part: str,
+    title: str,
+    claim: str,
+    *,
+    observed: str,
+    verdict: Verdict,
+    measurements: Mapping[str, Measurement],
+    cap: Capture,
+    packets: tuple[Segment, ...],
+    ports: tuple[int, int],
+    notes: Sequence[str],
+    evidence: str,
+    started: float,
+) -> Experiment:
+    """The record of an experiment on connections to a loopback server.
+
+    ``ports`` is (server port, client port) of the connection the ladder diagram shows, labelled
+    "server" and "client". Without packets (``cap`` inactive), a last note says why and what
+    ``evidence`` stood in for them. ``started`` is the experiment's ``time.monotonic()`` start.
+    """
+    port, client_port = ports
+    if not cap.active:
+        notes = [*notes, no_capture_note(cap.reason, evidence)]
+    return Experiment(
+        id=exp_id,
+        part=part,
+        title=title,
+        claim=claim,
+        observed=observed,
+        verdict=verdict,
+        measurements=measurements,
+        packets=packets,
+        packets_captured=cap.active,
+        actors={f"{LOOPBACK}:{port}": "server", f"{LOOPBACK}:{client_port}": "client"},
+        notes=tuple(notes),
+        duration_s=time.monotonic() - started,
+    )
 
 
 def no_capture_note(reason: str | None, evidence: str) -> str:
