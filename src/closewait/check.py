@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from closewait.display import format_decimal, plural
 from closewait.errors import UsageError
 from closewait.model import ProcessGroup, Snapshot, TcpState
 
@@ -75,15 +76,16 @@ class Result:
         return text
 
 
-def _fmt(value: float | None) -> str:
+def _threshold(value: float | None) -> str:
+    """A threshold echoed in perfdata as the user gave it (``%g``: ``2.5``, ``10``); empty when unset."""
     if value is None:
         return ""
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _perf(label: str, value: float, uom: str = "", warn: float | None = None, crit: float | None = None) -> str:
-    shown = f"{value:.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
-    return f"{label}={shown}{uom};{_fmt(warn)};{_fmt(crit)};0"
+    shown = format_decimal(value) if isinstance(value, float) else str(value)
+    return f"{label}={shown}{uom};{_threshold(warn)};{_threshold(crit)};0"
 
 
 def _who(group: ProcessGroup) -> str:
@@ -134,7 +136,7 @@ def evaluate(snapshot: Snapshot, thresholds: Thresholds) -> Result:
         status = Status.UNKNOWN
         reasons.append(snapshot.errors[0])
 
-    summary = f"{total} socket{'s' if total != 1 else ''} in CLOSE_WAIT"
+    summary = f"{plural(total, 'socket')} in CLOSE_WAIT"
     if worst is not None:
         summary += f" (worst: {_who(worst)} holds {worst.count}"
         summary += f", {len(owned)} processes)" if len(owned) > 1 else ")"

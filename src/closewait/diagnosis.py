@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from closewait.display import format_duration, plural
 from closewait.model import Diagnosis, Endpoint, Owner, Role, Socket, TcpState, make_diagnosis
 
 EOF_NOT_CLOSED = "eof-not-closed"
@@ -84,20 +85,6 @@ def _idle_phrase(socket: Socket) -> str:
     return f" {format_duration(idle)} ago"
 
 
-def format_duration(ms: int) -> str:
-    """12 ms, 3.4 s, 5 min, 2.1 h, 3.0 d: short enough for a table cell."""
-    if ms < 1000:
-        return f"{ms} ms"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
-
-
 def _close_wait(socket: Socket, role: Role) -> Diagnosis:
     peer = socket.remote
     if socket.recv_q == 0:
@@ -131,7 +118,7 @@ def _close_wait(socket: Socket, role: Role) -> Diagnosis:
             remedy = "nothing reads this socket: read it until EOF and close, or add an idle timeout"
         return make_diagnosis(NOT_READING, summary, remedy)
     unread = socket.unread_bytes
-    summary = f"{unread} byte{'s' if unread != 1 else ''} sent by {peer} before it closed were never read"
+    summary = f"{plural(unread, 'byte')} sent by {peer} before it closed were never read"
     if role == Role.CLIENT:
         remedy = (
             "the response was never consumed: read it to the end (or discard it) and close, and check "
@@ -169,7 +156,7 @@ def diagnose(socket: Socket, owners: Collection[Owner], role: Role) -> Diagnosis
         queued = socket.send_q - 1
         return make_diagnosis(
             PEER_NOT_READING,
-            f"{queued} byte{'s' if queued != 1 else ''} still queued for {socket.remote}, which is not reading",
+            f"{plural(queued, 'byte')} still queued for {socket.remote}, which is not reading",
             "the peer's receive window is closed: fix the peer's reader, or use SO_LINGER/TCP_USER_TIMEOUT "
             "to bound how long the kernel keeps trying",
         )

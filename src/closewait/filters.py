@@ -1,6 +1,6 @@
 """What a user asks ``closewait reap`` for, parsed once and matched against the model:
-``--remote ADDR[:PORT]`` (``RemoteFilter``), ``--older-than DURATION`` (``parse_duration``, and
-``format_ms`` to say it back) and the whole selection (``ReapCriteria``).
+``--remote ADDR[:PORT]`` (``RemoteFilter``), ``--older-than DURATION`` (``parse_duration``; ``display.format_ms``
+says it back) and the whole selection (``ReapCriteria``).
 
 Each parser raises ``UsageError`` with the accepted forms, so a typo is one line, not a traceback.
 """
@@ -11,6 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from closewait.display import format_ms
 from closewait.errors import UsageError
 from closewait.model import Endpoint, Socket
 
@@ -123,11 +124,4 @@ class ReapCriteria:
         return (sock.idle_ms or 0) >= self.older_than_ms
 
 
-def format_ms(ms: int) -> str:
-    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if ms >= size and ms % size == 0:
-            return f"{ms // size}{unit}"
-    return f"{ms}ms"
-
-
-__all__ = ["ReapCriteria", "RemoteFilter", "format_ms", "parse_duration"]
+__all__ = ["ReapCriteria", "RemoteFilter", "parse_duration"]

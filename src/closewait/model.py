@@ -14,6 +14,8 @@ import enum
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 
+from closewait.display import format_address
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
     from typing import TypeVar
@@ -140,9 +142,7 @@ class Endpoint:
     port: int
 
     def __str__(self) -> str:
-        if ":" in self.address:
-            return f"[{self.address}]:{self.port}"
-        return f"{self.address}:{self.port}"
+        return format_address(self.address, self.port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """Compose a Snapshot: sockets from a source, owners from /proc, role and diagnosis for each.
 
 ``scan()`` is what ``closewait scan`` runs and what watch, check, the exporter, reap and the pytest
-plugin build on. It validates its arguments first (one clear ``ClosewaitError`` each), then reads
-the kernel once per source, then resolves only the owners of the sockets it kept.
+plugin build on. It reads as its steps, each a function below that names the pitfall it avoids:
+validate the arguments first (one clear ``ClosewaitError`` each), dump the socket table once,
+resolve only the owners of the sockets kept, then diagnose each socket.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from collections.abc import Collection, Iterable
 
 from closewait import diagnosis as rules
 from closewait.errors import AccessDenied, UsageError
-from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState, make_finding
+from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, Socket, TcpState, make_finding
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
-from closewait.sources.owners import check_owner_source, descriptors_denied, find_owners
+from closewait.sources.owners import OwnerMap, check_owner_source, descriptors_denied, find_owners
 from closewait.sources.process import validate_pids
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
@@ -56,6 +57,43 @@ def scan(
     Processes whose descriptors cannot be read (other users', without root) leave their sockets
     without owners and add one line to ``Snapshot.errors``; a pid named in ``pids`` that cannot be
     read raises ``AccessDenied`` instead, since an empty answer for it would be wrong.
+
+    The steps: ``_validate`` the arguments, ``_dump`` the socket table, find the ``_owners`` of the
+    sockets kept, turn each into a Finding (``_findings``), and count them into a Snapshot.
+    """
+    wanted_states, port_filter, pid_filter = _validate(states, ports, pids, owners, owner_source, proc_root)
+    ns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
+    source = get_source(backend) if isinstance(backend, str) else backend
+    taken_at = time.time()
+    targets, listeners = _dump(source, ns, wanted_states, port_filter, with_listeners=owners)
+    owner_map = _owners(targets, listeners, pid_filter, proc_root, owner_source) if owners and targets else None
+    findings = _findings(targets, listeners, owner_map, pid_filter, with_roles=owners)
+    return Snapshot(
+        findings=findings,
+        states=wanted_states,
+        taken_at=taken_at,
+        backend=source.name,
+        netns=ns.path if ns is not None else None,
+        owners_resolved=owners,
+        errors=_owner_warnings(targets, owner_map),
+        state_counts=_state_counts(wanted_states, findings),
+        owners_via=owner_map.method if owner_map is not None else None,
+    )
+
+
+def _validate(
+    states: Collection[TcpState],
+    ports: Iterable[int],
+    pids: Iterable[int],
+    owners: bool,
+    owner_source: str,
+    proc_root: str,
+) -> tuple[frozenset[TcpState], frozenset[int], frozenset[int]]:
+    """The wanted states, ports and pids, each checked before the kernel is read.
+
+    Pitfall: checked after the dump, a bad argument would only be noticed when some socket matched,
+    so the same command would fail or succeed depending on the traffic. The owner source is checked
+    here too, because with no socket to look up ``find_owners`` (which also checks it) never runs.
     """
     wanted_states = frozenset(states)
     if not wanted_states:
@@ -64,71 +102,108 @@ def scan(
     pid_filter = validate_pids(pids, proc_root)
     if pid_filter and not owners:
         raise UsageError("--pid needs owners; drop --no-owners")
-    # Checked here too: with nothing to look up, find_owners is never called.
     check_owner_source(owner_source)
-    ns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
-    source = get_source(backend) if isinstance(backend, str) else backend
+    return wanted_states, port_filter, pid_filter
 
-    # Listening sockets tell which end of a connection its owner is; fetch them in the same dump.
-    need_listeners = owners and bool(wanted_states - {TcpState.LISTEN})
+
+def _dump(
+    source: SocketSource,
+    ns: netns_mod.Netns | None,
+    wanted_states: frozenset[TcpState],
+    port_filter: frozenset[int],
+    *,
+    with_listeners: bool,
+) -> tuple[list[Socket], list[Socket]]:
+    """The sockets in ``wanted_states`` that pass the port filter, and the listening sockets.
+
+    Pitfall: the role of a connection (server or client end) needs the listeners, and a second
+    dump for them would walk the whole table again (seconds on a busy host) and could disagree with
+    the first. They come in the same dump, asked for only when roles will be computed. Only the
+    dump runs inside ``ns``: owners are looked up in the host's /proc afterwards.
+    """
+    need_listeners = with_listeners and bool(wanted_states - {TcpState.LISTEN})
     dump_states = wanted_states | {TcpState.LISTEN} if need_listeners else wanted_states
-    taken_at = time.time()
     with netns_mod.entered(ns):
         raw = list(source.sockets(dump_states))
-
     listeners = [s for s in raw if s.state == TcpState.LISTEN]
     targets = [s for s in raw if s.state in wanted_states]
     if port_filter:
         targets = [s for s in targets if s.local.port in port_filter or s.remote.port in port_filter]
+    return targets, listeners
 
-    errors: list[str] = []
-    owner_index: dict[int, list[Owner]] = {}
+
+def _owners(
+    targets: list[Socket], listeners: list[Socket], pid_filter: frozenset[int], proc_root: str, method: str
+) -> OwnerMap:
+    """Who holds the kept sockets and the listeners: only their inodes are looked up.
+
+    Pitfall: a process the caller named (``pids``) whose descriptors may not be read would leave an
+    empty answer that reads as "holds no such socket", a lie; that raises AccessDenied instead.
+    Unnamed processes that refuse are only counted (``OwnerMap.denied_pids``).
+    """
+    inodes = {s.inode for s in targets} | {s.inode for s in listeners}
+    owner_map = find_owners(inodes, pids=sorted(pid_filter) if pid_filter else None, proc_root=proc_root, method=method)
+    denied_targets = sorted(pid_filter.intersection(owner_map.denied_pids))
+    if denied_targets:
+        raise AccessDenied(descriptors_denied(denied_targets[0]))
+    return owner_map
+
+
+def _owner_warnings(targets: list[Socket], owner_map: OwnerMap | None) -> tuple[str, ...]:
+    """The lines for ``Snapshot.errors``: why some owners are unknown.
+
+    Pitfall: other users' processes are refused to a non-root scan on every host, nearly always
+    without holding any of the sockets asked about; warning every time would teach users to ignore
+    the line. Only a socket really left without an owner makes the refusals worth saying.
+    """
+    if owner_map is None:
+        return ()
+    owner_index = owner_map.owners
+    if any(s.inode and not owner_index.get(s.inode) for s in targets):
+        return tuple(owner_map.errors())
+    return ()
+
+
+def _findings(
+    targets: list[Socket],
+    listeners: list[Socket],
+    owner_map: OwnerMap | None,
+    pid_filter: frozenset[int],
+    *,
+    with_roles: bool,
+) -> tuple[Finding, ...]:
+    """Each kept socket with its owners, role and diagnosis, in report order.
+
+    Pitfall: this loop runs once per socket, 100,000 times on a busy host, so it binds what it
+    calls to locals and reuses one empty owners tuple; keep it that lean. With ``pid_filter``, a
+    socket none of the named processes holds is dropped here (the dump cannot filter by owner).
+    """
+    owner_index = owner_map.owners if owner_map is not None else {}
     listening: list[tuple[int, Endpoint]] = []
-    owners_via: str | None = None
-    if owners and targets:
-        inodes = {s.inode for s in targets} | {s.inode for s in listeners}
-        owner_map = find_owners(
-            inodes, pids=sorted(pid_filter) if pid_filter else None, proc_root=proc_root, method=owner_source
-        )
-        owner_index = owner_map.owners
-        owners_via = owner_map.method
-        denied_targets = sorted(pid_filter.intersection(owner_map.denied_pids))
-        if denied_targets:
-            # The caller named this process: an empty answer would be a lie, so refuse.
-            raise AccessDenied(descriptors_denied(denied_targets[0]))
-        if any(s.inode and not owner_index.get(s.inode) for s in targets):
-            # Only worth a warning when some socket really was left without an owner.
-            errors.extend(owner_map.errors())
-        for listener in listeners:
-            for owner in owner_map.owners.get(listener.inode, ()):
-                listening.append((owner.process.pid, listener.local))
+    for listener in listeners:
+        for owner in owner_index.get(listener.inode, ()):
+            listening.append((owner.process.pid, listener.local))
     host_ports = {s.local.port for s in listeners}
 
     findings: list[Finding] = []
-    append, diagnose, no_owners = findings.append, rules.diagnose, ()
+    append, diagnose, role_of, no_owners = findings.append, rules.diagnose, rules.role_of, ()
     for sock in targets:
         found = owner_index.get(sock.inode) if owner_index else None
         sock_owners: tuple[Owner, ...] = tuple(found) if found else no_owners
         if pid_filter and not sock_owners:
             continue
-        role = rules.role_of(sock, sock_owners, listening, host_ports) if owners else Role.UNKNOWN
+        role = role_of(sock, sock_owners, listening, host_ports) if with_roles else Role.UNKNOWN
         append(make_finding(sock, sock_owners, role, diagnose(sock, sock_owners, role)))
     findings.sort(key=_finding_order)
+    return tuple(findings)
 
+
+def _state_counts(wanted_states: frozenset[TcpState], findings: tuple[Finding, ...]) -> dict[TcpState, int]:
+    """Findings per state; every asked state is present, with 0 when none was found."""
     counts = dict.fromkeys(sorted(wanted_states), 0)
     for finding in findings:
         counts[finding.socket.state] += 1
-    return Snapshot(
-        findings=tuple(findings),
-        states=wanted_states,
-        taken_at=taken_at,
-        backend=source.name,
-        netns=ns.path if ns is not None else None,
-        owners_resolved=owners,
-        errors=tuple(errors),
-        state_counts=counts,
-        owners_via=owners_via,
-    )
+    return counts
 
 
 def _finding_order(finding: Finding) -> tuple[int, int, int, int]:

@@ -43,7 +43,7 @@ from types import MappingProxyType, TracebackType
 from typing import Literal
 
 from closewait import trace as trace_mod
-from closewait.diagnosis import format_duration
+from closewait.display import format_duration
 from closewait.errors import ClosewaitError, UsageError
 from closewait.model import Finding
 from closewait.scan import CLOSE_WAIT_ONLY, scan

@@ -15,7 +15,7 @@ import pytest
 
 import closewait
 from closewait.errors import UsageError
-from closewait.guard import GuardedServer, ServerStatistics, serve, start_server
+from closewait.guard import GuardedServer, ServerOptions, ServerStatistics, serve, start_server
 from closewait.guard.server import Handler
 
 
@@ -394,5 +394,33 @@ def test_port_in_use_is_a_usage_error() -> None:
         async with await start_server(echo) as server:
             with pytest.raises(UsageError, match="cannot listen"):
                 await start_server(echo, port=server.address[1])
+
+    run(scenario)
+
+
+def test_one_options_object_serves_both_and_keywords_override_it() -> None:
+    """serve() and start_server() take one ServerOptions; keyword arguments are its fields and win."""
+    options = ServerOptions(idle_timeout=0.3, max_connections=1, when_full="refuse")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.backlog = 1  # type: ignore[misc]
+    with pytest.raises(UsageError, match="max_connections"):
+        ServerOptions(max_connections=0)  # checked when made, before any socket is opened
+
+    async def scenario() -> None:
+        async with await start_server(echo, options=options) as server:
+            _, first = await asyncio.open_connection(*server.address)
+            await wait_until(lambda: server.statistics().open == 1)
+            with contextlib.suppress(ConnectionError):  # over the limit: reset at once
+                _, second = await asyncio.open_connection(*server.address)
+                second.close()
+            await wait_until(lambda: server.statistics().closed_limit == 1)
+            await wait_until(lambda: server.statistics().closed_idle == 1)  # the 0.3 s idle timeout
+            first.close()
+        async with running(echo, options=options, max_connections=2) as server:
+            clients = [await asyncio.open_connection(*server.address) for _ in range(2)]
+            await wait_until(lambda: server.statistics().open == 2)
+            assert server.statistics().closed_limit == 0
+            for _, writer in clients:
+                writer.close()
 
     run(scenario)

@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from closewait.lab.capture import DISABLED_REASON, NO_ROOT_REASON, between, capture, parse_frame, sent
+from closewait.lab.evidence import between, sent
 from closewait.model import Endpoint
+from closewait.sources.capture import DISABLED_REASON, NO_ROOT_REASON, capture, parse_frame
 from tests.conftest import Nobody
 from tests.lab.kit import pair
 
@@ -211,7 +212,7 @@ def test_stored_segments_are_capped() -> None:
 
 def test_without_root_there_is_no_capture_and_no_exception(nobody: Nobody) -> None:
     code = (
-        "from closewait.lab.capture import capture\n"
+        "from closewait.sources.capture import capture\n"
         "with capture([9]) as cap:\n"
         "    print(cap.active, cap.reason, sep='|')\n"
     )

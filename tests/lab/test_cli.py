@@ -111,10 +111,10 @@ def test_skipped_is_not_an_error() -> None:
     assert skipped[0].reason == "not built yet"
 
 
-def test_a_part_whose_module_is_missing_is_skipped_not_failed() -> None:
-    """While the lab is being built, a part without its module is reported as skipped; and once the
-    run's context is closing, no part can start another process."""
-    from closewait.lab import NOT_BUILT, _run_part, _RunContext
+def test_a_part_that_cannot_run_is_an_error_with_its_reason() -> None:
+    """A part whose module fails (here: cannot even be imported) is reported as an error with the
+    reason, not a traceback; and once the run's context is closing, no part can start another process."""
+    from closewait.lab import _run_part, _RunContext
 
     ctx = _RunContext()
     try:
@@ -122,6 +122,8 @@ def test_a_part_whose_module_is_missing_is_skipped_not_failed() -> None:
     finally:
         ctx.close()
         shutil.rmtree(ctx.workdir, ignore_errors=True)
-    assert [(e.id, e.status.value, e.reason) for e in results] == [("no_such_part", "skipped", NOT_BUILT)]
+    assert [(e.id, e.status.value, e.reason) for e in results] == [
+        ("no_such_part", "error", "ModuleNotFoundError: No module named 'closewait.lab.no_such_part'")
+    ]
     with pytest.raises(RuntimeError, match="no new child"):
         ctx.spawn(["true"])

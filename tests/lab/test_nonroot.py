@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from closewait.lab.capture import NO_ROOT_REASON
 from closewait.lab.report import LabReport
+from closewait.sources.capture import NO_ROOT_REASON
 from tests.conftest import Nobody
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching to user nobody needs root")

@@ -12,10 +12,11 @@ from rich.console import Console
 
 from closewait.cli.render.lab import ladder_lines, print_report, sparkline
 from closewait.lab.html import render_html
-from closewait.lab.model import Experiment, Segment, Status, Verdict
+from closewait.lab.model import Experiment, Status, Verdict
 from closewait.lab.report import LabReport, ladder_rows, report_dict
 from closewait.lab.teardown import IDS
 from closewait.model import Endpoint
+from closewait.sources.capture import Segment
 
 REQUIRED_KEYS = {"id", "part", "claim", "observed", "verdict", "measurements"}
 VOID = {"meta", "br", "img", "input", "hr", "link", "col", "area", "base", "source", "wbr"}

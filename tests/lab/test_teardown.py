@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from closewait.lab.capture import between, sent
+from closewait.lab.evidence import between, sent
 from closewait.lab.model import Experiment, Status, Verdict
 from closewait.lab.report import LabReport
 from closewait.lab.teardown import IDS

@@ -117,11 +117,3 @@ def test_role_of(listener: Endpoint, local: Endpoint, role: Role) -> None:
     # serve in another).
     assert diagnosis.role_of(socket, OWNER, [], host_listening_ports={local.port}) == Role.SERVER
     assert diagnosis.role_of(socket, (), [(PROC.pid, listener)]) == Role.UNKNOWN
-
-
-@pytest.mark.parametrize(
-    ("ms", "text"),
-    [(0, "0 ms"), (999, "999 ms"), (1500, "1.5 s"), (61000, "1 min"), (7200000, "2.0 h"), (2 * 86400000, "2.0 d")],
-)
-def test_format_duration(ms: int, text: str) -> None:
-    assert diagnosis.format_duration(ms) == text

@@ -8,7 +8,6 @@ stderr and the documented exit code (docs/cli.md); anything else is a bug and ke
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 from typing import Any
@@ -39,19 +38,14 @@ class LazyGroup(click.Group):
             raise _ReaderGone from err
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name, (module, _) in _COMMANDS.items() if importlib.util.find_spec(module))
+        return sorted(_COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         target = _COMMANDS.get(cmd_name)
         if target is None:
             return None
-        try:
-            module = importlib.import_module(target[0])
-        except ModuleNotFoundError as err:
-            if err.name == target[0]:
-                return None
-            raise
-        command: click.Command = getattr(module, target[1])
+        module_name, attribute = target
+        command: click.Command = getattr(importlib.import_module(module_name), attribute)
         return command
 
 

@@ -55,16 +55,20 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 from closewait.errors import UsageError
 from closewait.guard.reaper import CloseReason, TransportReaper, close_transport
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.12; only the type checker needs it
+
 __all__ = [
     "GuardedServer",
     "Handler",
+    "ServerOptions",
     "ServerStatistics",
     "enable_keepalive",
     "serve",
@@ -117,6 +121,63 @@ class ServerStatistics:
             CloseReason.HANDLER: self.closed_handler,
             CloseReason.SHUTDOWN: self.closed_shutdown,
         }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerOptions:
+    """How a guarded server treats its connections: the one options type ``start_server()`` and
+    ``serve()`` take (``options=ServerOptions(...)``, or its fields as keyword arguments).
+
+    Checked when made: a bad value is a one-line UsageError, before any socket is opened.
+    """
+
+    #: Seconds without a read or write before a connection is closed; None: never.
+    idle_timeout: float | None = 300.0
+    #: The timing wheel's resolution in seconds; None: ``idle_timeout / 16``.
+    tick: float | None = None
+    #: TCP keepalive on every accepted connection, and its timing (see ``enable_keepalive``).
+    keepalive: bool = True
+    keepalive_idle: int = 60
+    keepalive_interval: int = 10
+    keepalive_count: int = 5
+    #: Open connections at most (None: unbounded); above it ``when_full`` stops accepting
+    #: (``pause``) or accepts and resets (``refuse``).
+    max_connections: int | None = 10_000
+    when_full: Literal["pause", "refuse"] = "pause"
+    #: Close a connection when the peer's FIN arrives (see the module docstring).
+    close_on_eof: bool = True
+    #: The listening socket's accept queue.
+    backlog: int = 1024
+    #: The StreamReader's buffer limit (``asyncio.StreamReader(limit=...)``).
+    stream_limit: int = 2**16
+
+    def __post_init__(self) -> None:
+        if self.max_connections is not None and self.max_connections < 1:
+            raise UsageError(f"max_connections must be at least 1, not {self.max_connections}")
+        if self.when_full not in ("pause", "refuse"):
+            raise UsageError(f"when_full must be 'pause' or 'refuse', not {self.when_full!r}")
+        for name, value in (("keepalive_idle", self.keepalive_idle), ("keepalive_interval", self.keepalive_interval)):
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1 second, not {value}")
+        if self.keepalive_count < 1:
+            raise UsageError(f"keepalive_count must be at least 1, not {self.keepalive_count}")
+
+
+class _OptionFields(TypedDict, total=False):
+    """``ServerOptions``' fields as keyword arguments, so ``start_server(handler, idle_timeout=5)``
+    type-checks like ``start_server(handler, options=ServerOptions(idle_timeout=5))``."""
+
+    idle_timeout: float | None
+    tick: float | None
+    keepalive: bool
+    keepalive_idle: int
+    keepalive_interval: int
+    keepalive_count: int
+    max_connections: int | None
+    when_full: Literal["pause", "refuse"]
+    close_on_eof: bool
+    backlog: int
+    stream_limit: int
 
 
 def enable_keepalive(sock: socket.socket, *, idle: int = 60, interval: int = 10, count: int = 5) -> None:
@@ -242,34 +303,23 @@ class GuardedServer:
     connection (reason ``shutdown``).
     """
 
-    def __init__(
-        self,
-        handler: Handler,
-        listener: socket.socket,
-        *,
-        idle_timeout: float | None,
-        tick: float | None,
-        keepalive: bool,
-        keepalive_idle: int,
-        keepalive_interval: int,
-        keepalive_count: int,
-        max_connections: int | None,
-        when_full: Literal["pause", "refuse"],
-        close_on_eof: bool,
-        stream_limit: int,
-    ) -> None:
+    def __init__(self, handler: Handler, listener: socket.socket, options: ServerOptions) -> None:
         self._loop = asyncio.get_running_loop()
         self._handler = handler
         self._listener = listener
-        self._keepalive = (keepalive_idle, keepalive_interval, keepalive_count) if keepalive else None
-        self._max = max_connections
-        self._when_full = when_full
-        self._close_on_eof = close_on_eof
-        self._stream_limit = stream_limit
+        self._keepalive = (
+            (options.keepalive_idle, options.keepalive_interval, options.keepalive_count) if options.keepalive else None
+        )
+        self._max = options.max_connections
+        self._when_full = options.when_full
+        self._close_on_eof = options.close_on_eof
+        self._stream_limit = options.stream_limit
         self._reaper: TransportReaper | None = None
         self._touch: Callable[[asyncio.BaseTransport], None] = _no_touch
-        if idle_timeout is not None:
-            self._reaper = TransportReaper(idle_timeout, tick=tick, on_idle=self._on_idle, loop=self._loop)
+        if options.idle_timeout is not None:
+            self._reaper = TransportReaper(
+                options.idle_timeout, tick=options.tick, on_idle=self._on_idle, loop=self._loop
+            )
             self._touch = self._reaper.touch
         self._connections: dict[asyncio.BaseTransport, _GuardedProtocol] = {}
         self._pending: set[asyncio.Task[object]] = set()
@@ -483,50 +533,19 @@ async def start_server(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
-    idle_timeout: float | None = 300.0,
-    tick: float | None = None,
-    keepalive: bool = True,
-    keepalive_idle: int = 60,
-    keepalive_interval: int = 10,
-    keepalive_count: int = 5,
-    max_connections: int | None = 10_000,
-    when_full: Literal["pause", "refuse"] = "pause",
-    close_on_eof: bool = True,
-    backlog: int = 1024,
-    stream_limit: int = 2**16,
+    options: ServerOptions | None = None,
+    **fields: Unpack[_OptionFields],
 ) -> GuardedServer:
     """Listen on ``host:port`` (port 0: the kernel picks; read ``server.address``) and return the server.
 
-    ``idle_timeout`` seconds without a read or write closes a connection (None: never);
-    ``tick`` is the timing wheel's resolution (default ``idle_timeout / 16``). ``max_connections``
-    bounds open connections (None: unbounded); ``when_full`` says whether to stop accepting or to
-    accept and reset. See the module docstring for ``close_on_eof``. Bad arguments raise UsageError.
+    ``options`` says how connections are treated (``ServerOptions``: idle timeout, keepalive,
+    connection limit, close on EOF). Its fields may also be given as keyword arguments, which
+    override ``options``: ``start_server(echo, idle_timeout=5)``. Bad arguments raise UsageError.
     """
-    if max_connections is not None and max_connections < 1:
-        raise UsageError(f"max_connections must be at least 1, not {max_connections}")
-    if when_full not in ("pause", "refuse"):
-        raise UsageError(f"when_full must be 'pause' or 'refuse', not {when_full!r}")
-    for name, value in (("keepalive_idle", keepalive_idle), ("keepalive_interval", keepalive_interval)):
-        if value < 1:
-            raise UsageError(f"{name} must be at least 1 second, not {value}")
-    if keepalive_count < 1:
-        raise UsageError(f"keepalive_count must be at least 1, not {keepalive_count}")
-    listener = _listen(host, port, backlog)
+    chosen = _options(options, fields)
+    listener = _listen(host, port, chosen.backlog)
     try:
-        return GuardedServer(
-            handler,
-            listener,
-            idle_timeout=idle_timeout,
-            tick=tick,
-            keepalive=keepalive,
-            keepalive_idle=keepalive_idle,
-            keepalive_interval=keepalive_interval,
-            keepalive_count=keepalive_count,
-            max_connections=max_connections,
-            when_full=when_full,
-            close_on_eof=close_on_eof,
-            stream_limit=stream_limit,
-        )
+        return GuardedServer(handler, listener, chosen)
     except BaseException:
         listener.close()
         raise
@@ -538,40 +557,16 @@ async def serve(
     port: int = 0,
     *,
     ready: asyncio.Future[GuardedServer] | Callable[[GuardedServer], object] | None = None,
-    idle_timeout: float | None = 300.0,
-    tick: float | None = None,
-    keepalive: bool = True,
-    keepalive_idle: int = 60,
-    keepalive_interval: int = 10,
-    keepalive_count: int = 5,
-    max_connections: int | None = 10_000,
-    when_full: Literal["pause", "refuse"] = "pause",
-    close_on_eof: bool = True,
-    backlog: int = 1024,
-    stream_limit: int = 2**16,
+    options: ServerOptions | None = None,
+    **fields: Unpack[_OptionFields],
 ) -> None:
     """Run a guarded server until cancelled; then close every connection and return.
 
     Readiness, trio-style: once listening, ``ready`` (a future, or a callable) receives the
     ``GuardedServer``, whose ``address`` is the bound ``(host, port)`` and whose ``statistics()``
-    can be read at any time. Other arguments: see ``start_server``.
+    can be read at any time. ``options`` and keyword arguments: as for ``start_server``.
     """
-    server = await start_server(
-        handler,
-        host,
-        port,
-        idle_timeout=idle_timeout,
-        tick=tick,
-        keepalive=keepalive,
-        keepalive_idle=keepalive_idle,
-        keepalive_interval=keepalive_interval,
-        keepalive_count=keepalive_count,
-        max_connections=max_connections,
-        when_full=when_full,
-        close_on_eof=close_on_eof,
-        backlog=backlog,
-        stream_limit=stream_limit,
-    )
+    server = await start_server(handler, host, port, options=options, **fields)
     async with server:
         if isinstance(ready, asyncio.Future):
             if not ready.done():
@@ -579,3 +574,10 @@ async def serve(
         elif ready is not None:
             ready(server)
         await server.serve_forever()
+
+
+def _options(options: ServerOptions | None, fields: _OptionFields) -> ServerOptions:
+    """``options`` (default: ``ServerOptions()``) with ``fields`` replacing its values; validated."""
+    if options is None:
+        return ServerOptions(**fields)
+    return replace(options, **fields) if fields else options

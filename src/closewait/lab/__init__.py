@@ -2,9 +2,8 @@
 
 ``run(parts)`` creates one ``LabContext``, runs each part's module (``reproduce``, ``remedies``,
 ``teardown``; each exposes ``run(ctx) -> list[Experiment]``) and returns a ``LabReport``. Modules are
-imported only when their part runs. A part whose module does not exist yet is reported as skipped
-("not built yet"); a part whose module raises is reported as an error with the reason, and the
-other parts still run.
+imported only when their part runs. A part whose module raises is reported as an error with the
+reason, and the other parts still run.
 
 Cleanup: the context (child processes, registered cleanups) is always closed in ``finally``, also
 on KeyboardInterrupt. SIGINT is blocked while it closes, so a second Ctrl+C cannot cut the cleanup
@@ -34,7 +33,6 @@ from closewait.lab.report import LabReport, placeholders
 log = logging.getLogger(__name__)
 
 DEFAULT_TRIALS = 5
-NOT_BUILT = "not built yet"
 
 #: Called after each part with the part's name and its experiments (the CLI shows progress).
 Progress = Callable[[str, Sequence[Experiment]], None]
@@ -70,7 +68,7 @@ def validate_parts(parts: Iterable[str]) -> tuple[str, ...]:
 
 
 def _capture_reason(enabled: bool) -> str | None:
-    from closewait.lab.capture import Capture
+    from closewait.sources.capture import Capture
 
     probe = Capture([], enabled=enabled).start()
     probe.stop()
@@ -78,19 +76,9 @@ def _capture_reason(enabled: bool) -> str | None:
 
 
 def _run_part(part: str, ctx: LabContext) -> list[Experiment]:
-    module_name = f"closewait.lab.{part}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            return placeholders(part, Status.SKIPPED, NOT_BUILT)
-        raise
-    runner = getattr(module, "run", None)
-    if runner is None:
-        return placeholders(part, Status.SKIPPED, NOT_BUILT)
     start = time.monotonic()
     try:
-        results = list(runner(ctx))
+        results = list(importlib.import_module(f"closewait.lab.{part}").run(ctx))
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:
@@ -163,4 +151,4 @@ def _remove_workdir(ctx: LabContext) -> None:
     shutil.rmtree(ctx.workdir, ignore_errors=True)
 
 
-__all__ = ["DEFAULT_TRIALS", "NOT_BUILT", "LabReport", "Progress", "run", "validate_parts"]
+__all__ = ["DEFAULT_TRIALS", "LabReport", "Progress", "run", "validate_parts"]

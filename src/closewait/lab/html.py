@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 
+from closewait.display import format_decimal, plural
 from closewait.lab.model import PARTS, Experiment, Measurement, Status, Verdict
 from closewait.lab.report import PART_IDS, LabReport, ladder_rows
 from closewait.lab.teardown import ARTICLE_TABLE
@@ -118,7 +119,7 @@ def _fmt(value: Measurement) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.3f}".rstrip("0").rstrip(".") if abs(value) < 1e6 else f"{value:.0f}"
+        return format_decimal(value) if abs(value) < 1e6 else f"{value:.0f}"
     if isinstance(value, list):
         return ", ".join(_fmt(v) for v in value)
     if value is None:
@@ -389,10 +390,6 @@ def article_table(report: LabReport) -> str:
     )
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _counts(experiments: Iterable[Experiment]) -> str:
     counts: dict[str, int] = {}
     for exp in experiments:
@@ -414,7 +411,7 @@ def render_html(report: LabReport) -> str:
     )
     body = [
         "<header><h1>closewait lab</h1>",
-        f"<p>Linux {esc(report.kernel)} · {esc(when)} · {_plural(len(report.experiments), 'experiment')} in "
+        f"<p>Linux {esc(report.kernel)} · {esc(when)} · {plural(len(report.experiments), 'experiment')} in "
         f"{report.duration_s:.1f} s · {report.trials} trials per remedy{' · full run' if report.full else ''}</p>",
         f"<p>{esc(capture_line)}</p>",
         f'<div class="counts">{_counts(report.experiments)}</div></header><main>',

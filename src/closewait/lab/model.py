@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from closewait.errors import ClosewaitError
-from closewait.model import Endpoint
+from closewait.sources.capture import Segment
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +45,6 @@ class Status(enum.StrEnum):
     OK = "ok"
     SKIPPED = "skipped"
     ERROR = "error"
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """One TCP segment seen on the loopback during an experiment.
-
-    ``t`` is seconds since the experiment's capture started; ``flags`` is a tuple of flag names
-    in the order SYN, ACK, FIN, RST, PSH (only those set), e.g. ("SYN", "ACK").
-    """
-
-    t: float
-    src: Endpoint
-    dst: Endpoint
-    flags: tuple[str, ...]
-    seq: int
-    ack: int
-    length: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +153,3 @@ def unfinished(exp_id: str, part: str, title: str, claim: str, err: BaseExceptio
         reason=error_reason(err),
         duration_s=round(time.monotonic() - started, 3),
     )
-
-
-def elapsed_ms(start: float) -> float:
-    return (time.monotonic() - start) * 1000.0

@@ -41,8 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from closewait.display import format_latency
 from closewait.lab import churn
-from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Verdict, unfinished
+from closewait.lab.model import Experiment, LabContext, Measurement, Verdict, unfinished
 from closewait.lab.servers import (
     HEARTBEAT_S,
     IDLE_TIMEOUT_S,
@@ -57,13 +58,14 @@ from closewait.lab.servers import (
 )
 from closewait.lab.servers.observe import (
     capturing,
-    fin_timeout_s,
+    connection_experiment,
     held_inodes,
     lookup_end,
     median,
-    no_capture_note,
 )
 from closewait.model import Finding, TcpState
+from closewait.sources.capture import Segment
+from closewait.sources.sysctl import tcp_fin_timeout_s
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ class Trial:
 
 def run(ctx: LabContext) -> list[Experiment]:
     """The six remedy experiments (run in parallel, each on its own server), then the churn run."""
-    fin_timeout = fin_timeout_s()
+    fin_timeout = tcp_fin_timeout_s()
     calls = [functools.partial(_guarded, remedy, ctx, fin_timeout) for remedy in REMEDIES]
     results = run_parallel(ctx, calls, "lab-remedy")
     results.extend(churn.run(ctx))
@@ -308,21 +310,20 @@ def _prompt_remedy(ctx: LabContext, remedy: Remedy) -> Experiment:
             notes.append("The half-close caveat did not show on this kernel: the half-closed peer was detected.")
     else:
         verdict = Verdict.HOLDS if all_hold else Verdict.DOES_NOT_HOLD
-    if not cap.active:
-        notes.append(no_capture_note(cap.reason, "socket states, /proc and errno"))
-    return Experiment(
-        id=remedy.id,
-        part=PART,
-        title=remedy.title,
-        claim=remedy.claim,
+    return connection_experiment(
+        remedy.id,
+        PART,
+        remedy.title,
+        remedy.claim,
         observed=observed,
         verdict=verdict,
         measurements=measurements,
+        cap=cap,
         packets=_one_connection(segments, first.client_port),
-        packets_captured=cap.active,
-        actors={f"127.0.0.1:{port}": "server", f"127.0.0.1:{first.client_port}": "client"},
-        notes=(remedy.caveat, *notes),
-        duration_s=time.monotonic() - start,
+        ports=(port, first.client_port),
+        notes=[remedy.caveat, *notes],
+        evidence="socket states, /proc and errno",
+        started=start,
     )
 
 
@@ -507,21 +508,20 @@ def _keepalive(ctx: LabContext, remedy: Remedy, fin_timeout: int | None) -> Expe
             "while the fd stays leaked."
         )
         verdict = Verdict.HOLDS_WITH_CAVEAT if still_close_wait and all(held_after_probes) else Verdict.DOES_NOT_HOLD
-    if not cap.active:
-        notes.append(no_capture_note(cap.reason, "socket states, tcp_info and /proc"))
-    return Experiment(
-        id=remedy.id,
-        part=PART,
-        title=remedy.title,
-        claim=remedy.claim,
+    return connection_experiment(
+        remedy.id,
+        PART,
+        remedy.title,
+        remedy.claim,
         observed=observed,
         verdict=verdict,
         measurements=measurements,
+        cap=cap,
         packets=_one_connection(segments, conns[0][0]),
-        packets_captured=cap.active,
-        actors={f"127.0.0.1:{port}": "server", f"127.0.0.1:{conns[0][0]}": "client"},
-        notes=tuple(notes),
-        duration_s=time.monotonic() - start,
+        ports=(port, conns[0][0]),
+        notes=notes,
+        evidence="socket states, tcp_info and /proc",
+        started=start,
     )
 
 
@@ -581,8 +581,4 @@ def _round(value: float | None) -> float | None:
 
 
 def _ms(value: float | None) -> str:
-    if value is None:
-        return "never"
-    if value >= 1000:
-        return f"{value / 1000:.1f} s"
-    return f"{value:.1f} ms"
+    return "never" if value is None else format_latency(value)

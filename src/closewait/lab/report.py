@@ -13,7 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from closewait.lab.model import PARTS, Experiment, Segment, Status
+from closewait.display import format_bytes
+from closewait.lab.model import PARTS, Experiment, Status
+from closewait.sources.capture import Segment
 
 #: Every experiment id each part produces, in report order (skipped placeholders use these).
 PART_IDS: dict[str, tuple[str, ...]] = {
@@ -162,14 +164,6 @@ def _label(segment: Segment) -> str:
     return f"{flags} len={segment.length}" if segment.length else flags
 
 
-def _human_bytes(n: int) -> str:
-    if n >= 1024 * 1024:
-        return f"{n / 1024 / 1024:.1f} MiB"
-    if n >= 1024:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n} B"
-
-
 def ladder_rows(exp: Experiment) -> list[LadderRow]:
     """The experiment's packets as ladder arrows; long data/ACK runs become one arrow per direction.
 
@@ -212,7 +206,7 @@ def ladder_rows(exp: Experiment) -> list[LadderRow]:
                     continue
                 data = [s for s in part if s.length]
                 nbytes = sum(s.length for s in data)
-                label = f"{len(part)} segments, {_human_bytes(nbytes)} data" if data else f"{len(part)} ACKs"
+                label = f"{len(part)} segments, {format_bytes(nbytes)} data" if data else f"{len(part)} ACKs"
                 rows.append(
                     LadderRow(
                         part[0].t,

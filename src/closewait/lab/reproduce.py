@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from closewait import diagnosis
-from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Status, Verdict, unfinished
+from closewait.lab.model import Experiment, LabContext, Measurement, Status, Verdict, unfinished
 from closewait.lab.servers import (
     ServerError,
     ServerProcess,
@@ -46,13 +46,14 @@ from closewait.lab.servers.observe import (
     CONNECTION_STATES,
     capturing,
     client_end,
+    connection_experiment,
     connection_findings,
-    fin_timeout_s,
     lookup_end,
-    no_capture_note,
 )
 from closewait.model import Finding, TcpState
 from closewait.scan import scan
+from closewait.sources.capture import Segment
+from closewait.sources.sysctl import tcp_fin_timeout_s
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def _state_name(finding: Finding | None) -> str | None:
 
 def _observe(ctx: LabContext, exp_id: str, title: str, server: ServerProcess, port: int, what: str) -> Experiment:
     start = time.monotonic()
-    fin_timeout = fin_timeout_s()
+    fin_timeout = tcp_fin_timeout_s()
     stop = stop_event(ctx)
     notes: list[str] = []
     with capturing(ctx, [port]) as cap:
@@ -285,21 +286,20 @@ def _observe(ctx: LabContext, exp_id: str, title: str, server: ServerProcess, po
             f"With {what}: after {SETTLE_S:.0f} s the server's end was "
             f"{_describe(obs.server)} and the client's end {_describe(obs.client)}."
         )
-    if not cap.active:
-        notes.append(no_capture_note(cap.reason, "the kernel's socket states"))
-    return Experiment(
-        id=exp_id,
-        part=PART,
-        title=title,
-        claim=CLAIM,
+    return connection_experiment(
+        exp_id,
+        PART,
+        title,
+        CLAIM,
         observed=observed,
         verdict=verdict,
         measurements=measurements,
+        cap=cap,
         packets=segments,
-        packets_captured=cap.active,
-        actors={f"127.0.0.1:{port}": "server", f"127.0.0.1:{client_port}": "client"},
-        notes=tuple(notes),
-        duration_s=time.monotonic() - start,
+        ports=(port, client_port),
+        notes=notes,
+        evidence="the kernel's socket states",
+        started=start,
     )
 
 

@@ -1,7 +1,7 @@
 """The article's close()/shutdown() table, row by row, as experiments on the running kernel.
 
 Each experiment uses fresh sockets on 127.0.0.1 port 0, captures its segments on ``lo`` when it
-can (``lab.capture``), and also gathers evidence that needs no privilege: TCP states and queues
+can (``sources.capture``), and also gathers evidence that needs no privilege: TCP states and queues
 from sock_diag (an exact 4-tuple lookup, cheap on busy hosts), and what the peer application saw (data, EOF, ECONNRESET,
 EAGAIN). ``fin_sent``/``rst_sent`` come from the packets when they were captured, else from that
 second kind of evidence (``evidence`` says which). Verdicts are computed from what happened, never
@@ -38,11 +38,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from closewait.lab import capture as cap_mod
-from closewait.lab.model import Experiment, LabContext, Measurement, Segment, Verdict, unfinished
+from closewait.lab import evidence
+from closewait.lab.model import Experiment, LabContext, Measurement, Verdict, unfinished
 from closewait.lab.report import PART_IDS
 from closewait.model import Endpoint, Socket, TcpState
 from closewait.sources import netlink
+from closewait.sources.capture import Capture, Segment
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class _Bench:
     sockets: list[socket.socket] = field(default_factory=list)
     actors: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
-    cap: cap_mod.Capture | None = None
+    cap: Capture | None = None
     port: int = 0
     #: fin_sent/rst_sent (and kin) as told by states and errno alone; see _sent_flag.
     without_packets: dict[str, Measurement] = field(default_factory=dict)
@@ -182,14 +183,18 @@ class _Bench:
         listener.listen(8)
         self.listener = listener
         self.port = listener.getsockname()[1]
-        self.cap = cap_mod.Capture([self.port], enabled=self.ctx.capture).start()
+        self.cap = Capture([self.port], enabled=self.ctx.capture).start()
 
     def track(self, sock: socket.socket) -> socket.socket:
         self.sockets.append(sock)
         return sock
 
-    def pair(self, *, sndbuf: int | None = None, label: str = "") -> tuple[socket.socket, socket.socket]:
-        """A connected (client, server) pair; the client's send buffer set before connecting."""
+    def pair(
+        self, *, sndbuf: int | None = None, label: str = ""
+    ) -> tuple[socket.socket, socket.socket, Endpoint, Endpoint]:
+        """A connected (client, server) pair and their local endpoints; the client's send buffer
+        set before connecting. Every experiment needs the endpoints: kernel lookups and packets
+        are by endpoint, and every server side shares the listener's address."""
         client = self.track(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
         if sndbuf:
             try:
@@ -203,11 +208,12 @@ class _Bench:
         server, _ = self.listener.accept()
         server.settimeout(None)
         self.track(server)
+        client_ep, server_ep = _endpoint(client.getsockname()), _endpoint(server.getsockname())
         suffix = f" {label}" if label else ""
-        self.actors[str(_endpoint(client.getsockname()))] = f"client{suffix}"
+        self.actors[str(client_ep)] = f"client{suffix}"
         # Every server side shares the listener's address: one label for all of them.
-        self.actors[str(_endpoint(server.getsockname()))] = "server"
-        return client, server
+        self.actors[str(server_ep)] = "server"
+        return client, server, client_ep, server_ep
 
     @property
     def captured(self) -> bool:
@@ -292,7 +298,7 @@ def _sent_flag(
     if key is not None:
         bench.without_packets[f"{key}_without_packets"] = fallback
     if bench.captured:
-        return cap_mod.sent(cap_mod.between(bench.sync()[since:], by, to), flag, by=by)
+        return evidence.sent(evidence.between(bench.sync()[since:], by, to), flag, by=by)
     return fallback
 
 
@@ -309,8 +315,7 @@ def _yes(value: bool) -> str:
 
 def shutdown_rd(ctx: LabContext) -> Experiment:
     with _bench(ctx) as bench:
-        client, server = bench.pair()
-        c_ep, s_ep = _endpoint(client.getsockname()), _endpoint(server.getsockname())
+        client, server, c_ep, s_ep = bench.pair()
         mark = _seg_count(bench)
         server.shutdown(socket.SHUT_RD)
         bench.quiet()
@@ -372,8 +377,7 @@ def shutdown_rd(ctx: LabContext) -> Experiment:
 
 def shutdown_wr(ctx: LabContext) -> Experiment:
     with _bench(ctx, listener_rcvbuf=SMALL_RCVBUF) as bench:
-        client, server = bench.pair(sndbuf=BIG_SNDBUF)
-        c_ep, s_ep = _endpoint(client.getsockname()), _endpoint(server.getsockname())
+        client, server, c_ep, s_ep = bench.pair(sndbuf=BIG_SNDBUF)
         isn = next((s.seq for s in bench.sync() if s.src == c_ep and "SYN" in s.flags), None)
         queued = _fill(client, MEGABYTES)
         before = bench.state_of(c_ep, s_ep)
@@ -437,8 +441,7 @@ def shutdown_wr(ctx: LabContext) -> Experiment:
 
 def close_fin(ctx: LabContext) -> Experiment:
     with _bench(ctx) as bench:
-        client, server = bench.pair()
-        c_ep, s_ep = _endpoint(client.getsockname()), _endpoint(server.getsockname())
+        client, server, c_ep, s_ep = bench.pair()
         client.sendall(b"hello\n")
         first, _ = _peer_read(server, wait=1.0)
         client.close()
@@ -479,8 +482,7 @@ def close_fin(ctx: LabContext) -> Experiment:
 
 def close_fd_vs_connection(ctx: LabContext) -> Experiment:
     with _bench(ctx, listener_rcvbuf=SMALL_RCVBUF) as bench:
-        client, server = bench.pair(sndbuf=BIG_SNDBUF)
-        c_ep, s_ep = _endpoint(client.getsockname()), _endpoint(server.getsockname())
+        client, server, c_ep, s_ep = bench.pair(sndbuf=BIG_SNDBUF)
         queued = _fill(client, 1024 * 1024)
         fd = client.fileno()
         client.close()
@@ -553,8 +555,7 @@ def close_fd_vs_connection(ctx: LabContext) -> Experiment:
 
 def close_send_buffer(ctx: LabContext) -> Experiment:
     with _bench(ctx, listener_rcvbuf=SMALL_RCVBUF) as bench:
-        client, server = bench.pair(sndbuf=BIG_SNDBUF)
-        c_ep, s_ep = _endpoint(client.getsockname()), _endpoint(server.getsockname())
+        client, server, c_ep, s_ep = bench.pair(sndbuf=BIG_SNDBUF)
         queued = _fill(client, MEGABYTES)
         before = bench.state_of(c_ep, s_ep)
         send_q = before.send_q if before else 0
@@ -563,7 +564,7 @@ def close_send_buffer(ctx: LabContext) -> Experiment:
         segments = bench.sync()
         fin = _sent_flag(bench, "FIN", c_ep, s_ep, fallback=ending == "eof", key="fin_sent")
         rst = _sent_flag(bench, "RST", c_ep, s_ep, fallback=ending == "reset", key="rst_sent")
-        data_bytes = cap_mod.payload_bytes(segments, by=c_ep) if bench.captured else None
+        data_bytes = evidence.payload_bytes(segments, by=c_ep) if bench.captured else None
         discarded = queued - delivered
         verdict = Verdict.DOES_NOT_HOLD if discarded == 0 and ending == "eof" and not rst else Verdict.HOLDS
         wire = ""
@@ -603,8 +604,7 @@ def close_send_buffer(ctx: LabContext) -> Experiment:
 
 def close_unread_rst(ctx: LabContext) -> Experiment:
     with _bench(ctx) as bench:
-        client, server = bench.pair()
-        c_ep, s_ep = _endpoint(client.getsockname()), _endpoint(server.getsockname())
+        client, server, c_ep, s_ep = bench.pair()
         payload = b"never read by the server\n" * 40
         client.sendall(payload)
         unread = _poll(lambda: (s := bench.state_of(s_ep, c_ep)) is not None and s.recv_q >= len(payload) and s.recv_q)
@@ -651,8 +651,7 @@ def close_unread_rst(ctx: LabContext) -> Experiment:
 
 def linger_zero(ctx: LabContext) -> Experiment:
     with _bench(ctx, listener_rcvbuf=SMALL_RCVBUF) as bench:
-        client, server = bench.pair(sndbuf=BIG_SNDBUF)
-        c_ep, s_ep = _endpoint(client.getsockname()), _endpoint(server.getsockname())
+        client, server, c_ep, s_ep = bench.pair(sndbuf=BIG_SNDBUF)
         queued = _fill(client, 1024 * 1024)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
@@ -740,8 +739,7 @@ class _ForkedHolder:
 def shared_fd(ctx: LabContext) -> Experiment:
     with _bench(ctx) as bench:
         # dup(): two descriptors in this process.
-        client, server = bench.pair(label="(dup)")
-        c_ep, s_ep = _endpoint(client.getsockname()), _endpoint(server.getsockname())
+        client, server, c_ep, s_ep = bench.pair(label="(dup)")
         second = bench.track(socket.socket(fileno=os.dup(client.fileno())))
         mark = _seg_count(bench)
         client.close()
@@ -758,8 +756,7 @@ def shared_fd(ctx: LabContext) -> Experiment:
         )
 
         # fork(): the descriptor inherited by a child process.
-        client2, server2 = bench.pair(label="(fork)")
-        c2_ep, s2_ep = _endpoint(client2.getsockname()), _endpoint(server2.getsockname())
+        client2, server2, c2_ep, s2_ep = bench.pair(label="(fork)")
         child = _ForkedHolder(client2)
         ctx.on_close(child.end)
         try:
@@ -778,7 +775,7 @@ def shared_fd(ctx: LabContext) -> Experiment:
             )
         finally:
             child.end()
-        rst = bench.captured and cap_mod.sent(cap_mod.between(bench.sync(), c_ep, s_ep), "RST", by=c_ep)
+        rst = bench.captured and evidence.sent(evidence.between(bench.sync(), c_ep, s_ep), "RST", by=c_ep)
         close_silent = not dup_close_fin and not fork_close_fin and dup_close_seen == fork_close_seen == "nothing"
         shut_fins = dup_shut_fin and fork_shut_fin and done
         verdict = Verdict.HOLDS_WITH_CAVEAT if close_silent and shut_fins else Verdict.DOES_NOT_HOLD
@@ -816,8 +813,7 @@ def shared_fd(ctx: LabContext) -> Experiment:
 
 def closewait_close_unread(ctx: LabContext) -> Experiment:
     with _bench(ctx) as bench:
-        client, server = bench.pair(label="(unread)")
-        c_ep, s_ep = _endpoint(client.getsockname()), _endpoint(server.getsockname())
+        client, server, c_ep, s_ep = bench.pair(label="(unread)")
         payload = b"left unread in CLOSE_WAIT\n" * 20
         client.sendall(payload)
         client.shutdown(socket.SHUT_WR)
@@ -829,8 +825,7 @@ def closewait_close_unread(ctx: LabContext) -> Experiment:
         fin = _sent_flag(bench, "FIN", s_ep, c_ep, fallback=peer_saw == "eof", key="fin_sent")
 
         # The contrast: the same CLOSE_WAIT socket, but read to EOF before close().
-        client2, server2 = bench.pair(label="(read)")
-        c2_ep, s2_ep = _endpoint(client2.getsockname()), _endpoint(server2.getsockname())
+        client2, server2, c2_ep, s2_ep = bench.pair(label="(read)")
         client2.sendall(payload)
         client2.shutdown(socket.SHUT_WR)
         read2, _ = _read_all(server2, timeout=2.0)

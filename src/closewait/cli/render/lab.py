@@ -7,6 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from closewait.cli.render import console
+from closewait.display import plural
 from closewait.lab.model import PARTS, Experiment, Status, Verdict
 from closewait.lab.report import LabReport, LadderRow, ladder_rows
 
@@ -113,8 +114,9 @@ def _churn(out: Console, exp: Experiment) -> None:
 def print_report(report: LabReport, out: Console | None = None) -> None:
     out = out or console()
     head = Text("closewait lab", style="bold")
-    n = len(report.experiments)
-    head.append(f"  kernel {report.kernel}  {n} experiment{'' if n == 1 else 's'} in {report.duration_s:.1f} s")
+    head.append(
+        f"  kernel {report.kernel}  {plural(len(report.experiments), 'experiment')} in {report.duration_s:.1f} s"
+    )
     out.print(head)
     if report.packets_captured:
         out.print(Text("packets captured on lo (AF_PACKET)", style="dim"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-
 from rich.console import Console
 from rich.markup import escape
 from rich.padding import Padding
@@ -11,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from closewait.cli.render import console
-from closewait.diagnosis import format_duration
+from closewait.display import format_command, format_duration, plural
 from closewait.reap import Method, Outcome, ReapPlan, ReapResult, ReapTarget
 
 _METHOD_WORDS = {
@@ -23,17 +21,9 @@ _METHOD_WORDS = {
 _OUTCOME_STYLE = {Outcome.DONE: "green", Outcome.SKIPPED: "yellow", Outcome.FAILED: "bold red"}
 
 
-def _plural(n: int, word: str) -> str:
-    if n == 1:
-        return f"1 {word}"
-    return f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
-
-
 def _process_line(target: ReapTarget) -> str:
     process = target.process
-    cmd = shlex.join(process.cmdline) if process.cmdline else f"[{process.name}]"
-    if len(cmd) > 80:
-        cmd = cmd[:77] + "..."
+    cmd = format_command(process.cmdline, process.name, 80)
     return f"pid {process.pid} {process.name}  {cmd}"
 
 
@@ -62,8 +52,8 @@ def _table() -> Table:
 def print_plan(plan: ReapPlan, *, dry_run: bool, out: Console | None = None) -> None:
     out = out or console()
     header = Text()
-    header.append(f"plan: {plan.method.value} {_plural(len(plan.targets), 'CLOSE_WAIT socket')}", style="bold")
-    header.append(f" held by {_plural(len(plan.processes), 'process')} ({plan.criteria.describe()})")
+    header.append(f"plan: {plan.method.value} {plural(len(plan.targets), 'CLOSE_WAIT socket')}", style="bold")
+    header.append(f" held by {plural(len(plan.processes), 'process')} ({plan.criteria.describe()})")
     out.print(header)
     for process_line in dict.fromkeys(_process_line(t) for t in plan.targets):
         out.print(Text(f"  {process_line}", style="cyan"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 
 from rich.console import Console
 from rich.markup import escape
@@ -12,12 +11,12 @@ from rich.table import Table
 from rich.text import Text
 
 from closewait.cli.render import console
-from closewait.diagnosis import CODES, format_duration
+from closewait.diagnosis import CODES
+from closewait.display import format_command, format_duration, plural
 from closewait.model import Finding, ProcessGroup, Snapshot, TcpState
 
 #: Rows shown per process unless --wide.
 ROWS_PER_PROCESS = 10
-_ONE_LINE = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": " "})
 
 
 def _process_title(group: ProcessGroup, snapshot: Snapshot) -> Text:
@@ -32,11 +31,7 @@ def _process_title(group: ProcessGroup, snapshot: Snapshot) -> Text:
             why = "refused even to root" if os.geteuid() == 0 else "permission denied, run as root"
             return Text(f"owner unknown ({why})", style="bold yellow")
         return Text("owner unknown (no process holds a descriptor; it may have just exited)", style="bold yellow")
-    cmd = shlex.join(process.cmdline) if process.cmdline else f"[{process.name}]"
-    # Arguments may hold newlines (python -c, sh -c): keep the title on one line.
-    cmd = cmd.translate(_ONE_LINE)
-    if len(cmd) > 100:
-        cmd = cmd[:97] + "..."
+    cmd = format_command(process.cmdline, process.name, 100)
     title = Text()
     title.append(f"pid {process.pid}", style="bold")
     title.append(f"  {process.name}", style="bold cyan")
@@ -44,15 +39,11 @@ def _process_title(group: ProcessGroup, snapshot: Snapshot) -> Text:
     return title
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _group_summary(group: ProcessGroup, states: frozenset[TcpState]) -> Text:
     roles = sorted({f.role.value for f in group.findings})
     what = "socket" if len(states) != 1 else f"{next(iter(states)).name} socket"
     line = Text("  ")
-    line.append(_plural(group.count, what), style="bold red" if TcpState.CLOSE_WAIT in states else "bold")
+    line.append(plural(group.count, what), style="bold red" if TcpState.CLOSE_WAIT in states else "bold")
     line.append(f"  role {'/'.join(roles)}")
     if group.oldest_idle_ms is not None:
         line.append(f"  oldest idle {format_duration(group.oldest_idle_ms)}")
@@ -151,9 +142,9 @@ def print_snapshot(snapshot: Snapshot, *, wide: bool = False, out: Console | Non
     groups = snapshot.by_process()
     processes = sum(1 for g in groups if g.process is not None)
     header = Text()
-    header.append(f"{_plural(len(snapshot.findings), 'socket')} in {names}", style="bold")
+    header.append(f"{plural(len(snapshot.findings), 'socket')} in {names}", style="bold")
     if processes:
-        header.append(f", held by {_plural(processes, 'process').replace('processs', 'processes')}")
+        header.append(f", held by {plural(processes, 'process')}")
     elif snapshot.owners_resolved:
         header.append(", no owning process found")
     header.append(f"{where}  (source: {snapshot.backend})", style="dim")

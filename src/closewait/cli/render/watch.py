@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from closewait.cli.render import console
-from closewait.diagnosis import format_duration
+from closewait.display import format_duration
 from closewait.watch import ProcessSample, Sample, Trend
 
 _TREND_STYLE = {

@@ -1,11 +1,12 @@
-"""What the lab's reproduce, remedies and churn experiments read from the kernel, in one place.
+"""What the lab's reproduce, remedies and churn experiments ask of the kernel, in one place (through
+``closewait.scan`` and ``closewait.sources``, which alone read it).
 
 - ``connection_sockets``: the TCP table entries of one connection, via ``closewait.scan`` (the
   project's own scanner, netlink sock_diag) so the lab demonstrates the tool it ships.
 - ``held_inodes``: which socket inodes a process still holds (``/proc/PID/fd``): the only honest
   answer to "was the fd released?" (a socket can leave the TCP table while its fd leaks).
-- ``fin_timeout_s``: ``net.ipv4.tcp_fin_timeout``, how long an orphaned FIN_WAIT2 lives.
-- ``capturing``: the packet capture (``closewait.lab.capture``); when it cannot run (not root,
+- ``connection_experiment``: the Experiment record of such a run, its ladder on one connection.
+- ``capturing``: the packet capture (``closewait.sources.capture``); when it cannot run (not root,
   ``--no-capture``) ``cap.active`` is False and ``cap.reason`` says why.
 """
 
@@ -13,36 +14,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Collection, Iterator
+import time
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from closewait.diagnosis import diagnose
 from closewait.errors import NoSuchProcess
-from closewait.lab import capture as capture_mod
-from closewait.lab.capture import Capture
-from closewait.lab.model import LabContext
+from closewait.lab.model import Experiment, LabContext, Measurement, Verdict
 from closewait.model import ALL_STATES, TEARDOWN_STATES, Endpoint, Finding, Role, TcpState
 from closewait.scan import scan
+from closewait.sources import capture as capture_mod
 from closewait.sources import netlink
+from closewait.sources.capture import Capture, Segment
 from closewait.sources.process import socket_fds
 
 log = logging.getLogger(__name__)
 
-FIN_TIMEOUT_PATH = "/proc/sys/net/ipv4/tcp_fin_timeout"
 #: Every state a connection can be in (listening sockets are not connections).
 CONNECTION_STATES = ALL_STATES - {TcpState.LISTEN}
 #: The states either end can be in once a FIN has been sent, except TIME_WAIT (which only the end
 #: that closed first reaches). Lookups ask the kernel for these only: a busy host can hold 100,000
 #: ESTABLISHED connections, and dumping them all (with tcp_info) takes seconds per lookup.
 AFTER_FIN_STATES = TEARDOWN_STATES - {TcpState.TIME_WAIT}
-
-
-def fin_timeout_s(path: str = FIN_TIMEOUT_PATH) -> int | None:
-    """``net.ipv4.tcp_fin_timeout`` in seconds, or None if it cannot be read."""
-    try:
-        with open(path, encoding="ascii") as handle:
-            return int(handle.read().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def held_inodes(pid: int) -> set[int]:
@@ -114,6 +106,47 @@ def capturing(ctx: LabContext, ports: Collection[int]) -> Iterator[Capture]:
         finally:
             if cap.active:
                 cap.sync()
+
+
+def connection_experiment(
+    exp_id: str,
+    part: str,
+    title: str,
+    claim: str,
+    *,
+    observed: str,
+    verdict: Verdict,
+    measurements: Mapping[str, Measurement],
+    cap: Capture,
+    packets: tuple[Segment, ...],
+    ports: tuple[int, int],
+    notes: Sequence[str],
+    evidence: str,
+    started: float,
+) -> Experiment:
+    """The record of an experiment on connections to a loopback server.
+
+    ``ports`` is (server port, client port) of the connection the ladder diagram shows, labelled
+    "server" and "client". Without packets (``cap`` inactive), a last note says why and what
+    ``evidence`` stood in for them. ``started`` is the experiment's ``time.monotonic()`` start.
+    """
+    port, client_port = ports
+    if not cap.active:
+        notes = [*notes, no_capture_note(cap.reason, evidence)]
+    return Experiment(
+        id=exp_id,
+        part=part,
+        title=title,
+        claim=claim,
+        observed=observed,
+        verdict=verdict,
+        measurements=measurements,
+        packets=packets,
+        packets_captured=cap.active,
+        actors={f"{LOOPBACK}:{port}": "server", f"{LOOPBACK}:{client_port}": "client"},
+        notes=tuple(notes),
+        duration_s=time.monotonic() - started,
+    )
 
 
 def no_capture_note(reason: str | None, evidence: str) -> str:

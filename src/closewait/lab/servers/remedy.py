@@ -48,15 +48,6 @@ import threading
 import time
 from typing import Any
 
-STRATEGIES = (
-    "idle-timeout",
-    "send-sigpipe",
-    "read-close",
-    "multiplex-read-close",
-    "nonblocking-read-close",
-    "keepalive",
-)
-
 _emit_lock = threading.Lock()
 
 
@@ -77,6 +68,18 @@ def peer_port(conn: socket.socket) -> int:
 
 def announce(conn: socket.socket, peer: int) -> None:
     emit("accepted", peer=peer, fd=conn.fileno(), inode=os.fstat(conn.fileno()).st_ino, t=now())
+
+
+def accept_watched(
+    listener: socket.socket, sel: selectors.BaseSelector, peers: dict[socket.socket, int]
+) -> socket.socket:
+    """Accept one connection into a selectors loop: non-blocking, announced, in ``peers``, watched for reads."""
+    conn, addr = listener.accept()
+    conn.setblocking(False)
+    peers[conn] = addr[1]
+    announce(conn, addr[1])
+    sel.register(conn, selectors.EVENT_READ)
+    return conn
 
 
 def close_and_report(conn: socket.socket, peer: int) -> None:
@@ -121,11 +124,7 @@ def serve_multiplex(listener: socket.socket, args: argparse.Namespace) -> None:
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
             if sock is listener:
-                conn, addr = listener.accept()
-                conn.setblocking(False)
-                peers[conn] = addr[1]
-                announce(conn, addr[1])
-                sel.register(conn, selectors.EVENT_READ)
+                accept_watched(listener, sel, peers)
                 continue
             try:
                 data = sock.recv(4096)
@@ -193,11 +192,7 @@ def serve_idle_timeout(listener: socket.socket, args: argparse.Namespace) -> Non
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
             if sock is listener:
-                conn, addr = listener.accept()
-                conn.setblocking(False)
-                peers[conn] = addr[1]
-                announce(conn, addr[1])
-                sel.register(conn, selectors.EVENT_READ)
+                conn = accept_watched(listener, sel, peers)
                 watching.add(conn)
                 wheel.add(conn)
                 continue
@@ -298,6 +293,7 @@ def serve_keepalive(listener: socket.socket, args: argparse.Namespace) -> None:
         announce(conn, addr[1])
 
 
+#: Strategy name (the argument, and the remedy's experiment id) -> its server loop.
 SERVERS = {
     "idle-timeout": serve_idle_timeout,
     "send-sigpipe": serve_send_sigpipe,
@@ -310,7 +306,7 @@ SERVERS = {
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="closewait lab remedy server")
-    parser.add_argument("strategy", choices=STRATEGIES)
+    parser.add_argument("strategy", choices=list(SERVERS))
     parser.add_argument("--idle-timeout", type=float, default=1.0)
     parser.add_argument("--heartbeat", type=float, default=0.1)
     parser.add_argument("--close-on-sigusr1", action="store_true")

@@ -1,10 +1,13 @@
-"""Packet capture on the loopback while a lab experiment runs: the evidence for its ladder diagram.
+"""Packet capture on the loopback: the TCP segments of chosen ports, as ``Segment`` records.
+
+The lab's ladder diagrams and packet evidence come from here (``lab/evidence.py`` reads them);
+like every other read of the kernel, the packet socket lives in ``sources/``.
 
 ``capture(ports)`` opens an AF_PACKET raw socket (``ETH_P_ALL``) bound to ``lo`` and reads it in a
 background thread. It keeps only TCP segments whose source or destination port is one of
 ``ports`` (a userspace filter: no BPF, so ports can be added after start with ``add_port``, because
 experiments often learn their client's ephemeral port late). Each kept packet becomes a
-``lab.model.Segment`` (flags, seq, ack, payload length, time since the capture started).
+``Segment`` (flags, seq, ack, payload length, time since the capture started).
 
     with capture([server_port]) as cap:
         ...                      # the experiment
@@ -38,8 +41,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
 
-from closewait.lab.model import Segment
 from closewait.model import Endpoint
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,23 @@ DISABLED_REASON = "packets not captured: capture turned off (--no-capture)"
 
 # TCP flag bits (byte 13 of the header) in the order Segment.flags lists them.
 _FLAG_BITS: tuple[tuple[str, int], ...] = (("SYN", 0x02), ("ACK", 0x10), ("FIN", 0x01), ("RST", 0x04), ("PSH", 0x08))
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One TCP segment seen on the loopback.
+
+    ``t`` is seconds since the capture started; ``flags`` is a tuple of flag names in the order
+    SYN, ACK, FIN, RST, PSH (only those set), e.g. ("SYN", "ACK").
+    """
+
+    t: float
+    src: Endpoint
+    dst: Endpoint
+    flags: tuple[str, ...]
+    seq: int
+    ack: int
+    length: int
 
 
 def parse_frame(frame: bytes | memoryview, wire_length: int, t: float) -> Segment | None:
@@ -343,32 +363,11 @@ def capture(
         cap.stop()
 
 
-# -- reading evidence out of segments -------------------------------------------------------------
-
-
-def sent(segments: Iterable[Segment], flag: str, *, by: Endpoint | None = None) -> bool:
-    """True when a segment with ``flag`` was sent (by ``by``, if given)."""
-    return any(flag in s.flags and (by is None or s.src == by) for s in segments)
-
-
-def payload_bytes(segments: Iterable[Segment], *, by: Endpoint | None = None) -> int:
-    """Payload bytes carried by the segments (sent by ``by``, if given); retransmits count twice."""
-    return sum(s.length for s in segments if by is None or s.src == by)
-
-
-def between(segments: Iterable[Segment], a: Endpoint, b: Endpoint) -> tuple[Segment, ...]:
-    """Only the segments of the connection between ``a`` and ``b``, either direction."""
-    pair = {a, b}
-    return tuple(s for s in segments if {s.src, s.dst} == pair)
-
-
 __all__ = [
     "DISABLED_REASON",
     "NO_ROOT_REASON",
     "Capture",
-    "between",
+    "Segment",
     "capture",
     "parse_frame",
-    "payload_bytes",
-    "sent",
 ]
