@@ -56,7 +56,7 @@ from typing import Any
 
 from closewait.errors import AccessDenied, NetlinkError, NotSupported, UsageError
 from closewait.model import Endpoint, Finding, Owner, Process, Snapshot, Socket, TcpState
-from closewait.sources import netlink
+from closewait.sources import COOKIE, get_source, netlink
 from closewait.sources.owners import find_owners, parse_stat, socket_inode
 
 log = logging.getLogger(__name__)
@@ -395,7 +395,7 @@ def survey(
             validate_pids([pid], proc_root)  # one fd link read, not all of them: scan() walks them next
         except AccessDenied:
             raise AccessDenied(_ptrace_message(pid, proc_root)) from None
-    snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, backend="netlink", proc_root=proc_root)
+    snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, backend=get_source(needs=[COOKIE]), proc_root=proc_root)
     if not pids or not snapshot.findings:
         return snapshot
     everyone = find_owners({f.socket.inode for f in snapshot.findings}, proc_root=proc_root)

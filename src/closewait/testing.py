@@ -49,10 +49,9 @@ from dataclasses import dataclass
 
 from closewait import trace
 from closewait.diagnosis import diagnose
-from closewait.errors import ClosewaitError
 from closewait.model import Finding, Role, TcpState
 from closewait.scan import CLOSE_WAIT_ONLY, scan
-from closewait.sources import netlink, procfs
+from closewait.sources import get_source
 from closewait.sources.owners import socket_fds
 
 __all__ = [
@@ -74,14 +73,8 @@ _POLL_INTERVAL = 0.02
 
 
 def _kernel_close_wait_inodes() -> set[int]:
-    try:
-        nl = netlink.open_socket()
-    except ClosewaitError:
-        return {s.inode for s in procfs.dump(CLOSE_WAIT_ONLY)}
-    try:
-        return {s.inode for s in netlink.dump(CLOSE_WAIT_ONLY, with_info=False, sock=nl)}
-    finally:
-        nl.close()
+    # No tcp_info: only the inodes are compared.
+    return {s.inode for s in get_source(with_info=False).sockets(CLOSE_WAIT_ONLY)}
 
 
 def close_wait_inodes(pid: int | None = None) -> dict[int, int]:
