@@ -29,7 +29,7 @@ SCRAPE = """
 import json, sys
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from closewait.metrics import CloseWaitCollector, build_registry
+from closewait.exporter import CloseWaitCollector, build_registry
 netns = sys.argv[1] or None
 registry = build_registry(CloseWaitCollector(min_interval=0, netns=netns))
 out = {"rows": [], "errors": {}, "success": None}

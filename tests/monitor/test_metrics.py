@@ -12,7 +12,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from closewait.metrics import CloseWaitCollector, build_registry
+from closewait.exporter import CloseWaitCollector, build_registry
 from closewait.model import TcpState
 from tests.conftest import Spawn
 from tests.monitor.leakers import start_leaker
@@ -58,7 +58,8 @@ def test_metrics_for_a_leaking_child(spawn: Spawn) -> None:
     assert states["listen"] >= 1
     assert samples["closewait_scan_duration_seconds"][0][1] > 0
     assert samples["closewait_scan_success"] == [({}, 1.0)]
-    assert {labels["kind"] for labels, _ in samples["closewait_scan_errors_total"]} == {"scan", "netns", "owners"}
+    kinds = {labels["kind"] for labels, _ in samples["closewait_scan_errors_total"]}
+    assert kinds == {"scan", "netns", "owners"}
     assert {labels["kind"]: v for labels, v in samples["closewait_scan_errors_total"]}["scan"] == 0
 
 
