@@ -115,6 +115,7 @@ def scan(
     owner_index: dict[int, list[Owner]] = {}
     listening: list[tuple[int, Endpoint]] = []
     owners_via: str | None = None
+    owners_fallback_reason: str | None = None
     if owners and targets:
         inodes = {s.inode for s in targets} | {s.inode for s in listeners}
         owner_map = find_owners(
@@ -122,6 +123,7 @@ def scan(
         )
         owner_index = owner_map.owners
         owners_via = owner_map.method
+        owners_fallback_reason = owner_map.bpf_unavailable
         denied_targets = sorted(pid_filter.intersection(owner_map.denied_pids))
         if denied_targets:
             # The caller named this process: an empty answer would be a lie, so refuse.
@@ -158,6 +160,7 @@ def scan(
         errors=tuple(errors),
         state_counts=counts,
         owners_via=owners_via,
+        owners_fallback_reason=owners_fallback_reason,
     )
 
 

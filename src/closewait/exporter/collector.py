@@ -27,8 +27,10 @@ How a scrape is made (docs/monitoring.md has the metric reference):
   ``process="unowned"``. ``closewait_processes_folded`` says how many processes were folded.
 - **Errors are counted, never swallowed**: ``closewait_scan_errors_total{kind}`` with ``kind`` one
   of ``scan`` (the scan failed; the last good values are not re-served, only the counters and
-  ``closewait_scan_success 0``), ``netns`` (a namespace vanished or could not be entered) and
-  ``owners`` (some /proc/PID/fd were unreadable: run as root or with CAP_SYS_PTRACE).
+  ``closewait_scan_success 0``), ``netns`` (a namespace vanished or could not be entered),
+  ``owners`` (some /proc/PID/fd were unreadable: run as root or with CAP_SYS_PTRACE) and
+  ``owners_bpf`` (the BPF owner lookup could not run, so owners came from the slower /proc walk;
+  the reason is logged once).
 - **Sockets come from the one kernel source** (``closewait.sources.get_source``, asked for
   per-state counts and, with namespaces, the inode -> namespace map): a backend added there is used
   here too.
@@ -64,7 +66,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOP_N = 20
 DEFAULT_MIN_INTERVAL = 5.0
-ERROR_KINDS = ("scan", "netns", "owners")
+ERROR_KINDS = ("scan", "netns", "owners", "owners_bpf")
 OTHER = "other"
 UNOWNED = "unowned"
 
@@ -170,6 +172,7 @@ class CloseWaitCollector(Collector):
         self._errors = dict.fromkeys(ERROR_KINDS, 0)
         self._scans = 0
         self._last_duration = 0.0
+        self._owner_fallback_logged: str | None = None
 
     # -- scanning ----------------------------------------------------------------------------------
 
@@ -193,6 +196,7 @@ class CloseWaitCollector(Collector):
             self._errors["netns"] += len(source.failures)
         if snapshot.errors:
             self._errors["owners"] += 1
+        self._note_owner_fallback(snapshot.owners_fallback_reason)
         rows, folded = fold_rows(rows_from_snapshot(snapshot, source.netns_of_inode), self.top_n)
         return ScanResult(
             counts=source.counts,
@@ -201,6 +205,16 @@ class CloseWaitCollector(Collector):
             duration_s=time.perf_counter() - started,
             finished_at=time.time(),
         )
+
+    def _note_owner_fallback(self, reason: str | None) -> None:
+        """Count a scan whose owners came from the /proc walk because the BPF lookup could not run;
+        log why once (and again only if the reason changes), not on every scrape."""
+        if reason is None:
+            return
+        self._errors["owners_bpf"] += 1
+        if reason != self._owner_fallback_logged:
+            self._owner_fallback_logged = reason
+            log.warning("owners found by the /proc walk, not the BPF iterator: %s", reason)
 
     # -- the Collector interface -------------------------------------------------------------------
 
@@ -254,7 +268,7 @@ class CloseWaitCollector(Collector):
         )
         errors = CounterMetricFamily(
             "closewait_scan_errors",
-            "Scan problems by kind: scan (failed), netns (skipped), owners.",
+            "Scan problems by kind: scan (failed), netns (skipped), owners, owners_bpf (BPF lookup unavailable).",
             labels=["kind"],
         )
         scans = CounterMetricFamily("closewait_scans", "Scans made (scrapes within the minimum interval share one).")
