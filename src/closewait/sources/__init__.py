@@ -7,8 +7,9 @@ netlink sock_diag first, /proc/net/tcp when netlink cannot be opened), optionall
 network namespaces, optionally counting every state too, and records what it actually did: the
 backend it used (``name``), the counts, which namespace each socket came from and the namespaces it
 had to skip. A caller that needs something only some backends give (socket cookies, tcp_info)
-says so with ``needs``, and the chain keeps only the backends that give it. A new backend is one
-entry in ``_CHAIN`` and reaches every caller.
+says so with ``needs``, and the chain keeps only the backends that give it. A new backend is a
+class with ``name``, ``gives`` and ``read()`` and one entry in ``_CHAIN``: ``--backend`` offers it
+and every caller reaches it.
 
 ``StaticSource`` is a fake that ships publicly so users can test code built on closewait without a
 kernel scenario.
@@ -27,9 +28,10 @@ if TYPE_CHECKING:
     import logging
     import socket
     from collections.abc import Iterable, Sequence
+    from typing import ClassVar
 
     from closewait.model import Socket, TcpState
-    from closewait.sources.base import SocketSource
+    from closewait.sources.base import Backend, SocketSource
     from closewait.sources.netns import Netns
 
 
@@ -41,9 +43,6 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'closewait.sources' has no attribute {name!r}")
 
 
-#: What ``--backend`` accepts: ``auto`` walks the chain, a backend's name uses only that one.
-BACKENDS = ("auto", "netlink", "procfs")
-
 #: What a caller can ask a backend's records to carry (``needs``): the socket cookie (an exact
 #: identity, what reap re-verifies with) and tcp_info (idle time, unread bytes).
 COOKIE = "cookie"
@@ -53,8 +52,8 @@ TCP_INFO = "tcp_info"
 class _Netlink:
     """sock_diag over netlink: kernel-side state filter, tcp_info and cookies included."""
 
-    name = "netlink"
-    gives = frozenset({COOKIE, TCP_INFO})
+    name: ClassVar[str] = "netlink"
+    gives: ClassVar[frozenset[str]] = frozenset({COOKIE, TCP_INFO})
 
     def __init__(self) -> None:
         from closewait.sources import netlink
@@ -78,8 +77,8 @@ class _Netlink:
 class _Procfs:
     """/proc/net/tcp and tcp6 of the calling thread's namespace; no tcp_info, no cookies."""
 
-    name = "procfs"
-    gives: frozenset[str] = frozenset()
+    name: ClassVar[str] = "procfs"
+    gives: ClassVar[frozenset[str]] = frozenset()
 
     def read(
         self, states: frozenset[TcpState], *, with_info: bool, count: bool
@@ -100,7 +99,10 @@ class _Procfs:
 #: The backends in the order ``auto`` tries them. Opening one (its constructor) raises
 #: ClosewaitError when it cannot run here; the next one is then tried. An error while reading is
 #: not a reason to fall back: it is the answer.
-_CHAIN: tuple[type[_Netlink] | type[_Procfs], ...] = (_Netlink, _Procfs)
+_CHAIN: tuple[type[Backend], ...] = (_Netlink, _Procfs)
+
+#: What ``--backend`` accepts: ``auto`` walks the chain, a backend's name uses only that one.
+BACKENDS: tuple[str, ...] = ("auto", *(backend.name for backend in _CHAIN))
 
 
 class KernelSource:
@@ -111,7 +113,7 @@ class KernelSource:
     raises. Labelled ones (a sweep of the host's namespaces) that fail are skipped, one line each in
     ``failures``. After ``sockets()``:
 
-    - ``name``: the backend used ("netlink", or "procfs" if any namespace needed the fallback);
+    - ``name``: the backend used (the one furthest down the chain that any namespace needed);
     - ``counts``: label -> every TCP state's count (zeros included), when ``count_states``;
     - ``netns_of_inode``: socket inode -> label, for sockets of labelled namespaces;
     - ``failures``: the namespaces skipped, with why.
@@ -188,7 +190,7 @@ class KernelSource:
             self.counts[label] = counts
         return sockets
 
-    def _open(self) -> tuple[int, _Netlink | _Procfs]:
+    def _open(self) -> tuple[int, Backend]:
         """The first backend of the chain that opens here, and its place in the chain."""
         last = len(self._chain) - 1
         for position, backend in enumerate(self._chain):
