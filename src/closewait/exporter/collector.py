@@ -14,8 +14,9 @@ How a scrape is made (docs/monitoring.md has the metric reference):
 
 - **State counts** (``closewait_tcp_sockets{state}``, every state, zeros included): one netlink
   dump of all states per family *without* tcp_info and without owners, reading only each message's
-  state byte (``netlink.count_by_state``). This is what node_exporter's tcpstat gives, minus its gap:
-  states with no sockets still emit 0, so ``rate()`` and alerts do not see series vanish.
+  state byte (``netlink.count_by_state``; without sock_diag, counted from /proc/net/tcp). This is
+  what node_exporter's tcpstat gives, minus its gap: states with no sockets still emit 0, so
+  ``rate()`` and alerts do not see series vanish.
 - **CLOSE_WAIT per process**: ``closewait.scan`` of CLOSE_WAIT (plus listeners, for the role) with
   owners. Only CLOSE_WAIT sockets are dumped with tcp_info and only their inodes are looked for in
   /proc/PID/fd, so 100,000 established connections cost one cheap count, not 100,000 owner lookups.
