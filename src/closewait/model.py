@@ -360,6 +360,9 @@ class Snapshot:
     owners_via: str | None = None
     #: How many of ``findings`` are in each state asked for (zeros included), after --port/--pid filters.
     state_counts: Mapping[TcpState, int] = field(default_factory=dict)
+    #: Why the BPF owner lookup was not used when ``owner_source="auto"`` fell back to the /proc walk
+    #: (for example "permission denied (needs root, ...)"); None when it was used or not tried.
+    owners_fallback_reason: str | None = None
 
     def in_state(self, state: TcpState) -> tuple[Finding, ...]:
         return tuple(f for f in self.findings if f.socket.state == state)

@@ -40,7 +40,7 @@ from typing import Any
 from closewait.errors import AccessDenied, ClosewaitError, NetlinkError, NoSuchProcess, NotSupported, UsageError
 from closewait.filters import ReapCriteria, RemoteFilter, parse_duration
 from closewait.model import Finding, Owner, Process, Snapshot, Socket, TcpState
-from closewait.sources import netlink, pidfd
+from closewait.sources import COOKIE, get_source, netlink, pidfd
 from closewait.sources.owners import find_owners
 from closewait.sources.process import fd_link, read_stat, read_uid, socket_inode, validate_pids
 
@@ -212,7 +212,7 @@ def survey(
             validate_pids([pid], proc_root)  # one fd link read, not all of them: scan() walks them next
         except AccessDenied:
             raise AccessDenied(_ptrace_message(pid, proc_root)) from None
-    snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, backend="netlink", proc_root=proc_root)
+    snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, backend=get_source(needs=[COOKIE]), proc_root=proc_root)
     if not pids or not snapshot.findings:
         return snapshot
     everyone = find_owners({f.socket.inode for f in snapshot.findings}, proc_root=proc_root)

@@ -78,6 +78,7 @@ def scan(
         errors=_owner_warnings(targets, owner_map),
         state_counts=_state_counts(wanted_states, findings),
         owners_via=owner_map.method if owner_map is not None else None,
+        owners_fallback_reason=owner_map.bpf_unavailable if owner_map is not None else None,
     )
 
 

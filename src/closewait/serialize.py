@@ -93,6 +93,7 @@ def _snapshot_fields(snapshot: Snapshot) -> dict[str, Any]:
         "netns": snapshot.netns,
         "owners_resolved": snapshot.owners_resolved,
         "owners_via": snapshot.owners_via,
+        "owners_fallback_reason": snapshot.owners_fallback_reason,
         "taken_at": snapshot.taken_at,
         "state_counts": {state.name: count for state, count in snapshot.state_counts.items()},
     }

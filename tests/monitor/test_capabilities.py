@@ -29,7 +29,7 @@ SCRAPE = """
 import json, sys
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from closewait.metrics import CloseWaitCollector, build_registry
+from closewait.exporter import CloseWaitCollector, build_registry
 netns = sys.argv[1] or None
 registry = build_registry(CloseWaitCollector(min_interval=0, netns=netns))
 out = {"rows": [], "errors": {}, "success": None}
@@ -93,6 +93,9 @@ def test_owners_of_other_users_need_sys_ptrace_and_dac_read_search(spawn: Spawn)
     errors = bare["errors"]
     assert isinstance(errors, dict)
     assert errors["owners"] == 1
+    # Without CAP_BPF the BPF owner lookup cannot run: counted, and why is logged.
+    assert errors["owners_bpf"] == 1
+    assert "owners found by the /proc walk, not the BPF iterator: " in str(bare["stderr"])
     assert any(r[1] == "unowned" for r in bare["rows"])  # type: ignore[attr-defined]
 
     # SYS_PTRACE alone is not enough for another user's 0500 fd directory...
@@ -111,6 +114,7 @@ def test_owners_of_other_users_need_sys_ptrace_and_dac_read_search(spawn: Spawn)
     bpf_errors = bpf_only["errors"]
     assert isinstance(bpf_errors, dict)
     assert bpf_errors["owners"] == 0
+    assert bpf_errors["owners_bpf"] == 0
     admin_only = _scrape_with(["CAP_SYS_ADMIN"])
     assert [r[2:] for r in _rows_for(admin_only, str(other.pid))] == [[2.0, "server"]]
 
@@ -123,7 +127,7 @@ def test_another_namespace_needs_sys_admin(spawn: Spawn, netns_name: str) -> Non
     without = _scrape_with(["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"], ns)
     # The scrape still answers: the failure is counted and logged, not raised.
     assert without["success"] == 0
-    assert without["errors"] == {"scan": 1, "netns": 0, "owners": 0}
+    assert without["errors"] == {"scan": 1, "netns": 0, "owners": 0, "owners_bpf": 0}
     assert "entering a network namespace needs root (CAP_SYS_ADMIN)" in str(without["stderr"])
     granted = _scrape_with(["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN"], ns)
     assert [r[2:] for r in _rows_for(granted, str(child.pid))] == [[3.0, "server"]]

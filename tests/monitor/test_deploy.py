@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from closewait.metrics import CloseWaitCollector
+from closewait.exporter import CloseWaitCollector
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMTOOL = shutil.which("promtool")

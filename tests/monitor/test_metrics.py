@@ -3,16 +3,21 @@ parsed with prometheus_client's own parser; shared scans; bounded cardinality; n
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from closewait.metrics import CloseWaitCollector, build_registry
+from closewait.exporter import CloseWaitCollector, build_registry
 from closewait.model import TcpState
 from tests.conftest import Spawn
 from tests.monitor.leakers import start_leaker
@@ -58,7 +63,8 @@ def test_metrics_for_a_leaking_child(spawn: Spawn) -> None:
     assert states["listen"] >= 1
     assert samples["closewait_scan_duration_seconds"][0][1] > 0
     assert samples["closewait_scan_success"] == [({}, 1.0)]
-    assert {labels["kind"] for labels, _ in samples["closewait_scan_errors_total"]} == {"scan", "netns", "owners"}
+    kinds = {labels["kind"] for labels, _ in samples["closewait_scan_errors_total"]}
+    assert kinds == {"scan", "netns", "owners", "owners_bpf"}
     assert {labels["kind"]: v for labels, v in samples["closewait_scan_errors_total"]}["scan"] == 0
 
 
@@ -151,6 +157,50 @@ def test_all_netns_adds_a_netns_label_naming_a_process(spawn: Spawn, netns_name:
     assert len(ns_states) == len(TcpState)
     # The host namespace is there too, under another label.
     assert len({lab["netns"] for lab, _ in samples["closewait_tcp_sockets"]}) >= 2
+
+
+# A collector scraped twice in a process of its own, holding one CLOSE_WAIT socket so owners are
+# looked up; prints the scan-errors counters and the log lines.
+FALLBACK_SCRAPES = """
+import json, logging, socket
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from closewait.exporter import CloseWaitCollector, build_registry
+logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+client = socket.create_connection(srv.getsockname())
+conn, _ = srv.accept()
+client.close()
+registry = build_registry(CloseWaitCollector(min_interval=0))
+for _ in range(2):
+    text = generate_latest(registry).decode()
+errors = {s.labels["kind"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+          if s.name == "closewait_scan_errors_total"}
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_a_bpf_fallback_is_counted_on_every_scan_and_logged_once() -> None:
+    """In another pid namespace the BPF owner lookup refuses itself (its pids are not /proc's): each
+    scan counts kind="owners_bpf", and the reason is logged once, not on every scrape."""
+    src = Path(__file__).resolve().parents[2] / "src"
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", FALLBACK_SCRAPES],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(src)),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    errors = json.loads(done.stdout)
+    assert errors == {"scan": 0, "netns": 0, "owners": 0, "owners_bpf": 2}
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("closewait.exporter.collector: owners found by the /proc walk, not the BPF iterator: ")
+    assert "pid namespace" in line
 
 
 NODE_SERVER = """

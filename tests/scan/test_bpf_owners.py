@@ -131,9 +131,12 @@ def test_auto_uses_the_iterator_as_root_and_the_walk_for_named_pids(spawn: Spawn
         closewait.scan(owner_source="psutil")
     document = json.loads(run_cli("scan", "--port", str(port), "--json").stdout)
     assert document["owners_via"] == "bpf"
+    assert document["owners_fallback_reason"] is None
     assert [o["pid"] for o in document["sockets"][0]["owners"]] == [pid]
     walked = json.loads(run_cli("scan", "--port", str(port), "--json", "--owners-from", "procfs").stdout)
     assert walked["owners_via"] == "procfs"
+    assert walked["owners_fallback_reason"] is None  # asked for, not fallen back to
+    assert "BPF iterator not used" not in run_cli("scan", "--port", str(port)).stdout
     assert walked["sockets"][0]["owners"] == document["sockets"][0]["owners"]
     assert json.loads(run_cli("scan", "--port", str(port), "--json", "--no-owners").stdout)["owners_via"] is None
 
@@ -220,6 +223,31 @@ with socket.socket() as mine:
     assert "pid namespace" in report["forced"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+@needs_bpf
+def test_users_see_why_auto_fell_back_to_the_walk(spawn: Spawn) -> None:
+    """In another pid namespace the iterator refuses itself: scan --json says why next to owners_via,
+    the terminal view says it in a footer line."""
+    pid, port = _leak(spawn, LEAKING_SERVER, "127.0.0.1", "keep")
+    with socket.create_connection(("127.0.0.1", port)):
+        pass
+    close_wait_of(pid, port)
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "closewait"]
+    env = {"PYTHONPATH": str(REPO / "src")}
+    done = run_cli("scan", "--port", str(port), "--json", argv0=unshare, env=env)
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["owners_via"] == "procfs"
+    assert "pid namespace" in document["owners_fallback_reason"]
+    keys = list(document)
+    assert keys.index("owners_fallback_reason") == keys.index("owners_via") + 1
+    human = run_cli("scan", "--port", str(port), argv0=unshare, env=env)
+    assert human.returncode == 0, human.stderr
+    (footer,) = [line for line in human.stdout.splitlines() if "BPF iterator not used" in line]
+    assert footer.startswith("owners found by the /proc walk (BPF iterator not used: ")
+    assert "pid namespace" in footer
+
+
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
 def test_nobody_gets_the_walk_and_a_clear_line_when_bpf_is_forced(spawn: Spawn, nobody: Nobody) -> None:
@@ -232,6 +260,7 @@ def test_nobody_gets_the_walk_and_a_clear_line_when_bpf_is_forced(spawn: Spawn, 
     assert auto.returncode == 0, auto.stderr
     document = json.loads(auto.stdout)
     assert document["owners_via"] == "procfs"
+    assert "permission denied (needs root, or CAP_BPF and CAP_PERFMON)" in document["owners_fallback_reason"]
     assert document["sockets"][0]["owners"] == []
     assert any("permission denied, run as root" in line for line in document["errors"])
     forced = run_cli("scan", "--port", str(port), "--owners-from", "bpf", argv0=argv0, env=nobody.env)

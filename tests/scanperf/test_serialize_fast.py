@@ -62,6 +62,7 @@ snapshots = st.builds(
     owners_resolved=st.booleans(),
     errors=st.lists(text, max_size=2).map(tuple),
     owners_via=st.none() | st.sampled_from(["bpf", "procfs"]),
+    owners_fallback_reason=st.none() | text,
     state_counts=st.dictionaries(st.sampled_from(TcpState), st.integers(0, 10**6)),
 )
 

@@ -15,7 +15,7 @@ from types import FrameType
 
 import click
 
-from closewait.metrics import (
+from closewait.exporter import (
     DEFAULT_LISTEN,
     DEFAULT_MIN_INTERVAL,
     DEFAULT_TOP_N,

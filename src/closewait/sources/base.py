@@ -7,7 +7,7 @@ through ``closewait.sources.prefetch`` before anything heavy is imported.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from closewait.model import Socket, TcpState
@@ -19,3 +19,22 @@ class SocketSource(Protocol):
     name: str
 
     def sockets(self, states: frozenset[TcpState]) -> Iterable[Socket]: ...
+
+
+class Backend(Protocol):
+    """One way to read the calling thread's namespace's TCP table: a link of ``KernelSource``'s chain.
+
+    Constructing one opens it where the calling thread is (a netlink socket keeps that namespace);
+    it raises ClosewaitError when it cannot run there, and the chain tries the next backend.
+    """
+
+    #: The ``--backend`` name.
+    name: ClassVar[str]
+    #: What its records carry: ``sources.COOKIE``, ``sources.TCP_INFO``.
+    gives: ClassVar[frozenset[str]]
+
+    def read(
+        self, states: frozenset[TcpState], *, with_info: bool, count: bool
+    ) -> tuple[dict[TcpState, int] | None, list[Socket]]:
+        """The sockets in ``states``, and with ``count`` every state's count (zeros included)."""
+        ...

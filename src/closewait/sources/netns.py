@@ -117,11 +117,20 @@ def entered(ns: Netns | None) -> Iterator[None]:
             return
         try:
             target_fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NetnsError(f"{ns.path}: the namespace is gone (its process exited or it was deleted)") from None
         except OSError as err:
             raise from_os_error(
                 err, f"opening network namespace {ns.path}", path=ns.path, path_error=NetnsError
             ) from err
         try:
+            # Pinned by inode: the path names whatever namespace is there now. A pid that exited and
+            # was reused, or /run/netns/NAME deleted and created again, must not be followed silently.
+            if os.fstat(target_fd).st_ino != ns.inode:
+                raise NetnsError(
+                    f"{ns.path}: the namespace is gone (the path now names another namespace: "
+                    "its process exited and the pid was reused, or it was recreated)"
+                )
             _setns(target_fd, ns.path)
         finally:
             os.close(target_fd)

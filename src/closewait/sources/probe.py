@@ -93,16 +93,11 @@ def own_close_wait_fds() -> dict[int, int] | None:
 
 
 def _kernel_close_wait_inodes() -> set[int]:
-    from closewait.sources import netlink, procfs
+    """The inodes of every CLOSE_WAIT socket in this namespace, through the one source chain
+    (``get_source``: netlink, else /proc/net/tcp). No tcp_info: only inodes are compared."""
+    from closewait.sources import get_source
 
-    try:
-        nl = netlink.open_socket()
-    except ClosewaitError:
-        return {s.inode for s in procfs.dump(_CLOSE_WAIT_ONLY)}
-    try:
-        return {s.inode for s in netlink.dump(_CLOSE_WAIT_ONLY, with_info=False, sock=nl)}
-    finally:
-        nl.close()
+    return {s.inode for s in get_source(with_info=False).sockets(_CLOSE_WAIT_ONLY)}
 
 
 def close_wait_inodes(pid: int | None = None) -> dict[int, int]:

@@ -160,7 +160,20 @@ def print_snapshot(snapshot: Snapshot, *, wide: bool = False, out: Console | Non
         hidden = group.count - ROWS_PER_PROCESS
         if not wide and hidden > 0:
             out.print(Text(f"  ... and {hidden} more (--wide shows all)", style="dim"))
+    _print_footer(snapshot, out)
     _print_errors(snapshot)
+
+
+def _print_footer(snapshot: Snapshot, out: Console) -> None:
+    """How the scan was made, when it was not the best way: the BPF owner lookup fell back."""
+    if snapshot.owners_fallback_reason is not None:
+        out.print()
+        out.print(
+            Text(
+                f"owners found by the /proc walk (BPF iterator not used: {snapshot.owners_fallback_reason})",
+                style="dim",
+            )
+        )
 
 
 def _print_errors(snapshot: Snapshot) -> None:

@@ -1,4 +1,5 @@
-"""closewait's Prometheus exporter: a custom Collector and the small HTTP server that serves it.
+"""The exporter's Collector: one scan becomes Prometheus metric families. No HTTP here
+(``closewait.exporter.http`` serves a registry).
 
 Nothing is registered at import. Build a ``CloseWaitCollector`` and register it on the registry you
 choose (``registry`` and the ``/proc`` root are injected, as in prometheus_client's own
@@ -13,8 +14,9 @@ How a scrape is made (docs/monitoring.md has the metric reference):
 
 - **State counts** (``closewait_tcp_sockets{state}``, every state, zeros included): one netlink
   dump of all states per family *without* tcp_info and without owners, reading only each message's
-  state byte (``netlink.count_by_state``). This is what node_exporter's tcpstat gives, minus its gap:
-  states with no sockets still emit 0, so ``rate()`` and alerts do not see series vanish.
+  state byte (``netlink.count_by_state``; without sock_diag, counted from /proc/net/tcp). This is
+  what node_exporter's tcpstat gives, minus its gap: states with no sockets still emit 0, so
+  ``rate()`` and alerts do not see series vanish.
 - **CLOSE_WAIT per process**: ``closewait.scan`` of CLOSE_WAIT (plus listeners, for the role) with
   owners. Only CLOSE_WAIT sockets are dumped with tcp_info and only their inodes are looked for in
   /proc/PID/fd, so 100,000 established connections cost one cheap count, not 100,000 owner lookups.
@@ -26,8 +28,13 @@ How a scrape is made (docs/monitoring.md has the metric reference):
   ``process="unowned"``. ``closewait_processes_folded`` says how many processes were folded.
 - **Errors are counted, never swallowed**: ``closewait_scan_errors_total{kind}`` with ``kind`` one
   of ``scan`` (the scan failed; the last good values are not re-served, only the counters and
-  ``closewait_scan_success 0``), ``netns`` (a namespace vanished or could not be entered) and
-  ``owners`` (some /proc/PID/fd were unreadable: run as root or with CAP_SYS_PTRACE).
+  ``closewait_scan_success 0``), ``netns`` (a namespace vanished or could not be entered),
+  ``owners`` (some /proc/PID/fd were unreadable: run as root or with CAP_SYS_PTRACE) and
+  ``owners_bpf`` (the BPF owner lookup could not run, so owners came from the slower /proc walk;
+  the reason is logged once).
+- **Sockets come from the one kernel source** (``closewait.sources.get_source``, asked for
+  per-state counts and, with namespaces, the inode -> namespace map): a backend added there is used
+  here too.
 - **One other namespace** (``netns="/run/netns/NAME"`` or a pid): scanned instead of the exporter's
   own, with no extra label (an exporter in a sidecar, or a test's private namespace).
 - **All namespaces** (``all_netns=True``): every network namespace any process is in
@@ -42,30 +49,25 @@ How a scrape is made (docs/monitoring.md has the metric reference):
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from closewait.errors import ClosewaitError, NotSupported, UsageError
-from closewait.model import Snapshot, Socket, TcpState
+from closewait.errors import ClosewaitError, UsageError
+from closewait.model import Snapshot, TcpState
 from closewait.scan import scan
-from closewait.sources import netlink, procfs
+from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LISTEN = "127.0.0.1:9947"
 DEFAULT_TOP_N = 20
 DEFAULT_MIN_INTERVAL = 5.0
-ERROR_KINDS = ("scan", "netns", "owners")
+ERROR_KINDS = ("scan", "netns", "owners", "owners_bpf")
 OTHER = "other"
 UNOWNED = "unowned"
 
@@ -75,59 +77,6 @@ _CLOSE_WAIT = frozenset({TcpState.CLOSE_WAIT})
 def state_label(state: TcpState) -> str:
     """The ``state`` label value: the kernel's name in lower case (``close_wait``), as node_exporter spells it."""
     return state.name.lower()
-
-
-@dataclass
-class _NamespaceSource:
-    """A SocketSource over one or more network namespaces that also counts every state in each.
-
-    ``scan()`` calls ``sockets()`` once; the counts and the inode -> namespace map it leaves behind
-    are read afterwards. ``None`` in ``namespaces`` means the caller's own namespace.
-    """
-
-    namespaces: list[tuple[netns_mod.Netns | None, str]]
-    name: str = "netlink"
-    counts: dict[str, dict[TcpState, int]] = field(default_factory=dict)
-    netns_of_inode: dict[int, str] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-
-    def sockets(self, states: frozenset[TcpState]) -> Iterable[Socket]:
-        found: list[Socket] = []
-        for ns, label in self.namespaces:
-            try:
-                counts, sockets = self._read(ns, states)
-            except ClosewaitError as err:
-                if not label:
-                    raise  # the one namespace asked for: the scan as a whole has failed
-                self.failures.append(f"{label}: {err}")
-                log.info("skipping network namespace %s: %s", label, err)
-                continue
-            self.counts[label] = counts
-            for sock in sockets:
-                self.netns_of_inode[sock.inode] = label
-            found.extend(sockets)
-        return found
-
-    def _read(
-        self, ns: netns_mod.Netns | None, states: frozenset[TcpState]
-    ) -> tuple[dict[TcpState, int], list[Socket]]:
-        with netns_mod.entered(ns):
-            try:
-                # A netlink socket keeps the namespace it was opened in; it is used after leaving.
-                nl = netlink.open_socket()
-            except NotSupported:
-                # No sock_diag at all: /proc/thread-self/net follows this thread into the namespace.
-                self.name = "procfs"
-                every = list(procfs.dump(TcpState))
-                counts = dict.fromkeys(sorted(TcpState), 0)
-                for sock in every:
-                    counts[sock.state] += 1
-                return counts, [s for s in every if s.state in states]
-        try:
-            counts = netlink.count_by_state(sock=nl)
-            return counts, list(netlink.dump(states, sock=nl))
-        finally:
-            nl.close()
 
 
 @dataclass
@@ -224,6 +173,7 @@ class CloseWaitCollector(Collector):
         self._errors = dict.fromkeys(ERROR_KINDS, 0)
         self._scans = 0
         self._last_duration = 0.0
+        self._owner_fallback_logged: str | None = None
 
     # -- scanning ----------------------------------------------------------------------------------
 
@@ -241,12 +191,13 @@ class CloseWaitCollector(Collector):
     def scan_once(self) -> ScanResult:
         """One full scan (no caching). Raises ClosewaitError if the host's own tables cannot be read."""
         started = time.perf_counter()
-        source = _NamespaceSource(self._namespaces())
+        source = get_source(namespaces=self._namespaces(), count_states=True)
         snapshot = scan(_CLOSE_WAIT, backend=source, proc_root=self.proc_root)
         if source.failures:
             self._errors["netns"] += len(source.failures)
         if snapshot.errors:
             self._errors["owners"] += 1
+        self._note_owner_fallback(snapshot.owners_fallback_reason)
         rows, folded = fold_rows(rows_from_snapshot(snapshot, source.netns_of_inode), self.top_n)
         return ScanResult(
             counts=source.counts,
@@ -255,6 +206,16 @@ class CloseWaitCollector(Collector):
             duration_s=time.perf_counter() - started,
             finished_at=time.time(),
         )
+
+    def _note_owner_fallback(self, reason: str | None) -> None:
+        """Count a scan whose owners came from the /proc walk because the BPF lookup could not run;
+        log why once (and again only if the reason changes), not on every scrape."""
+        if reason is None:
+            return
+        self._errors["owners_bpf"] += 1
+        if reason != self._owner_fallback_logged:
+            self._owner_fallback_logged = reason
+            log.warning("owners found by the /proc walk, not the BPF iterator: %s", reason)
 
     # -- the Collector interface -------------------------------------------------------------------
 
@@ -307,7 +268,9 @@ class CloseWaitCollector(Collector):
             "closewait_processes_folded", 'Processes whose CLOSE_WAIT series were summed into process="other".'
         )
         errors = CounterMetricFamily(
-            "closewait_scan_errors", "Scan problems by kind: scan (failed), netns (skipped), owners.", labels=["kind"]
+            "closewait_scan_errors",
+            "Scan problems by kind: scan (failed), netns (skipped), owners, owners_bpf (BPF lookup unavailable).",
+            labels=["kind"],
         )
         scans = CounterMetricFamily("closewait_scans", "Scans made (scrapes within the minimum interval share one).")
         families: list[Metric] = [tcp, per_role, oldest, unread, duration, success, last, folded, errors, scans]
@@ -345,97 +308,6 @@ def _comm(proc_root: str, pid: int) -> str:
         return "?"
 
 
-# -- serving -----------------------------------------------------------------------------------------
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port). Port 0 asks the kernel for a free port.
-
-    Raises UsageError with one line for anything else.
-    """
-    value = text.strip()
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9947 or [::1]:9947")
-    port = int(port_text)
-    if port > 65535:
-        raise UsageError(f"--listen {text!r}: port {port} is out of range (0-65535)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        raise UsageError(f"--listen {text!r}: give a host (0.0.0.0 to listen on every interface)")
-    try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV)
-    except socket.gaierror as err:
-        raise UsageError(f"--listen {text!r}: cannot resolve {host!r}: {err.strerror}") from None
-    return host, port
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """Do not log every scrape to stderr."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-
-def _app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
-    metrics_app = make_wsgi_app(registry)
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path == "/metrics":
-            result: Iterable[bytes] = metrics_app(environ, start_response)
-            return result
-        if path == "/":
-            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
-            return [b'<html><body><h1>closewait exporter</h1><a href="/metrics">/metrics</a></body></html>\n']
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: the metrics are at /metrics\n"]
-
-    return app
-
-
-class MetricsServer:
-    """A threaded HTTP server serving ``registry`` at /metrics. Binding happens in the constructor,
-    so a bad address or a port in use raises (UsageError) before anything else starts."""
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-
-        class Server(ThreadingWSGIServer):
-            address_family = family
-
-        try:
-            self._httpd = make_server(host, port, _app(registry), Server, handler_class=_QuietHandler)
-        except OSError as err:
-            raise UsageError(f"cannot listen on {format_address(host, port)}: {err.strerror or err}") from None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._httpd.server_address[:2]
-        return str(host), int(port)
-
-    @property
-    def url(self) -> str:
-        return f"http://{format_address(*self.address)}/metrics"
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="closewait-exporter", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop accepting, let the serving thread end, close the listening socket."""
-        self._httpd.shutdown()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._httpd.server_close()
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def build_registry(collector: CloseWaitCollector) -> CollectorRegistry:
     """A fresh registry holding only ``collector`` (no process/platform collectors: one job, one set of names)."""
     registry = CollectorRegistry(auto_describe=True)
@@ -444,15 +316,13 @@ def build_registry(collector: CloseWaitCollector) -> CollectorRegistry:
 
 
 __all__ = [
-    "DEFAULT_LISTEN",
     "DEFAULT_MIN_INTERVAL",
     "DEFAULT_TOP_N",
+    "ERROR_KINDS",
     "CloseWaitCollector",
-    "MetricsServer",
     "ScanResult",
     "build_registry",
     "fold_rows",
-    "parse_listen",
     "rows_from_snapshot",
     "state_label",
 ]
