@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from closewait.model import Diagnosis, Endpoint, Owner, Role, Socket, TcpState, make_diagnosis
+from closewait._records import make_diagnosis
+from closewait.model import Diagnosis, Endpoint, Owner, Role, Socket, TcpState
 
 EOF_NOT_CLOSED = "eof-not-closed"
 NOT_READING = "not-reading"

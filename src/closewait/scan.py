@@ -13,8 +13,9 @@ import time
 from collections.abc import Collection, Iterable
 
 from closewait import diagnosis as rules
+from closewait._records import make_finding
 from closewait.errors import AccessDenied, NoSuchProcess, UsageError
-from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState, make_finding
+from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, TcpState
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
 from closewait.sources.owners import check_owner_source, descriptors_denied, find_owners, read_process

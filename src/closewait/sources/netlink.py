@@ -23,18 +23,9 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
+from closewait._records import make_endpoint, make_socket, make_tcp_info
 from closewait.errors import AccessDenied, NetlinkError, NotSupported
-from closewait.model import (
-    Endpoint,
-    Family,
-    Socket,
-    TcpInfo,
-    TcpState,
-    make_endpoint,
-    make_socket,
-    make_tcp_info,
-    state_mask,
-)
+from closewait.model import Endpoint, Family, Socket, TcpInfo, TcpState, state_mask
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
