@@ -22,89 +22,84 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from closewait.diagnosis import diagnose, role_of
-    from closewait.errors import (
-        AccessDenied,
-        ClosewaitError,
-        KernelDataError,
-        NetlinkError,
-        NetnsError,
-        NoSuchProcess,
-        NotSupported,
-        UsageError,
-    )
-    from closewait.model import (
-        ALL_STATES,
-        TEARDOWN_STATES,
-        Diagnosis,
-        Endpoint,
-        Family,
-        Finding,
-        Owner,
-        Process,
-        ProcessGroup,
-        Role,
-        Snapshot,
-        Socket,
-        TcpInfo,
-        TcpState,
-        parse_states,
-    )
-    from closewait.scan import CLOSE_WAIT_ONLY, scan
+    # The public API, each name once. ``name as name`` marks a re-export: for mypy (--strict has no
+    # implicit re-exports) and for _public_names() below, which reads these lines at run time.
+    from closewait.diagnosis import diagnose as diagnose
+    from closewait.diagnosis import role_of as role_of
+    from closewait.errors import AccessDenied as AccessDenied
+    from closewait.errors import ClosewaitError as ClosewaitError
+    from closewait.errors import KernelDataError as KernelDataError
+    from closewait.errors import NetlinkError as NetlinkError
+    from closewait.errors import NetnsError as NetnsError
+    from closewait.errors import NoSuchProcess as NoSuchProcess
+    from closewait.errors import NotSupported as NotSupported
+    from closewait.errors import UsageError as UsageError
+    from closewait.model import ALL_STATES as ALL_STATES
+    from closewait.model import TEARDOWN_STATES as TEARDOWN_STATES
+    from closewait.model import Diagnosis as Diagnosis
+    from closewait.model import Endpoint as Endpoint
+    from closewait.model import Family as Family
+    from closewait.model import Finding as Finding
+    from closewait.model import Owner as Owner
+    from closewait.model import Process as Process
+    from closewait.model import ProcessGroup as ProcessGroup
+    from closewait.model import Role as Role
+    from closewait.model import Snapshot as Snapshot
+    from closewait.model import Socket as Socket
+    from closewait.model import TcpInfo as TcpInfo
+    from closewait.model import TcpState as TcpState
+    from closewait.model import parse_states as parse_states
+    from closewait.scan import CLOSE_WAIT_ONLY as CLOSE_WAIT_ONLY
+    from closewait.scan import scan as scan
+
+__version__ = "0.1.0"
 
 # The public names are imported on first use (PEP 562), not here: ``import closewait._console``
 # runs this file first, and the console's ``scan --json`` starts reading the kernel before it
-# imports the model (see closewait.sources.prefetch). Each name -> the module that defines it.
-_EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["diagnose", "role_of"], "closewait.diagnosis"),
-    **dict.fromkeys(
-        [
-            "AccessDenied",
-            "ClosewaitError",
-            "KernelDataError",
-            "NetlinkError",
-            "NetnsError",
-            "NoSuchProcess",
-            "NotSupported",
-            "UsageError",
-        ],
-        "closewait.errors",
-    ),
-    **dict.fromkeys(
-        [
-            "ALL_STATES",
-            "TEARDOWN_STATES",
-            "Diagnosis",
-            "Endpoint",
-            "Family",
-            "Finding",
-            "Owner",
-            "Process",
-            "ProcessGroup",
-            "Role",
-            "Snapshot",
-            "Socket",
-            "TcpInfo",
-            "TcpState",
-            "parse_states",
-        ],
-        "closewait.model",
-    ),
-    **dict.fromkeys(["CLOSE_WAIT_ONLY", "scan"], "closewait.scan"),
-}
+# imports the model (see closewait.sources.prefetch). ``__all__`` and the table behind it are made
+# on the first lookup too (``from closewait import diagnosis`` in scan.py is one: the import
+# system asks the package for the name before importing the submodule).
+_exports: dict[str, str] | None = None
+
+
+def _public_names() -> dict[str, str]:
+    """Each public name -> the module that defines it: the ``from M import N as N`` lines of the
+    ``if TYPE_CHECKING:`` block above, read from this file.
+
+    Lines, not ``ast``: ast is not imported on the console's fast path, and these lines have one
+    shape (ruff's isort writes each ``as`` import on its own line); tests/test_public_api.py checks
+    that this reads what ``ast`` reads.
+    """
+    global _exports
+    if _exports is None:
+        _exports = {}
+        with open(__file__, encoding="utf-8") as source:
+            for line in source:
+                if line.startswith("if TYPE_CHECKING:"):
+                    break
+            for line in source:
+                if line.strip() and not line.startswith(" "):
+                    break  # the end of the block
+                match line.split():
+                    case ["from", module, "import", name, "as", alias] if alias == name:
+                        _exports[name] = module
+    return _exports
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'closewait' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    if name == "__all__":
+        value: Any = sorted([*_public_names(), "__version__"])
+    else:
+        module = _public_names().get(name)
+        if module is None:
+            raise AttributeError(f"module 'closewait' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *_public_names(), "__all__"})
 
 
 class _Package(types.ModuleType):
@@ -119,36 +114,3 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "ALL_STATES",
-    "CLOSE_WAIT_ONLY",
-    "TEARDOWN_STATES",
-    "AccessDenied",
-    "ClosewaitError",
-    "Diagnosis",
-    "Endpoint",
-    "Family",
-    "Finding",
-    "KernelDataError",
-    "NetlinkError",
-    "NetnsError",
-    "NoSuchProcess",
-    "NotSupported",
-    "Owner",
-    "Process",
-    "ProcessGroup",
-    "Role",
-    "Snapshot",
-    "Socket",
-    "TcpInfo",
-    "TcpState",
-    "UsageError",
-    "__version__",
-    "diagnose",
-    "parse_states",
-    "role_of",
-    "scan",
-]

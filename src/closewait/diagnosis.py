@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from closewait._records import make_diagnosis
 from closewait.display import format_duration, plural
-from closewait.model import Diagnosis, Endpoint, Owner, Role, Socket, TcpState, make_diagnosis
+from closewait.model import Diagnosis, Endpoint, Owner, Role, Socket, TcpState
 
 EOF_NOT_CLOSED = "eof-not-closed"
 NOT_READING = "not-reading"

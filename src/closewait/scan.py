@@ -12,8 +12,9 @@ import time
 from collections.abc import Collection, Iterable
 
 from closewait import diagnosis as rules
+from closewait._records import make_finding
 from closewait.errors import AccessDenied, UsageError
-from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, Socket, TcpState, make_finding
+from closewait.model import Endpoint, Finding, Owner, Role, Snapshot, Socket, TcpState
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
 from closewait.sources.owners import OwnerMap, check_owner_source, descriptors_denied, find_owners

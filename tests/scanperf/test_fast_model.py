@@ -1,20 +1,23 @@
 """The scan's fast paths build the same model objects as the public constructors.
 
-``closewait.model.make_*`` fill a frozen dataclass's slots directly, and the netlink parser shares
-one Endpoint object per (address, port). These tests check the objects are indistinguishable from
-``Class(...)``'s (equal, same hash, still frozen) and that a real kernel reply parsed in place
-matches the socket the kernel reports for the same connection.
+``closewait._records.make_*`` fill a frozen dataclass's slots directly, and the netlink parser
+shares one Endpoint object per (address, port). These tests check the objects are
+indistinguishable from ``Class(...)``'s (equal, same hash, still frozen), that each constructor
+takes exactly its class's fields (so a field added to a class fails here, not silently), and that a
+real kernel reply parsed in place matches the socket the kernel reports for the same connection.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from closewait import model
+from closewait import _records
 from closewait.model import Diagnosis, Endpoint, Family, Finding, Role, Socket, TcpInfo, TcpState
 from closewait.sources import netlink
 from tests.util import wait_for
@@ -29,11 +32,11 @@ DIAG = Diagnosis("not-reading", "summary", "remedy")
 @pytest.mark.parametrize(
     ("make", "value"),
     [
-        (model.make_endpoint, LOCAL),
-        (model.make_tcp_info, INFO),
-        (model.make_socket, SOCK),
-        (model.make_diagnosis, DIAG),
-        (model.make_finding, Finding(SOCK, (), Role.UNKNOWN, DIAG)),
+        (_records.make_endpoint, LOCAL),
+        (_records.make_tcp_info, INFO),
+        (_records.make_socket, SOCK),
+        (_records.make_diagnosis, DIAG),
+        (_records.make_finding, Finding(SOCK, (), Role.UNKNOWN, DIAG)),
     ],
 )
 def test_fast_constructors_build_the_same_frozen_objects(make: Any, value: Any) -> None:
@@ -49,7 +52,37 @@ def test_fast_constructors_build_the_same_frozen_objects(make: Any, value: Any) 
 
 def test_fast_constructor_refuses_a_missing_field() -> None:
     with pytest.raises(TypeError):
-        model.make_endpoint("127.0.0.1")
+        _records.make_endpoint("127.0.0.1")  # type: ignore[call-arg]
+
+
+CONSTRUCTED: dict[str, type[Any]] = {
+    "make_endpoint": Endpoint,
+    "make_tcp_info": TcpInfo,
+    "make_socket": Socket,
+    "make_diagnosis": Diagnosis,
+    "make_finding": Finding,
+}
+
+
+def test_every_fast_constructor_is_checked_here() -> None:
+    assert sorted(name for name in vars(_records) if name.startswith("make_")) == sorted(CONSTRUCTED)
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRUCTED))
+def test_fast_constructor_takes_its_classs_fields_in_order(name: str) -> None:
+    """Same names, same order, same annotations, no defaults: a field added to the class (or
+    reordered, or retyped) fails here until the constructor follows it."""
+    make: Callable[..., object] = getattr(_records, name)
+    cls = CONSTRUCTED[name]
+    parameters = list(inspect.signature(make).parameters.values())
+    assert [(p.name, p.annotation) for p in parameters] == [(f.name, f.type) for f in dataclasses.fields(cls)]
+    assert all(p.default is inspect.Parameter.empty for p in parameters)
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters)
+    assert inspect.signature(make).return_annotation == cls.__name__
+    # Every slot is filled: a field the constructor forgot would be missing from its object.
+    value = make(*(object() for _ in parameters))
+    for field in dataclasses.fields(cls):
+        getattr(value, field.name)
 
 
 def test_parsed_sockets_share_their_servers_endpoint() -> None:

@@ -19,7 +19,7 @@ from tests.util import wait_for
 def test_requests_are_the_bytes_netlink_sends() -> None:
     for states in ({TcpState.CLOSE_WAIT}, {TcpState.CLOSE_WAIT, TcpState.LISTEN}):
         expected = netlink.build_request_both(states)
-        seq = netlink.NLMSGHDR.unpack_from(expected)[3]
+        seq = netlink.NLMSGHDR.struct.unpack_from(expected)[3]
         assert prefetch.dump_request([int(s) for s in states], seq) == expected
     assert (prefetch.TCP_CLOSE_WAIT, prefetch.TCP_LISTEN) == (TcpState.CLOSE_WAIT, TcpState.LISTEN)
 

@@ -7,7 +7,9 @@ request names one address family, so IPv4 and IPv6 take two walks, as in ``ss``.
 request, ``struct inet_diag_req`` with message type TCPDIAG_GETSOCK, still answered by every kernel,
 asks for both families in one walk (the kernel fills in AF_UNSPEC): ``dump()`` sends that one
 when both families are wanted, and falls back to one v2 request per family if the kernel refuses
-it. Field names follow ``include/uapi/linux/inet_diag.h`` and ``sock_diag.h``.
+it. Each struct is declared field by field (``Layout``) with the names of
+``include/uapi/linux/netlink.h``, ``inet_diag.h`` and ``tcp.h``; the parser's ``struct.Struct``s are
+derived from those declarations.
 
 NLMSG_ERROR and NLMSG_DONE are handled before anything else; a reply that is truncated or malformed
 raises ``NetlinkError`` instead of yielding half-parsed sockets.
@@ -20,21 +22,12 @@ import errno as errno_mod
 import itertools
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
+from closewait._records import make_endpoint, make_socket, make_tcp_info
 from closewait.errors import AccessDenied, NetlinkError, NotSupported, from_os_error
-from closewait.model import (
-    Endpoint,
-    Family,
-    Socket,
-    TcpInfo,
-    TcpState,
-    make_endpoint,
-    make_socket,
-    make_tcp_info,
-    state_mask,
-)
+from closewait.model import Endpoint, Family, Socket, TcpInfo, TcpState, state_mask
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
@@ -76,56 +69,248 @@ NLM_F_DUMP_INTR = 0x10
 INET_DIAG_INFO = 2
 INET_DIAG_SHUTDOWN = 8
 
-#: struct nlmsghdr { __u32 nlmsg_len; __u16 nlmsg_type; __u16 nlmsg_flags; __u32 nlmsg_seq; __u32 nlmsg_pid; }
-NLMSGHDR = struct.Struct("=IHHII")
-#: struct inet_diag_sockid { __be16 idiag_sport, idiag_dport; __be32 idiag_src[4], idiag_dst[4];
-#:                           __u32 idiag_if; __u32 idiag_cookie[2]; }
-INET_DIAG_SOCKID = struct.Struct(">HH16s16sI8s")
-#: struct inet_diag_req_v2 { __u8 sdiag_family, sdiag_protocol, idiag_ext, pad; __u32 idiag_states;
-#:                           struct inet_diag_sockid id; }
-INET_DIAG_REQ_V2_HEAD = struct.Struct("=BBBBI")
-#: struct inet_diag_req { __u8 idiag_family, idiag_src_len, idiag_dst_len, idiag_ext;
-#:                        struct inet_diag_sockid id; __u32 idiag_states, idiag_dbs; }
-INET_DIAG_REQ_HEAD = struct.Struct("=BBBB")
-INET_DIAG_REQ_TAIL = struct.Struct("=II")
-#: struct inet_diag_msg { __u8 idiag_family, idiag_state, idiag_timer, idiag_retrans;
-#:                        struct inet_diag_sockid id;
-#:                        __u32 idiag_expires, idiag_rqueue, idiag_wqueue, idiag_uid, idiag_inode; }
-INET_DIAG_MSG = struct.Struct("=BBBB2s2s16s16s4s8sIIIII")
-#: The same layout with each big-endian port as two bytes, so the parser builds the port with
-#: arithmetic instead of a call per port.
-INET_DIAG_MSG_FAST = struct.Struct("=BBBBBBBB16s16s4s8sIIIII")
-#: struct rtattr { unsigned short rta_len; unsigned short rta_type; }
-RTATTR = struct.Struct("=HH")
-#: The head of struct tcp_info (uapi/linux/tcp.h): eight __u8 then __u32 fields up to tcpi_total_retrans.
-TCP_INFO_HEAD = struct.Struct("=8B24I")
-TCP_INFO_BYTES = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received at offset 120
-TCP_INFO_BYTES_OFFSET = 120
-#: Only the tcp_info fields closewait keeps, in offset order, the rest skipped as padding: tcpi_state,
-#: tcpi_retransmits, tcpi_probes, tcpi_backoff, tcpi_rto (8), tcpi_unacked (24), tcpi_last_data_sent
-#: (44), tcpi_last_data_recv (52), tcpi_last_ack_recv (56), tcpi_rtt (68), tcpi_total_retrans (100),
-#: then tcpi_bytes_acked and tcpi_bytes_received (120, 128) in the longer form.
-TCP_INFO_USED = struct.Struct("=Bx3B3xI12xI16xI4x2I8xI28xI")
-TCP_INFO_USED_BYTES = struct.Struct("=Bx3B3xI12xI16xI4x2I8xI28xI16x2Q")
+
+class Layout:
+    """A kernel struct declared field by field, as pyroute2 declares them: (kernel field name,
+    ``struct`` format) pairs in the kernel's order, native byte order, no implicit padding (the
+    structs here have none). ``struct`` reads or writes the whole struct; ``picking`` builds the
+    Struct a parser uses to read only some fields.
+
+    A field whose format holds several values (``"2B"``, ``"2I"``) unpacks to that many values.
+    """
+
+    def __init__(self, name: str, fields: Sequence[tuple[str, str]]) -> None:
+        self.name = name
+        self.fields = tuple(fields)
+        self.struct = struct.Struct("=" + "".join(fmt for _, fmt in self.fields))
+        self.size = self.struct.size
+
+    def offset(self, field: str) -> int:
+        """Where ``field`` starts, in bytes from the start of the struct."""
+        offset = 0
+        for name, fmt in self.fields:
+            if name == field:
+                return offset
+            offset += struct.calcsize("=" + fmt)
+        raise KeyError(f"struct {self.name} has no field {field!r}")
+
+    def picking(self, *names: str) -> struct.Struct:
+        """A Struct reading only ``names`` (given in declaration order), stepping over the other
+        fields as padding, and ending with the last one named: its values unpack in that order."""
+        wanted = list(names)
+        formats: list[str] = []
+        for name, fmt in self.fields:
+            if not wanted:
+                break
+            if name == wanted[0]:
+                formats.append(fmt)
+                wanted.pop(0)
+            else:
+                formats.append(f"{struct.calcsize('=' + fmt)}x")
+        if wanted:
+            raise KeyError(f"struct {self.name}: {wanted[0]!r} is not a field, or not in declaration order")
+        return struct.Struct("=" + "".join(formats))
+
+    def pack(self, **values: int | bytes | tuple[int, ...]) -> bytes:
+        """The struct with every field given by name (a tuple for a field of several values)."""
+        flat: list[int | bytes] = []
+        for name, _fmt in self.fields:
+            value = values.pop(name)
+            if isinstance(value, tuple):
+                flat.extend(value)
+            else:
+                flat.append(value)
+        if values:
+            raise KeyError(f"struct {self.name} has no field {next(iter(values))!r}")
+        return self.struct.pack(*flat)
+
+
+# The structs closewait reads and writes, field names verbatim from uapi/linux/netlink.h,
+# inet_diag.h and tcp.h.
+NLMSGHDR = Layout(
+    "nlmsghdr",
+    [
+        ("nlmsg_len", "I"),
+        ("nlmsg_type", "H"),
+        ("nlmsg_flags", "H"),
+        ("nlmsg_seq", "I"),
+        ("nlmsg_pid", "I"),
+    ],
+)
+NLMSGERR = Layout("nlmsgerr", [("error", "i"), ("msg", f"{NLMSGHDR.size}s")])  # msg: the request's nlmsghdr
+RTATTR = Layout("rtattr", [("rta_len", "H"), ("rta_type", "H")])
+INET_DIAG_SOCKID = Layout(
+    "inet_diag_sockid",
+    [
+        ("idiag_sport", "2B"),  # __be16, as its two bytes (high, low): port = high << 8 | low
+        ("idiag_dport", "2B"),  # __be16, likewise
+        ("idiag_src", "16s"),  # __be32[4]: an IPv4 address is the first 4 bytes
+        ("idiag_dst", "16s"),
+        ("idiag_if", "I"),
+        ("idiag_cookie", "2I"),  # __u32[2]: the 64-bit socket cookie, low word first
+    ],
+)
+#: The request of SOCK_DIAG_BY_FAMILY (and SOCK_DESTROY): one address family.
+INET_DIAG_REQ_V2 = Layout(
+    "inet_diag_req_v2",
+    [
+        ("sdiag_family", "B"),
+        ("sdiag_protocol", "B"),
+        ("idiag_ext", "B"),
+        ("pad", "B"),
+        ("idiag_states", "I"),
+        *INET_DIAG_SOCKID.fields,  # struct inet_diag_sockid id
+    ],
+)
+#: The original request, of TCPDIAG_GETSOCK: idiag_family 0 (AF_UNSPEC) asks for both families.
+INET_DIAG_REQ = Layout(
+    "inet_diag_req",
+    [
+        ("idiag_family", "B"),
+        ("idiag_src_len", "B"),
+        ("idiag_dst_len", "B"),
+        ("idiag_ext", "B"),
+        *INET_DIAG_SOCKID.fields,  # struct inet_diag_sockid id
+        ("idiag_states", "I"),
+        ("idiag_dbs", "I"),
+    ],
+)
+#: The reply to both requests: one socket, followed by its attributes (struct rtattr + payload).
+INET_DIAG_MSG = Layout(
+    "inet_diag_msg",
+    [
+        ("idiag_family", "B"),
+        ("idiag_state", "B"),
+        ("idiag_timer", "B"),
+        ("idiag_retrans", "B"),
+        *INET_DIAG_SOCKID.fields,  # struct inet_diag_sockid id
+        ("idiag_expires", "I"),
+        ("idiag_rqueue", "I"),
+        ("idiag_wqueue", "I"),
+        ("idiag_uid", "I"),
+        ("idiag_inode", "I"),
+    ],
+)
+#: The payload of INET_DIAG_INFO, up to the last field closewait reads. The kernel's struct goes
+#: on (tcpi_segs_out, ...) and older kernels send a shorter one: each attribute carries its length.
+TCP_INFO = Layout(
+    "tcp_info",
+    [
+        ("tcpi_state", "B"),
+        ("tcpi_ca_state", "B"),
+        ("tcpi_retransmits", "B"),
+        ("tcpi_probes", "B"),
+        ("tcpi_backoff", "B"),
+        ("tcpi_options", "B"),
+        ("tcpi_snd_wscale", "B"),  # __u8 tcpi_snd_wscale : 4, tcpi_rcv_wscale : 4;
+        ("tcpi_delivery_rate_app_limited", "B"),  # __u8 ... : 1, tcpi_fastopen_client_fail : 2;
+        ("tcpi_rto", "I"),
+        ("tcpi_ato", "I"),
+        ("tcpi_snd_mss", "I"),
+        ("tcpi_rcv_mss", "I"),
+        ("tcpi_unacked", "I"),
+        ("tcpi_sacked", "I"),
+        ("tcpi_lost", "I"),
+        ("tcpi_retrans", "I"),
+        ("tcpi_fackets", "I"),
+        ("tcpi_last_data_sent", "I"),
+        ("tcpi_last_ack_sent", "I"),
+        ("tcpi_last_data_recv", "I"),
+        ("tcpi_last_ack_recv", "I"),
+        ("tcpi_pmtu", "I"),
+        ("tcpi_rcv_ssthresh", "I"),
+        ("tcpi_rtt", "I"),
+        ("tcpi_rttvar", "I"),
+        ("tcpi_snd_ssthresh", "I"),
+        ("tcpi_snd_cwnd", "I"),
+        ("tcpi_advmss", "I"),
+        ("tcpi_reordering", "I"),
+        ("tcpi_rcv_rtt", "I"),
+        ("tcpi_rcv_space", "I"),
+        ("tcpi_total_retrans", "I"),
+        ("tcpi_pacing_rate", "Q"),
+        ("tcpi_max_pacing_rate", "Q"),
+        ("tcpi_bytes_acked", "Q"),
+        ("tcpi_bytes_received", "Q"),
+    ],
+)
+
+#: The tcp_info fields closewait keeps (TcpInfo's, in the kernel's order); every kernel that has
+#: INET_DIAG_INFO sends at least these. Kernels since 4.1 also send the two byte counts.
+_TCP_INFO_READ = (
+    "tcpi_state",
+    "tcpi_retransmits",
+    "tcpi_probes",
+    "tcpi_backoff",
+    "tcpi_rto",
+    "tcpi_unacked",
+    "tcpi_last_data_sent",
+    "tcpi_last_data_recv",
+    "tcpi_last_ack_recv",
+    "tcpi_rtt",
+    "tcpi_total_retrans",
+)
+_TCP_INFO_COUNTS = ("tcpi_bytes_acked", "tcpi_bytes_received")
+_TCP_INFO_SHORT = TCP_INFO.picking(*_TCP_INFO_READ)
+_TCP_INFO_LONG = TCP_INFO.picking(*_TCP_INFO_READ, *_TCP_INFO_COUNTS)
+
+#: INET_DIAG_NOCOOKIE: the cookie of a dump request; an exact request with it matches by endpoints alone.
+NO_COOKIE = (1 << 64) - 1
 
 _FAMILY_AF = {Family.IPV4: _socket.AF_INET, Family.IPV6: _socket.AF_INET6}
 _AF_FAMILY: dict[int, Family] = {_socket.AF_INET: Family.IPV4, _socket.AF_INET6: Family.IPV6}
 _RECV_BUFFER = 65536
 _seq = itertools.count(1)
 
+NLMSG_ALIGNTO = 4  # RTA_ALIGNTO is 4 as well
 
-def _align4(n: int) -> int:
-    return (n + 3) & ~3
+
+def nlmsg_align(length: int) -> int:
+    """NLMSG_ALIGN (and RTA_ALIGN): ``length`` rounded up to the 4-byte boundary where the next
+    message (attribute) starts. The per-message steps (``parse_messages``, the attributes in
+    ``_diag_msg_at``, ``walk_messages``' data messages) write it out inline as ``(length + 3) & ~3``:
+    a call per message there made ``count_by_state``'s parse ~7% slower."""
+    return (length + NLMSG_ALIGNTO - 1) & ~(NLMSG_ALIGNTO - 1)
+
+
+def _sockid(
+    sport: int = 0, dport: int = 0, src: bytes = b"", dst: bytes = b"", interface: int = 0, cookie: int = NO_COOKIE
+) -> dict[str, int | bytes | tuple[int, ...]]:
+    """The fields of a ``struct inet_diag_sockid``; the defaults (a dump's) match any socket."""
+    return {
+        "idiag_sport": (sport >> 8, sport & 0xFF),
+        "idiag_dport": (dport >> 8, dport & 0xFF),
+        "idiag_src": src,
+        "idiag_dst": dst,
+        "idiag_if": interface,
+        "idiag_cookie": (cookie & 0xFFFFFFFF, cookie >> 32),
+    }
+
+
+def _message(msg_type: int, flags: int, body: bytes) -> bytes:
+    """``body`` behind an nlmsghdr of the next sequence number: one request."""
+    header = NLMSGHDR.pack(
+        nlmsg_len=NLMSGHDR.size + len(body), nlmsg_type=msg_type, nlmsg_flags=flags, nlmsg_seq=next(_seq), nlmsg_pid=0
+    )
+    return header + body
 
 
 def build_request(family: Family, states: Iterable[TcpState], *, with_info: bool = True) -> bytes:
     """One SOCK_DIAG_BY_FAMILY dump request for TCP sockets of ``family`` in ``states``."""
-    ext = (1 << (INET_DIAG_INFO - 1)) if with_info else 0
-    body = INET_DIAG_REQ_V2_HEAD.pack(
-        _FAMILY_AF[family], _socket.IPPROTO_TCP, ext, 0, state_mask(states)
-    ) + INET_DIAG_SOCKID.pack(0, 0, b"", b"", 0, b"\xff" * 8)
-    header = NLMSGHDR.pack(NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, next(_seq), 0)
-    return header + body
+    body = INET_DIAG_REQ_V2.pack(
+        sdiag_family=_FAMILY_AF[family],
+        sdiag_protocol=_socket.IPPROTO_TCP,
+        idiag_ext=_extensions(with_info),
+        pad=0,
+        idiag_states=state_mask(states),
+        **_sockid(),
+    )
+    return _message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, body)
+
+
+def _extensions(with_info: bool) -> int:
+    """``idiag_ext``: bit N-1 asks for attribute N; closewait asks only for INET_DIAG_INFO."""
+    return 1 << (INET_DIAG_INFO - 1) if with_info else 0
 
 
 def parse_tcp_info(data: bytes | memoryview) -> TcpInfo:
@@ -135,7 +320,8 @@ def parse_tcp_info(data: bytes | memoryview) -> TcpInfo:
 
 def _tcp_info_at(data: bytes | memoryview, offset: int, size: int) -> TcpInfo:
     """``parse_tcp_info`` of the ``size`` bytes at ``offset`` in ``data``, without slicing them out."""
-    if size >= _TCP_INFO_BYTES_END:
+    # The names are _TCP_INFO_READ's (+ _TCP_INFO_COUNTS'), in that order.
+    if size >= _TCP_INFO_LONG_SIZE:
         (
             state,
             retransmits,
@@ -150,14 +336,14 @@ def _tcp_info_at(data: bytes | memoryview, offset: int, size: int) -> TcpInfo:
             total,
             acked,
             received,
-        ) = _unpack_tcp_info_used_bytes(data, offset)
-    elif size >= _TCP_INFO_HEAD_SIZE:
+        ) = _unpack_tcp_info_long(data, offset)
+    elif size >= _TCP_INFO_SHORT_SIZE:
         (state, retransmits, probes, backoff, rto, unacked, data_sent, data_recv, ack_recv, rtt, total) = (
-            _unpack_tcp_info_used(data, offset)
+            _unpack_tcp_info_short(data, offset)
         )
         acked = received = None
     else:
-        raise NetlinkError(f"INET_DIAG_INFO too short: {size} bytes, need {_TCP_INFO_HEAD_SIZE}")
+        raise NetlinkError(f"INET_DIAG_INFO too short: {size} bytes, need {_TCP_INFO_SHORT_SIZE}")
     # make_tcp_info takes TcpInfo's fields in declaration order.
     return make_tcp_info(
         state, retransmits, probes, backoff, rto, data_sent, ack_recv, data_recv, rtt, unacked, total, acked, received
@@ -166,16 +352,19 @@ def _tcp_info_at(data: bytes | memoryview, offset: int, size: int) -> TcpInfo:
 
 # Speed matters here: a host with thousands of sockets in the asked-for states makes this the
 # inner loop of a scan. So the hot path uses bound Struct methods, dict lookups instead of enum
-# calls, and a cache of address text (the same few local addresses recur on every socket).
-_unpack_msg = INET_DIAG_MSG_FAST.unpack_from
-_unpack_rtattr = RTATTR.unpack_from
-_unpack_tcp_info_used = TCP_INFO_USED.unpack_from
-_unpack_tcp_info_used_bytes = TCP_INFO_USED_BYTES.unpack_from
-_TCP_INFO_HEAD_SIZE = TCP_INFO_HEAD.size
-_TCP_INFO_BYTES_END = TCP_INFO_BYTES_OFFSET + TCP_INFO_BYTES.size
+# calls, a cache of address text (the same few local addresses recur on every socket), and the
+# typed slot-filling constructors of closewait._records.
+_unpack_msg = INET_DIAG_MSG.struct.unpack_from
+_unpack_rtattr = RTATTR.struct.unpack_from
+_unpack_tcp_info_short = _TCP_INFO_SHORT.unpack_from
+_unpack_tcp_info_long = _TCP_INFO_LONG.unpack_from
+_TCP_INFO_SHORT_SIZE = _TCP_INFO_SHORT.size
+_TCP_INFO_LONG_SIZE = _TCP_INFO_LONG.size
 _MSG_SIZE = INET_DIAG_MSG.size
-_unpack_header = NLMSGHDR.unpack_from
+_IDIAG_STATE_OFFSET = INET_DIAG_MSG.offset("idiag_state")
+_unpack_header = NLMSGHDR.struct.unpack_from
 _NLMSGHDR_SIZE = NLMSGHDR.size
+_NLMSGERR_ERROR = NLMSGERR.picking("error")
 _RTATTR_SIZE = RTATTR.size
 _STATES: dict[int, TcpState] = {int(s): s for s in TcpState}
 _ADDRESS_CACHE: dict[tuple[int, bytes], str] = {}
@@ -215,14 +404,16 @@ def build_request_both(states: Iterable[TcpState], *, with_info: bool = True) ->
     The kernel answers it with messages of type TCPDIAG_GETSOCK carrying the same
     ``inet_diag_msg`` as SOCK_DIAG_BY_FAMILY's, each with its own ``idiag_family``.
     """
-    ext = (1 << (INET_DIAG_INFO - 1)) if with_info else 0
-    body = (
-        INET_DIAG_REQ_HEAD.pack(0, 0, 0, ext)
-        + INET_DIAG_SOCKID.pack(0, 0, b"", b"", 0, b"\xff" * 8)
-        + INET_DIAG_REQ_TAIL.pack(state_mask(states), 0)
+    body = INET_DIAG_REQ.pack(
+        idiag_family=_socket.AF_UNSPEC,
+        idiag_src_len=0,
+        idiag_dst_len=0,
+        idiag_ext=_extensions(with_info),
+        **_sockid(),
+        idiag_states=state_mask(states),
+        idiag_dbs=0,
     )
-    header = NLMSGHDR.pack(NLMSGHDR.size + len(body), TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP, next(_seq), 0)
-    return header + body
+    return _message(TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP, body)
 
 
 def parse_diag_msg(payload: memoryview) -> Socket:
@@ -235,18 +426,19 @@ def _diag_msg_at(payload: memoryview, start: int, end: int) -> Socket:
     if end - start < _MSG_SIZE:
         raise NetlinkError(f"inet_diag_msg truncated: {end - start} bytes, need {_MSG_SIZE}")
     (
-        af,
-        state,
+        af,  # idiag_family
+        state,  # idiag_state
         _timer,
         _retrans,
-        sport_hi,
-        sport_lo,
-        dport_hi,
-        dport_lo,
+        sport_high,
+        sport_low,
+        dport_high,
+        dport_low,
         src,
         dst,
         _if,
-        cookie,
+        cookie_low,
+        cookie_high,
         _expires,
         rqueue,
         wqueue,
@@ -267,18 +459,18 @@ def _diag_msg_at(payload: memoryview, start: int, end: int) -> Socket:
             raise NetlinkError(f"malformed attribute (length {rta_len}) in inet_diag_msg")
         if rta_type == INET_DIAG_INFO:
             info = _tcp_info_at(payload, offset + _RTATTR_SIZE, rta_len - _RTATTR_SIZE)
-        offset += (rta_len + 3) & ~3
+        offset += (rta_len + 3) & ~3  # RTA_ALIGN(rta_len), as nlmsg_align, inline
     # make_socket takes Socket's fields in declaration order.
     return make_socket(
         tcp_state,
         family,
-        _endpoint(af, src, sport_hi << 8 | sport_lo),
-        _endpoint(af, dst, dport_hi << 8 | dport_lo),
+        _endpoint(af, src, sport_high << 8 | sport_low),
+        _endpoint(af, dst, dport_high << 8 | dport_low),
         inode,
         uid,
         rqueue,
         wqueue,
-        int.from_bytes(cookie, "little"),
+        cookie_high << 32 | cookie_low,
         info,
         "netlink",
     )
@@ -298,8 +490,8 @@ def walk_messages(
     of another sequence number are skipped; anything truncated or unexpected raises NetlinkError.
     """
     view = memoryview(buffer)
-    unpack_header = NLMSGHDR.unpack_from
-    header_size = NLMSGHDR.size
+    unpack_header = _unpack_header
+    header_size = _NLMSGHDR_SIZE
     offset = 0
     end = len(view)
     while offset < end:
@@ -310,18 +502,18 @@ def walk_messages(
             raise NetlinkError(f"netlink message length {length} does not fit the {end - offset} bytes received")
         if seq is not None and msg_seq != seq:
             _log().debug("ignoring netlink message for sequence %d (want %d)", msg_seq, seq)
-            offset += (length + 3) & ~3
+            offset += nlmsg_align(length)
             continue
         if flags & NLM_F_DUMP_INTR:
             _log().info("sock_diag dump was interrupted by a concurrent change; some sockets may be missing")
         if msg_type == data_type:
             on_diag(view[offset + header_size : offset + length])
-            offset += (length + 3) & ~3
+            offset += (length + 3) & ~3  # nlmsg_align(length), inline: count_by_state's per-message step
             continue
         if msg_type == NLMSG_ERROR:
-            if length - header_size < 4:
+            if length - header_size < _NLMSGERR_ERROR.size:
                 raise NetlinkError("NLMSG_ERROR truncated")
-            (error,) = struct.unpack_from("=i", view, offset + header_size)
+            (error,) = _NLMSGERR_ERROR.unpack_from(view, offset + header_size)
             if error == 0:  # an ACK
                 return True
             code = -error
@@ -330,7 +522,7 @@ def walk_messages(
             return True
         if msg_type != NLMSG_NOOP:
             raise NetlinkError(f"unexpected netlink message type {msg_type}")
-        offset += (length + 3) & ~3
+        offset += nlmsg_align(length)
     return False
 
 
@@ -359,7 +551,7 @@ def parse_messages(
         ):
             break
         append(_diag_msg_at(view, offset + _NLMSGHDR_SIZE, offset + length))
-        offset += (length + 3) & ~3
+        offset += (length + 3) & ~3  # nlmsg_align(length), inline
     if offset >= end:
         return sockets, False
     done = walk_messages(view[offset:], seq, lambda payload: append(parse_diag_msg(payload)), data_type)
@@ -405,8 +597,11 @@ def _replies(nl: socket.socket, request: bytes, until: str = "NLMSG_DONE") -> It
         yield data
 
 
+_NLMSG_SEQ = NLMSGHDR.picking("nlmsg_len", "nlmsg_type", "nlmsg_flags", "nlmsg_seq")
+
+
 def _seq_of(request: bytes) -> int:
-    return int(NLMSGHDR.unpack_from(request, 0)[3])
+    return int(_NLMSG_SEQ.unpack_from(request, 0)[3])
 
 
 def _no_ipv6_table(err: NetlinkError, family: Family) -> bool:
@@ -500,11 +695,6 @@ def parse_reply(
             raise
 
 
-def family_of(af: int) -> Family:
-    """The Family of an address family number (AF_INET, AF_INET6)."""
-    return _AF_FAMILY[af]
-
-
 def count_by_state(
     families: Iterable[Family] = BOTH_FAMILIES,
     *,
@@ -532,9 +722,9 @@ def _count_states(data: bytes, seq: int, data_type: int) -> tuple[list[dict[TcpS
     def count(payload: memoryview) -> None:
         if len(payload) < _MSG_SIZE:
             raise NetlinkError(f"inet_diag_msg truncated: {len(payload)} bytes, need {_MSG_SIZE}")
-        state = _STATES.get(payload[1])  # inet_diag_msg.idiag_state
+        state = _STATES.get(payload[_IDIAG_STATE_OFFSET])
         if state is None:
-            raise NetlinkError(f"inet_diag_msg with unknown TCP state {payload[1]}")
+            raise NetlinkError(f"inet_diag_msg with unknown TCP state {payload[_IDIAG_STATE_OFFSET]}")
         counts[state] += 1
 
     done = walk_messages(data, seq, count, data_type)
@@ -542,9 +732,6 @@ def _count_states(data: bytes, seq: int, data_type: int) -> tuple[list[dict[TcpS
 
 
 # --- Exact lookups and SOCK_DESTROY (``closewait reap``) ---------------------------------------------------
-#: inet_diag_sockid with idiag_if in host order (INET_DIAG_SOCKID packs it big-endian, fine only for 0).
-_SOCKID_PORTS_ADDRS = struct.Struct(">HH16s16s")
-_SOCKID_IF_COOKIE = struct.Struct("=I8s")
 #: Exact requests name one socket; the kernel ignores idiag_states for them, but ask for every state anyway.
 _EVERY_STATE_MASK = state_mask(TcpState)
 
@@ -563,19 +750,22 @@ def build_exact_request(msg_type: int, sock: Socket, *, interface: int = 0, with
     """
     if sock.cookie is None:
         raise ValueError("an exact sock_diag request needs the socket's cookie (netlink backend)")
-    ext = (1 << (INET_DIAG_INFO - 1)) if with_info else 0
-    body = (
-        INET_DIAG_REQ_V2_HEAD.pack(_FAMILY_AF[sock.family], _socket.IPPROTO_TCP, ext, 0, _EVERY_STATE_MASK)
-        + _SOCKID_PORTS_ADDRS.pack(
+    body = INET_DIAG_REQ_V2.pack(
+        sdiag_family=_FAMILY_AF[sock.family],
+        sdiag_protocol=_socket.IPPROTO_TCP,
+        idiag_ext=_extensions(with_info),
+        pad=0,
+        idiag_states=_EVERY_STATE_MASK,
+        **_sockid(
             sock.local.port,
             sock.remote.port,
             _address_bytes(sock.family, sock.local.address),
             _address_bytes(sock.family, sock.remote.address),
-        )
-        + _SOCKID_IF_COOKIE.pack(interface, sock.cookie.to_bytes(8, "little"))
+            interface,
+            sock.cookie,
+        ),
     )
-    header = NLMSGHDR.pack(NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, next(_seq), 0)
-    return header + body
+    return _message(msg_type, NLM_F_REQUEST | NLM_F_ACK, body)
 
 
 def _exchange(request: bytes, sock: socket.socket | None) -> list[Socket]:
@@ -591,9 +781,7 @@ def _exchange(request: bytes, sock: socket.socket | None) -> list[Socket]:
     return found
 
 
-#: Offsets in inet_diag_msg of idiag_if and idiag_cookie (after 4 bytes of header, ports and addresses).
-_IDIAG_IF_OFFSET = 40
-_IDIAG_COOKIE_OFFSET = 44
+_IDIAG_IF_COOKIE = INET_DIAG_MSG.picking("idiag_if", "idiag_cookie")
 
 
 def interface_of(sock: Socket, *, nl: socket.socket | None = None) -> int | None:
@@ -605,14 +793,16 @@ def interface_of(sock: Socket, *, nl: socket.socket | None = None) -> int | None
     """
     if sock.cookie is None:
         return None
-    cookie = sock.cookie.to_bytes(8, "little")
+    cookie = sock.cookie
     request = build_request(sock.family, TcpState, with_info=False)
     found: int | None = None
 
     def match(payload: memoryview) -> None:
         nonlocal found
-        if len(payload) >= _MSG_SIZE and payload[_IDIAG_COOKIE_OFFSET : _IDIAG_COOKIE_OFFSET + 8] == cookie:
-            found = struct.unpack_from("=I", payload, _IDIAG_IF_OFFSET)[0]
+        if len(payload) >= _MSG_SIZE:
+            interface, cookie_low, cookie_high = _IDIAG_IF_COOKIE.unpack_from(payload)
+            if cookie_high << 32 | cookie_low == cookie:
+                found = interface
 
     with _channel(nl) as channel:
         # Read to NLMSG_DONE even after a hit, so the channel holds nothing stale.
@@ -637,10 +827,6 @@ def lookup(sock: Socket, *, interface: int | None = None, nl: socket.socket | No
         if bound:
             found = _lookup(sock, bound, nl)
     return found
-
-
-#: INET_DIAG_NOCOOKIE: an exact request with this cookie matches by endpoints alone.
-NO_COOKIE = (1 << 64) - 1
 
 
 def lookup_connection(local: Endpoint, remote: Endpoint, *, nl: socket.socket | None = None) -> Socket | None:

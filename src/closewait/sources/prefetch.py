@@ -82,7 +82,7 @@ def _ends_reply(data: bytes) -> bool:
         length, msg_type = _NLMSGHDR_LEN_TYPE.unpack_from(data, offset)
         if msg_type in (_NLMSG_DONE, _NLMSG_ERROR) or length < _NLMSGHDR.size:
             return True
-        offset += (length + 3) & ~3
+        offset += (length + 3) & ~3  # NLMSG_ALIGN (netlink.nlmsg_align)
     return False
 
 
