@@ -73,16 +73,21 @@ def _public_names() -> dict[str, str]:
     global _exports
     if _exports is None:
         _exports = {}
-        with open(__file__, encoding="utf-8") as source:
-            for line in source:
-                if line.startswith("if TYPE_CHECKING:"):
-                    break
-            for line in source:
-                if line.strip() and not line.startswith(" "):
-                    break  # the end of the block
-                match line.split():
-                    case ["from", module, "import", name, "as", alias] if alias == name:
-                        _exports[name] = module
+        try:
+            with open(__file__, encoding="utf-8") as handle:
+                source = handle.read()
+        except OSError:  # run from closewait.pyz: __file__ is a path inside the archive
+            source = __spec__.loader.get_source(__name__) or ""  # type: ignore[union-attr]
+        lines = iter(source.splitlines())
+        for line in lines:
+            if line.startswith("if TYPE_CHECKING:"):
+                break
+        for line in lines:
+            if line.strip() and not line.startswith(" "):
+                break  # the end of the block
+            match line.split():
+                case ["from", module, "import", name, "as", alias] if alias == name:
+                    _exports[name] = module
     return _exports
 
 
