@@ -24,6 +24,44 @@ __all__ = ["AS_NOBODY", "Nobody", "wait_for"]
 
 Spawn = Callable[..., subprocess.Popen[str]]
 
+#: The names in the temp dir when the session started (see pytest_sessionfinish).
+_TMP_BEFORE = pytest.StashKey[frozenset[str]]()
+
+
+def _tmp_names() -> frozenset[str]:
+    # pytest's own base for tmp_path (pytest-of-USER) is kept on purpose: pytest keeps the last
+    # three runs' directories there so a failure can be looked at, and removes older ones itself.
+    own = f"pytest-of-{pwd.getpwuid(os.getuid()).pw_name}"
+    return frozenset(name for name in os.listdir(tempfile.gettempdir()) if name != own)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_TMP_BEFORE] = _tmp_names()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if the tests left anything new in the temp dir (files, directories, sockets).
+
+    Another program writing to the same temp dir during the run shows up here too: the message
+    names what appeared, so such a run can be told apart.
+    """
+    before = session.config.stash.get(_TMP_BEFORE, None)
+    if before is None:
+        return
+    left = sorted(_tmp_names() - before)
+    if not left:
+        return
+    where = tempfile.gettempdir()
+    message = f"the tests left {len(left)} new entries in {where}: {', '.join(left[:20])}"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write("\n")  # after pytest's progress line, which has no newline yet
+        reporter.write_line(message, red=True, bold=True)
+    else:
+        print(message, file=sys.stderr)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 @pytest.fixture
 def spawn() -> Iterator[Spawn]:
