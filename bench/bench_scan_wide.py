@@ -29,6 +29,7 @@ import compileall
 import contextlib
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,14 +59,17 @@ class Runs:
     src: Path
     first_byte_s: list[float] = field(default_factory=list)
     total_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     aligned: list[bool] = field(default_factory=list)
 
 
-def run_once(src: Path, ports: set[int]) -> tuple[float, float, int, bool]:
-    """(seconds to the first byte, seconds to the end, the fixture's rows, big table aligned)."""
+def run_once(src: Path, ports: set[int]) -> tuple[float, float, float, int, bool]:
+    """(seconds to the first byte, seconds to the end, CPU seconds (user + system), the fixture's
+    rows, every table aligned)."""
     env = {**os.environ, "PYTHONPATH": str(src), "COLUMNS": "200", "LC_ALL": "C.UTF-8"}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", ENTRY, *COMMAND], stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
@@ -74,12 +78,14 @@ def run_once(src: Path, ports: set[int]) -> tuple[float, float, int, bool]:
     rest = proc.stdout.read()
     proc.wait(timeout=RUN_TIMEOUT_S)
     total = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = usage.ru_utime - usage_before.ru_utime + usage.ru_stime - usage_before.ru_stime
     proc.stdout.close()
     if proc.returncode != 0 or not first:
         raise RuntimeError(f"closewait {' '.join(COMMAND)} exited {proc.returncode}")
     text = (first + rest).decode()
     rows, aligned = _fixture_rows(text, ports)
-    return first_byte, total, rows, aligned
+    return first_byte, total, cpu, rows, aligned
 
 
 def _fixture_rows(text: str, ports: set[int]) -> tuple[int, bool]:
@@ -152,8 +158,11 @@ def render_doc(runs: list[Runs], info: dict[str, str]) -> str:
         "to the end (COLUMNS=200). Fixture: `bench/scan_fixture.py` with only CLOSE_WAIT sockets (three",
         "kinds: eof-not-closed, not-reading, unread-data) held by worker processes; the benchmark waits for",
         "their orphaned FIN_WAIT2 peers to expire (`tcp_fin_timeout`) so every run sees the same table.",
-        "`rows` is the fixture's rows in the output; `aligned` says every row of each table has its header",
-        "line's width. Target: under 2 s with the table aligned.",
+        "`CPU` is the command's user + system time, which the load from other jobs on the machine does not",
+        "inflate the way it does wall time. `rows` is the fixture's rows in the output; `aligned` says every",
+        "row of each table has its header line's width (a few fewer rows than the fixture made means some of its",
+        "connections did not survive set-up; both versions print the same sockets). Target: under 2 s with the",
+        "table aligned.",
         "",
         f"## {info['close_wait']} CLOSE_WAIT ({info['date']})",
         "",
@@ -162,13 +171,14 @@ def render_doc(runs: list[Runs], info: dict[str, str]) -> str:
         f"Fixture: {info['fixture']}. Load average before/after: {info['load_before']} / {info['load_after']} "
         "(the machine is shared with other sessions' test runs).",
         "",
-        "| closewait | runs | first byte (median) | total (median) | best | worst | rows | aligned |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| closewait | runs | first byte (median) | total (median) | best | worst | CPU (median) | rows | aligned |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
         lines.append(
             f"| {r.name} | {len(r.total_s)} | {_fmt(statistics.median(r.first_byte_s))} | "
             f"{_fmt(statistics.median(r.total_s))} | {_fmt(min(r.total_s))} | {_fmt(max(r.total_s))} | "
+            f"{_fmt(statistics.median(r.cpu_s))} | "
             f"{max(r.rows):,} | {'yes' if all(r.aligned) else 'NO'} |"
         )
     lines += [
@@ -217,12 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         # Interleaved: a burst of load from elsewhere hits both alike.
         schedule = _interleave(after, args.runs, before, args.runs_before)
         for runs in schedule:
-            first_byte, total, rows, aligned = run_once(runs.src, ports)
+            first_byte, total, cpu, rows, aligned = run_once(runs.src, ports)
             runs.first_byte_s.append(first_byte)
             runs.total_s.append(total)
+            runs.cpu_s.append(cpu)
             runs.rows.append(rows)
             runs.aligned.append(aligned)
-            print(f"{runs.name}: first byte {_fmt(first_byte)}, total {_fmt(total)}, {rows} rows", file=sys.stderr)
+            print(
+                f"{runs.name}: first byte {_fmt(first_byte)}, total {_fmt(total)}, CPU {_fmt(cpu)}, {rows} rows",
+                file=sys.stderr,
+            )
         description = fixture.describe()
     load_after = _loadavg()
     results = [r for r in (before, after) if r is not None]
