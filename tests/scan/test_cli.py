@@ -324,3 +324,23 @@ def test_wide_table_stays_aligned_on_hundreds_of_sockets(spawn: Spawn) -> None:
     for header, rows in tables:
         _assert_aligned(header, rows)
     assert any(header.split()[:1] == ["STATE"] and len(rows) >= len(modes) for header, rows in tables)
+
+
+def test_table_on_a_narrow_or_recording_console_keeps_endpoints_whole(leakers: Leakers) -> None:
+    """A table wider than the terminal (few rows) goes through rich, which folds DIAGNOSIS but never
+    cuts an endpoint; a recording console gets the rows of the plain-line path too."""
+    import io
+
+    from rich.console import Console
+
+    import closewait
+    from closewait.cli.render.scan import print_snapshot
+
+    snapshot = closewait.scan(closewait.parse_states(["teardown"]), ports=[leakers.big_port])
+    for width in (60, 200):
+        out = Console(file=io.StringIO(), record=True, width=width, highlight=False, soft_wrap=False)
+        print_snapshot(snapshot, wide=True, out=out)
+        text = out.export_text()
+        for finding in snapshot.findings:
+            assert str(finding.socket.local) in text
+            assert str(finding.socket.remote) in text

@@ -185,6 +185,8 @@ def _print_socket_table(out: Console, group: ProcessGroup, multi_state: bool, wi
 def _write_plain(out: Console, text: str) -> None:
     """Write plain lines to the console's file: rich would split them into Text objects and
     segments again (about half the table's cost). A recording console gets them through rich."""
+    if out.quiet:
+        return
     if out.record:
         out.out(text, end="", highlight=False)
         return
