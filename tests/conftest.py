@@ -25,6 +25,78 @@ __all__ = ["AS_NOBODY", "Nobody", "wait_for"]
 Spawn = Callable[..., subprocess.Popen[str]]
 
 
+@dataclass(frozen=True)
+class _TempDirs:
+    """The session's own temp dir, and the system's as it was when the session started."""
+
+    private: str
+    system: str
+    system_before: frozenset[str]
+    saved_tmpdir: str | None
+
+
+_TEMP_DIRS = pytest.StashKey[_TempDirs]()
+
+
+def _names(directory: str) -> frozenset[str]:
+    # pytest's own base for tmp_path (pytest-of-USER) is kept on purpose: pytest keeps the last
+    # three runs' directories there so a failure can be looked at, and removes older ones itself.
+    own = f"pytest-of-{pwd.getpwuid(os.getuid()).pw_name}"
+    return frozenset(name for name in os.listdir(directory) if name != own)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Give the session a temp dir of its own: ``tempfile`` here and ``TMPDIR`` for every child.
+
+    What a test leaves there is this run's alone (other programs on the machine, other test runs
+    included, write to the system's temp dir), so the check at the end can fail the run without
+    false alarms. pytest's tmp_path base stays in the system's temp dir.
+    """
+    system = tempfile.gettempdir()
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", system)
+    private = tempfile.mkdtemp(prefix="closewait-tests-")
+    os.chmod(private, 0o1777)  # like /tmp: tests that switch to user nobody write there too
+    session.config.stash[_TEMP_DIRS] = _TempDirs(
+        private, system, _names(system) - {os.path.basename(private)}, os.environ.get("TMPDIR")
+    )
+    os.environ["TMPDIR"] = private
+    tempfile.tempdir = private
+
+
+def _report(session: pytest.Session, message: str, *, red: bool) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        print(message, file=sys.stderr)
+        return
+    reporter.write("\n")  # after pytest's progress line, which has no newline yet
+    reporter.write_line(message, red=red, yellow=not red, bold=red)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if the tests left anything in the session's temp dir (files, directories,
+    sockets), then remove it; name what appeared in the system's temp dir meanwhile."""
+    dirs = session.config.stash.get(_TEMP_DIRS, None)
+    if dirs is None:
+        return
+    left = sorted(os.listdir(dirs.private))
+    shutil.rmtree(dirs.private, ignore_errors=True)
+    tempfile.tempdir = None
+    if dirs.saved_tmpdir is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = dirs.saved_tmpdir
+    if left:
+        _report(session, f"the tests left {len(left)} entries in their temp dir: {', '.join(left[:20])}", red=True)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    # A child started with an environment of its own (no TMPDIR) or a hard-coded /tmp path writes
+    # here; so does every other program on the machine, which is why this only warns.
+    appeared = sorted(_names(dirs.system) - dirs.system_before - {os.path.basename(dirs.private)})
+    if appeared:
+        shown = ", ".join(appeared[:20])
+        _report(session, f"new in {dirs.system} during the run (maybe not from these tests): {shown}", red=False)
+
+
 @pytest.fixture
 def spawn() -> Iterator[Spawn]:
     """Start child processes that are always ended (SIGKILL by pid, then reaped) after the test.

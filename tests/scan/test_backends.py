@@ -134,6 +134,7 @@ def test_time_wait_and_fin_wait_2_without_owner(spawn: Spawn) -> None:
     assert closer.stdout is not None
     closer_port = int(closer.stdout.readline())
     client = socket.create_connection(("127.0.0.1", closer_port))
+    client_end = client.getsockname()
     client.close()
     assert closer.stdout.readline().strip() == "closed"
 
@@ -141,12 +142,23 @@ def test_time_wait_and_fin_wait_2_without_owner(spawn: Spawn) -> None:
     assert leaker.stdout is not None
     leak_port = int(leaker.stdout.readline())
     orphan = socket.create_connection(("127.0.0.1", leak_port))
+    orphan_end = orphan.getsockname()
     orphan.close()
+    # --port matches a local or a remote port, and a port the kernel just gave a listener may be the
+    # remote port of a stale TIME_WAIT from an earlier test: keep only this test's two connections.
+    ours = {
+        (Endpoint("127.0.0.1", client_end[1]), Endpoint("127.0.0.1", closer_port)),
+        (Endpoint("127.0.0.1", orphan_end[1]), Endpoint("127.0.0.1", leak_port)),
+    }
+
+    def mine(snap: closewait.Snapshot) -> list[closewait.Finding]:
+        return [f for f in snap.findings if (f.socket.local, f.socket.remote) in ours]
 
     def settled() -> dict[TcpState, closewait.Finding] | None:
         snap = closewait.scan(closewait.parse_states(["time-wait", "fin-wait-2"]), ports=[closer_port, leak_port])
-        by_state = {f.socket.state: f for f in snap.findings}
-        return by_state if len(snap.findings) == 2 and len(by_state) == 2 else None
+        findings = mine(snap)
+        by_state = {f.socket.state: f for f in findings}
+        return by_state if len(findings) == 2 and len(by_state) == 2 else None
 
     found = wait_for(settled)
     time_wait, fin_wait = found[TcpState.TIME_WAIT], found[TcpState.FIN_WAIT2]
@@ -160,7 +172,7 @@ def test_time_wait_and_fin_wait_2_without_owner(spawn: Spawn) -> None:
         assert finding.diagnosis.code == code
     # The procfs backend sees the same two.
     snap = closewait.scan(closewait.parse_states(["teardown"]), ports=[closer_port, leak_port], backend="procfs")
-    assert {(f.socket.state, f.socket.inode) for f in snap.findings} >= {
+    assert {(f.socket.state, f.socket.inode) for f in mine(snap)} >= {
         (TcpState.TIME_WAIT, 0),
         (TcpState.FIN_WAIT2, 0),
     }

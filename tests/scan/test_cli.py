@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -265,3 +266,81 @@ def test_wide_shows_every_row(spawn: Spawn) -> None:
     wide = _scan("--port", str(port), "--wide")
     assert rows(wide) == 12
     assert "more (--wide shows all)" not in wide
+
+
+#: Columns whose cells are right-aligned under their header; the others are left-aligned.
+_RIGHT_ALIGNED = frozenset({"IDLE", "RECV-Q", "SEND-Q", "FD"})
+
+
+def _tables(out: str) -> list[tuple[str, list[str]]]:
+    """Each socket table of ``scan``'s output: (header line, row lines)."""
+    tables: list[tuple[str, list[str]]] = []
+    rows: list[str] | None = None
+    for line in out.splitlines():
+        words = line.split()
+        if line.startswith("  ") and words[:2] in (["STATE", "LOCAL"], ["LOCAL", "REMOTE"]):
+            rows = []
+            tables.append((line, rows))
+        elif rows is not None and line.startswith("  ") and line.strip():
+            rows.append(line)
+        else:
+            rows = None
+    return tables
+
+
+def _assert_aligned(header: str, rows: list[str]) -> None:
+    """Every row has the header's width; each left-aligned cell starts where its header starts and
+    each right-aligned cell ends where its header ends, with a space before or after it."""
+    assert rows
+    columns = [(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", header)]
+    for row in rows:
+        assert len(row) == len(header), (header, row)
+        for name, start, end in columns:
+            if name in _RIGHT_ALIGNED:
+                assert row[end - 1] != " ", (name, header, row)
+                assert row[end : end + 1] in ("", " "), (name, header, row)
+            else:
+                assert row[start] != " ", (name, header, row)
+                assert row[start - 1] == " ", (name, header, row)
+
+
+def test_wide_table_stays_aligned_on_hundreds_of_sockets(spawn: Spawn) -> None:
+    """300 CLOSE_WAIT sockets (Recv-Q of 1 to 4 digits, fds of 1 to 3 digits) and their 300 orphaned
+    FIN_WAIT2 peers: every row of both tables lines up under its header."""
+    modes = ["eof", "keep", "keep"] * 100
+    proc = spawn(argv=python_argv(LEAKING_SERVER, "127.0.0.1", ",".join(modes)))
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    for index, mode in enumerate(modes):
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"" if mode == "eof" else b"x" * (index * 7 % 1500))
+        client.close()
+        assert proc.stdout.readline().strip() == "accepted"
+    close_wait_of(proc.pid, port, count=len(modes))
+    out = _scan("--wide", "--state", "teardown", "--port", str(port))
+    tables = _tables(out)
+    server_rows = [row for _, rows in tables for row in rows if row.split()[:2] == ["close-wait", f"127.0.0.1:{port}"]]
+    assert len(server_rows) == len(modes)
+    for header, rows in tables:
+        _assert_aligned(header, rows)
+    assert any(header.split()[:1] == ["STATE"] and len(rows) >= len(modes) for header, rows in tables)
+
+
+def test_table_on_a_narrow_or_recording_console_keeps_endpoints_whole(leakers: Leakers) -> None:
+    """A table wider than the terminal (few rows) goes through rich, which folds DIAGNOSIS but never
+    cuts an endpoint; a recording console gets the rows of the plain-line path too."""
+    import io
+
+    from rich.console import Console
+
+    import closewait
+    from closewait.cli.render.scan import print_snapshot
+
+    snapshot = closewait.scan(closewait.parse_states(["teardown"]), ports=[leakers.big_port])
+    for width in (60, 200):
+        out = Console(file=io.StringIO(), record=True, width=width, highlight=False, soft_wrap=False)
+        print_snapshot(snapshot, wide=True, out=out)
+        text = out.export_text()
+        for finding in snapshot.findings:
+            assert str(finding.socket.local) in text
+            assert str(finding.socket.remote) in text

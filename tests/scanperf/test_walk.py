@@ -58,8 +58,23 @@ def test_every_owner_of_a_shared_socket_is_found(spawn: Spawn, monkeypatch: pyte
         listener.close()
 
 
-def test_largest_first_orders_by_open_descriptors() -> None:
-    pids = owners.list_pids()
+#: Opens argv[1] descriptors, says so, and holds them: an fd table whose size does not change.
+FD_HOLDER = """
+import os, sys, time
+held = [os.open("/dev/null", os.O_RDONLY) for _ in range(int(sys.argv[1]))]
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_largest_first_orders_by_open_descriptors(spawn: Spawn) -> None:
+    # Processes of our own with fixed fd counts: the host's other processes open and close
+    # descriptors between the ordering and the check below (a flake on a busy machine).
+    holders = [spawn(argv=[sys.executable, "-c", FD_HOLDER, str(n)]) for n in (40, 10, 25, 5, 60)]
+    for proc in holders:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+    pids = [proc.pid for proc in holders]
     ordered = owners._largest_first(pids, "/proc")
     assert sorted(ordered) == sorted(pids)
     sizes = []

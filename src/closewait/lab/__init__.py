@@ -132,8 +132,6 @@ def run(
     finally:
         with _sigint_blocked():
             ctx.close()
-            with contextlib.suppress(OSError):
-                _remove_workdir(ctx)
     return LabReport(
         experiments=tuple(experiments),
         parts=chosen,
@@ -143,12 +141,6 @@ def run(
         trials=trials,
         capture_reason=capture_reason,
     )
-
-
-def _remove_workdir(ctx: LabContext) -> None:
-    import shutil
-
-    shutil.rmtree(ctx.workdir, ignore_errors=True)
 
 
 __all__ = ["DEFAULT_TRIALS", "LabReport", "Progress", "run", "validate_parts"]

@@ -5,8 +5,9 @@ kernel: the claim in words, what the kernel did, a verdict, typed measurements, 
 evidence when a capture ran. Renderers (terminal, JSON, HTML) read only these objects.
 
 ``LabContext`` owns everything an experiment starts: child processes are registered with it and
-ended by pid in ``close()``, also when the run is interrupted (Ctrl+C), so the lab leaves nothing
-behind.
+ended by pid in ``close()``, also when the run is interrupted (Ctrl+C), and its temporary workdir
+(made on first use) is removed there too, so the lab leaves nothing behind. Use it as a context
+manager or call ``close()``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import contextlib
 import enum
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -81,9 +84,19 @@ class LabContext:
     full: bool = False
     trials: int = 5
     capture: bool = True
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="closewait-lab-")))
     _children: list[subprocess.Popen[Any]] = field(default_factory=list)
     _cleanups: list[Callable[[], None]] = field(default_factory=list)
+    _workdir: Path | None = field(default=None, init=False, repr=False)
+    _workdir_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def workdir(self) -> Path:
+        """A private temporary directory (build outputs, extracted server programs), made on first
+        use; the context owns it and ``close()`` removes it."""
+        with self._workdir_lock:  # parallel experiments may ask first at the same time
+            if self._workdir is None:
+                self._workdir = Path(tempfile.mkdtemp(prefix="closewait-lab-"))
+            return self._workdir
 
     def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start a child process that ``close()`` will end by pid. Its stdout is a text pipe."""
@@ -117,7 +130,7 @@ class LabContext:
                     stream.close()
 
     def close(self) -> None:
-        """End every child and run every cleanup; safe to call twice."""
+        """End every child, run every cleanup, then remove the workdir; safe to call twice."""
         while self._children:
             self.end(self._children.pop())
         while self._cleanups:
@@ -126,6 +139,10 @@ class LabContext:
                 cleanup()
             except Exception:
                 log.exception("lab cleanup failed")
+        with self._workdir_lock:
+            if self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
 
     def __enter__(self) -> LabContext:
         return self

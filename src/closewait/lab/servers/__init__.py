@@ -22,8 +22,10 @@ every long wait in the workers (``--full`` waits a minute or more) end promptly.
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -174,9 +176,29 @@ class ServerProcess:
         self._reader.join(timeout=2)
 
 
+def program_file(ctx: LabContext, program: Path) -> Path:
+    """A real file for one of the programs beside this module (``LEAKY``, ``REMEDY``, ``ARTICLE_C``).
+
+    Installed on disk, that is the package's own file. Run from a zip (``closewait.pyz``) the
+    interpreter and the C compiler cannot open a member of the archive, so the program is copied
+    out of the package (``importlib.resources``) into the lab's workdir, which ``ctx.close()``
+    removes.
+    """
+    resource = importlib.resources.files(__package__ or __name__) / program.name
+    if isinstance(resource, Path) and resource.is_file():
+        return resource
+    target = ctx.workdir / program.name
+    if not target.exists():
+        # Experiments run in parallel threads: write a private copy, then rename it into place.
+        partial = ctx.workdir / f".{program.name}.{threading.get_ident()}"
+        partial.write_bytes(resource.read_bytes())
+        os.replace(partial, target)
+    return target
+
+
 def python_server(ctx: LabContext, script: Path, args: list[str], name: str) -> ServerProcess:
     """Start one of the Python server programs with the lab's own interpreter."""
-    proc = ctx.spawn([sys.executable, str(script), *args])
+    proc = ctx.spawn([sys.executable, str(program_file(ctx, script)), *args])
     return ServerProcess(ctx, proc, name)
 
 
@@ -218,7 +240,7 @@ def build_article_server(ctx: LabContext, compiler: str) -> Path:
     output = ctx.workdir / "article_server"
     try:
         result = subprocess.run(
-            [compiler, "-O1", "-o", str(output), str(ARTICLE_C)],
+            [compiler, "-O1", "-o", str(output), str(program_file(ctx, ARTICLE_C))],
             capture_output=True,
             text=True,
             timeout=60,
