@@ -31,7 +31,6 @@ import enum
 import errno
 import logging
 import os
-import socket as socket_mod
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +42,10 @@ from closewait.model import Finding, Owner, Process, Snapshot, Socket, TcpState
 from closewait.sources import COOKIE, get_source, netlink, pidfd
 from closewait.sources.owners import find_owners
 from closewait.sources.process import fd_link, read_stat, read_uid, socket_inode, validate_pids
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    import socket as socket_mod
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
-import fcntl
 import logging
 import os
 import select
@@ -44,6 +43,7 @@ from closewait.lab.report import PART_IDS
 from closewait.model import Endpoint, Socket, TcpState
 from closewait.sources import netlink
 from closewait.sources.capture import Capture, Segment
+from closewait.sources.process import descriptor_after_close
 
 log = logging.getLogger(__name__)
 
@@ -487,12 +487,7 @@ def close_fd_vs_connection(ctx: LabContext) -> Experiment:
         fd = client.fileno()
         client.close()
         # First thing after close(): nothing in this thread has had a chance to reuse the number.
-        try:
-            fcntl.fcntl(fd, fcntl.F_GETFD)
-            fd_errno = "none (fd still valid)"
-        except OSError as err:
-            fd_errno = errno_mod.errorcode.get(err.errno or 0, str(err.errno))
-        in_proc = os.path.exists(f"/proc/self/fd/{fd}")
+        fd_errno, in_proc = descriptor_after_close(fd)
         fd_released = fd_errno == "EBADF" and not in_proc
         after = bench.state_of(c_ep, s_ep)
         states_seen: list[str] = []

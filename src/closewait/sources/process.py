@@ -240,7 +240,23 @@ def set_child_subreaper() -> None:
 _PR_SET_CHILD_SUBREAPER = 36
 
 
+def descriptor_after_close(fd: int) -> tuple[str, bool]:
+    """What the kernel says of this process's ``fd`` (just closed by the caller): the errno name
+    ``fcntl(F_GETFD)`` fails with (``"none (fd still valid)"`` if it does not), and whether
+    ``/proc/self/fd/FD`` still exists. The lab's proof that close() frees the descriptor at once."""
+    import errno
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+        fd_errno = "none (fd still valid)"
+    except OSError as err:
+        fd_errno = errno.errorcode.get(err.errno or 0, str(err.errno))
+    return fd_errno, os.path.exists(f"/proc/self/fd/{fd}")
+
+
 __all__ = [
+    "descriptor_after_close",
     "ProcStat",
     "child_pids",
     "descriptors_denied",
