@@ -187,7 +187,7 @@ class PodApi:
             path += "?fieldSelector=" + quote(f"spec.nodeName={self.node_name}", safe="=")
         # ``timeout`` bounds each socket operation; the deadline bounds the whole call, so a server
         # that trickles bytes cannot hold a scan longer than that either.
-        deadline = self._clock() + self.timeout
+        deadline = time.monotonic() + self.timeout
         connection = http.client.HTTPSConnection(self.host, self.port, context=context, timeout=self.timeout)
         try:
             connection.request("GET", path, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
@@ -195,12 +195,12 @@ class PodApi:
             if response.status != 200:
                 raise OSError(f"HTTP {response.status} {response.reason}")
             chunks, size = [], 0
-            while chunk := response.read(65536):
+            while chunk := response.read1(65536):
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > _MAX_LIST_BYTES:
                     raise ValueError(f"pod list larger than {_MAX_LIST_BYTES >> 20} MiB")
-                if self._clock() > deadline:
+                if time.monotonic() > deadline:
                     raise TimeoutError(f"pod list not complete after {self.timeout:g} s")
         finally:
             connection.close()
