@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Final, Literal
 
 #: What a workload is. ``unknown``: the cgroup could not be read or parsed (``error`` says why).
@@ -179,11 +180,13 @@ def _innermost_unit(parts: Iterable[str]) -> str | None:
     return unit or slice_
 
 
+@lru_cache(maxsize=8192)
 def workload_of_cgroup(path: str) -> Workload:
     """Name the workload whose cgroup is ``path`` (a path from /proc/PID/cgroup, e.g. ``/system.slice/x.service``).
 
     Never raises: a path no manager wrote is the host, as is ``/``. ``..`` components (a cgroup
-    outside the reader's cgroup namespace) are dropped before naming.
+    outside the reader's cgroup namespace) are dropped before naming. Cached per path: the answer
+    is immutable and most processes share a handful of paths.
     """
     parts = [part for part in path.split("/") if part and part != ".."]
     if not parts:

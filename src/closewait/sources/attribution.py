@@ -17,13 +17,14 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from closewait.errors import KernelDataError
 from closewait.model import Process
-from closewait.sources.cgroup import parse_cgroup_file, read_cgroup_text
+from closewait.sources.cgroup import parse_cgroup_lines, read_proc_file
 from closewait.sources.kubernetes import CONTAINER_LOG_DIR, PodApi, PodLogIndex
+from closewait.sources.owners import parse_stat
 from closewait.sources.runtimes import ContainerNames
 from closewait.workload import Workload, pick_workload, unknown, with_container_name, with_pod
 
@@ -52,6 +53,12 @@ class WorkloadResolver:
     / mounted into closewait's own container, or a test's temp directory); ``container_log_dir`` is
     kubelet's link directory; ``pod_api`` adds pod labels (``PodApi.from_environment()`` in a pod),
     None leaves them out. ``names=False`` skips every name lookup (the cgroup alone).
+
+    ``verify`` re-reads /proc/PID/stat after the cgroup to prove the pid is still the process asked
+    about (start time), so a pid reused in between is not attributed to the newcomer; it is about
+    as costly as the cgroup read itself (the kernel builds the whole stat line), and a caller that
+    read the start time a moment ago may turn it off. ``ttl`` bounds how long an answer is kept
+    (an exporter's resolver lives for many scans; processes rarely change cgroups).
     """
 
     def __init__(
@@ -62,12 +69,14 @@ class WorkloadResolver:
         container_log_dir: str | None = None,
         pod_api: PodApi | None = None,
         names: bool = True,
+        verify: bool = True,
         ttl: float = 60.0,
         max_entries: int = 200_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.proc_root = proc_root
         self.names = names
+        self.verify = verify
         self.ttl = ttl
         self.max_entries = max_entries
         self._clock = clock
@@ -77,6 +86,8 @@ class WorkloadResolver:
         self.pod_logs = PodLogIndex(container_log_dir, clock=clock)
         self.pod_api = pod_api
         self._cache: dict[tuple[int, int], tuple[Workload, float]] = {}
+        # The cgroup file's text -> its workload before names: most processes share a few texts.
+        self._by_text: dict[bytes, Workload] = {}
         self._lock = threading.Lock()
         self._lookups = self._hits = self._reads = self._unknown = 0
 
@@ -102,6 +113,10 @@ class WorkloadResolver:
                     self._prune(now)
                 self._cache[key] = (workload, now)
         return workload
+
+    def workloads_of(self, processes: Iterable[Process]) -> dict[tuple[int, int], Workload]:
+        """The workload of each process, by ``Process.identity`` (what a view groups owners by)."""
+        return {process.identity: self.workload_of(process) for process in processes}
 
     def statistics(self) -> ResolverStats:
         api = self.pod_api
@@ -131,29 +146,31 @@ class WorkloadResolver:
     def _resolve(self, pid: int, start_time: int | None) -> Workload:
         self._reads += 1
         try:
-            text = read_cgroup_text(pid, self.proc_root)
+            text = read_proc_file(f"{self.proc_root}/{pid}/cgroup")
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ESRCH):
                 return unknown(EXITED)
             return unknown(f"cannot read /proc/{pid}/cgroup: {err.strerror or err}")
-        if start_time is not None and not self._same_process(pid, start_time):
+        if start_time is not None and self.verify and not self._same_process(pid, start_time):
             return unknown(EXITED)
-        try:
-            entries = parse_cgroup_file(text)
-        except KernelDataError as err:
-            return unknown(str(err).replace("/proc/PID/", f"/proc/{pid}/"))
-        workload = pick_workload((entry.controllers, entry.path) for entry in entries)
+        workload = self._by_text.get(text)
+        if workload is None:
+            try:
+                lines = parse_cgroup_lines(text.decode("utf-8", "surrogateescape"))
+            except KernelDataError as err:
+                return unknown(str(err).replace("/proc/PID/", f"/proc/{pid}/"))
+            workload = pick_workload((controllers, path) for _, controllers, path in lines)
+            if len(self._by_text) >= 4096:
+                self._by_text.clear()
+            self._by_text[text] = workload
         if self.names:
             workload = self._named(workload)
         return workload
 
     def _same_process(self, pid: int, start_time: int) -> bool:
         """Whether ``pid`` still has ``start_time``: read after the cgroup, a pid reused in between shows."""
-        from closewait.sources.owners import parse_stat
-
         try:
-            with open(f"{self.proc_root}/{pid}/stat", "rb") as handle:
-                _, now_start = parse_stat(handle.read().decode("utf-8", "replace"))
+            _, now_start = parse_stat(read_proc_file(f"{self.proc_root}/{pid}/stat").decode("utf-8", "replace"))
         except (OSError, KernelDataError):
             return False
         return now_start == start_time

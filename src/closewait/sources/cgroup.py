@@ -28,8 +28,9 @@ class CgroupEntry:
     path: str
 
 
-def parse_cgroup_file(text: str) -> list[CgroupEntry]:
-    """The entries of a /proc/PID/cgroup text. KernelDataError on a malformed line or an empty file."""
+def parse_cgroup_lines(text: str) -> list[tuple[int, str, str]]:
+    """(hierarchy, controllers, path) per line of a /proc/PID/cgroup text, the fast form the resolver
+    uses. KernelDataError on a malformed line or an empty file."""
     entries = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line:
@@ -38,23 +39,33 @@ def parse_cgroup_file(text: str) -> list[CgroupEntry]:
         controllers, sep2, path = rest.partition(":")
         if not (sep1 and sep2) or not hierarchy.isdigit() or not path.startswith("/"):
             raise KernelDataError(f"malformed /proc/PID/cgroup line {number}: {line[:120]!r}")
-        entries.append(CgroupEntry(int(hierarchy), controllers, path))
+        entries.append((int(hierarchy), controllers, path))
     if not entries:
         raise KernelDataError("empty /proc/PID/cgroup")
     return entries
 
 
-def read_cgroup_text(pid: int | str, proc_root: str = "/proc") -> str:
-    """The text of /proc/PID/cgroup. OSError as the kernel raised it (ENOENT/ESRCH: the process is gone)."""
-    fd = os.open(f"{proc_root}/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+def parse_cgroup_file(text: str) -> list[CgroupEntry]:
+    """The entries of a /proc/PID/cgroup text. KernelDataError on a malformed line or an empty file."""
+    return [CgroupEntry(*entry) for entry in parse_cgroup_lines(text)]
+
+
+def read_proc_file(path: str) -> bytes:
+    """A small /proc file in one read() (the kernel renders these whole), more if it is larger.
+    OSError as the kernel raised it (ENOENT/ESRCH: the process is gone)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        # One read: the file is a few hundred bytes and the kernel renders it whole per read().
         chunks = [os.read(fd, 65536)]
         while len(chunks[-1]) == 65536:
             chunks.append(os.read(fd, 65536))
     finally:
         os.close(fd)
-    return b"".join(chunks).decode("utf-8", "surrogateescape")
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def read_cgroup_text(pid: int | str, proc_root: str = "/proc") -> str:
+    """The text of /proc/PID/cgroup. OSError as the kernel raised it (ENOENT/ESRCH: the process is gone)."""
+    return read_proc_file(f"{proc_root}/{pid}/cgroup").decode("utf-8", "surrogateescape")
 
 
 def read_cgroups(pid: int, proc_root: str = "/proc") -> list[CgroupEntry]:

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -42,14 +43,20 @@ def _file_key(path: str) -> tuple[int, int, int] | None:
 
 @dataclass
 class _CachedFile:
-    """A file parsed again only when it changes."""
+    """A file parsed again only when it changes, checked (stat) at most once per ``recheck`` seconds."""
 
     path: str
     parse: Callable[[bytes], dict[str, str]]
+    recheck: float
     key: tuple[int, int, int] | None = None
     value: dict[str, str] = field(default_factory=dict)
+    checked_at: float | None = None
 
     def get(self) -> dict[str, str]:
+        now = time.monotonic()
+        if self.checked_at is not None and now - self.checked_at < self.recheck:
+            return self.value
+        self.checked_at = now
         key = _file_key(self.path)
         if key != self.key:
             self.key = key
@@ -107,6 +114,7 @@ class BoltReader:
         if not metas:
             raise BoltError("not a BoltDB file")
         _txid, self._root, self._page_size = max(metas)
+        self._budget = 0
 
     def _meta(self, offset: int) -> tuple[int, int, int] | None:
         """(txid, root bucket page, page size) of the meta page at ``offset``, None if not valid."""
@@ -120,7 +128,11 @@ class BoltReader:
         return txid, root, page_size
 
     def _page(self, pgid: int) -> tuple[int, int, int]:
-        """(offset, flags, count) of page ``pgid``."""
+        """(offset, flags, count) of page ``pgid``; at most one visit per page of the file per lookup,
+        so a torn file whose pages point at each other cannot keep the reader busy."""
+        self._budget -= 1
+        if self._budget < 0:
+            raise BoltError("page references loop")
         offset = pgid * self._page_size
         if offset + _PAGE_HEADER.size > len(self._data):
             raise BoltError(f"page {pgid} beyond the end of the file")
@@ -170,6 +182,7 @@ class BoltReader:
 
     def bucket(self, *names: bytes) -> dict[bytes, bytes]:
         """The plain key/value pairs of the nested bucket ``names`` (empty if there is none)."""
+        self._budget = len(self._data) // self._page_size + 1
         value: bytes | None = None
         for name in names:
             found = None
@@ -206,8 +219,8 @@ def parse_docker_config(data: bytes) -> dict[str, str]:
 class ContainerNames:
     """Container id -> name, from podman's and docker's files under ``root``.
 
-    ``name(runtime, id)`` is cheap to call per process: each metadata file is re-read only when it
-    changed, and docker's per-container files are read once per id.
+    ``name(runtime, id)`` is cheap to call per process: each metadata file is checked for a change
+    (one ``stat``) at most once per ``recheck`` seconds and re-read only when it changed.
     """
 
     def __init__(
@@ -216,15 +229,19 @@ class ContainerNames:
         *,
         podman_graphroot: str = PODMAN_GRAPHROOT,
         docker_root: str = DOCKER_ROOT,
+        recheck: float = 1.0,
     ) -> None:
         prefix = root.rstrip("/")
         self.podman_graphroot = prefix + podman_graphroot
         self.docker_root = prefix + docker_root
+        self.recheck = recheck
         self._podman_files = [
-            _CachedFile(f"{self.podman_graphroot}/{driver}-containers/containers.json", parse_containers_json)
+            _CachedFile(f"{self.podman_graphroot}/{driver}-containers/containers.json", parse_containers_json, recheck)
             for driver in _STORAGE_DRIVERS
         ]
-        self._podman_files.append(_CachedFile(f"{self.podman_graphroot}/libpod/bolt_state.db", parse_libpod_bolt))
+        self._podman_files.append(
+            _CachedFile(f"{self.podman_graphroot}/libpod/bolt_state.db", parse_libpod_bolt, recheck)
+        )
         self._docker_files: dict[str, _CachedFile] = {}
 
     def podman(self, container_id: str) -> str | None:
@@ -239,7 +256,8 @@ class ContainerNames:
         if cached is None:
             if len(self._docker_files) > 4096:
                 self._docker_files.clear()
-            cached = _CachedFile(f"{self.docker_root}/containers/{container_id}/config.v2.json", parse_docker_config)
+            path = f"{self.docker_root}/containers/{container_id}/config.v2.json"
+            cached = _CachedFile(path, parse_docker_config, self.recheck)
             self._docker_files[container_id] = cached
         return cached.get().get("name")
 
