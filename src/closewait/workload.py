@@ -29,7 +29,7 @@ under ``burstable`` and ``besteffort``).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Final, Literal
@@ -103,7 +103,7 @@ def unknown(error: str, cgroup: str = "") -> Workload:
 
 # ---- naming one cgroup path ------------------------------------------------------------------
 
-#: prefix of a container's cgroup -> runtime. Order matters: the longer prefixes first.
+#: prefix of a container's cgroup -> runtime (the pattern below tries the longer prefixes first).
 _RUNTIME_OF_PREFIX: Final = {
     "libpod-conmon": "podman",
     "libpod-payload": "podman",
@@ -440,8 +440,3 @@ class WorkloadSelector:
         if self.unit is not None:
             words.append(f"unit {self.unit}")
         return ", ".join(words) or "any workload"
-
-
-def labels_of(mapping: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    """Labels in ``Workload.labels`` form (sorted pairs) from a mapping."""
-    return tuple(sorted(mapping.items()))
