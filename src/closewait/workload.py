@@ -1,0 +1,442 @@
+"""Workloads: which container, Kubernetes pod or systemd unit a process belongs to, from its cgroup.
+
+Pure: no kernel access, no files. ``sources/cgroup.py`` reads /proc/PID/cgroup and
+``sources/attribution.py`` composes the reads into ``Workload`` records; this module only names
+cgroup paths, so every layout can be tested from a string.
+
+The names recognised are the ones the managers write (innermost wins, so nested layouts such as a
+kind node's ``/docker/<node>/kubelet.slice/...`` name the pod, not the node container):
+
+    systemd            /system.slice/nginx.service                      unit nginx.service
+                       /user.slice/user-1000.slice/session-3.scope      unit session-3.scope
+                       /user.slice/.../user@1000.service/app.slice/foo.service   unit foo.service
+    podman             /machine.slice/libpod-<id>.scope (systemd),  /libpod_parent/libpod-<id> (cgroupfs),
+                       libpod-conmon-<id>.scope (its monitor),  <unit>/libpod-payload-<id> (--cgroups=split)
+    docker             /system.slice/docker-<id>.scope,  /docker/<id>
+    containerd (CRI)   cri-containerd-<id>.scope
+    CRI-O              crio-<id>.scope,  crio-conmon-<id>.scope (its monitor)
+    kubelet, systemd   /kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid, - as _>.slice/<ctr>
+      driver           (besteffort alike; Guaranteed pods sit in kubepods-pod<uid>.slice; any cgroup root,
+                       e.g. kind's kubelet.slice/kubelet-kubepods.slice/...)
+    kubelet, cgroupfs  /kubepods/burstable/pod<uid>/<container id>  (/kubepods/pod<uid>/... for Guaranteed)
+
+kubelet's side of this is ``pkg/kubelet/cm/cgroup_manager_linux.go`` (``CgroupName.ToSystemd``: each
+component's ``-`` becomes ``_``, components are joined by ``-`` and expanded into nested slices) and
+``qos_container_manager_linux.go`` (Guaranteed pods directly under kubepods, the other two classes
+under ``burstable`` and ``besteffort``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Final, Literal
+
+#: What a workload is. ``unknown``: the cgroup could not be read or parsed (``error`` says why).
+WorkloadKind = Literal["container", "pod", "unit", "host", "unknown"]
+KINDS: Final = ("container", "pod", "unit", "host", "unknown")
+
+#: Kubernetes QoS classes as kubelet names their cgroups (lower case); Guaranteed has no cgroup of its own.
+QOS_CLASSES: Final = ("guaranteed", "burstable", "besteffort")
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """What a process runs as: a container, a Kubernetes pod's container, a systemd unit, or the host.
+
+    ``name`` is what a person calls it (container name, pod name, unit name, ``host``); ``id`` is the
+    most specific identifier the runtime uses (the full container id; the pod UID for a process of a
+    pod outside any container; the cgroup path for a unit; empty for the host). The other fields are
+    set where known and None otherwise: a container found by its cgroup alone has ``id`` and
+    ``runtime`` but its ``name`` is the short id until the runtime's metadata names it.
+    """
+
+    kind: WorkloadKind
+    name: str
+    id: str = ""
+    #: "podman", "docker", "containerd", "cri-o", or None when the cgroup does not say.
+    runtime: str | None = None
+    #: The container's name (kind container and pod).
+    container: str | None = None
+    pod: str | None = None
+    namespace: str | None = None
+    pod_uid: str | None = None
+    #: "guaranteed", "burstable" or "besteffort" (kind pod).
+    qos: str | None = None
+    #: The systemd unit: the workload itself (kind unit), or the service a container runs under.
+    unit: str | None = None
+    #: The cgroup path the workload was named from (one line of /proc/PID/cgroup).
+    cgroup: str = ""
+    #: The pod's labels from the API server, sorted by key (empty when not asked for or not reachable).
+    labels: tuple[tuple[str, str], ...] = ()
+    #: Why the workload is ``unknown`` (None otherwise).
+    error: str | None = None
+    #: True for the runtime's monitor of the container (conmon: ``libpod-conmon-<id>``,
+    #: ``crio-conmon-<id>``), which runs beside the container, not in it.
+    monitor: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        """The fields a view shows: kind, name, id, then every other field that is known."""
+        data: dict[str, object] = {"kind": self.kind, "name": self.name, "id": self.id}
+        for key in ("runtime", "container", "pod", "namespace", "pod_uid", "qos", "unit", "error"):
+            value = getattr(self, key)
+            if value is not None:
+                data[key] = value
+        if self.monitor:
+            data["monitor"] = True
+        if self.cgroup:
+            data["cgroup"] = self.cgroup
+        if self.labels:
+            data["labels"] = dict(self.labels)
+        return data
+
+
+HOST: Final = Workload("host", "host")
+
+
+def unknown(error: str, cgroup: str = "") -> Workload:
+    """The workload of a process whose cgroup could not be read or parsed."""
+    return Workload("unknown", "unknown", cgroup=cgroup, error=error)
+
+
+# ---- naming one cgroup path ------------------------------------------------------------------
+
+#: prefix of a container's cgroup -> runtime (the pattern below tries the longer prefixes first).
+_RUNTIME_OF_PREFIX: Final = {
+    "libpod-conmon": "podman",
+    "libpod-payload": "podman",
+    "libpod": "podman",
+    "docker": "docker",
+    "cri-containerd": "containerd",
+    "crio-conmon": "cri-o",
+    "crio": "cri-o",
+}
+_MONITOR_PREFIXES: Final = frozenset({"libpod-conmon", "crio-conmon"})
+_CONTAINER_SCOPE = re.compile(
+    r"(?P<prefix>libpod-conmon|libpod-payload|libpod|docker|cri-containerd|crio-conmon|crio)"
+    r"-(?P<id>[0-9a-f]{12,64})(?:\.scope)?"
+)
+_BARE_ID = re.compile(r"[0-9a-f]{64}")
+# kubelet, systemd driver: [<root>-]kubepods[-<qos>]-pod<uid with _ for ->.slice
+_POD_SLICE = re.compile(r"(?:.+-)?kubepods(?:-(?P<qos>burstable|besteffort))?-pod(?P<uid>[0-9a-fA-F_]{32,36})\.slice")
+# kubelet, cgroupfs driver: pod<uid>, under kubepods or kubepods/<qos>
+_POD_DIR = re.compile(r"pod(?P<uid>[0-9a-fA-F-]{32,36})")
+_UNIT_SUFFIXES: Final = (".service", ".scope")
+
+
+@dataclass(frozen=True, slots=True)
+class _Pod:
+    index: int
+    uid: str
+    qos: str
+
+
+def _find_pod(parts: list[str]) -> _Pod | None:
+    """The innermost pod cgroup among ``parts`` (either kubelet driver)."""
+    for index in range(len(parts) - 1, -1, -1):
+        part = parts[index]
+        if part.endswith(".slice"):
+            match = _POD_SLICE.fullmatch(part)
+            if match:
+                return _Pod(index, match["uid"].replace("_", "-"), match["qos"] or "guaranteed")
+            continue
+        match = _POD_DIR.fullmatch(part)
+        if match and index >= 1:
+            parent = parts[index - 1]
+            if parent == "kubepods":
+                return _Pod(index, match["uid"], "guaranteed")
+            if parent in ("burstable", "besteffort") and index >= 2 and parts[index - 2] == "kubepods":
+                return _Pod(index, match["uid"], parent)
+    return None
+
+
+def _container_at(parts: list[str], index: int, *, in_pod: bool) -> tuple[str, str | None, bool] | None:
+    """(id, runtime, is_monitor) if ``parts[index]`` is a container's cgroup, else None."""
+    part = parts[index]
+    match = _CONTAINER_SCOPE.fullmatch(part)
+    if match:
+        prefix = match["prefix"]
+        return match["id"], _RUNTIME_OF_PREFIX[prefix], prefix in _MONITOR_PREFIXES
+    if _BARE_ID.fullmatch(part):
+        # cgroupfs drivers name the directory by the bare id: docker under /docker, kubelet's
+        # runtimes (containerd, docker) under the pod's directory.
+        if in_pod:
+            return part, None, False
+        if index >= 1 and parts[index - 1] == "docker":
+            return part, "docker", False
+    return None
+
+
+def _innermost_unit(parts: Iterable[str]) -> str | None:
+    unit = None
+    slice_ = None
+    for part in parts:
+        if part.endswith(_UNIT_SUFFIXES):
+            unit = part
+        elif part.endswith(".slice") and part != "-.slice":
+            slice_ = part
+    return unit or slice_
+
+
+@lru_cache(maxsize=8192)
+def workload_of_cgroup(path: str) -> Workload:
+    """Name the workload whose cgroup is ``path`` (a path from /proc/PID/cgroup, e.g. ``/system.slice/x.service``).
+
+    Never raises: a path no manager wrote is the host, as is ``/``. ``..`` components (a cgroup
+    outside the reader's cgroup namespace) are dropped before naming. Cached per path: the answer
+    is immutable and most processes share a handful of paths.
+    """
+    parts = [part for part in path.split("/") if part and part != ".."]
+    if not parts:
+        return replace(HOST, cgroup=path)
+    pod = _find_pod(parts)
+    if pod is not None:
+        container = None
+        for index in range(len(parts) - 1, pod.index, -1):
+            container = _container_at(parts, index, in_pod=True)
+            if container is not None:
+                break
+        container_id, runtime, monitor = container if container is not None else (pod.uid, None, False)
+        return Workload(
+            "pod",
+            f"pod{pod.uid}",
+            container_id,
+            runtime=runtime,
+            pod_uid=pod.uid,
+            qos=pod.qos,
+            cgroup=path,
+            monitor=monitor,
+        )
+    for index in range(len(parts) - 1, -1, -1):
+        container = _container_at(parts, index, in_pod=False)
+        if container is not None:
+            container_id, runtime, monitor = container
+            return Workload(
+                "container",
+                container_id[:12],
+                container_id,
+                runtime=runtime,
+                unit=_service_around(parts[:index]),
+                cgroup=path,
+                monitor=monitor,
+            )
+    unit = _innermost_unit(parts)
+    if unit is not None:
+        return Workload("unit", unit, path, unit=unit, cgroup=path)
+    return replace(HOST, cgroup=path)
+
+
+def _service_around(parts: list[str]) -> str | None:
+    """The innermost .service around a container (podman under a systemd service, e.g. quadlet)."""
+    for part in reversed(parts):
+        if part.endswith(".service"):
+            return part
+    return None
+
+
+# ---- choosing among the lines of /proc/PID/cgroup --------------------------------------------
+
+_RANK: Final = {"pod": 3, "container": 3, "unit": 2, "host": 1, "unknown": 0}
+
+
+def pick_workload(paths: Iterable[tuple[str, str]]) -> Workload:
+    """The most specific workload among ``(controllers, path)`` pairs, one per line of /proc/PID/cgroup.
+
+    cgroup v2 has one line (controllers ``""``); v1 has one per hierarchy, and a hybrid host both.
+    The managers do not always place a process in every hierarchy (runc under cgroupfs may skip the
+    unified one; a test may use one hierarchy), so every line is named and the most specific wins
+    (a container or pod over a unit over the host); among equals the v2 line, then ``name=systemd``,
+    then the file's order.
+    """
+    best: Workload | None = None
+    best_key: tuple[int, int] = (-1, 0)
+    seen: set[str] = set()
+    for position, (controllers, path) in enumerate(paths):
+        if path in seen:
+            continue
+        seen.add(path)
+        workload = workload_of_cgroup(path)
+        preference = 2 if controllers == "" else 1 if controllers == "name=systemd" else 0
+        key = (_RANK[workload.kind], preference * 10_000 - position)
+        if key > best_key:
+            best, best_key = workload, key
+    return best if best is not None else unknown("no cgroup lines")
+
+
+# ---- names from the outside: runtimes, kubelet, the API server --------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PodContainer:
+    """One container of a pod as kubelet's log links or the API server name it."""
+
+    namespace: str
+    pod: str
+    container: str
+    container_id: str
+    pod_uid: str | None = None
+
+
+# kubelet's /var/log/containers/<pod>_<namespace>_<container>-<container id>.log, the convention
+# Fluent Bit's kubernetes filter parses (pod names are DNS subdomains, namespaces have no "_").
+_LOG_NAME = re.compile(
+    r"(?P<pod>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*)"
+    r"_(?P<namespace>[^_]+)_(?P<container>.+)-(?P<id>[0-9a-f]{64})\.log"
+)
+# its target: /var/log/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log
+_POD_LOG_DIR = re.compile(r"[^_/]+_[^_/]+_(?P<uid>[0-9a-fA-F-]{32,36})")
+
+
+def parse_container_log_name(filename: str, target: str | None = None) -> PodContainer | None:
+    """Parse one /var/log/containers entry name (and its link target, for the pod UID); None if not one."""
+    match = _LOG_NAME.fullmatch(filename)
+    if match is None:
+        return None
+    uid = None
+    if target:
+        for part in target.split("/"):
+            found = _POD_LOG_DIR.fullmatch(part)
+            if found:
+                uid = found["uid"]
+                break
+    return PodContainer(match["namespace"], match["pod"], match["container"], match["id"], uid)
+
+
+@dataclass(frozen=True, slots=True)
+class PodMeta:
+    """A pod as the API server describes it (the parts closewait uses)."""
+
+    uid: str
+    namespace: str
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
+    #: container id (without the ``containerd://`` scheme) -> container name
+    containers: tuple[tuple[str, str], ...] = ()
+
+
+def parse_pod_list(document: object) -> dict[str, PodMeta]:
+    """Pods by UID from a decoded ``/api/v1/pods`` reply (a ``PodList``). ValueError if it is not one."""
+    if not isinstance(document, dict) or document.get("kind") not in ("PodList", None):
+        raise ValueError("not a PodList")
+    items = document.get("items")
+    if not isinstance(items, list):
+        raise ValueError("PodList without items")
+    pods: dict[str, PodMeta] = {}
+    for item in items:
+        meta = item.get("metadata") if isinstance(item, dict) else None
+        if not isinstance(meta, dict):
+            raise ValueError("pod without metadata")
+        uid, namespace, name = meta.get("uid"), meta.get("namespace"), meta.get("name")
+        if not (isinstance(uid, str) and isinstance(namespace, str) and isinstance(name, str)):
+            raise ValueError("pod metadata without uid, namespace or name")
+        raw_labels = meta.get("labels") or {}
+        labels = tuple(sorted((str(k), str(v)) for k, v in raw_labels.items())) if isinstance(raw_labels, dict) else ()
+        containers: list[tuple[str, str]] = []
+        status = item.get("status")
+        if isinstance(status, dict):
+            for key in ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses"):
+                for entry in status.get(key) or ():
+                    if isinstance(entry, dict) and isinstance(entry.get("containerID"), str):
+                        containers.append((entry["containerID"].partition("://")[2], str(entry.get("name", ""))))
+        pods[uid] = PodMeta(uid, namespace, name, labels, tuple(containers))
+    return pods
+
+
+def with_pod(workload: Workload, entry: PodContainer | None, meta: PodMeta | None) -> Workload:
+    """``workload`` (kind pod) with what kubelet's log links and the API server say about it."""
+    if workload.kind != "pod":
+        return workload
+    namespace, pod, container = workload.namespace, workload.pod, workload.container
+    labels = workload.labels
+    if entry is not None:
+        namespace, pod = entry.namespace, entry.pod
+        if entry.container_id == workload.id:  # else another container of the same pod
+            container = entry.container
+    if meta is not None:
+        namespace, pod, labels = meta.namespace, meta.name, meta.labels
+        if container is None:
+            container = dict(meta.containers).get(workload.id)
+    if pod is None:
+        return workload
+    return replace(workload, name=pod, pod=pod, namespace=namespace, container=container, labels=labels)
+
+
+def with_container_name(workload: Workload, name: str | None) -> Workload:
+    """``workload`` (kind container) named ``name`` by its runtime's metadata."""
+    if not name or workload.kind != "container":
+        return workload
+    return replace(workload, name=name, container=name)
+
+
+# ---- selecting workloads -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSelector:
+    """Which workloads a command is about (``--container``, ``--pod [NS/]NAME``, ``--namespace``, ``--unit``).
+
+    Every given criterion must match. ``container`` matches a container's name, its full id, or a
+    prefix of its id of at least 4 characters (as ``docker``/``podman`` accept); ``pod`` matches the
+    pod's name or UID.
+    """
+
+    container: str | None = None
+    pod: str | None = None
+    namespace: str | None = None
+    unit: str | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        container: str | None = None,
+        pod: str | None = None,
+        namespace: str | None = None,
+        unit: str | None = None,
+    ) -> WorkloadSelector:
+        """From command-line values; ``pod`` may be ``NAMESPACE/NAME``. ValueError on a bad value."""
+        if pod is not None and "/" in pod:
+            pod_namespace, _, pod = pod.partition("/")
+            if not pod_namespace or not pod or "/" in pod:
+                raise ValueError(f"bad pod {pod_namespace}/{pod}: expected NAME or NAMESPACE/NAME")
+            if namespace is not None and namespace != pod_namespace:
+                raise ValueError(f"--pod {pod_namespace}/{pod} contradicts --namespace {namespace}")
+            namespace = pod_namespace
+        for label, value in (("container", container), ("pod", pod), ("namespace", namespace), ("unit", unit)):
+            if value is not None and not value:
+                raise ValueError(f"empty {label} name")
+        return cls(container, pod, namespace, unit)
+
+    @property
+    def empty(self) -> bool:
+        return self.container is None and self.pod is None and self.namespace is None and self.unit is None
+
+    def matches(self, workload: Workload) -> bool:
+        if self.container is not None:
+            wanted = self.container
+            named = workload.container == wanted or (workload.kind == "container" and workload.name == wanted)
+            by_id = workload.kind in ("container", "pod") and (
+                workload.id == wanted or (len(wanted) >= 4 and workload.id.startswith(wanted))
+            )
+            if not (named or by_id):
+                return False
+        if self.pod is not None and self.pod not in (workload.pod, workload.pod_uid):
+            return False
+        if self.namespace is not None and workload.namespace != self.namespace:
+            return False
+        return self.unit is None or workload.unit in (self.unit, self.unit + ".service")
+
+    def describe(self) -> str:
+        """The criteria as the command line spelled them, for "no such workload" messages."""
+        words = []
+        if self.container is not None:
+            words.append(f"container {self.container}")
+        if self.pod is not None:
+            words.append(f"pod {self.namespace + '/' if self.namespace else ''}{self.pod}")
+        elif self.namespace is not None:
+            words.append(f"namespace {self.namespace}")
+        if self.unit is not None:
+            words.append(f"unit {self.unit}")
+        return ", ".join(words) or "any workload"
