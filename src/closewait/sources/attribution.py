@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from closewait.errors import KernelDataError
+from closewait.errors import ClosewaitError, KernelDataError
 from closewait.model import Process
 from closewait.sources.cgroup import parse_cgroup_lines, read_proc_file
 from closewait.sources.kubernetes import CONTAINER_LOG_DIR, PodApi, PodLogIndex
-from closewait.sources.owners import parse_stat
+from closewait.sources.process import read_stat
 from closewait.sources.runtimes import ContainerNames
 from closewait.workload import Workload, pick_workload, unknown, with_container_name, with_pod
 
@@ -170,10 +170,9 @@ class WorkloadResolver:
     def _same_process(self, pid: int, start_time: int) -> bool:
         """Whether ``pid`` still has ``start_time``: read after the cgroup, a pid reused in between shows."""
         try:
-            _, now_start = parse_stat(read_proc_file(f"{self.proc_root}/{pid}/stat").decode("utf-8", "replace"))
-        except (OSError, KernelDataError):
+            return read_stat(pid, self.proc_root).start_time == start_time
+        except ClosewaitError:
             return False
-        return now_start == start_time
 
     def _named(self, workload: Workload) -> Workload:
         if workload.kind == "container":

@@ -256,9 +256,9 @@ def descriptor_after_close(fd: int) -> tuple[str, bool]:
 
 
 __all__ = [
-    "descriptor_after_close",
     "ProcStat",
     "child_pids",
+    "descriptor_after_close",
     "descriptors_denied",
     "fd_link",
     "list_pids",
