@@ -420,6 +420,13 @@ def _ptrace_message(pid: int, proc_root: str = "/proc") -> str:
         owner = f" (uid {os.stat(f'{proc_root}/{pid}').st_uid})"
     except OSError:
         owner = ""
+    if os.geteuid() == 0:
+        # Root was refused too: the ptrace access check protects this process (another user
+        # namespace's init, an LSM policy). Telling root to run as root would be no help.
+        return (
+            f"permission denied: the kernel refuses access to the descriptors of pid {pid}{owner} even to "
+            "root (a protected process), so its sockets cannot be planned or reaped from here"
+        )
     return (
         f"permission denied: reaping pid {pid}{owner} needs root or CAP_SYS_PTRACE over it "
         f"(you are uid {os.geteuid()}); --method destroy needs CAP_NET_ADMIN"

@@ -65,25 +65,55 @@ def _setns(fd: int) -> None:
 def resolve(spec: str, *, proc_root: str = "/proc") -> Netns:
     """Turn ``--netns`` input (a pid, ``/proc/PID/ns/net`` or ``/run/netns/NAME``, or a bare name
     under /run/netns) into a Netns, or raise a one-line error."""
-    if spec.isdigit():
-        path = f"{proc_root}/{int(spec)}/ns/net"
-        if not os.path.exists(f"{proc_root}/{int(spec)}"):
-            raise NoSuchProcess(int(spec))
-    elif "/" not in spec and os.path.exists(f"/run/netns/{spec}"):
+    hint = "(give a pid, /proc/PID/ns/net or /run/netns/NAME)"
+    pid = int(spec) if spec.isascii() and spec.isdigit() else None
+    if pid is not None:
+        path = f"{proc_root}/{pid}/ns/net"
+        if not os.path.exists(f"{proc_root}/{pid}"):
+            raise NoSuchProcess(pid)
+    elif spec and "/" not in spec and _exists(f"/run/netns/{spec}"):
         path = f"/run/netns/{spec}"
     else:
         path = spec
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise NetnsError(
-            f"{spec}: no such network namespace (give a pid, /proc/PID/ns/net or /run/netns/NAME)"
-        ) from None
+        if pid is not None and _exited(pid, proc_root):
+            raise NoSuchProcess(pid, f"pid {pid} has exited: no network namespace left to scan") from None
+        raise NetnsError(f"{spec}: no such network namespace {hint}") from None
     except PermissionError as err:
+        if os.geteuid() == 0:
+            raise AccessDenied(
+                f"{path}: access refused even to root (a protected process, or a namespace owned by another "
+                "user namespace)"
+            ) from err
         raise AccessDenied(f"{path}: permission denied, run as root") from err
+    except OSError as err:
+        # NotADirectoryError (/etc/hostname/x), ELOOP (a symlink loop), ENAMETOOLONG, ...
+        raise NetnsError(f"{spec[:80]}: {err.strerror or err}: not a network namespace {hint}") from None
     if stat.S_ISDIR(st.st_mode) or not _is_netns(path):
-        raise NetnsError(f"{spec} is not a network namespace (give a pid, /proc/PID/ns/net or /run/netns/NAME)")
+        if pid is not None and _exited(pid, proc_root):
+            raise NoSuchProcess(pid, f"pid {pid} has exited: no network namespace left to scan")
+        raise NetnsError(f"{spec} is not a network namespace {hint}")
     return Netns(path=path, inode=st.st_ino)
+
+
+def _exists(path: str) -> bool:
+    try:
+        return os.path.exists(path)
+    except ValueError:  # an embedded NUL
+        return False
+
+
+def _exited(pid: int, proc_root: str) -> bool:
+    """True when ``pid`` is gone or a zombie: its namespaces went with it, the pid still shows."""
+    try:
+        with open(f"{proc_root}/{pid}/stat", "rb") as handle:
+            stat_line = handle.read()
+    except OSError:
+        return True
+    fields = stat_line[stat_line.rfind(b")") + 2 :].split()
+    return not fields or fields[0] in (b"Z", b"X")
 
 
 def _is_netns(path: str) -> bool:
@@ -129,6 +159,8 @@ def entered(ns: Netns | None) -> Iterator[None]:
         try:
             target_fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
         except PermissionError as err:
+            if os.geteuid() == 0:
+                raise AccessDenied(f"{ns.path}: access refused even to root") from err
             raise AccessDenied(f"{ns.path}: permission denied, run as root") from err
         except FileNotFoundError:
             raise NetnsError(f"{ns.path}: the namespace is gone") from None

@@ -118,6 +118,20 @@ def read_process(pid: int, proc_root: str = "/proc") -> Process:
     return Process(pid=pid, start_time=start_time, name=comm, cmdline=cmdline, uid=uid)
 
 
+def thread_group_leader(pid: int, proc_root: str = "/proc") -> int | None:
+    """The process (Tgid in /proc/PID/status) that ``pid`` belongs to: ``pid`` itself for a process,
+    another pid for a thread id. None when the status cannot be read (no such pid, hidepid)."""
+    try:
+        status = _read_bytes(f"{proc_root}/{pid}/status")
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith(b"Tgid:"):
+            value = line[5:].strip()
+            return int(value) if value.isdigit() else None
+    return None
+
+
 def list_pids(proc_root: str = "/proc") -> list[int]:
     return [int(name) for name in os.listdir(proc_root) if name.isdigit()]
 
