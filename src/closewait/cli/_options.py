@@ -28,7 +28,8 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 #: pid_t is a 32-bit int; a larger number cannot name a process (and makes /proc paths too long).
-PID_MAX = 2**31 - 1
+#: Counts and thresholds have the same bound: nothing on a host counts past it.
+PID_MAX = INT_MAX = 2**31 - 1
 #: The longest interval or age a flag takes: a day for intervals, ten years for ages.
 DAY_S = 86_400.0
 MAX_DURATION_MS = 3650 * 86_400_000
@@ -162,7 +163,7 @@ class Pid(Integer):
 
 PORT = Integer(1, 65535)
 PID = Pid()
-COUNT = Integer(min=1)
+COUNT = Integer(1, INT_MAX)
 DURATION = Duration()
 NETNS = NetnsSpec()
 
@@ -173,9 +174,12 @@ def refuse_non_ascii_digits(text: str, flag: str) -> None:
         raise UsageError(f"{flag} {_shown(text)}: numbers are written with the ASCII digits 0-9")
 
 
-def examples(*lines: str) -> str:
-    """A command's epilog: its examples, kept as written (click's ``\\b`` stops rewrapping)."""
-    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+def examples(*pairs: tuple[str, str]) -> str:
+    """A command's epilog: (command line, what it does) pairs, aligned and kept as written (click's
+    ``\\b`` stops it from rewrapping the paragraph)."""
+    width = max(len(command) for command, _ in pairs)
+    lines = [f"  {command.ljust(width)}  # {what}" for command, what in pairs]
+    return "\b\nExamples:\n" + "\n".join(lines)
 
 
 def states_from(values: tuple[str, ...], default: frozenset[TcpState]) -> frozenset[TcpState]:

@@ -17,7 +17,7 @@ import click
 
 from closewait._console import OutputFailed, ReaderGone
 from closewait.check import Status, Thresholds, evaluate
-from closewait.cli._options import Integer, Seconds, backend_option, examples, filter_options
+from closewait.cli._options import INT_MAX, Integer, Seconds, backend_option, examples, filter_options
 from closewait.errors import ClosewaitError
 from closewait.scan import CLOSE_WAIT_ONLY, scan
 
@@ -30,22 +30,22 @@ DEFAULT_CRITICAL = 500
 @click.command(
     "check",
     epilog=examples(
-        "closewait check -w 100 -c 500                      the host total",
-        "closewait check --per-process -w 20 -c 100 --max-age 3600",
-        "closewait check --port 8080 --max-age 600          one service: WARNING past 10 min idle",
+        ("closewait check -w 100 -c 500", "the host total (also what check alone uses)"),
+        ("closewait check --per-process -w 20 -c 100 --max-age 3600", "the worst process, and the oldest socket"),
+        ("closewait check --port 8080 --max-age 600", "one service: WARNING past 10 min idle"),
     ),
 )
 @click.option(
     "-w",
     "--warning",
-    type=Integer(),
+    type=Integer(max=INT_MAX),
     metavar="N",
     help=f"WARNING when the CLOSE_WAIT count is above N. With no threshold at all: -w {DEFAULT_WARNING}.",
 )
 @click.option(
     "-c",
     "--critical",
-    type=Integer(),
+    type=Integer(max=INT_MAX),
     metavar="N",
     help=f"CRITICAL when the CLOSE_WAIT count is above N. With no threshold at all: -c {DEFAULT_CRITICAL}.",
 )

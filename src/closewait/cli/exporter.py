@@ -31,9 +31,9 @@ from closewait.metrics import (
 @click.command(
     "exporter",
     epilog=examples(
-        "closewait exporter                            http://127.0.0.1:9947/metrics",
-        "closewait exporter --listen 0.0.0.0:9947 --all-netns",
-        "closewait exporter --listen [::1]:0 --top 50  IPv6 loopback, any free port",
+        ("closewait exporter", "http://127.0.0.1:9947/metrics"),
+        ("closewait exporter --listen 0.0.0.0:9947 --all-netns", "every interface, every network namespace"),
+        ("closewait exporter --listen [::1]:0 --top 50", "IPv6 loopback, any free port"),
     ),
 )
 @click.option(

@@ -50,9 +50,9 @@ def _open_report(path: Path) -> bool:
 @click.command(
     "lab",
     epilog=examples(
-        "closewait lab                         every part, about 10-15 s",
-        "closewait lab teardown --json         the close()/shutdown() table as JSON",
-        "closewait lab --html lab.html --full  wait out kernel timers too, and write an HTML report",
+        ("closewait lab", "every part, about 10-15 s"),
+        ("closewait lab teardown --json", "the close()/shutdown() table as JSON"),
+        ("closewait lab --html lab.html --full", "wait out kernel timers too, and write an HTML report"),
     ),
 )
 @click.argument("parts", nargs=-1, type=click.Choice(PARTS), metavar="[reproduce|remedies|teardown]...")

@@ -26,9 +26,9 @@ from closewait.errors import UsageError
 @click.command(
     "reap",
     epilog=examples(
-        "closewait reap --pid 1234                        the plan only: nothing is changed",
-        "closewait reap --pid 1234 --older-than 10m --yes release those idle over 10 minutes",
-        "closewait reap --all --port 8080 --yes           every process's CLOSE_WAIT on port 8080",
+        ("closewait reap --pid 1234", "the plan only: nothing is changed"),
+        ("closewait reap --pid 1234 --older-than 10m --yes", "release those idle over 10 minutes"),
+        ("closewait reap --all --port 8080 --yes", "every process's CLOSE_WAIT on port 8080"),
     ),
 )
 @click.option(

@@ -15,9 +15,9 @@ from closewait.sources.owners import OWNER_SOURCES
 @click.command(
     "scan",
     epilog=examples(
-        "closewait scan --port 8080               one service: its leaked ends and its clients'",
-        "closewait scan --pid 1234 --wide         one process, every socket",
-        "closewait scan --json | jq '.sockets[]'  for programs (docs/json.md)",
+        ("closewait scan --port 8080", "one service: its leaked ends and its clients'"),
+        ("closewait scan --pid 1234 --wide", "one process, every socket"),
+        ("closewait scan --json | jq '.sockets[]'", "for programs (docs/json.md)"),
     ),
 )
 @state_option

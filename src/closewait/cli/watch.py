@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from closewait.cli._options import COUNT, DAY_S, Integer, Seconds, backend_option, examples, filter_options
+from closewait.cli._options import COUNT, DAY_S, INT_MAX, Integer, Seconds, backend_option, examples, filter_options
 from closewait.model import Snapshot
 from closewait.scan import CLOSE_WAIT_ONLY, scan
 from closewait.sources import get_source
@@ -22,9 +22,9 @@ from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, Tracker, sample_
 @click.command(
     "watch",
     epilog=examples(
-        "closewait watch                          every process, every 2 s, until Ctrl-C",
-        "closewait watch --port 8080 -i 10        one service, every 10 s",
-        "closewait watch --jsonl -n 30 > cw.jsonl one JSON object per sample, 30 samples",
+        ("closewait watch", "every process, every 2 s, until Ctrl-C"),
+        ("closewait watch --port 8080 -i 10", "one service, every 10 s"),
+        ("closewait watch --jsonl -n 30 > cw.jsonl", "one JSON object per sample, 30 samples"),
     ),
 )
 @click.option(
@@ -48,7 +48,7 @@ from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, Tracker, sample_
 )
 @click.option(
     "--min-growth",
-    type=Integer(1, 10**9),
+    type=Integer(1, INT_MAX),
     default=DEFAULT_MIN_GROWTH,
     show_default=True,
     metavar="N",
