@@ -36,6 +36,8 @@ def _open_report(path: Path) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
     except IsADirectoryError:
         raise UsageError(f"--html {path}: is a directory") from None
+    except FileNotFoundError:
+        raise UsageError(f"--html {path}: directory {path.parent} does not exist") from None
     except OSError as err:
         raise UsageError(f"--html {path}: cannot write it: {err.strerror or err}") from None
     try:
