@@ -233,3 +233,21 @@ def test_ctrl_c_exits_130(command: list[str]) -> None:
     assert "Traceback" not in rest
     last = "closewait exporter: stopped" if command[0] == "exporter" else "closewait: interrupted"
     assert rest.splitlines() == [last]
+
+
+def test_an_internal_error_in_check_is_unknown_not_warning() -> None:
+    """A bug in check (here: evaluate() raising) is UNKNOWN (3) with one line, not a traceback with exit 1."""
+    code = (
+        "import closewait.cli.check as c\n"
+        "def boom(*args):\n"
+        "    raise RuntimeError('boom')\n"
+        "c.evaluate = boom\n"
+        "from closewait.cli import main\n"
+        "main(['check', '-w', '1'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CLOSEWAIT_DEBUG"}
+    argv = [sys.executable, "-c", code]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, env=env)
+    assert result.returncode == UNKNOWN
+    assert result.stdout.splitlines() == ["CLOSEWAIT UNKNOWN - internal error: RuntimeError: boom"]
+    assert result.stderr == ""

@@ -2,7 +2,9 @@
 
 Subcommands load lazily (``_COMMANDS``), so ``closewait scan --json`` never imports rich or
 prometheus_client. ``main()`` turns every ClosewaitError and click usage error into one line on
-stderr and the documented exit code (docs/cli.md); anything else is a bug and keeps its traceback.
+stderr and the documented exit code (docs/cli.md), and so an unwritable stdout (74; 141 when its
+reader went away) and Ctrl-C (130). Anything else is a bug and keeps its traceback, except in
+``check``: a monitoring plugin reports its own failure as UNKNOWN (3).
 """
 
 from __future__ import annotations
