@@ -133,8 +133,12 @@ class NetnsSpec(click.ParamType[str]):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         text = str(value)
-        if not text:
-            self.fail("'' is not a network namespace: give a pid, /proc/PID/ns/net or /run/netns/NAME", param, ctx)
+        if not text or not text.isprintable():
+            self.fail(
+                f"{_shown(text)} is not a network namespace: give a pid, /proc/PID/ns/net or /run/netns/NAME",
+                param,
+                ctx,
+            )
         if text.isnumeric() and not text.isascii():
             self.fail(f"{_shown(text)}: a pid is written with the ASCII digits 0-9", param, ctx)
         if text.isdigit() and int(text) > PID_MAX:

@@ -31,6 +31,8 @@ def _open_report(path: Path) -> bool:
     """Fail before running the lab, not after, when the HTML report cannot be written: open it for
     writing now (appending, so an existing report survives a failed run) and write nothing to it,
     which procfs and full devices refuse (``/proc/version``: EIO). True when this created the file."""
+    if not str(path).isprintable():
+        raise UsageError(f"--html {str(path)!r}: a file name with control characters is refused")
     try:
         existed = os.path.lexists(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
