@@ -26,7 +26,7 @@ LONG = "a" * 300
 #: Values no numeric option accepts (each is refused before anything runs).
 NUMBERS = ["nan", "inf", "-inf", "1e308", NINES, "-1", "８０", "٣", "", LONG]
 #: Paths that name no network namespace; {loop} is a symlink loop made by the fixture below.
-PATHS = ["", LONG, "/etc/hostname/x", "{loop}", "/proc/version", "٣", "-1", "/proc/self/ns/uts"]
+PATHS = ["", LONG, "/etc/hostname/x", "{loop}", "/proc/version", "٣", "-1", "/proc/self/ns/uts", "5\n"]
 
 USAGE = 2  # a bad argument or a refusal
 UNKNOWN = 3  # check: every error

@@ -62,11 +62,11 @@ class LazyGroup(click.Group):
 
 EPILOG = """\b
 Examples:
-  closewait scan                      every CLOSE_WAIT socket, by process, with a diagnosis
-  closewait watch --port 8080         is it growing? (a leak verdict per process)
-  closewait reap --pid 1234           what releasing them would do (add --yes to act)
+  closewait scan             # every CLOSE_WAIT socket, by process, with a diagnosis and a fix
+  closewait watch -i 10      # is it growing? a leak verdict per process
+  closewait reap --pid 1234  # what releasing them would do (add --yes to act)
 
-Each command has --help with its own examples; exit codes: docs/cli.md.
+Each command's --help ends with its own examples. Exit codes: docs/cli.md.
 """
 
 
