@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.conftest import Spawn
+
 
 @pytest.mark.parametrize("args", [["scan", "--state", "all"], ["scan", "--state", "all", "--json"]])
 def test_reader_gone_exits_141_without_traceback(args: list[str]) -> None:
@@ -26,3 +28,41 @@ def test_reader_gone_exits_141_without_traceback(args: list[str]) -> None:
         os.close(write_end)
     assert proc.returncode == 141
     assert "Traceback" not in proc.stderr
+
+
+#: Holds 200 established loopback connections (400 sockets, a few hundred KB of output: more than a
+#: pipe buffer), prints its port, and waits.
+HOLDER = """
+import socket, time
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(256)
+kept = []
+for _ in range(200):
+    kept.append(socket.create_connection(server.getsockname()))
+    kept.append(server.accept()[0])
+print(server.getsockname()[1], flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("extra", [["--json"], ["--json", "--wide"], ["--wide"]])
+def test_a_reader_that_stops_early_is_noticed(spawn: Spawn, extra: list[str]) -> None:
+    """``closewait scan ... | head -c 10`` on an output larger than the pipe: 141, not 0.
+
+    Python's buffered stdout reports a write that the reader's exit cut short as complete, and the
+    rest was lost silently; closewait writes stdout itself and notices."""
+    holder = spawn(HOLDER)
+    assert holder.stdout is not None
+    port = holder.stdout.readline().strip()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "closewait", "scan", "--state", "established", "--port", port, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()  # the reader goes away, like head -c 10
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""

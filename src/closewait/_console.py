@@ -10,10 +10,15 @@ unchanged.
 
 The fast path keeps ``closewait.cli.main``'s contract: a ClosewaitError is one line on stderr
 (``closewait: error: ...``) and its exit code, Ctrl+C exits 130, a closed stdout exits 141.
+
+This module also owns the process's stdout for both paths (``install_stdout``): every write reaches
+the kernel whole or raises, so output that could not be written is never mistaken for success.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
@@ -21,6 +26,134 @@ if TYPE_CHECKING:
     from typing import Any
 
 _FAST_FLAGS = frozenset({"--json", "--no-owners"})
+
+#: Exit code when stdout could not be written (sysexits.h EX_IOERR): stdout on a full disk, an I/O
+#: error, or stdout closed (``>&-``). A reader that went away (EPIPE, ``| head``) is 141 instead.
+OUTPUT_FAILED = 74
+
+
+class ReaderGone(Exception):
+    """stdout's reader went away (EPIPE). Not an OSError, so neither click nor rich turns it into
+    exit 1. ``note`` is a line to print anyway (reap says what it did); usually there is none."""
+
+    def __init__(self, note: str | None = None) -> None:
+        super().__init__(note or "stdout was closed by its reader")
+        self.note = note
+
+
+class OutputFailed(Exception):
+    """stdout could not be written (ENOSPC, EIO, EBADF...). ``str()`` is the one line for stderr."""
+
+
+class _Stdout(io.RawIOBase):
+    """fd 1 for ``sys.stdout``: each write goes to the kernel whole or raises.
+
+    Python's own buffered stdout loses an error that follows a partial write (a pipe whose reader
+    exits mid-write reports the bytes written, and the rest is silently dropped), so ``| head -c 10``
+    on a large output used to exit 0. This writer loops until every byte is written and turns the
+    first failure into ReaderGone or OutputFailed; later writes are discarded, so cleanup code (rich's
+    Live, the interpreter's final flush) cannot fail a second time. ``failure`` stays set for
+    ``check_output()``.
+    """
+
+    def __init__(self, fd: int, *, closed: bool) -> None:
+        super().__init__()
+        self._fd = fd
+        self._closed_at_start = closed
+        self.failure: ReaderGone | OutputFailed | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return not self._closed_at_start and os.isatty(self._fd)
+
+    def write(self, data: object) -> int:
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        size = len(view)
+        if self.failure is not None:
+            return size
+        if self._closed_at_start:
+            self._fail(OutputFailed("cannot write the output: stdout is closed"))
+        while view:
+            try:
+                written = os.write(self._fd, view)
+            except BrokenPipeError:
+                self._fail(ReaderGone())
+            except OSError as err:
+                self._fail(OutputFailed(f"cannot write the output: {err.strerror or err}"))
+            view = view[written:]
+        return size
+
+    def _fail(self, failure: ReaderGone | OutputFailed) -> None:
+        self.failure = failure
+        raise failure
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def install_stdout() -> None:
+    """Make ``sys.stdout`` a ``_Stdout`` writer (once), and keep fds 0-2 taken.
+
+    A standard descriptor closed by the caller (``closewait scan >&-``) is pointed at /dev/null, so
+    that no socket or file this process opens later becomes fd 1 and receives the output; a closed
+    stdout then fails on the first write with one clear line instead of an AttributeError.
+    """
+    current = sys.stdout
+    if isinstance(getattr(current, "buffer", None), io.BufferedWriter) and isinstance(
+        getattr(current.buffer, "raw", None), _Stdout
+    ):
+        return
+    closed = {fd: not _fd_open(fd) for fd in (0, 1, 2)}
+    for fd, is_closed in closed.items():
+        if is_closed:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+    if closed[2]:
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
+    raw = _Stdout(1, closed=closed[1])
+    encoding = getattr(current, "encoding", None) or "utf-8"
+    errors = getattr(current, "errors", None) or "strict"
+    if current is not None:
+        try:  # noqa: SIM105 (contextlib is not imported on the fast path)
+            current.flush()
+        except (OSError, ValueError):
+            pass
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw), encoding=encoding, errors=errors, line_buffering=raw.isatty())
+
+
+def output_failure() -> ReaderGone | OutputFailed | None:
+    """The first failure to write stdout, if any (also one a caller caught and ignored)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    raw = getattr(buffer, "raw", None)
+    return raw.failure if isinstance(raw, _Stdout) else None
+
+
+def flush_stdout() -> ReaderGone | OutputFailed | None:
+    """Flush ``sys.stdout``; the first output failure of the process, or None."""
+    try:
+        sys.stdout.flush()
+    except (ReaderGone, OutputFailed) as failure:
+        return failure
+    return output_failure()
+
+
+def quiet_stdout() -> None:
+    """After a failure: nothing more is written, and the interpreter's final flush cannot fail."""
+    raw = getattr(getattr(sys.stdout, "buffer", None), "raw", None)
+    if isinstance(raw, _Stdout) and raw.failure is None:
+        raw.failure = ReaderGone()
 
 
 def _fast_scan_json(args: list[str]) -> bool | None:
@@ -65,6 +198,7 @@ def main(argv: list[str] | None = None) -> Any:
         from closewait.cli import main as cli_main
 
         return cli_main(args)
+    install_stdout()
     # One scan, one print, exit: a short-lived process holding no cycles worth collecting. The
     # collector would otherwise run a few dozen times over the ~100,000 objects a big scan builds.
     import gc
@@ -93,8 +227,6 @@ def main(argv: list[str] | None = None) -> Any:
         # Everything is written: leave without the interpreter's teardown, which would free the
         # ~100,000 objects of a big scan one by one (15-30 ms on the benchmark host) for nothing.
         # No atexit handler matters here, and the prefetch thread ended with the kernel's reply.
-        import os
-
         os._exit(0)
     except ClosewaitError as err:
         sys.stderr.write(f"closewait: error: {err}\n")
@@ -102,13 +234,9 @@ def main(argv: list[str] | None = None) -> Any:
     except KeyboardInterrupt:
         sys.stderr.write("closewait: interrupted\n")
         sys.exit(130)
-    except BrokenPipeError:
-        # Point stdout at /dev/null so the interpreter's final flush cannot fail again (which
-        # would turn the exit code into 120).
-        import os
-
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.stderr.close()
+    except ReaderGone:
         sys.exit(141)
+    except OutputFailed as err:
+        sys.stderr.write(f"closewait: error: {err}\n")
+        sys.exit(OUTPUT_FAILED)
     sys.exit(0)

@@ -15,17 +15,25 @@ from closewait.display import format_ms
 from closewait.errors import UsageError
 from closewait.model import Endpoint, Socket
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")  # ASCII digits only, not \d
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+#: The longest duration accepted (ten years): anything longer is a typo, and 400 nines would be inf.
+MAX_DURATION_MS = 3650 * 86_400_000
 
 
 def parse_duration(text: str) -> int:
-    """``30s``, ``5m``, ``1h``, ``500ms``, ``1m30s`` -> milliseconds. Raises ``UsageError`` otherwise."""
+    """``30s``, ``5m``, ``1h``, ``500ms``, ``2d``, ``1m30s`` -> milliseconds, at most ``MAX_DURATION_MS``.
+
+    Raises ``UsageError`` otherwise (the CLI's ``--older-than`` type calls this too).
+    """
     value = text.strip().lower()
     parts = _DURATION_PART.findall(value)
     if not value or "".join(number + unit for number, unit in parts) != value:
         raise UsageError(f"bad duration {text!r}: use a number with a unit, like 500ms, 30s, 5m, 1h or 1m30s")
-    return round(sum(float(number) * _UNIT_MS[unit] for number, unit in parts))
+    total = sum(float(number) * _UNIT_MS[unit] for number, unit in parts)
+    if not total <= MAX_DURATION_MS:  # also catches inf
+        raise UsageError(f"duration {text[:40]!r} is too long (at most 3650d)")
+    return round(total)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,4 +132,4 @@ class ReapCriteria:
         return (sock.idle_ms or 0) >= self.older_than_ms
 
 
-__all__ = ["ReapCriteria", "RemoteFilter", "parse_duration"]
+__all__ = ["MAX_DURATION_MS", "ReapCriteria", "RemoteFilter", "parse_duration"]

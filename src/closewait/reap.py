@@ -188,6 +188,8 @@ def _exclusion(finding: Finding, mine: list[Owner], criteria: ReapCriteria) -> s
     if sock.cookie is None:
         return "no socket cookie (procfs backend): it cannot be re-verified exactly, use the netlink backend"
     if not mine:
+        if os.geteuid() == 0:
+            return "no owning process found (its descriptors are hidden even from root, or it just closed)"
         return "no owning process found (its descriptors may be unreadable: run as root)"
     if mine[0].process.start_time <= 0:
         return f"start time of pid {mine[0].process.pid} unknown, so a reused pid could not be told apart"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import closewait
 from tests.conftest import Spawn
 from tests.reap.helpers import HERE, run_cli, start_python
 
@@ -105,3 +108,62 @@ def test_old_kernel_without_pidfd_getfd_is_one_line(spawn: Spawn, tmp_path: Path
     )
     assert "Traceback" not in proc.stderr
     assert len(server.close_wait()) == 1
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_closed_stdout_does_not_decide_what_is_released(spawn: Spawn, as_json: bool) -> None:
+    """``reap --yes | head -1``: the plan is decided, acted on, and only then written; the output
+    failure is reported after acting, with exit 141 (reader gone) and what was done."""
+    server = start_python(spawn)
+    server.leak(3)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    src = str(Path(closewait.__file__).resolve().parent.parent)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "closewait", "reap", "--pid", str(server.pid), "--yes", *(["--json"] * as_json)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": src},
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141
+    assert proc.stderr.splitlines() == [
+        "closewait: stdout was closed early; the reap was carried out: released 3, skipped 0, failed 0"
+    ]
+    assert server.close_wait() == ()
+
+
+def test_a_full_disk_is_reported_after_acting_with_exit_74(spawn: Spawn) -> None:
+    server = start_python(spawn)
+    server.leak(2)
+    src = str(Path(closewait.__file__).resolve().parent.parent)
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "closewait", "reap", "--pid", str(server.pid), "--yes"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": src},
+            check=False,
+        )
+    assert proc.returncode == 74
+    assert proc.stderr.splitlines() == [
+        "closewait: error: cannot write the output: No space left on device; "
+        "the reap was carried out: released 2, skipped 0, failed 0"
+    ]
+    assert server.close_wait() == ()
+
+
+def test_an_unbracketed_ipv6_address_with_a_port_is_refused_as_ambiguous() -> None:
+    proc = run_cli(["reap", "--all", "--remote", "::1:80"])
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "closewait: error: bad --remote '::1:80': ambiguous: write [::1]:80 for port 80 of ::1, "
+        "or [::1:80] for the address ::1:80"
+    ]

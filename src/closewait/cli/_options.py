@@ -1,7 +1,17 @@
-"""Options several commands share, declared once (``scan``, ``watch``, ``check``, ``reap``)."""
+"""Options and value types every command shares, declared once.
+
+Numbers on the command line are ASCII decimal only: ``INTEGER``, ``SECONDS`` and ``DURATION`` below
+refuse what Python's ``int()``/``float()`` would quietly accept (``８０``, ``٣``, ``1_000``, ``nan``,
+``inf``) and values too large to mean anything (an interval of 1e308 seconds, 400 nines), each with
+one line naming the option. Help texts follow one style: an upper-case metavar (PID, PORT, N,
+SECONDS, PATH), a default shown by click as ``[default: X]``, ``(repeatable)`` on options that may
+be given several times, and two or three real examples at the end (``examples()``).
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,7 +23,164 @@ from closewait.sources import BACKENDS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-PORT = click.IntRange(1, 65535)
+_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+#: pid_t is a 32-bit int; a larger number cannot name a process (and makes /proc paths too long).
+#: Counts and thresholds have the same bound: nothing on a host counts past it.
+PID_MAX = INT_MAX = 2**31 - 1
+#: The longest interval or age a flag takes: a day for intervals, ten years for ages.
+DAY_S = 86_400.0
+
+
+def _shown(value: str) -> str:
+    """A value quoted for a message, cut so that the message stays one readable line."""
+    return repr(value if len(value) <= 24 else value[:21] + "...")
+
+
+def _non_ascii_digits(text: str) -> bool:
+    return any(ch.isnumeric() and not ch.isascii() for ch in text)
+
+
+class Integer(click.ParamType[int]):
+    """An ASCII decimal integer within ``[min, max]``."""
+
+    name = "integer"
+
+    def __init__(self, min: int | None = None, max: int | None = None) -> None:
+        self.min = min
+        self.max = max
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            text = str(value)
+            if not _INTEGER.match(text):
+                why = ": use the ASCII digits 0-9" if _non_ascii_digits(text) else "."
+                self.fail(f"{_shown(text)} is not a valid integer{why}", param, ctx)
+            number = int(text)
+        if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
+            shown = str(number) if len(str(number)) <= 24 else _shown(str(number))
+            self.fail(f"{shown} is not in the range {self._range()}.", param, ctx)
+        return number
+
+    def _range(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"{self.min}<=x<={self.max}"
+        return f"x>={self.min}" if self.min is not None else f"x<={self.max}"
+
+
+class Seconds(click.ParamType[float]):
+    """A finite ASCII decimal number of seconds within ``[min, max]`` (``min_open``: above min)."""
+
+    name = "seconds"
+
+    def __init__(self, min: float | None = None, max: float | None = None, *, min_open: bool = False) -> None:
+        self.min = min
+        self.max = max
+        self.min_open = min_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        else:
+            text = str(value)
+            if not _DECIMAL.match(text):
+                why = "use the ASCII digits 0-9" if _non_ascii_digits(text) else "use a decimal number like 2 or 0.5"
+                self.fail(f"{_shown(text)} is not a number of seconds: {why}", param, ctx)
+            number = float(text)
+        if not math.isfinite(number):
+            self.fail(f"{_shown(str(value))} is too large", param, ctx)
+        low_bad = self.min is not None and (number <= self.min if self.min_open else number < self.min)
+        if low_bad or (self.max is not None and number > self.max):
+            self.fail(f"{number:g} is not in the range {self._range()}.", param, ctx)
+        return number
+
+    def _range(self) -> str:
+        low = "" if self.min is None else f"{self.min:g}{'<' if self.min_open else '<='}"
+        high = "" if self.max is None else f"<={self.max:g}"
+        return f"{low}x{high}"
+
+
+class Duration(click.ParamType[int]):
+    """``500ms``, ``30s``, ``5m``, ``1h``, ``2d`` or a sum like ``1m30s``, as milliseconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        from closewait.errors import UsageError
+        from closewait.filters import parse_duration
+
+        try:
+            return parse_duration(str(value))
+        except UsageError as err:
+            self.fail(str(err).replace(repr(str(value)), _shown(str(value))), param, ctx)
+
+
+class NetnsSpec(click.ParamType[str]):
+    """``--netns PID|PATH``: refused up front when empty or a pid in other than ASCII digits."""
+
+    name = "netns"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if not text or not text.isprintable():
+            self.fail(
+                f"{_shown(text)} is not a network namespace: give a pid, /proc/PID/ns/net or /run/netns/NAME",
+                param,
+                ctx,
+            )
+        if text.isnumeric() and not text.isascii():
+            self.fail(f"{_shown(text)}: a pid is written with the ASCII digits 0-9", param, ctx)
+        if text.isdigit() and int(text) > PID_MAX:
+            self.fail(f"{_shown(text)} is not in the range 1<=x<={PID_MAX}.", param, ctx)
+        return text
+
+
+class Pid(Integer):
+    """A process id. A thread id is refused: /proc accepts it, but it is not a process, and reap's
+    pidfd_open would fail on it after the plan was printed (docs/cli.md, "Thread ids")."""
+
+    name = "pid"
+
+    def __init__(self) -> None:
+        super().__init__(1, PID_MAX)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        pid = super().convert(value, param, ctx)
+        from closewait.errors import ClosewaitError
+        from closewait.sources.process import read_tgid
+
+        try:
+            leader: int | None = read_tgid(pid)
+        except ClosewaitError:
+            leader = None  # no such pid, or hidepid: the command's own check says so
+        if leader is not None and leader != pid:
+            self.fail(f"{pid} is a thread of process {leader}, not a process: give {leader}", param, ctx)
+        return pid
+
+
+PORT = Integer(1, 65535)
+PID = Pid()
+COUNT = Integer(1, INT_MAX)
+DURATION = Duration()
+NETNS = NetnsSpec()
+
+
+def refuse_non_ascii_digits(text: str, flag: str) -> None:
+    """A free-form value (``--listen``, ``--remote``) whose numbers must be ASCII digits too."""
+    if _non_ascii_digits(text):
+        raise UsageError(f"{flag} {_shown(text)}: numbers are written with the ASCII digits 0-9")
+
+
+def examples(*pairs: tuple[str, str]) -> str:
+    """A command's epilog: (command line, what it does) pairs, aligned and kept as written (click's
+    ``\\b`` stops it from rewrapping the paragraph)."""
+    width = max(len(command) for command, _ in pairs)
+    lines = [f"  {command.ljust(width)}  # {what}" for command, what in pairs]
+    return "\b\nExamples:\n" + "\n".join(lines)
 
 
 def states_from(values: tuple[str, ...], default: frozenset[TcpState]) -> frozenset[TcpState]:
@@ -43,24 +210,27 @@ def state_option(f: F) -> F:
         "--state",
         "states",
         multiple=True,
+        default=("close-wait",),
+        show_default=True,
         metavar="STATE",
-        help="TCP state to list, repeatable, in ss's spelling (close-wait, fin-wait-2, time-wait, ...), "
-        "or all, or teardown. Default: close-wait.",
+        help="TCP state to list, in ss's spelling (close-wait, fin-wait-2, time-wait, ...), "
+        "or all, or teardown (repeatable).",
     )(f)
+
+
+def netns_option(help: str) -> Callable[[F], F]:
+    return click.option("--netns", type=NETNS, metavar="PID|PATH", help=help)
 
 
 def filter_options(f: F) -> F:
     """--port, --pid and --netns."""
-    f = click.option(
-        "--netns",
-        metavar="PID|PATH",
-        help="Scan another network namespace: a pid in it, /proc/PID/ns/net or /run/netns/NAME.",
-    )(f)
+    f = netns_option("Scan another network namespace: a pid in it, /proc/PID/ns/net or /run/netns/NAME.")(f)
     f = click.option(
         "--pid",
         "pids",
         multiple=True,
-        type=click.IntRange(min=1),
+        type=PID,
+        metavar="PID",
         help="Only sockets this process holds (repeatable).",
     )(f)
     return click.option(
@@ -68,7 +238,8 @@ def filter_options(f: F) -> F:
         "ports",
         multiple=True,
         type=PORT,
-        help="Only sockets with this local or remote port (repeatable).",
+        metavar="PORT",
+        help="Only sockets with this local or remote port, 1-65535 (repeatable).",
     )(f)
 
 
@@ -78,5 +249,6 @@ def backend_option(f: F) -> F:
         type=click.Choice(BACKENDS),
         default="auto",
         show_default=True,
+        metavar="|".join(BACKENDS),
         help="Where to read sockets: netlink sock_diag (with idle times) or /proc/net/tcp.",
     )(f)

@@ -1,7 +1,7 @@
 """``closewait check``: a Nagios/Icinga/Sensu/Zabbix-style plugin for CLOSE_WAIT.
 
-Prints one status line with perfdata and exits 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN. Every error
-is UNKNOWN, exit 3: a bad threshold value, unknown pid or missing permission prints
+Prints one status line with perfdata and exits 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN. Every error,
+an internal one included, is UNKNOWN, exit 3: a bad threshold value, unknown pid or missing permission prints
 ``CLOSEWAIT UNKNOWN - reason`` on stdout (monitoring systems read stdout); a malformed flag is
 click's one line on stderr (``ERROR_EXIT_CODES`` in ``closewait.cli`` maps exit 2 to 3 here). The logic is in
 ``closewait.check``; this module only parses flags, scans and prints.
@@ -9,19 +9,46 @@ click's one line on stderr (``ERROR_EXIT_CODES`` in ``closewait.cli`` maps exit 
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import NoReturn
 
 import click
 
+from closewait._console import OutputFailed, ReaderGone
 from closewait.check import Status, Thresholds, evaluate
-from closewait.cli._options import backend_option, filter_options
+from closewait.cli._options import INT_MAX, Integer, Seconds, backend_option, examples, filter_options
 from closewait.errors import ClosewaitError
 from closewait.scan import CLOSE_WAIT_ONLY, scan
 
+#: The count thresholds used when none at all is given (docs/cli.md): check never silently says OK
+#: without a threshold.
+DEFAULT_WARNING = 100
+DEFAULT_CRITICAL = 500
 
-@click.command("check")
-@click.option("-w", "--warning", type=int, metavar="N", help="WARNING when the CLOSE_WAIT count is above N.")
-@click.option("-c", "--critical", type=int, metavar="N", help="CRITICAL when the CLOSE_WAIT count is above N.")
+
+@click.command(
+    "check",
+    epilog=examples(
+        ("closewait check -w 100 -c 500", "the host total (also what check alone uses)"),
+        ("closewait check --per-process -w 20 -c 100 --max-age 3600", "the worst process, and the oldest socket"),
+        ("closewait check --port 8080 --max-age 600", "one service: WARNING past 10 min idle"),
+    ),
+)
+@click.option(
+    "-w",
+    "--warning",
+    type=Integer(max=INT_MAX),
+    metavar="N",
+    help=f"WARNING when the CLOSE_WAIT count is above N. With no threshold at all: -w {DEFAULT_WARNING}.",
+)
+@click.option(
+    "-c",
+    "--critical",
+    type=Integer(max=INT_MAX),
+    metavar="N",
+    help=f"CRITICAL when the CLOSE_WAIT count is above N. With no threshold at all: -c {DEFAULT_CRITICAL}.",
+)
 @click.option(
     "--per-process",
     is_flag=True,
@@ -29,11 +56,11 @@ from closewait.scan import CLOSE_WAIT_ONLY, scan
 )
 @click.option(
     "--max-age",
-    type=float,
+    type=Seconds(),
     metavar="SECONDS",
     help="WARNING when a CLOSE_WAIT socket has been idle (peer silent since its FIN) longer than this.",
 )
-@click.option("--max-age-critical", type=float, metavar="SECONDS", help="CRITICAL for the same, above this.")
+@click.option("--max-age-critical", type=Seconds(), metavar="SECONDS", help="CRITICAL for the same, above this.")
 @filter_options
 @backend_option
 def check_command(
@@ -47,7 +74,13 @@ def check_command(
     netns: str | None,
     backend: str,
 ) -> None:
-    """Monitoring plugin: OK/WARNING/CRITICAL on CLOSE_WAIT count and age (exit 0/1/2, 3 on error)."""
+    """Monitoring plugin: OK/WARNING/CRITICAL on CLOSE_WAIT count and age (exit 0/1/2, 3 on error).
+
+    With no threshold at all (none of -w, -c, --max-age, --max-age-critical), the count thresholds
+    are -w 100 -c 500.
+    """
+    if warning is None and critical is None and max_age is None and max_age_critical is None:
+        warning, critical = DEFAULT_WARNING, DEFAULT_CRITICAL
     try:
         thresholds = Thresholds(
             warning=warning,
@@ -57,10 +90,22 @@ def check_command(
             max_age_critical_s=max_age_critical,
         )
         snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, netns=netns, backend=backend)
+        result = evaluate(snapshot, thresholds)
     except ClosewaitError as err:
         # Monitoring systems read the plugin's stdout: the reason goes there, as the status line.
-        click.echo(f"CLOSEWAIT UNKNOWN - {err}")
-        sys.exit(int(Status.UNKNOWN))
-    result = evaluate(snapshot, thresholds)
+        _unknown(str(err))
+    except (ReaderGone, OutputFailed):
+        raise
+    except Exception as err:
+        # Anything unexpected is UNKNOWN (3), never a traceback whose exit 1 would read as WARNING.
+        if os.environ.get("CLOSEWAIT_DEBUG"):
+            raise
+        _unknown(f"internal error: {type(err).__name__}: {err}")
     click.echo(result.line())
     sys.exit(int(result.status))
+
+
+def _unknown(reason: str) -> NoReturn:
+    lines = reason.splitlines() or [""]
+    click.echo(f"CLOSEWAIT UNKNOWN - {lines[0]}")
+    sys.exit(int(Status.UNKNOWN))

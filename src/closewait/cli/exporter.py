@@ -2,7 +2,7 @@
 
 Binds to loopback unless told otherwise. A bad ``--listen`` or a port in use is one line on stderr
 and exit 2, before anything is served. SIGTERM and SIGINT stop it cleanly: the listening socket is
-closed, in-flight scrapes finish, exit 0.
+closed, in-flight scrapes finish; exit 0 after SIGTERM, 130 after SIGINT (Ctrl-C), as docs/cli.md says.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from types import FrameType
 
 import click
 
+from closewait.cli._options import DAY_S, Integer, Seconds, examples, netns_option, refuse_non_ascii_digits
+from closewait.errors import UsageError
 from closewait.exporter import (
     DEFAULT_LISTEN,
     DEFAULT_MIN_INTERVAL,
@@ -26,7 +28,14 @@ from closewait.exporter import (
 )
 
 
-@click.command("exporter")
+@click.command(
+    "exporter",
+    epilog=examples(
+        ("closewait exporter", "http://127.0.0.1:9947/metrics"),
+        ("closewait exporter --listen 0.0.0.0:9947 --all-netns", "every interface, every network namespace"),
+        ("closewait exporter --listen [::1]:0 --top 50", "IPv6 loopback, any free port"),
+    ),
+)
 @click.option(
     "--listen",
     default=DEFAULT_LISTEN,
@@ -39,22 +48,21 @@ from closewait.exporter import (
     is_flag=True,
     help="Cover every network namespace on the host (containers); adds a netns label. Needs root/CAP_SYS_ADMIN.",
 )
-@click.option(
-    "--netns",
-    metavar="PID|PATH",
-    help="Scan this network namespace instead of the exporter's own: a pid in it, /proc/PID/ns/net or /run/netns/NAME.",
+@netns_option(
+    "Scan this network namespace instead of the exporter's own: a pid in it, /proc/PID/ns/net or /run/netns/NAME."
 )
 @click.option(
     "--top",
     "top_n",
-    type=click.IntRange(min=0),
+    type=Integer(0, 1_000_000),
     default=DEFAULT_TOP_N,
     show_default=True,
+    metavar="N",
     help='Processes with their own series; the rest are summed into process="other".',
 )
 @click.option(
     "--min-interval",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0, max=DAY_S),
     default=DEFAULT_MIN_INTERVAL,
     show_default=True,
     metavar="SECONDS",
@@ -64,12 +72,14 @@ def exporter_command(listen: str, all_netns: bool, netns: str | None, top_n: int
     """Serve CLOSE_WAIT metrics (per state, per process, per namespace) for Prometheus."""
     # The collector logs failed scans and skipped namespaces; an operator reads them in the journal.
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="closewait exporter: %(message)s")
-    host, port = parse_listen(listen)
+    host, port = _listen_address(listen)
     collector = CloseWaitCollector(top_n=top_n, min_interval=min_interval, all_netns=all_netns, netns=netns)
     server = MetricsServer(build_registry(collector), host, port)
     stop = threading.Event()
+    stopped_by: list[int] = []
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopped_by.append(signum)
         stop.set()
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -83,3 +93,16 @@ def exporter_command(listen: str, all_netns: bool, netns: str | None, top_n: int
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     click.echo("closewait exporter: stopped", err=True)
+    if signal.SIGINT in stopped_by[:1]:
+        sys.exit(130)  # Ctrl-C: interrupted, as every command (docs/cli.md); SIGTERM is a normal stop
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    refuse_non_ascii_digits(text, "--listen")
+    try:
+        return parse_listen(text)
+    except UnicodeError:
+        # An empty or over-long DNS label ("a..b", ".", 64 characters) fails in the idna codec.
+        raise UsageError(
+            f"--listen {text!r}: not a valid host name (empty or over-long label); give an IP address or a name"
+        ) from None

@@ -1,7 +1,8 @@
 """``closewait lab``: run the article's experiments on this kernel and report them.
 
 Exit codes: 0 every experiment ran (skipped ones count as fine), 1 at least one experiment is an
-error, 2 a bad argument (including an --html path that cannot be written), 130 interrupted.
+error, 2 a bad argument (including an --html path that cannot be written, found before the lab runs),
+74 the report could not be written after all, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,22 +19,45 @@ from typing import NoReturn
 
 import click
 
+from closewait._console import OutputFailed
+from closewait.cli._options import Integer, examples
 from closewait.errors import ClosewaitError, UsageError
+from closewait.lab import DEFAULT_TRIALS
 from closewait.lab.model import PARTS, Experiment
 
 
-def _check_writable(path: Path) -> None:
-    """Fail before running the lab, not after, when the HTML report cannot be written."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UsageError(f"--html {path}: is a directory")
-    if not parent.is_dir():
-        raise UsageError(f"--html {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UsageError(f"--html {path}: not writable")
+def _open_report(path: Path) -> bool:
+    """Fail before running the lab, not after, when the HTML report cannot be written: open it for
+    writing now (appending, so an existing report survives a failed run) and write nothing to it,
+    which procfs and full devices refuse (``/proc/version``: EIO). True when this created the file."""
+    if not str(path).isprintable():
+        raise UsageError(f"--html {str(path)!r}: a file name with control characters is refused")
+    try:
+        existed = os.path.lexists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+    except IsADirectoryError:
+        raise UsageError(f"--html {path}: is a directory") from None
+    except FileNotFoundError:
+        raise UsageError(f"--html {path}: directory {path.parent} does not exist") from None
+    except OSError as err:
+        raise UsageError(f"--html {path}: cannot write it: {err.strerror or err}") from None
+    try:
+        os.write(fd, b"")
+    except OSError as err:
+        raise UsageError(f"--html {path}: cannot write it: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    return not existed
 
 
-@click.command("lab")
+@click.command(
+    "lab",
+    epilog=examples(
+        ("closewait lab", "every part, about 10-15 s"),
+        ("closewait lab teardown --json", "the close()/shutdown() table as JSON"),
+        ("closewait lab --html lab.html --full", "wait out kernel timers too, and write an HTML report"),
+    ),
+)
 @click.argument("parts", nargs=-1, type=click.Choice(PARTS), metavar="[reproduce|remedies|teardown]...")
 @click.option("--full", is_flag=True, help="Wait out kernel timers (tcp_fin_timeout, keepalive): minutes, not seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (docs/lab.md) instead of the report.")
@@ -41,15 +65,16 @@ def _check_writable(path: Path) -> None:
     "--html",
     "html_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="Also write a self-contained HTML report (diagrams, charts) to FILE.",
+    metavar="PATH",
+    help="Also write a self-contained HTML report (diagrams, charts) to PATH.",
 )
 @click.option(
     "--trials",
-    type=click.IntRange(1, 100),
-    default=None,
+    type=Integer(1, 100),
+    default=DEFAULT_TRIALS,
+    show_default=True,
     metavar="N",
-    help="Trials per remedy (default 5).",
+    help="Trials per remedy, 1-100.",
 )
 @click.option("--no-capture", is_flag=True, help="Do not capture packets; use states and errno as evidence.")
 def lab_command(
@@ -57,7 +82,7 @@ def lab_command(
     full: bool,
     as_json: bool,
     html_path: Path | None,
-    trials: int | None,
+    trials: int,
     no_capture: bool,
 ) -> None:
     """Reproduce CLOSE_WAIT, prove each remedy, and check close() vs shutdown() on this kernel.
@@ -67,26 +92,32 @@ def lab_command(
     from closewait import lab
 
     _quiet_logging()
-    if html_path is not None:
-        _check_writable(html_path)
+    created = _open_report(html_path) if html_path is not None else False
     _adopt_orphans()
     progress = None if as_json else _progress
     try:
         report = lab.run(
             parts,
             full=full,
-            trials=trials or lab.DEFAULT_TRIALS,
+            trials=trials,
             capture=not no_capture,
             progress=progress,
         )
     except KeyboardInterrupt:
         _end_adopted()
+        if created and html_path is not None:
+            with contextlib.suppress(OSError):
+                html_path.unlink()
         _exit_interrupted()
     _end_adopted()
+    html_error = None
     if html_path is not None:
         from closewait.lab.html import render_html
 
-        html_path.write_text(render_html(report), encoding="utf-8")
+        try:
+            html_path.write_text(render_html(report), encoding="utf-8")
+        except OSError as err:
+            html_error = f"cannot write the HTML report {html_path}: {err.strerror or err}"
     if as_json:
         from closewait.lab.report import report_dict
 
@@ -96,6 +127,8 @@ def lab_command(
         from closewait.cli.render.lab import print_report
 
         print_report(report)
+    if html_error is not None:
+        raise OutputFailed(html_error)
     if html_path is not None:
         click.echo(f"wrote {html_path}", err=True)
     if not report.ok:

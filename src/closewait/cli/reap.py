@@ -1,31 +1,65 @@
 """``closewait reap``: release a running process's CLOSE_WAIT sockets, a thin layer over closewait.reap.
 
-It always plans first and prints the plan; it acts only with ``--yes``. Exit codes (docs/reap.md):
-0 everything planned was released, or a dry run, or nothing matched; 1 some socket was skipped or
-failed; 2 bad usage, missing permission, no such process, or an unsupported kernel.
+It always plans first; without ``--yes`` it prints the plan and changes nothing. With ``--yes`` it
+decides, then acts, then writes: what is released never depends on whether the output could be
+written (``reap --yes | head -1`` used to release nothing, the plan's print having failed first). An
+output failure after acting is one line on stderr with what was done, and exit 141 (reader gone) or
+74 (stdout not writable). Exit codes (docs/reap.md): 0 everything planned was released, or a dry run,
+or nothing matched; 1 some socket was skipped or failed; 2 bad usage, missing permission, no such
+process, or an unsupported kernel.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 
 import click
 
 from closewait import reap
-from closewait.cli._options import PORT
+from closewait._console import OutputFailed, ReaderGone
+from closewait.cli._options import DURATION, PID, PORT, examples, refuse_non_ascii_digits
+from closewait.errors import UsageError
 
 
-@click.command("reap")
-@click.option("--pid", "pids", multiple=True, type=click.IntRange(min=1), help="Process whose sockets to release.")
-@click.option("--port", "ports", multiple=True, type=PORT, help="Only sockets with this local or remote port.")
-@click.option("--remote", metavar="ADDR[:PORT]", help="Only sockets whose peer is this address or network.")
-@click.option("--older-than", metavar="DURATION", help="Only sockets idle at least this long (30s, 5m, 1h, 500ms).")
+@click.command(
+    "reap",
+    epilog=examples(
+        ("closewait reap --pid 1234", "the plan only: nothing is changed"),
+        ("closewait reap --pid 1234 --older-than 10m --yes", "release those idle over 10 minutes"),
+        ("closewait reap --all --port 8080 --yes", "every process's CLOSE_WAIT on port 8080"),
+    ),
+)
+@click.option(
+    "--pid", "pids", multiple=True, type=PID, metavar="PID", help="Process whose sockets to release (repeatable)."
+)
+@click.option(
+    "--port",
+    "ports",
+    multiple=True,
+    type=PORT,
+    metavar="PORT",
+    help="Only sockets with this local or remote port, 1-65535 (repeatable).",
+)
+@click.option(
+    "--remote",
+    metavar="ADDR[:PORT]",
+    help="Only sockets whose peer is this address or network (10.0.0.0/8); IPv6 with a port as [::1]:80.",
+)
+@click.option(
+    "--older-than",
+    "older_than_ms",
+    type=DURATION,
+    metavar="DURATION",
+    help="Only sockets idle at least this long (500ms, 30s, 5m, 1h, 1m30s).",
+)
 @click.option(
     "--method",
     type=click.Choice([m.value for m in reap.Method]),
     default=reap.Method.SHUTDOWN.value,
     show_default=True,
+    metavar="|".join(m.value for m in reap.Method),
     help="shutdown: pidfd_getfd + shutdown() (FIN, Linux 5.6+); destroy: SOCK_DESTROY (RST, CAP_NET_ADMIN).",
 )
 @click.option(
@@ -37,7 +71,7 @@ def reap_command(
     pids: tuple[int, ...],
     ports: tuple[int, ...],
     remote: str | None,
-    older_than: str | None,
+    older_than_ms: int | None,
     method: str,
     all_processes: bool,
     yes: bool,
@@ -45,10 +79,10 @@ def reap_command(
 ) -> None:
     """Release CLOSE_WAIT sockets of a running process without restarting it.
 
-    Prints the plan (sockets, fds, method) and changes nothing unless --yes is given.
+    Prints the plan (sockets, fds, method) and changes nothing unless --yes is given. With --yes it
+    acts first and prints the plan and the outcomes after.
     """
-    older_than_ms = reap.parse_duration(older_than) if older_than is not None else None
-    remote_filter = reap.RemoteFilter.parse(remote) if remote is not None else None
+    remote_filter = _remote_filter(remote) if remote is not None else None
     # Validate before touching the kernel, so a bad combination is one line even without privileges.
     reap.ReapCriteria(frozenset(pids), frozenset(ports), remote_filter, older_than_ms, all_processes).validate()
     snapshot = reap.survey(pids=pids, ports=ports)
@@ -75,14 +109,52 @@ def reap_command(
         else:
             view.print_plan(reap_plan, dry_run=True)
         return
-    if not as_json:
-        view.print_plan(reap_plan, dry_run=False)
+    # Decided; now act, and only then write: the output can fail (a closed pipe, a full disk), the
+    # action must not depend on it.
     result = reap.apply(reap_plan)
-    if as_json:
-        _print_json({**result.as_dict(), "applied": True})
-    else:
-        view.print_result(result)
+    try:
+        if as_json:
+            _print_json({**result.as_dict(), "applied": True})
+        else:
+            view.print_plan(reap_plan, dry_run=False)
+            view.print_result(result)
+        sys.stdout.flush()
+    except (ReaderGone, BrokenPipeError) as err:
+        raise ReaderGone(f"stdout was closed early; the reap was carried out: {_summary(result)}") from err
+    except OutputFailed as err:
+        raise OutputFailed(f"{err}; the reap was carried out: {_summary(result)}") from err
+    except SystemExit as err:  # rich's broken-pipe handler exits 141 itself
+        if err.code == 141:
+            raise ReaderGone(f"stdout was closed early; the reap was carried out: {_summary(result)}") from err
+        raise
     sys.exit(result.exit_code)
+
+
+def _summary(result: reap.ReapResult) -> str:
+    return f"released {len(result.done)}, skipped {len(result.skipped)}, failed {len(result.failed)}"
+
+
+def _remote_filter(text: str) -> reap.RemoteFilter:
+    """``--remote``; an unbracketed IPv6 address followed by what could be a port is refused as
+    ambiguous (``::1:80`` is both the address ::1:80 and port 80 of ::1)."""
+    refuse_non_ascii_digits(text, "--remote")
+    raw = text.strip()
+    if not raw.startswith("[") and raw.count(":") > 1:
+        head, _, tail = raw.rpartition(":")
+        if tail.isdigit() and _is_address(head):
+            raise UsageError(
+                f"bad --remote {text!r}: ambiguous: write [{head}]:{tail} for port {tail} of {head}, "
+                f"or [{raw}] for the address {raw}"
+            )
+    return reap.RemoteFilter.parse(text)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _print_json(data: dict[str, object]) -> None:

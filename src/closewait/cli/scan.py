@@ -6,23 +6,33 @@ import sys
 
 import click
 
-from closewait.cli._options import backend_option, filter_options, state_option, states_from
+from closewait.cli._options import backend_option, examples, filter_options, state_option, states_from
 from closewait.scan import CLOSE_WAIT_ONLY, scan
 from closewait.serialize import snapshot_json
 from closewait.sources.owners import OWNER_SOURCES
 
 
-@click.command("scan")
+@click.command(
+    "scan",
+    epilog=examples(
+        ("closewait scan --port 8080", "one service: its leaked ends and its clients'"),
+        ("closewait scan --pid 1234 --wide", "one process, every socket"),
+        ("closewait scan --json | jq '.sockets[]'", "for programs (docs/json.md)"),
+    ),
+)
 @state_option
 @filter_options
 @backend_option
-@click.option("--no-owners", is_flag=True, help="Skip finding the owning processes (much faster on big hosts).")
+@click.option(
+    "--no-owners", is_flag=True, help="Skip finding the owning processes (much faster on big hosts); not with --pid."
+)
 @click.option(
     "--owners-from",
     "owner_source",
     type=click.Choice(OWNER_SOURCES),
     default="auto",
     show_default=True,
+    metavar="|".join(OWNER_SOURCES),
     help="How to find owners: a BPF iterator (one kernel pass, root), the /proc/PID/fd walk, or bpf when allowed.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (docs/json.md).")

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from closewait.cli._options import backend_option, filter_options
+from closewait.cli._options import COUNT, DAY_S, INT_MAX, Integer, Seconds, backend_option, examples, filter_options
 from closewait.model import Snapshot
 from closewait.scan import CLOSE_WAIT_ONLY, scan
 from closewait.sources import get_source
@@ -19,32 +19,39 @@ from closewait.sources import netns as netns_mod
 from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, Tracker, sample_dict, sample_forever
 
 
-@click.command("watch")
+@click.command(
+    "watch",
+    epilog=examples(
+        ("closewait watch", "every process, every 2 s, until Ctrl-C"),
+        ("closewait watch --port 8080 -i 10", "one service, every 10 s"),
+        ("closewait watch --jsonl -n 30 > cw.jsonl", "one JSON object per sample, 30 samples"),
+    ),
+)
 @click.option(
     "-i",
     "--interval",
-    type=click.FloatRange(min=0.05),
+    type=Seconds(min=0.05, max=DAY_S),
     default=2.0,
     show_default=True,
     metavar="SECONDS",
-    help="Time between samples.",
+    help="Time between samples, 0.05 to 86400.",
 )
-@click.option(
-    "-n", "--count", type=click.IntRange(min=1), metavar="N", help="Stop after N samples (default: run until Ctrl-C)."
-)
+@click.option("-n", "--count", type=COUNT, metavar="N", help="Stop after N samples; without it, run until Ctrl-C.")
 @click.option("--jsonl", is_flag=True, help="Print one JSON object per sample (docs/monitoring.md).")
 @click.option(
     "--window",
-    type=click.IntRange(min=2),
+    type=Integer(2, 100_000),
     default=DEFAULT_WINDOW,
     show_default=True,
+    metavar="N",
     help="Leak verdict: samples the count must not decrease over.",
 )
 @click.option(
     "--min-growth",
-    type=click.IntRange(min=1),
+    type=Integer(1, INT_MAX),
     default=DEFAULT_MIN_GROWTH,
     show_default=True,
+    metavar="N",
     help="Leak verdict: sockets the count must grow by over the window.",
 )
 @filter_options
@@ -61,7 +68,7 @@ def watch_command(
     backend: str,
 ) -> None:
     """Watch CLOSE_WAIT per process: count, change, rate, oldest age, diagnosis and leak verdict."""
-    ns = netns_mod.resolve(netns) if netns else None
+    ns = netns_mod.resolve(netns) if netns is not None else None
     source = get_source(backend)
 
     def take() -> Snapshot:
@@ -75,14 +82,12 @@ def watch_command(
 
     tracker = Tracker(window=window, min_growth=min_growth)
     samples = sample_forever(next_snapshot, tracker, interval=interval, count=count)
-    try:
-        if jsonl:
-            for sample in samples:
-                sys.stdout.write(json.dumps(sample_dict(sample), separators=(",", ":")) + "\n")
-                sys.stdout.flush()
-            return
-        from closewait.cli.render.watch import show
+    # Ctrl-C is how an unbounded watch ends: the KeyboardInterrupt reaches closewait.cli.main (exit 130).
+    if jsonl:
+        for sample in samples:
+            sys.stdout.write(json.dumps(sample_dict(sample), separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+        return
+    from closewait.cli.render.watch import show
 
-        show(samples, window, live=sys.stdout.isatty())
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how an unbounded watch ends
+    show(samples, window, live=sys.stdout.isatty())

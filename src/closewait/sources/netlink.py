@@ -883,7 +883,8 @@ def destroy(sock: Socket, *, interface: int | None = None, nl: socket.socket | N
             _exchange(build_exact_request(SOCK_DESTROY, sock, interface=bound), nl)
     except NetlinkError as err:
         if err.errno == errno_mod.EPERM:
-            raise AccessDenied("permission denied: SOCK_DESTROY needs CAP_NET_ADMIN (run as root)") from err
+            fix = "this root lacks it (a container?)" if os.geteuid() == 0 else "run as root"
+            raise AccessDenied(f"permission denied: SOCK_DESTROY needs CAP_NET_ADMIN ({fix})") from err
         if err.errno == errno_mod.EOPNOTSUPP:
             raise NotSupported(
                 "this kernel cannot destroy sockets (SOCK_DESTROY needs CONFIG_INET_DIAG_DESTROY); "

@@ -56,26 +56,48 @@ def _setns(fd: int, path: str) -> None:
 def resolve(spec: str, *, proc_root: str = "/proc") -> Netns:
     """Turn ``--netns`` input (a pid, ``/proc/PID/ns/net`` or ``/run/netns/NAME``, or a bare name
     under /run/netns) into a Netns, or raise a one-line error."""
-    if spec.isdigit():
-        path = f"{proc_root}/{int(spec)}/ns/net"
-        if not os.path.exists(f"{proc_root}/{int(spec)}"):
-            raise NoSuchProcess(int(spec))
-    elif "/" not in spec and os.path.exists(f"/run/netns/{spec}"):
+    pid = int(spec) if spec.isascii() and spec.isdigit() else None
+    if pid is not None:
+        path = f"{proc_root}/{pid}/ns/net"
+        if not os.path.exists(f"{proc_root}/{pid}"):
+            raise NoSuchProcess(pid)
+    elif spec and "/" not in spec and _exists(f"/run/netns/{spec}"):
         path = f"/run/netns/{spec}"
     else:
         path = spec
     try:
         st = os.stat(path)
     except FileNotFoundError:
+        if pid is not None and _exited(pid, proc_root):
+            raise NoSuchProcess(pid, f"pid {pid} has exited: no network namespace left to scan") from None
         # The common mistake gets the namespace's own words; every other errno is from_os_error's.
         raise NetnsError(f"{spec}: no such network namespace ({_NAMES})") from None
     except OSError as err:
         raise from_os_error(
-            err, f"{spec}: not a network namespace ({_NAMES})", path=path, path_error=NetnsError
+            err, f"{spec[:80]}: not a network namespace ({_NAMES})", path=path, path_error=NetnsError
         ) from err
     if stat.S_ISDIR(st.st_mode) or not _is_netns(path):
+        if pid is not None and _exited(pid, proc_root):
+            raise NoSuchProcess(pid, f"pid {pid} has exited: no network namespace left to scan")
         raise NetnsError(f"{spec} is not a network namespace ({_NAMES})")
     return Netns(path=path, inode=st.st_ino)
+
+
+def _exists(path: str) -> bool:
+    try:
+        return os.path.exists(path)
+    except ValueError:  # an embedded NUL
+        return False
+
+
+def _exited(pid: int, proc_root: str) -> bool:
+    """True when ``pid`` is gone or a zombie: its namespaces went with it, the pid still shows."""
+    from closewait.sources.process import read_stat
+
+    try:
+        return read_stat(pid, proc_root).state in ("Z", "X")
+    except ClosewaitError:
+        return True
 
 
 def _is_netns(path: str) -> bool:
