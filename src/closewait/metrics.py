@@ -47,13 +47,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from closewait._exporter_http import MetricsServer  # the HTTP server; re-exported here
 from closewait.errors import ClosewaitError, NotSupported, UsageError
 from closewait.model import Snapshot, Socket, TcpState
 from closewait.scan import scan
@@ -368,71 +366,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     except socket.gaierror as err:
         raise UsageError(f"--listen {text!r}: cannot resolve {host!r}: {err.strerror}") from None
     return host, port
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """Do not log every scrape to stderr."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
-
-
-def _app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
-    metrics_app = make_wsgi_app(registry)
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path == "/metrics":
-            result: Iterable[bytes] = metrics_app(environ, start_response)
-            return result
-        if path == "/":
-            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
-            return [b'<html><body><h1>closewait exporter</h1><a href="/metrics">/metrics</a></body></html>\n']
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: the metrics are at /metrics\n"]
-
-    return app
-
-
-class MetricsServer:
-    """A threaded HTTP server serving ``registry`` at /metrics. Binding happens in the constructor,
-    so a bad address or a port in use raises (UsageError) before anything else starts."""
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-
-        class Server(ThreadingWSGIServer):
-            address_family = family
-
-        try:
-            self._httpd = make_server(host, port, _app(registry), Server, handler_class=_QuietHandler)
-        except OSError as err:
-            raise UsageError(f"cannot listen on {format_address(host, port)}: {err.strerror or err}") from None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._httpd.server_address[:2]
-        return str(host), int(port)
-
-    @property
-    def url(self) -> str:
-        return f"http://{format_address(*self.address)}/metrics"
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="closewait-exporter", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop accepting, let the serving thread end, close the listening socket."""
-        self._httpd.shutdown()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._httpd.server_close()
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def build_registry(collector: CloseWaitCollector) -> CollectorRegistry:

@@ -15,6 +15,7 @@ from types import FrameType
 
 import click
 
+from closewait._exporter_http import HttpLimits
 from closewait.metrics import (
     DEFAULT_LISTEN,
     DEFAULT_MIN_INTERVAL,
@@ -58,15 +59,19 @@ from closewait.metrics import (
     default=DEFAULT_MIN_INTERVAL,
     show_default=True,
     metavar="SECONDS",
-    help="Reuse a scan younger than this; concurrent scrapes share one scan. 0 scans on every scrape.",
+    help=(
+        "Reuse a scan younger than this; concurrent scrapes share one scan. 0 scans on every request:"
+        " then any client that can connect triggers a full scan of the host (as root: all of /proc) per request."
+    ),
 )
 def exporter_command(listen: str, all_netns: bool, netns: str | None, top_n: int, min_interval: float) -> None:
     """Serve CLOSE_WAIT metrics (per state, per process, per namespace) for Prometheus."""
     # The collector logs failed scans and skipped namespaces; an operator reads them in the journal.
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="closewait exporter: %(message)s")
     host, port = parse_listen(listen)
+    limits = HttpLimits.from_environ()  # CLOSEWAIT_EXPORTER_HTTP=name=value,... (docs/monitoring.md)
     collector = CloseWaitCollector(top_n=top_n, min_interval=min_interval, all_netns=all_netns, netns=netns)
-    server = MetricsServer(build_registry(collector), host, port)
+    server = MetricsServer(build_registry(collector), host, port, limits)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
