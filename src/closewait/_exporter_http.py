@@ -24,26 +24,33 @@ parsed before the response is written).
 
 The limits (``HttpLimits``; docs/monitoring.md "The HTTP server" has the table):
 
-- **Connections**: at most ``max_connections`` (64) open at once. A connection beyond that evicts
-  the oldest connection that is idle, lingering or still sending its request head (a silent or slow
-  client cannot hold slots against a real scrape); if every slot is rendering or writing a response,
-  the newcomer gets ``503`` and is closed at once. Listen backlog ``backlog`` (128, capped by
+- **Connections**: at most ``max_connections`` (512, and never more than RLIMIT_NOFILE leaves
+  after the backlog and 64 descriptors for the collector) open at once. Node exporters built on Go
+  do not limit connections at all; a limit is kept here, with eviction so an attacker cannot use it
+  against real scrapes: a connection beyond the limit closes the best evictable connection (one
+  lingering after its last response, else the longest idle keep-alive, else the oldest still sending
+  its request head), so silent or slow clients cannot hold every slot against a real scrape, whose
+  request arrives right after its connect; only if every slot is rendering or writing a response is
+  the newcomer refused (``503``, closed at once). Listen backlog ``backlog`` (128, capped by
   net.core.somaxconn), so bursts from HA pairs and dashboards do not overflow the accept queue.
 - **Request size**: request line and each header line at most ``max_line`` (8 KiB, else 414/431),
   at most ``max_headers`` (100) header lines, the whole head at most ``max_head_bytes`` (32 KiB,
-  the per-connection buffer, else 431). Requests with a body (Content-Length > 0 or
-  Transfer-Encoding) are answered (405/404) and the connection is closed.
+  else 431). Requests with a body (Content-Length > 0 or Transfer-Encoding) are answered (405/404)
+  and the connection is closed.
 - **Time**: the request head must arrive within ``request_timeout`` (10 s) of the connection or of
-  its first byte after an idle keep-alive (slowloris: then 408 and close); an idle keep-alive
-  connection is closed after ``idle_timeout`` (30 s); a response the client does not read within
-  ``write_timeout`` (30 s) aborts the connection; after a final response the server shuts down its
-  side and discards input for at most ``linger_timeout`` (2 s), so the kernel does not reset the
-  connection before the client has read the answer.
-- **Memory**: at most ``max_connections x max_head_bytes`` of request buffers (64 x 32 KiB = 2 MiB)
-  plus one response per connection being written (a /metrics body is ~5 KB at ``--top 20``, less
-  gzipped), plus connections accepted in one burst before eviction (at most ``backlog``).
+  its first byte after an idle keep-alive (slowloris: then 408 and close; a connection that sent
+  nothing is just closed); an idle keep-alive connection is closed after ``idle_timeout`` (30 s); a
+  response the client does not read within ``write_timeout`` (30 s) aborts the connection; after a
+  final response the server shuts down its side and discards input for at most ``linger_timeout``
+  (2 s) and ``max_head_bytes``, so the kernel does not reset the connection before the client has
+  read the answer, and a client that keeps sending gets no free reads.
+- **Memory**: the request buffer starts at 4 KiB and doubles only while a valid head is longer, so
+  request buffers take at most ``max_connections x max_head_bytes`` (512 x 32 KiB = 16 MiB; 200
+  silent connections cost about 200 x 6 KiB with the asyncio objects), plus one response per
+  connection being written (a /metrics body is ~5 KB at ``--top 20``, less gzipped).
 - **Descriptors**: listener + epoll + the loop's wake-up pair + at most ``max_connections``
-  connections (+ up to ``backlog`` accepted in the same loop iteration, closed in the next).
+  connections, + up to ``backlog`` accepted in the same loop iteration as a burst (the ones over
+  the limit are closed in the next).
 
 HTTP: ``GET``/``HEAD`` on ``/metrics`` (HEAD: the same headers, Content-Length included, no body)
 and on ``/`` (a small page); ``404`` for other paths, ``405`` with ``Allow: GET, HEAD`` for other
@@ -66,6 +73,7 @@ import gzip
 import logging
 import os
 import re
+import resource
 import socket
 import threading
 from collections.abc import Callable
@@ -90,7 +98,7 @@ LIMITS_ENV = "CLOSEWAIT_EXPORTER_HTTP"
 class HttpLimits:
     """Every bound the server enforces. The defaults suit a node exporter; tests shorten the timeouts."""
 
-    max_connections: int = 64
+    max_connections: int = 512
     backlog: int = 128
     max_line: int = 8192
     max_headers: int = 100
@@ -201,6 +209,11 @@ class _State(enum.Enum):
     CLOSING = "closing"  # final response sent, our side shut down, discarding input until EOF
 
 
+#: A connection's first request buffer; it doubles up to max_head_bytes only for a large request head.
+_FIRST_BUFFER = 4096
+#: Descriptors kept free for the collector (netlink sockets, /proc files, namespaces) and stdio.
+_FD_RESERVE = 64
+
 #: States whose connection may be closed to make room for a new one, best victim first.
 _EVICTABLE = {_State.CLOSING: 0, _State.IDLE: 1, _State.READING: 2}
 
@@ -276,9 +289,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._server = server
         self._limits = server.limits
         self._loop = server.loop
-        self._buffer = bytearray(self._limits.max_head_bytes)
+        self._buffer = bytearray(min(_FIRST_BUFFER, self._limits.max_head_bytes))
         self._view = memoryview(self._buffer)
         self._filled = 0
+        self._discard_budget = 0  # bytes still read and dropped while CLOSING
         self._line_start = 0  # where the head's current (incomplete) line starts
         self._lines: list[bytes] = []
         self._transport: asyncio.Transport | None = None
@@ -311,6 +325,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._filled += nbytes
         if self.state is _State.CLOSING:
             self._filled = 0
+            self._discard_budget -= nbytes
+            if self._discard_budget < 0:  # a client that keeps sending gets no more reads for free
+                self._abort()
             return
         if self.state is _State.IDLE:
             self.state = _State.READING
@@ -349,7 +366,10 @@ class _Connection(asyncio.BufferedProtocol):
                 if self._filled - self._line_start > limits.max_line:
                     self._refuse(414 if not self._lines else 431, "line too long")
                 elif self._filled == len(buffer):
-                    self._refuse(431, "request head too large")
+                    if len(buffer) >= limits.max_head_bytes:
+                        self._refuse(431, "request head too large")
+                    else:
+                        self._grow()
                 return
             line = bytes(buffer[self._line_start : end])
             if line.endswith(b"\r"):
@@ -368,10 +388,22 @@ class _Connection(asyncio.BufferedProtocol):
                 self._refuse(431, "too many header lines")
                 return
 
+    def _grow(self) -> None:
+        """Double the buffer (a new one: the transport may hold a view of the old), up to max_head_bytes."""
+        bigger = bytearray(min(2 * len(self._buffer), self._limits.max_head_bytes))
+        bigger[: self._filled] = self._buffer[: self._filled]
+        self._buffer, self._view = bigger, memoryview(bigger)
+
     def _take_head(self) -> list[bytes]:
-        """The parsed lines; bytes after the head (a pipelined request) move to the buffer's start."""
+        """The parsed lines; bytes after the head (a pipelined request) move to the buffer's start,
+        which shrinks back to its first size if it grew."""
         lines, rest = self._lines, self._filled - self._line_start
-        self._buffer[:rest] = self._buffer[self._line_start : self._filled]
+        if len(self._buffer) > _FIRST_BUFFER and rest <= _FIRST_BUFFER:
+            smaller = bytearray(_FIRST_BUFFER)
+            smaller[:rest] = self._buffer[self._line_start : self._filled]
+            self._buffer, self._view = smaller, memoryview(smaller)
+        else:
+            self._buffer[:rest] = self._buffer[self._line_start : self._filled]
         self._filled, self._line_start, self._lines = rest, 0, []
         return lines
 
@@ -493,6 +525,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         transport.write_eof()
         self._filled = 0
+        self._discard_budget = self._limits.max_head_bytes
         self._arm(self._limits.linger_timeout, self.close)
         transport.resume_reading()
 
@@ -565,6 +598,19 @@ class MetricsServer:
         listener.setblocking(False)
         self._listener = listener
         self._address = listener.getsockname()[:2]
+        # Never let connections (plus one accept burst) take the descriptors the collector needs.
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        room = self.limits.max_connections
+        if soft != resource.RLIM_INFINITY:
+            room = soft - self.limits.backlog - _FD_RESERVE
+        self.max_connections = max(1, min(self.limits.max_connections, room))
+        if self.max_connections < self.limits.max_connections:
+            log.warning(
+                "serving at most %d connections, not %d: RLIMIT_NOFILE is %d",
+                self.max_connections,
+                self.limits.max_connections,
+                soft,
+            )
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(_log_loop_error)
         self.executor = concurrent.futures.ThreadPoolExecutor(
@@ -632,7 +678,7 @@ class MetricsServer:
         """Count ``connection`` in; over the limit, close the best evictable one or refuse it (False)."""
         if self.stopping:
             return False
-        if len(self._connections) >= self.limits.max_connections:
+        if len(self._connections) >= self.max_connections:
             victims = [c for c in self._connections if c.state in _EVICTABLE]
             if not victims:
                 log.debug("refusing a connection: %d responses in flight", len(self._connections))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from prometheus_client.registry import Collector
 
 from closewait._exporter_http import LIMITS_ENV, HttpLimits, MetricsServer, accepts_gzip
 from closewait.errors import UsageError
+from closewait.metrics import CloseWaitCollector, ScanResult
 from tests.conftest import AS_NOBODY
 from tests.monitor.conftest import stop_process
 from tests.monitor.leakers import CLOSEWAIT
@@ -285,6 +287,26 @@ def test_malformed_requests_get_a_status_and_the_connection_is_closed(
     assert request(server.address, GET_METRICS).status == 200
 
 
+def test_a_long_valid_head_is_served(server: MetricsServer) -> None:
+    """The buffer starts small and grows for a head up to max_head_bytes (here ~21 KiB)."""
+    headers = b"".join(b"X-Big-%d: " % n + b"v" * 7000 + b"\r\n" for n in range(3))
+    with closing(Client(server.address)) as client:
+        for _ in range(2):  # and keeps serving on the same connection after shrinking back
+            client.send(b"GET /metrics HTTP/1.1\r\n" + headers + b"\r\n")
+            assert client.response().status == 200
+
+
+def test_the_connection_limit_leaves_descriptors_for_the_collector() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (400, hard))
+    try:
+        running = MetricsServer(_registry(), "127.0.0.1", 0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    running.stop()
+    assert running.max_connections == 400 - HttpLimits().backlog - 64
+
+
 # -- timeouts ---------------------------------------------------------------------------------------
 
 
@@ -372,6 +394,41 @@ def test_more_connections_than_the_limit_are_refused_quickly() -> None:
         for client in busy:
             client.close()
         running.stop()
+
+
+def test_with_min_interval_0_scrapes_that_waited_share_the_next_scan() -> None:
+    """The first scrape's scan is held until five more scrapes have arrived and wait for the lock:
+    they are served one more scan (started after they arrived), not five."""
+    first_scanning = threading.Event()
+    release = threading.Event()
+    arrivals = threading.Semaphore(0)
+
+    def clock() -> float:
+        if threading.current_thread().name.startswith("late"):
+            arrivals.release()
+        return time.monotonic()
+
+    class Held(CloseWaitCollector):
+        def scan_once(self) -> ScanResult:
+            if not first_scanning.is_set():
+                first_scanning.set()
+                release.wait(30)
+            return super().scan_once()
+
+    collector = Held(min_interval=0, clock=clock)
+    first = threading.Thread(target=collector.collect)
+    first.start()
+    assert first_scanning.wait(30)
+    late = [threading.Thread(target=collector.collect, name=f"late-{n}") for n in range(5)]
+    for thread in late:
+        thread.start()
+    for _ in late:
+        assert arrivals.acquire(timeout=30)  # each has read the clock on arrival
+    release.set()
+    for thread in (first, *late):
+        thread.join(timeout=60)
+    scans = {m.name: m for m in collector.collect()}["closewait_scans"].samples[0].value
+    assert scans == 3  # the first, one for the five late ones, and this last sequential scrape
 
 
 # -- stopping ---------------------------------------------------------------------------------------
@@ -483,6 +540,10 @@ print(json.dumps({"closed": closed, "open": count - closed}), flush=True)
 """
 
 
+#: The exporter's connection limit in the attack tests: below the 200 silent connections.
+ATTACK_LIMIT = 64
+
+
 class ExporterProcess:
     """``closewait exporter`` on a loopback port 0 with limits from the environment; ended by pid."""
 
@@ -530,7 +591,7 @@ class ExporterProcess:
 
 @pytest.fixture
 def exporter_process() -> Iterator[ExporterProcess]:
-    running = ExporterProcess("request_timeout=2,linger_timeout=1")
+    running = ExporterProcess(f"request_timeout=2,linger_timeout=1,max_connections={ATTACK_LIMIT}")
     yield running
     running.stop()
 
@@ -591,7 +652,7 @@ def test_200_silent_connections_from_nobody_are_bounded_and_closed(exporter_proc
     assert requests.get(exporter_process.url, timeout=30).status_code == 200
     fds_before = exporter_process.fds()
     rss_before = exporter_process.status_kib("VmRSS")
-    limits = HttpLimits()
+    limits = HttpLimits(max_connections=ATTACK_LIMIT)
     attacker = exporter_process.attack(SILENT, 200, 30)
     samples: list[int] = []
     done = threading.Event()
