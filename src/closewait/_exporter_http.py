@@ -17,10 +17,14 @@ costs a buffer, not a thread. Connections are ``asyncio.BufferedProtocol`` objec
 straight into one fixed buffer per connection (``recv_into``), so a connection can never make the
 server hold more than that buffer, however much it sends (a stream reader would grow by up to a
 256 KiB read at a time). Rendering ``/metrics`` runs the collector, which may scan /proc for
-hundreds of ms, so it runs in a ``ThreadPoolExecutor`` of ``render_workers`` threads (default 2);
-the collector itself makes concurrent scrapes share one scan. The pool's queue is bounded by the
-connection limit, since a connection has at most one request in flight (the next one is not even
-parsed before the response is written).
+hundreds of ms, so it runs in a ``ThreadPoolExecutor`` of ``render_workers`` threads (default 2).
+Renders are coalesced per (Accept, Accept-Encoding, query): a scrape arriving while an identical
+render runs waits for the next one, which starts when the running one ends, so a burst of N scrapes
+costs at most two renders, and never serves data older than the request. (The collector also
+shares one scan between scrapes, but only between those already inside ``collect()``.) The pool's
+queue is bounded by the number of distinct keys in flight, itself bounded by the connection limit,
+since a connection has at most one request in flight (the next one is not parsed before the answer
+is written).
 
 The limits (``HttpLimits``; docs/monitoring.md "The HTTP server" has the table):
 
@@ -199,6 +203,18 @@ def render_metrics(
         body = gzip.compress(body, compresslevel=6)
         headers.append(("Content-Encoding", "gzip"))
     return headers, body
+
+
+_Rendered = tuple[list[tuple[str, str]], bytes]
+_RenderKey = tuple[str, str, str]  # Accept, Accept-Encoding, query string
+
+
+@dataclass
+class _RenderJob:
+    """One render shared by every request attached to it (each gets the same immutable answer)."""
+
+    waiters: list[Callable[[_Rendered | BaseException], None]]
+    pending: _RenderJob | None = None  # requests that arrived while this one ran: served by the next
 
 
 class _State(enum.Enum):
@@ -432,33 +448,21 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             self.state = _State.RENDERING
             self.since = self._loop.time()
-            headers = request.headers
-            try:
-                future = self._loop.run_in_executor(
-                    self._server.executor,
-                    render_metrics,
-                    self._server.registry,
-                    headers.get("accept", ""),
-                    headers.get("accept-encoding", ""),
-                    request.query,
-                )
-            except RuntimeError:  # the executor is shut down: stopping
-                self._keep_alive = False
-                self._send(503, [], b"stopping\n", head_only=head_only)
-                return
-            future.add_done_callback(lambda done: self._rendered(done, head_only))
+            key = (request.headers.get("accept", ""), request.headers.get("accept-encoding", ""), request.query)
+            self._server.render(key, lambda outcome: self._rendered(outcome, head_only))
 
-    def _rendered(self, future: asyncio.Future[tuple[list[tuple[str, str]], bytes]], head_only: bool) -> None:
-        if self._transport is None or future.cancelled():
+    def _rendered(self, outcome: _Rendered | BaseException, head_only: bool) -> None:
+        if self._transport is None:
             return
-        error = future.exception()
-        if error is not None:
-            log.error("rendering /metrics failed", exc_info=error)
+        if isinstance(outcome, RuntimeError) and self._server.stopping:
+            self._keep_alive = False
+            self._send(503, [], b"stopping\n", head_only=head_only)
+        elif isinstance(outcome, BaseException):
             self._keep_alive = False
             self._send(500, [], b"rendering the metrics failed; see the exporter's log\n", head_only=head_only)
-            return
-        headers, body = future.result()
-        self._send(200, headers, body, head_only=head_only)
+        else:
+            headers, body = outcome
+            self._send(200, headers, body, head_only=head_only)
 
     def _refuse(self, status: int, reason: str) -> None:
         assert self._transport is not None
@@ -551,6 +555,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport.pause_reading()
         self._transport.write(self._response_bytes(408, [], b"request not received in time\n"))
         self._transport.close()
+        # close() waits for the answer to be sent: a client that also does not read is aborted.
+        self._timer = self._loop.call_later(self._limits.write_timeout, self._abort)
 
     def close(self) -> None:
         self._timer = None
@@ -582,6 +588,7 @@ class MetricsServer:
         self.limits = limits or HttpLimits()
         self.stopping = False
         self._connections: set[_Connection] = set()
+        self._renders: dict[_RenderKey, _RenderJob] = {}
         where = format_address(host, port)
         try:
             family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -633,6 +640,21 @@ class MetricsServer:
         """Connections open now (read from another thread: a snapshot for tests and benchmarks)."""
         return len(self._connections)
 
+    def statistics(self) -> dict[str, int]:
+        """Open connections per state (``idle``, ``reading``, ``rendering``, ``writing``, ``closing``)
+        and ``renders`` running, taken on the loop thread; a snapshot for tests and benchmarks."""
+
+        async def take() -> dict[str, int]:
+            counts = {state.value: 0 for state in _State}
+            for connection in self._connections:
+                counts[connection.state.value] += 1
+            counts["renders"] = len(self._renders)
+            return counts
+
+        if self._thread is not None and self._thread.is_alive():
+            return asyncio.run_coroutine_threadsafe(take(), self.loop).result(timeout=10)
+        return {state.value: 0 for state in _State} | {"renders": 0}
+
     def start(self) -> None:
         """Start serving in a thread named closewait-exporter; returns once connections are accepted."""
         self._server = self.loop.run_until_complete(
@@ -671,6 +693,56 @@ class MetricsServer:
             await asyncio.sleep(0)
         if self._server is not None:
             await self._server.wait_closed()
+
+    # -- rendering (called on the loop thread) ----------------------------------------------------
+
+    def render(self, key: _RenderKey, waiter: Callable[[_Rendered | BaseException], None]) -> None:
+        """Render /metrics for ``key`` in the pool and call ``waiter`` with the answer on the loop.
+
+        Requests are coalesced: a request arriving while a render for the same key runs waits for
+        the next one, which starts when the running one ends, so its data is never older than the
+        request, and a burst of N scrapes costs at most two renders (two scans at --min-interval 0)
+        instead of N queued one after the other.
+        """
+        running = self._renders.get(key)
+        if running is None:
+            self._start_render(key, _RenderJob([waiter]))
+        elif running.pending is None:
+            running.pending = _RenderJob([waiter])
+        else:
+            running.pending.waiters.append(waiter)
+
+    def _start_render(self, key: _RenderKey, job: _RenderJob) -> None:
+        self._renders[key] = job
+        try:
+            future = self.loop.run_in_executor(self.executor, render_metrics, self.registry, *key)
+        except RuntimeError as err:  # the pool is shut down: stopping
+            self._finish_render(key, job, err)
+            return
+        future.add_done_callback(lambda done: self._rendered(key, job, done))
+
+    def _rendered(self, key: _RenderKey, job: _RenderJob, future: asyncio.Future[_Rendered]) -> None:
+        outcome: _Rendered | BaseException
+        if future.cancelled():
+            outcome = RuntimeError("stopping")
+        elif future.exception() is not None:
+            outcome = future.exception() or RuntimeError()
+            log.error("rendering /metrics failed", exc_info=outcome)
+        else:
+            outcome = future.result()
+        self._finish_render(key, job, outcome)
+
+    def _finish_render(self, key: _RenderKey, job: _RenderJob, outcome: _Rendered | BaseException) -> None:
+        # The next job takes the key before any waiter runs: a waiter may dispatch a pipelined request.
+        if job.pending is not None:
+            self._start_render(key, job.pending)
+        elif self._renders.get(key) is job:
+            del self._renders[key]
+        for waiter in job.waiters:
+            try:
+                waiter(outcome)
+            except Exception:
+                log.exception("answering a scrape failed")
 
     # -- connection accounting (called on the loop thread) ----------------------------------------
 
