@@ -228,11 +228,32 @@ def dashboard_client(host: str, port: int, period: float, until: float, results:
         time.sleep(max(0.0, period - (time.perf_counter() - started)))
 
 
+def listen_overflows() -> int:
+    """TcpExtListenOverflows, host-wide: connects dropped because an accept queue was full."""
+    with open("/proc/net/netstat", encoding="ascii") as handle:
+        lines = handle.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split(), strict=True))["ListenOverflows"])
+    return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Sampler:
     """Peak VmRSS (KiB) and descriptor count of a process, sampled every 50 ms in a thread."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.rss_kib, self.fds = pid, 0, 0
+        self.started = time.monotonic()
+        self.cpu_start = _cpu_seconds(pid)
+        self.cpu_share = 0.0
+        self.overflows = listen_overflows()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run)
         self._thread.start()
@@ -250,6 +271,8 @@ class Sampler:
     def stop(self) -> None:
         self._done.set()
         self._thread.join()
+        self.cpu_share = (_cpu_seconds(self.pid) - self.cpu_start) / (time.monotonic() - self.started)
+        self.overflows = listen_overflows() - self.overflows
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -288,7 +311,10 @@ def report(title: str, results: Results, sampler: Sampler) -> None:
             f"  {kind:10} n={len(values):4}  p50 {statistics.median(values) * 1000:7.1f} ms  "
             f"p99 {_pct(values, 0.99) * 1000:7.1f} ms  max {max(values) * 1000:7.1f} ms  failed {failed}"
         )
-    print(f"  exporter peak: RSS {sampler.rss_kib / 1024:.1f} MiB, {sampler.fds} descriptors")
+    print(
+        f"  exporter: peak RSS {sampler.rss_kib / 1024:.1f} MiB, peak {sampler.fds} descriptors, "
+        f"CPU {sampler.cpu_share * 100:.0f}% of one core; host ListenOverflows +{sampler.overflows}"
+    )
 
 
 def scan_seconds(host: str, port: int) -> float:

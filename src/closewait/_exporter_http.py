@@ -29,14 +29,16 @@ is written).
 The limits (``HttpLimits``; docs/monitoring.md "The HTTP server" has the table):
 
 - **Connections**: at most ``max_connections`` (512, and never more than RLIMIT_NOFILE leaves
-  after the backlog and 64 descriptors for the collector) open at once. Node exporters built on Go
+  after one accept batch of 128 and 64 descriptors for the collector) open at once. Node exporters built on Go
   do not limit connections at all; a limit is kept here, with eviction so an attacker cannot use it
   against real scrapes: a connection beyond the limit closes the best evictable connection (one
   lingering after its last response, else the longest idle keep-alive, else the oldest still sending
   its request head), so silent or slow clients cannot hold every slot against a real scrape, whose
   request arrives right after its connect; only if every slot is rendering or writing a response is
-  the newcomer refused (``503``, closed at once). Listen backlog ``backlog`` (128, capped by
-  net.core.somaxconn), so bursts from HA pairs and dashboards do not overflow the accept queue.
+  the newcomer refused (``503``, closed at once). Listen backlog ``backlog`` (1024, capped by
+  net.core.somaxconn), so bursts from HA pairs and dashboards, or an attacker's connection churn
+  while a scan holds the GIL, do not overflow the accept queue (a dropped SYN costs a client 1 s);
+  connections are accepted 128 per loop turn.
 - **Request size**: request line and each header line at most ``max_line`` (8 KiB, else 414/431),
   at most ``max_headers`` (100) header lines, the whole head at most ``max_head_bytes`` (32 KiB,
   else 431). Requests with a body (Content-Length > 0 or Transfer-Encoding) are answered (405/404)
@@ -53,8 +55,8 @@ The limits (``HttpLimits``; docs/monitoring.md "The HTTP server" has the table):
   silent connections cost about 200 x 6 KiB with the asyncio objects), plus one response per
   connection being written (a /metrics body is ~5 KB at ``--top 20``, less gzipped).
 - **Descriptors**: listener + epoll + the loop's wake-up pair + at most ``max_connections``
-  connections, + up to ``backlog`` accepted in the same loop iteration as a burst (the ones over
-  the limit are closed in the next).
+  connections, + up to 128 accepted in the same loop turn as a burst (the ones over the limit are
+  closed in the next).
 
 HTTP: ``GET``/``HEAD`` on ``/metrics`` (HEAD: the same headers, Content-Length included, no body)
 and on ``/`` (a small page); ``404`` for other paths, ``405`` with ``Allow: GET, HEAD`` for other
@@ -103,7 +105,7 @@ class HttpLimits:
     """Every bound the server enforces. The defaults suit a node exporter; tests shorten the timeouts."""
 
     max_connections: int = 512
-    backlog: int = 128
+    backlog: int = 1024
     max_line: int = 8192
     max_headers: int = 100
     max_head_bytes: int = 32768
@@ -227,6 +229,8 @@ class _State(enum.Enum):
 
 #: A connection's first request buffer; it doubles up to max_head_bytes only for a large request head.
 _FIRST_BUFFER = 4096
+#: Connections asyncio accepts per loop turn (its ``backlog`` argument) before the limit is applied.
+_ACCEPT_BATCH = 128
 #: Descriptors kept free for the collector (netlink sockets, /proc files, namespaces) and stdio.
 _FD_RESERVE = 64
 
@@ -609,7 +613,7 @@ class MetricsServer:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         room = self.limits.max_connections
         if soft != resource.RLIM_INFINITY:
-            room = soft - self.limits.backlog - _FD_RESERVE
+            room = soft - _ACCEPT_BATCH - _FD_RESERVE
         self.max_connections = max(1, min(self.limits.max_connections, room))
         if self.max_connections < self.limits.max_connections:
             log.warning(
@@ -658,8 +662,11 @@ class MetricsServer:
     def start(self) -> None:
         """Start serving in a thread named closewait-exporter; returns once connections are accepted."""
         self._server = self.loop.run_until_complete(
-            self.loop.create_server(lambda: _Connection(self), sock=self._listener, backlog=self.limits.backlog)
+            self.loop.create_server(lambda: _Connection(self), sock=self._listener, backlog=_ACCEPT_BATCH)
         )
+        # asyncio uses one number for listen() and for the accepts per loop turn; keep the kernel's
+        # queue long (connects are not dropped while a scan holds the GIL) and the batch short.
+        self._listener.listen(self.limits.backlog)
         self._thread = threading.Thread(target=self.loop.run_forever, name="closewait-exporter", daemon=True)
         self._thread.start()
 

@@ -34,7 +34,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from closewait._exporter_http import LIMITS_ENV, HttpLimits, MetricsServer, accepts_gzip
+from closewait._exporter_http import _ACCEPT_BATCH, LIMITS_ENV, HttpLimits, MetricsServer, accepts_gzip
 from closewait.errors import UsageError
 from closewait.metrics import CloseWaitCollector, ScanResult
 from tests.conftest import AS_NOBODY
@@ -306,7 +306,7 @@ def test_the_connection_limit_leaves_descriptors_for_the_collector() -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     running.stop()
-    assert running.max_connections == 400 - HttpLimits().backlog - 64
+    assert running.max_connections == 400 - _ACCEPT_BATCH - 64
 
 
 # -- timeouts ---------------------------------------------------------------------------------------
@@ -463,6 +463,17 @@ def test_stop_closes_every_connection_and_ends_every_thread() -> None:
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(address, timeout=5).close()
     running.stop()  # idempotent
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss")
+def test_the_listen_backlog_is_the_configured_one(server: MetricsServer) -> None:
+    """asyncio would listen() with its accept batch; the kernel queue must stay at ``backlog``."""
+    port = server.address[1]
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    (line,) = out.splitlines()
+    with open("/proc/sys/net/core/somaxconn", encoding="ascii") as handle:
+        somaxconn = int(handle.read())
+    assert int(line.split()[2]) == min(FAST.backlog, somaxconn)  # Send-Q of a listener: its backlog
 
 
 def test_an_unstarted_server_releases_its_port_and_descriptors() -> None:
@@ -682,9 +693,9 @@ def test_200_silent_connections_from_nobody_are_bounded_and_closed(exporter_proc
         done.set()
         sampler.join()
         stop_process(attacker)
-    # During the burst, connections accepted in one loop iteration (at most the backlog) are open
-    # until the next one evicts them.
-    assert max(samples) <= fds_before + limits.max_connections + limits.backlog, (fds_before, max(samples))
+    # During the burst, connections accepted in one loop turn (at most one batch) are open until the
+    # next one evicts them.
+    assert max(samples) <= fds_before + limits.max_connections + _ACCEPT_BATCH, (fds_before, max(samples))
     assert rss_during - rss_before < 8 * 1024, (rss_before, rss_during)
     # every silent connection was closed: evicted, or after the 2 s request timeout
     assert result == {"closed": 200, "open": 0}
