@@ -90,7 +90,7 @@ from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from closewait.errors import UsageError
@@ -198,7 +198,10 @@ def render_metrics(
     registry: CollectorRegistry, accept: str, accept_encoding: str, query: str
 ) -> tuple[list[tuple[str, str]], bytes]:
     """Headers and body of a /metrics response (runs in a render thread: it may scan the host)."""
-    encoder, content_type = choose_encoder(accept)
+    try:
+        encoder, content_type = choose_encoder(accept)
+    except (TypeError, ValueError, IndexError):  # prometheus_client 0.26 fails on e.g. "version=abc"
+        encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
     params = parse_qs(query)
     target = registry.restricted_registry(params["name[]"]) if "name[]" in params else registry
     body = encoder(target)
@@ -278,7 +281,10 @@ def _parse_head(lines: list[bytes]) -> _Request:
     if target.startswith("/"):
         path, _, query = target.partition("?")
     elif target.startswith(("http://", "https://")):  # absolute form (proxies)
-        split = urlsplit(target)
+        try:
+            split = urlsplit(target)
+        except ValueError:  # e.g. a bad [IPv6] authority
+            raise _BadRequest(400, "malformed request target") from None
         path, query = split.path or "/", split.query
     else:
         raise _BadRequest(400, "malformed request target")
@@ -299,7 +305,7 @@ def _parse_head(lines: list[bytes]) -> _Request:
         length = headers["content-length"]
         if not length.isascii() or not length.isdigit():
             raise _BadRequest(400, "malformed Content-Length")
-        if int(length) > 0:
+        if length.strip("0"):  # not int(): a header line may hold 8,000 digits
             keep_alive = False
     return _Request(raw_method.decode("ascii"), path, query, headers, keep_alive, http10)
 

@@ -213,6 +213,20 @@ def test_metrics_are_gzipped_when_the_client_accepts_it(server: MetricsServer) -
     assert gzip.decompress(prom.body).endswith(b"# EOF\n")
 
 
+def test_odd_but_valid_requests_are_served(server: MetricsServer) -> None:
+    # prometheus_client's choose_encoder raises on this Accept; the server falls back to text.
+    odd = request(server.address, b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=abc\r\n\r\n")
+    assert (odd.status, odd.headers["content-type"]) == (200, "text/plain; version=0.0.4; charset=utf-8")
+    # 6,000 digits would overflow int(): the body is not read, the connection is closed.
+    long = request(server.address, b"POST /metrics HTTP/1.1\r\nContent-Length: " + b"9" * 6000 + b"\r\n\r\n")
+    assert (long.status, long.headers["connection"]) == (405, "close")
+    absolute = request(server.address, b"GET http://localhost/metrics HTTP/1.1\r\n\r\n")
+    assert absolute.status == 200
+    assert request(server.address, b"GET http://[::1/metrics HTTP/1.1\r\n\r\n").status == 400
+    # Empty lines before the request line are ignored (RFC 9112, 2.2).
+    assert request(server.address, b"\r\n\r\nGET / HTTP/1.1\r\n\r\n").status == 200
+
+
 @pytest.mark.parametrize(
     ("header", "expected"),
     [("gzip", True), ("deflate, gzip;q=0.8", True), ("GZIP", True), ("*", True), ("gzip;q=0", False), ("", False)],
