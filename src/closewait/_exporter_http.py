@@ -8,7 +8,7 @@ limit, has no timeouts, a listen backlog of 5 and no bound on header size: 40 co
 endless header lines took a root exporter from 49 MB to 272 MB, 200 silent connections each held a
 thread forever. No maintained pure-Python server in the dependency set offers all the bounds below,
 and the whole protocol needed here (GET/HEAD, no request bodies, Content-Length responses,
-keep-alive) is small enough to own and test: about 400 lines with every limit explicit.
+keep-alive) is small enough to own and test: about 600 lines with every limit explicit.
 
 Design: **asyncio in one thread with its own event loop, plus a small bounded thread pool for
 rendering.** asyncio (standard library) gives non-blocking accept/read/write, timers for every
