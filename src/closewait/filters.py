@@ -64,7 +64,7 @@ class RemoteFilter:
             raise UsageError(f"bad --remote {text!r}: {address!r} is not an IP address or network") from None
         port: int | None = None
         if port_text:
-            if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+            if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) <= 65535:
                 raise UsageError(f"bad --remote {text!r}: port {port_text!r} is not 1-65535")
             port = int(port_text)
         return cls(network, port, raw)

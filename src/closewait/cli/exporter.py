@@ -26,6 +26,7 @@ from closewait.exporter import (
     build_registry,
     parse_listen,
 )
+from closewait.exporter.http import HttpLimits
 
 
 @click.command(
@@ -66,15 +67,19 @@ from closewait.exporter import (
     default=DEFAULT_MIN_INTERVAL,
     show_default=True,
     metavar="SECONDS",
-    help="Reuse a scan younger than this; concurrent scrapes share one scan. 0 scans on every scrape.",
+    help=(
+        "Reuse a scan younger than this; concurrent scrapes share one scan. 0 scans on every request:"
+        " then any client that can connect triggers a full scan of the host (as root: all of /proc) per request."
+    ),
 )
 def exporter_command(listen: str, all_netns: bool, netns: str | None, top_n: int, min_interval: float) -> None:
     """Serve CLOSE_WAIT metrics (per state, per process, per namespace) for Prometheus."""
     # The collector logs failed scans and skipped namespaces; an operator reads them in the journal.
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="closewait exporter: %(message)s")
     host, port = _listen_address(listen)
+    limits = HttpLimits.from_environ()  # CLOSEWAIT_EXPORTER_HTTP=name=value,... (docs/monitoring.md)
     collector = CloseWaitCollector(top_n=top_n, min_interval=min_interval, all_netns=all_netns, netns=netns)
-    server = MetricsServer(build_registry(collector), host, port)
+    server = MetricsServer(build_registry(collector), host, port, limits)
     stop = threading.Event()
     stopped_by: list[int] = []
 

@@ -22,7 +22,9 @@ How a scrape is made (docs/monitoring.md has the metric reference):
   /proc/PID/fd, so 100,000 established connections cost one cheap count, not 100,000 owner lookups.
 - **Minimum interval**: a scan younger than ``min_interval`` seconds is reused, and scrapes that
   arrive while a scan runs wait for it, so two Prometheus servers (HA pairs) or a dashboard refresh
-  storm cost one scan. ``min_interval=0`` rescans on every scrape (benchmarks).
+  storm cost one scan. ``min_interval=0`` rescans for every scrape that arrives when no scan is
+  running (benchmarks); scrapes that waited for a scan are served the first scan that started after
+  they arrived, so a burst costs at most two scans.
 - **Bounded cardinality**: per-process series are kept for the ``top_n`` processes by CLOSE_WAIT
   count; the rest are summed into ``process="other"`` (``pid=""``), sockets with no owner into
   ``process="unowned"``. ``closewait_processes_folded`` says how many processes were folded.
@@ -170,6 +172,7 @@ class CloseWaitCollector(Collector):
         self._lock = threading.Lock()
         self._cached: list[Metric] | None = None
         self._cached_at = 0.0
+        self._cached_started = float("-inf")
         self._errors = dict.fromkeys(ERROR_KINDS, 0)
         self._scans = 0
         self._last_duration = 0.0
@@ -224,9 +227,14 @@ class CloseWaitCollector(Collector):
         return self._families(None, describe_only=True)
 
     def collect(self) -> Iterable[Metric]:
+        arrived = self._clock()
         with self._lock:
             now = self._clock()
-            if self._cached is None or now - self._cached_at >= self.min_interval:
+            # A scan that started after this scrape arrived (while it waited for the lock) is as fresh
+            # as one of its own: so with min_interval=0 a burst of scrapes costs two scans, not one each.
+            fresh = self._cached_started > arrived
+            if self._cached is None or (now - self._cached_at >= self.min_interval and not fresh):
+                self._cached_started = self._clock()
                 result: ScanResult | None
                 try:
                     result = self.scan_once()
