@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from bench.scan_fixture import running  # noqa: E402
 from closewait.model import TcpState  # noqa: E402
-from closewait.scan import scan  # noqa: E402
+from closewait.scanning import scan  # noqa: E402
 from closewait.sources import netlink  # noqa: E402
 
 CLOSEWAIT = str(Path(sys.executable).with_name("closewait"))

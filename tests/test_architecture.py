@@ -100,8 +100,8 @@ def _lint_imports(src: Path) -> subprocess.CompletedProcess[str]:
     ("module", "line", "contract"),
     [
         ("model.py", "import ctypes", "Only sources/ loads libc"),
-        ("scan.py", "import socket", "never open sockets"),
-        ("diagnosis.py", "from closewait import scan", "Data flows one way"),
+        ("scanning.py", "import socket", "never open sockets"),
+        ("diagnosis.py", "from closewait.scanning import scan", "Data flows one way"),
         ("sentinel.py", "from closewait import testing", "does not depend on the test helpers"),
         ("reap.py", "import rich", "rich only in cli/render"),
     ],

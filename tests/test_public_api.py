@@ -42,13 +42,13 @@ def test_import_is_lazy_and_scan_stays_the_function() -> None:
 import sys
 from pathlib import Path
 import closewait
-behind = ("closewait.model", "closewait.scan", "closewait.errors", "closewait.diagnosis", "closewait.sources")
+behind = ("closewait.model", "closewait.scanning", "closewait.errors", "closewait.diagnosis", "closewait.sources")
 assert not [m for m in behind if m in sys.modules], sorted(sys.modules)
 assert "scan" in closewait.__all__ and "scan" in dir(closewait)
 assert not [m for m in behind if m in sys.modules], sorted(sys.modules)
 assert "ast" not in sys.modules  # not on the console's fast path
-import closewait.scan
-assert callable(closewait.scan) and closewait.scan.__module__ == "closewait.scan"
+import closewait.scanning
+assert callable(closewait.scan) and closewait.scan.__module__ == "closewait.scanning"
 assert closewait.Snapshot is sys.modules["closewait.model"].Snapshot
 """
     subprocess.run([sys.executable, "-c", program], check=True)

@@ -13,8 +13,6 @@ Prometheus, HTML)::
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 #: typing.TYPE_CHECKING without importing typing (and the ~15 ms of modules it pulls in); mypy
 #: recognises the name.
@@ -49,8 +47,8 @@ if TYPE_CHECKING:
     from closewait.model import TcpInfo as TcpInfo
     from closewait.model import TcpState as TcpState
     from closewait.model import parse_states as parse_states
-    from closewait.scan import CLOSE_WAIT_ONLY as CLOSE_WAIT_ONLY
-    from closewait.scan import scan as scan
+    from closewait.scanning import CLOSE_WAIT_ONLY as CLOSE_WAIT_ONLY
+    from closewait.scanning import scan as scan
 
 __version__ = "0.1.0"
 
@@ -105,17 +103,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_public_names(), "__all__"})
-
-
-class _Package(types.ModuleType):
-    """The ``closewait`` module: ``closewait.scan`` is the function, even once the submodule
-    ``closewait.scan`` is imported (the import system binds a submodule on its package; with the
-    eager imports this file used to have, the function was bound after it and won)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "scan" and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> Any:
     from closewait.errors import ClosewaitError
 
     try:
-        from closewait.scan import CLOSE_WAIT_ONLY, scan
+        from closewait.scanning import CLOSE_WAIT_ONLY, scan
         from closewait.serialize import snapshot_json_chunks
 
         snapshot = scan(CLOSE_WAIT_ONLY, owners=owners, backend=early if early is not None else "auto")

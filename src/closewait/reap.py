@@ -210,7 +210,7 @@ def survey(
     socket (fork, SCM_RIGHTS) affects all its holders and the plan must say so (as far as this
     user can see: without root, other users' processes are not looked into).
     """
-    from closewait.scan import CLOSE_WAIT_ONLY, scan
+    from closewait.scanning import CLOSE_WAIT_ONLY, scan
 
     for pid in sorted(pids):
         try:

@@ -46,7 +46,7 @@ from closewait import trace as trace_mod
 from closewait.display import format_duration
 from closewait.errors import ClosewaitError, UsageError
 from closewait.model import Finding
-from closewait.scan import CLOSE_WAIT_ONLY, scan
+from closewait.scanning import CLOSE_WAIT_ONLY, scan
 from closewait.sources import probe
 from closewait.sources.probe import shutdown_socket
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from closewait import trace
 from closewait.diagnosis import diagnose
 from closewait.model import Finding, Role
-from closewait.scan import CLOSE_WAIT_ONLY, scan
+from closewait.scanning import CLOSE_WAIT_ONLY, scan
 from closewait.sources.probe import close_wait_inodes
 
 __all__ = [

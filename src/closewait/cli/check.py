@@ -19,7 +19,7 @@ from closewait._console import OutputFailed, ReaderGone
 from closewait.check import Status, Thresholds, evaluate
 from closewait.cli._options import INT_MAX, Integer, Seconds, backend_option, examples, filter_options
 from closewait.errors import ClosewaitError
-from closewait.scan import CLOSE_WAIT_ONLY, scan
+from closewait.scanning import CLOSE_WAIT_ONLY, scan
 
 #: The count thresholds used when none at all is given (docs/cli.md): check never silently says OK
 #: without a threshold.

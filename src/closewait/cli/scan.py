@@ -7,7 +7,7 @@ import sys
 import click
 
 from closewait.cli._options import backend_option, examples, filter_options, state_option, states_from
-from closewait.scan import CLOSE_WAIT_ONLY, scan
+from closewait.scanning import CLOSE_WAIT_ONLY, scan
 from closewait.serialize import snapshot_json
 from closewait.sources.owners import OWNER_SOURCES
 

@@ -13,7 +13,7 @@ import click
 
 from closewait.cli._options import COUNT, DAY_S, INT_MAX, Integer, Seconds, backend_option, examples, filter_options
 from closewait.model import Snapshot
-from closewait.scan import CLOSE_WAIT_ONLY, scan
+from closewait.scanning import CLOSE_WAIT_ONLY, scan
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
 from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, Tracker, sample_dict, sample_forever

@@ -61,7 +61,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from closewait.errors import ClosewaitError, UsageError
 from closewait.model import Snapshot, TcpState
-from closewait.scan import scan
+from closewait.scanning import scan
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
 

@@ -35,7 +35,7 @@ from closewait.lab.servers import (
     start_remedy,
 )
 from closewait.model import TcpState
-from closewait.scan import scan
+from closewait.scanning import scan
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from closewait.lab.servers.observe import (
     lookup_end,
 )
 from closewait.model import Finding, TcpState
-from closewait.scan import scan
+from closewait.scanning import scan
 from closewait.sources.capture import Segment
 from closewait.sources.sysctl import tcp_fin_timeout_s
 

@@ -21,7 +21,7 @@ from closewait.diagnosis import diagnose
 from closewait.errors import NoSuchProcess
 from closewait.lab.model import Experiment, LabContext, Measurement, Verdict
 from closewait.model import ALL_STATES, TEARDOWN_STATES, Endpoint, Finding, Role, TcpState
-from closewait.scan import scan
+from closewait.scanning import scan
 from closewait.sources import capture as capture_mod
 from closewait.sources import netlink
 from closewait.sources.capture import Capture, Segment
