@@ -28,7 +28,7 @@ from closewait.sources import bpf
 from closewait.sources.owners import find_owners
 from tests.conftest import Nobody, Spawn
 from tests.scan.kit import LEAKING_SERVER, REPO, close_wait_of, python_argv, run_cli
-from tests.scan.test_owners import FORKING_SERVER
+from tests.sources.test_owners import FORKING_SERVER
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
