@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 
 from closewait.display import format_address
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
+if TYPE_CHECKING:
+    from closewait.workload import Workload
+
 
 class TcpState(enum.IntEnum):
     """TCP states with the kernel's numbers (``include/net/tcp_states.h``)."""
@@ -240,6 +244,9 @@ class Process:
     name: str
     cmdline: tuple[str, ...]
     uid: int | None = None
+    #: The container, Kubernetes pod or systemd unit the process runs in (``closewait.workload``);
+    #: None when it was not looked up.
+    workload: Workload | None = None
 
     @property
     def identity(self) -> tuple[int, int]:
@@ -309,6 +316,25 @@ class ProcessGroup:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkloadGroup:
+    """The findings of one workload (container, pod, unit, the host), by process; ``workload`` is
+    None for sockets with no known owner and for processes whose workload was not looked up."""
+
+    workload: Workload | None
+    processes: tuple[ProcessGroup, ...]
+
+    @property
+    def count(self) -> int:
+        """Sockets, each once even when several of the workload's processes share it."""
+        return len({id(f) for group in self.processes for f in group.findings})
+
+    @property
+    def oldest_idle_ms(self) -> int | None:
+        idles = [g.oldest_idle_ms for g in self.processes if g.oldest_idle_ms is not None]
+        return max(idles) if idles else None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """The result of one scan: findings, the states asked for, and what went wrong on the way.
 
@@ -363,4 +389,23 @@ class Snapshot:
                 g.process.pid if g.process else 0,
             )
         )
+        return result
+
+    def by_workload(self, state: TcpState | None = None) -> list[WorkloadGroup]:
+        """Findings grouped by workload, then by process, worst first (most sockets, then oldest).
+
+        Processes in one container, pod or unit form one group; sockets without a known owner
+        form one group with ``workload=None``, listed last.
+        """
+        groups: dict[object, list[ProcessGroup]] = {}
+        workloads: dict[object, Workload | None] = {}
+        for group in self.by_process(state):
+            workload = group.process.workload if group.process is not None else None
+            key: object = (workload.kind, workload.name, workload.id) if workload is not None else None
+            if group.process is not None and workload is None:
+                key = ("process", group.process.identity)
+            groups.setdefault(key, []).append(group)
+            workloads[key] = workload
+        result = [WorkloadGroup(workloads[key], tuple(items)) for key, items in groups.items()]
+        result.sort(key=lambda g: (g.processes[0].process is None, -g.count, -(g.oldest_idle_ms or 0)))
         return result

@@ -43,6 +43,7 @@ def owner_dict(owner: Owner) -> dict[str, Any]:
         "name": process.name,
         "cmdline": list(process.cmdline),
         "start_time": process.start_time,
+        "workload": process.workload.as_dict() if process.workload is not None else None,
     }
 
 

@@ -184,3 +184,17 @@ class WorkloadResolver:
             meta = self.pod_api.pod(workload.pod_uid) if self.pod_api is not None and workload.pod_uid else None
             return with_pod(workload, entry, meta)
         return workload
+
+
+_default: dict[str, WorkloadResolver] = {}
+_default_lock = threading.Lock()
+
+
+def default_resolver(proc_root: str = "/proc") -> WorkloadResolver:
+    """One resolver per /proc root for the whole program, so its cache (pid, start time -> workload)
+    serves every scan: ``scan(workloads=True)`` uses it."""
+    with _default_lock:
+        resolver = _default.get(proc_root)
+        if resolver is None:
+            resolver = _default[proc_root] = WorkloadResolver(proc_root=proc_root)
+        return resolver
