@@ -222,6 +222,18 @@ def netns_option(help: str) -> Callable[[F], F]:
     return click.option("--netns", type=NETNS, metavar="PID|PATH", help=help)
 
 
+def port_option(f: F) -> F:
+    """--port, repeatable: the same option and words in scan, watch, check and reap."""
+    return click.option(
+        "--port",
+        "ports",
+        multiple=True,
+        type=PORT,
+        metavar="PORT",
+        help="Only sockets with this local or remote port, 1-65535 (repeatable).",
+    )(f)
+
+
 def filter_options(f: F) -> F:
     """--port, --pid and --netns."""
     f = netns_option("Scan another network namespace: a pid in it, /proc/PID/ns/net or /run/netns/NAME.")(f)
@@ -233,14 +245,7 @@ def filter_options(f: F) -> F:
         metavar="PID",
         help="Only sockets this process holds (repeatable).",
     )(f)
-    return click.option(
-        "--port",
-        "ports",
-        multiple=True,
-        type=PORT,
-        metavar="PORT",
-        help="Only sockets with this local or remote port, 1-65535 (repeatable).",
-    )(f)
+    return port_option(f)
 
 
 def backend_option(f: F) -> F:

@@ -19,7 +19,7 @@ import click
 
 from closewait import reap
 from closewait._console import OutputFailed, ReaderGone
-from closewait.cli._options import DURATION, PID, PORT, examples, refuse_non_ascii_digits
+from closewait.cli._options import DURATION, PID, examples, port_option, refuse_non_ascii_digits
 from closewait.errors import UsageError
 
 
@@ -34,14 +34,7 @@ from closewait.errors import UsageError
 @click.option(
     "--pid", "pids", multiple=True, type=PID, metavar="PID", help="Process whose sockets to release (repeatable)."
 )
-@click.option(
-    "--port",
-    "ports",
-    multiple=True,
-    type=PORT,
-    metavar="PORT",
-    help="Only sockets with this local or remote port, 1-65535 (repeatable).",
-)
+@port_option
 @click.option(
     "--remote",
     metavar="ADDR[:PORT]",
