@@ -161,7 +161,12 @@ def tools(ports: list[int], baseline_src: str | None) -> list[Tool]:
         ),
     ]
     if baseline_src:
-        entry = "import sys;from closewait.cli import main;sys.argv[0]='closewait';main()"
+        # What the console script runs: closewait._console.main (the scan --json fast path), or
+        # closewait.cli.main for a closewait older than the fast path.
+        entry = (
+            "import sys\ntry:\n from closewait._console import main\nexcept ImportError:\n"
+            " from closewait.cli import main\nsys.argv[0]='closewait';main()"
+        )
         env = {"PYTHONPATH": baseline_src}
         found[3:3] = [
             Tool("closewait scan --json (before)", [python, "-c", entry, "scan", "--json"], "closewait", env),
@@ -433,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     # An installed package runs from bytecode compiled at install time; a checkout run with
     # PYTHONDONTWRITEBYTECODE set would compile every module on every run (10-25 ms). Compile once.
     compileall.compile_dir(str(ROOT / "src"), quiet=1)
+    if args.baseline_src:
+        compileall.compile_dir(args.baseline_src, quiet=1)
     scan_fixture.install_signal_handlers()
     load_before = _loadavg()
     try:

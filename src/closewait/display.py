@@ -19,7 +19,6 @@ Nothing here imports the rest of closewait (the model itself formats endpoints t
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 
 __all__ = [
@@ -95,6 +94,8 @@ def format_decimal(value: float) -> str:
 def format_command(cmdline: Sequence[str], name: str, width: int) -> str:
     """The command line as a shell would take it (``shlex.join``), ``[name]`` for a kernel thread or
     a process whose cmdline is empty (a zombie), on one line, cut to ``width`` characters with ``...``."""
+    import shlex  # here, not at the top: the scan --json fast path imports this module, not this function
+
     cmd = shlex.join(cmdline) if cmdline else f"[{name}]"
     cmd = cmd.translate(_ONE_LINE)
     return cmd if len(cmd) <= width else cmd[: width - 3] + "..."

@@ -18,13 +18,13 @@ from closewait.errors import AccessDenied, UsageError
 from closewait.model import Endpoint, Finding, Owner, Process, Role, Snapshot, Socket, TcpState
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
-from closewait.sources.attribution import WorkloadResolver, default_resolver
 from closewait.sources.owners import OwnerMap, check_owner_source, descriptors_denied, find_owners
 from closewait.sources.process import validate_pids
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
     from closewait.sources import SocketSource
+    from closewait.sources.attribution import WorkloadResolver
 
 CLOSE_WAIT_ONLY: frozenset[TcpState] = frozenset({TcpState.CLOSE_WAIT})
 
@@ -77,8 +77,12 @@ def scan(
     taken_at = time.time()
     targets, listeners = _dump(source, ns, wanted_states, port_filter, with_listeners=owners)
     owner_map = _owners(targets, listeners, pid_filter, proc_root, owner_source) if owners and targets else None
-    if owner_map is not None and workloads is not False:
-        _attribute(targets, owner_map, default_resolver(proc_root) if workloads is True else workloads)
+    if owner_map is not None and owner_map.owners and workloads is not False:
+        if workloads is True:
+            from closewait.sources.attribution import default_resolver  # only a scan with owners pays its import
+
+            workloads = default_resolver(proc_root)
+        _attribute(targets, owner_map, workloads)
     findings = _findings(targets, listeners, owner_map, pid_filter, with_roles=owners)
     return Snapshot(
         findings=findings,

@@ -32,10 +32,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Final, Literal
 
 #: What a workload is. ``unknown``: the cgroup could not be read or parsed (``error`` says why).
-WorkloadKind = Literal["container", "pod", "unit", "host", "unknown"]
+# typing only for the type checker: the console's scan --json imports this module, and typing costs ~5 ms.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    from typing import Final, Literal
+
+    WorkloadKind = Literal["container", "pod", "unit", "host", "unknown"]
 KINDS: Final = ("container", "pod", "unit", "host", "unknown")
 
 #: Kubernetes QoS classes as kubelet names their cgroups (lower case); Guaranteed has no cgroup of its own.
@@ -128,6 +132,8 @@ _UNIT_SUFFIXES: Final = (".service", ".scope")
 
 @dataclass(frozen=True, slots=True)
 class _Pod:
+    """A pod found in a cgroup path: where in the path, its UID and QoS class."""
+
     index: int
     uid: str
     qos: str

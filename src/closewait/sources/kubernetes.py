@@ -14,19 +14,26 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-import logging
 import os
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import quote
 
 from closewait.workload import PodContainer, PodMeta, parse_container_log_name, parse_pod_list
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    import logging
+
+
+def _log() -> logging.Logger:
+    """This module's logger, imported on first use: logging (with traceback, textwrap and string)
+    costs ~15 ms, and every scan with owners imports this module."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 CONTAINER_LOG_DIR = "/var/log/containers"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -165,7 +172,7 @@ class PodApi:
             self.errors += 1
             self.last_error = f"{type(err).__name__}: {err}"[:300]
             if not self._failing:
-                log.warning(
+                _log().warning(
                     "Kubernetes API server %s:%s: cannot list pods (%s); pod labels are left out until it answers",
                     self.host,
                     self.port,
@@ -174,13 +181,18 @@ class PodApi:
             self._failing = True
             return
         if self._failing:
-            log.warning("Kubernetes API server %s:%s answers again", self.host, self.port)
+            _log().warning("Kubernetes API server %s:%s answers again", self.host, self.port)
         self._failing = False
         self.last_error = None
 
     def _list(self) -> dict[str, PodMeta]:
         with open(self.token_path, encoding="utf-8") as handle:
             token = handle.read().strip()
+        # Imported here, not at the top: every scan imports this module, few ever talk to an API server.
+        import http.client
+        import ssl
+        from urllib.parse import quote
+
         context = ssl.create_default_context(cafile=self.ca_path)
         path = "/api/v1/pods"
         if self.node_name:
