@@ -7,6 +7,7 @@ backend starts, with ``raise ... from err``, so callers catch these and nothing 
     ├── AccessDenied                  the kernel said EPERM/EACCES; the message says what to run as
     ├── NotSupported                  the kernel lacks a feature (ENOSYS, no SOCK_DESTROY, no sock_diag)
     ├── NetnsError                    a path or pid that does not name a network namespace
+    │   └── NetnsGone                 the namespace a long-running command pinned is gone
     └── KernelDataError               the kernel (or a file posing as it) said something malformed
         └── NetlinkError              a netlink reply that is truncated, malformed, or an NLMSG_ERROR
 
@@ -52,6 +53,11 @@ class NotSupported(ClosewaitError):
 
 class NetnsError(ClosewaitError):
     """Not a network namespace, or one that cannot be entered."""
+
+
+class NetnsGone(NetnsError):
+    """The namespace a long-running command was given is gone: its process exited, or its path was
+    deleted or now names another namespace. It never comes back: a new one is another namespace."""
 
 
 class KernelDataError(ClosewaitError):

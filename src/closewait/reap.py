@@ -41,7 +41,7 @@ from closewait.filters import ReapCriteria, RemoteFilter, parse_duration
 from closewait.model import Finding, Owner, Process, Snapshot, Socket, TcpState
 from closewait.sources import COOKIE, get_source, netlink, pidfd
 from closewait.sources.owners import find_owners
-from closewait.sources.process import fd_link, read_stat, read_uid, socket_inode, validate_pids
+from closewait.sources.process import fd_link, hidepid_option, read_stat, read_uid, socket_inode, validate_pids
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
@@ -358,7 +358,7 @@ def _pinned(target: ReapTarget, proc_root: str, *, required: bool) -> Iterator[i
         pin = pidfd.open_pidfd(target.process.pid, required=required)
     try:
         with _about(target, proc_root):
-            _check_identity(target.process, proc_root)
+            _check_identity(target.process, proc_root, pin)
         yield pin
     finally:
         if pin is not None:
@@ -410,9 +410,28 @@ def _destroy_one(target: ReapTarget, nl: socket_mod.socket, proc_root: str) -> s
     return f"SOCK_DESTROY aborted it (RST sent); fd {target.fd} stays open"
 
 
-def _check_identity(process: Process, proc_root: str) -> None:
-    """The pid still names the planned process (same start time), else skip."""
-    start_time = read_stat(process.pid, proc_root).start_time
+def _check_identity(process: Process, proc_root: str, pin: int | None) -> None:
+    """The pid still names the planned process (same start time), else skip.
+
+    Pitfall: /proc mounted with ``hidepid`` hides other users' processes: their stat is missing
+    (hidepid=2, "invisible") or refused (hidepid=1). That is no proof the process exited, and no
+    proof it is the planned one: skipped as ``identity-unknown``, saying which, never a traceback.
+    """
+    pid = process.pid
+    try:
+        start_time = read_stat(pid, proc_root).start_time
+    except AccessDenied as err:
+        raise _Skip("identity-unknown", f"cannot check that pid {pid} is still the planned process: {err}") from err
+    except NoSuchProcess:
+        if not pidfd.alive(pid, pin):
+            raise
+        option = hidepid_option(proc_root)
+        mounted = f" (mounted with {option})" if option else ""
+        raise _Skip(
+            "identity-unknown",
+            f"pid {pid} is running but {proc_root}{mounted} does not show it to this user:"
+            " cannot check it is still the planned process",
+        ) from None
     if start_time != process.start_time:
         planned = f"start time {start_time}, planned {process.start_time}"
         raise _Skip("pid-reused", f"pid {process.pid} is now another process ({planned})")

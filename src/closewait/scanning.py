@@ -19,7 +19,7 @@ from closewait.model import Endpoint, Finding, Owner, Process, Role, Snapshot, S
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
 from closewait.sources.owners import OwnerMap, check_owner_source, descriptors_denied, find_owners
-from closewait.sources.process import validate_pids
+from closewait.sources.process import identify_pids
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def _validate(
     owners: bool,
     owner_source: str,
     proc_root: str,
-) -> tuple[frozenset[TcpState], frozenset[int], frozenset[int]]:
+) -> tuple[frozenset[TcpState], frozenset[int], dict[int, int]]:
     """The wanted states, ports and pids, each checked before the kernel is read.
 
     Pitfall: checked after the dump, a bad argument would only be noticed when some socket matched,
@@ -116,7 +116,7 @@ def _validate(
     if not wanted_states:
         raise UsageError("no TCP state asked for")
     port_filter = validate_ports(ports)
-    pid_filter = validate_pids(pids, proc_root)
+    pid_filter = identify_pids(pids, proc_root)  # pid -> start time: a reused pid is told apart later
     if pid_filter and not owners:
         raise UsageError("--pid needs owners; drop --no-owners")
     check_owner_source(owner_source)
@@ -150,7 +150,7 @@ def _dump(
 
 
 def _owners(
-    targets: list[Socket], listeners: list[Socket], pid_filter: frozenset[int], proc_root: str, method: str
+    targets: list[Socket], listeners: list[Socket], pid_filter: dict[int, int], proc_root: str, method: str
 ) -> OwnerMap:
     """Who holds the kept sockets and the listeners: only their inodes are looked up.
 
@@ -159,8 +159,14 @@ def _owners(
     Unnamed processes that refuse are only counted (``OwnerMap.denied_pids``).
     """
     inodes = {s.inode for s in targets} | {s.inode for s in listeners}
-    owner_map = find_owners(inodes, pids=sorted(pid_filter) if pid_filter else None, proc_root=proc_root, method=method)
-    denied_targets = sorted(pid_filter.intersection(owner_map.denied_pids))
+    owner_map = find_owners(
+        inodes,
+        pids=sorted(pid_filter) if pid_filter else None,
+        proc_root=proc_root,
+        method=method,
+        start_times=pid_filter,
+    )
+    denied_targets = sorted(set(pid_filter).intersection(owner_map.denied_pids))
     if denied_targets:
         raise AccessDenied(descriptors_denied(denied_targets[0]))
     return owner_map
@@ -212,7 +218,7 @@ def _findings(
     targets: list[Socket],
     listeners: list[Socket],
     owner_map: OwnerMap | None,
-    pid_filter: frozenset[int],
+    pid_filter: dict[int, int],
     *,
     with_roles: bool,
 ) -> tuple[Finding, ...]:

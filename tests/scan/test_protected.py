@@ -56,3 +56,28 @@ def test_the_warning_for_a_hidden_owner_does_not_tell_root_to_run_as_root() -> N
     assert message.startswith("owner unknown:")
     assert "even to root (pid 1)" in message
     assert "run as root" not in message
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "closewait", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_reap_and_scan_netns_of_a_protected_process_do_not_tell_root_to_run_as_root() -> None:
+    pid = _protected_pid()
+    if pid is None:
+        pytest.skip("no process here hides its descriptors from root")
+    reap = _run("reap", "--pid", str(pid))
+    assert reap.returncode == 2
+    (line,) = reap.stderr.splitlines()
+    assert line.startswith(f"closewait: error: permission denied: reaping pid {pid}")
+    assert "refused even to root" in line
+    assert "run as root" not in line
+    assert "you are uid" not in line
+    netns = _run("scan", "--netns", str(pid))
+    assert netns.returncode == 2
+    (line,) = netns.stderr.splitlines()
+    # The namespace exists but may not be looked at: not "not a network namespace", not "run as root".
+    expected = f"--netns {pid}: reading /proc/{pid}/ns/net: permission denied, refused even to root"
+    assert line == f"closewait: error: {expected}"

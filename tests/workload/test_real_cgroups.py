@@ -19,7 +19,7 @@ import pytest
 import closewait
 from closewait.model import Process
 from closewait.sources.attribution import EXITED, WorkloadResolver
-from closewait.sources.owners import read_process
+from closewait.sources.process import read_process
 from closewait.workload import Workload, workload_of_cgroup
 from tests.workload.realcg import CgroupTree, Hierarchy, Leaker, hierarchies, start_leaker, usable
 

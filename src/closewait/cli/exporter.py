@@ -95,6 +95,7 @@ def exporter_command(listen: str, all_netns: bool, netns: str | None, top_n: int
             pass
     finally:
         server.stop()
+        collector.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     click.echo("closewait exporter: stopped", err=True)

@@ -68,7 +68,26 @@ def watch_command(
     backend: str,
 ) -> None:
     """Watch CLOSE_WAIT per process: count, change, rate, oldest age, diagnosis and leak verdict."""
-    ns = netns_mod.resolve(netns) if netns is not None else None
+    # Pinned (a descriptor held open): a namespace that is gone stops the watch with one line and
+    # exit 2 ("the namespace is gone"), it is never silently replaced by a new one with its name.
+    ns = netns_mod.pin(netns_mod.resolve(netns)) if netns is not None else None
+    try:
+        _watch(ns, interval, count, jsonl, window, min_growth, ports, pids, backend)
+    finally:
+        netns_mod.unpin(ns)
+
+
+def _watch(
+    ns: netns_mod.Netns | None,
+    interval: float,
+    count: int | None,
+    jsonl: bool,
+    window: int,
+    min_growth: int,
+    ports: tuple[int, ...],
+    pids: tuple[int, ...],
+    backend: str,
+) -> None:
     source = get_source(backend)
 
     def take() -> Snapshot:

@@ -30,22 +30,32 @@ How a scrape is made (docs/monitoring.md has the metric reference):
   ``process="unowned"``. ``closewait_processes_folded`` says how many processes were folded.
 - **Errors are counted, never swallowed**: ``closewait_scan_errors_total{kind}`` with ``kind`` one
   of ``scan`` (the scan failed; the last good values are not re-served, only the counters and
-  ``closewait_scan_success 0``), ``netns`` (a namespace vanished or could not be entered),
+  ``closewait_scan_success 0``), ``netns`` (per scan, each namespace skipped: gone, not enterable,
+  or with ``all_netns`` only processes this user may not read are in it),
   ``owners`` (some /proc/PID/fd were unreadable: run as root or with CAP_SYS_PTRACE) and
   ``owners_bpf`` (the BPF owner lookup could not run, so owners came from the slower /proc walk;
   the reason is logged once).
 - **Sockets come from the one kernel source** (``closewait.sources.get_source``, asked for
   per-state counts and, with namespaces, the inode -> namespace map): a backend added there is used
   here too.
+- **Failures are logged once**, not per scrape: a failed scan's reason when it changes (and when
+  scans succeed again), each skipped namespace when it is first skipped (and when it is covered
+  again).
 - **One other namespace** (``netns="/run/netns/NAME"`` or a pid): scanned instead of the exporter's
-  own, with no extra label (an exporter in a sidecar, or a test's private namespace).
+  own, with no extra label (an exporter in a sidecar, or a test's private namespace). It is pinned
+  (``netns.pin``: a descriptor held open) so a pid that exits and is reused, or a /run/netns name
+  deleted and created again, is reported as gone instead of followed; from then on every scrape
+  answers ``closewait_scan_success 0`` and counts ``kind="netns"`` (and ``kind="scan"``). ``close()``
+  releases the descriptor.
 - **All namespaces** (``all_netns=True``): every network namespace any process is in
   (``netns.discover()``, deduplicated by inode) is counted and scanned through a netlink socket
   opened inside it, and the series get a ``netns`` label naming the lowest pid in it and its name
   (``"4711/nginx"``). Socket inodes are unique host-wide, so owners are found with ONE /proc walk
   for all namespaces. Pitfall: the "local port has a listener" role fallback then sees listeners of
   every namespace, so in a rare case a client socket whose local port some other namespace listens
-  on is called server.
+  on is called server. Coverage is reported: namespaces that could not be read (without root,
+  other users' processes hide theirs; ``netns.survey``) or entered count as ``kind="netns"`` errors,
+  ``closewait_netns_covered`` / ``closewait_netns_skipped`` say how many of each the last scan had.
 """
 
 from __future__ import annotations
@@ -59,7 +69,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from closewait.errors import ClosewaitError, UsageError
+from closewait.errors import ClosewaitError, NetnsError, NetnsGone, UsageError
 from closewait.model import Snapshot, TcpState
 from closewait.scanning import scan
 from closewait.sources import get_source
@@ -109,6 +119,9 @@ class ScanResult:
     folded: int
     duration_s: float
     finished_at: float
+    #: Network namespaces read, and namespaces known but skipped (label -> why).
+    netns_covered: int = 1
+    netns_skipped: dict[str, str] = field(default_factory=dict)
 
 
 def fold_rows(rows: dict[tuple[str, str, str], _Row], top_n: int) -> tuple[dict[tuple[str, str, str], _Row], int]:
@@ -167,7 +180,11 @@ class CloseWaitCollector(Collector):
         if all_netns and netns is not None:
             raise UsageError("give --all-netns or --netns, not both")
         self.all_netns = all_netns
-        self.netns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
+        resolved = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
+        # Pinned: a long-running exporter must not follow the path to another namespace later.
+        self.netns = netns_mod.pin(resolved) if resolved is not None and resolved.fd is None else resolved
+        self._pinned = self.netns is not resolved
+        self._netns_gone: NetnsGone | None = None
         self._clock = clock
         self._lock = threading.Lock()
         self._cached: list[Metric] | None = None
@@ -177,27 +194,46 @@ class CloseWaitCollector(Collector):
         self._scans = 0
         self._last_duration = 0.0
         self._owner_fallback_logged: str | None = None
+        self._failure_logged: str | None = None
+        self._skipped_logged: set[str] = set()
+
+    def close(self) -> None:
+        """Release the namespace this collector pinned (``netns=``); scans after this fail as gone."""
+        if self._pinned and self.netns is not None and self._netns_gone is None:
+            netns_mod.unpin(self.netns)
+            self._netns_gone = NetnsGone(f"{self.netns.path}: no longer pinned (the collector was closed)")
 
     # -- scanning ----------------------------------------------------------------------------------
 
-    def _namespaces(self) -> list[tuple[netns_mod.Netns | None, str]]:
+    def _namespaces(self) -> tuple[list[tuple[netns_mod.Netns | None, str]], dict[str, str]]:
+        """The (namespace, label) pairs to scan, and the namespaces known to exist that cannot be
+        (label -> why: only processes this user may not read are in them)."""
         if self.netns is not None:
             # One namespace asked for by name: a failure to read it fails the scan, like the host's own.
-            return [(self.netns, "")]
+            return [(self.netns, "")], {}
         if not self.all_netns:
-            return [(None, "")]
-        found: list[tuple[netns_mod.Netns | None, str]] = []
-        for ns, pid in netns_mod.discover(self.proc_root):
-            found.append((ns, f"{pid}/{_comm(self.proc_root, pid)}"))
-        return found
+            return [(None, "")], {}
+        survey = netns_mod.survey(self.proc_root)
+        unreadable = {f"{u.pid}/{_comm(self.proc_root, u.pid)}": u.reason for u in survey.unreadable}
+        return [(ns, f"{pid}/{_comm(self.proc_root, pid)}") for ns, pid in survey.found], unreadable
 
     def scan_once(self) -> ScanResult:
         """One full scan (no caching). Raises ClosewaitError if the host's own tables cannot be read."""
         started = time.perf_counter()
-        source = get_source(namespaces=self._namespaces(), count_states=True)
-        snapshot = scan(_CLOSE_WAIT, backend=source, proc_root=self.proc_root)
-        if source.failures:
-            self._errors["netns"] += len(source.failures)
+        if self._netns_gone is not None:
+            raise self._netns_gone  # a new namespace under the old name is another one: never followed
+        namespaces, unreadable = self._namespaces()
+        source = get_source(namespaces=namespaces, count_states=True)
+        try:
+            snapshot = scan(_CLOSE_WAIT, backend=source, proc_root=self.proc_root)
+        except NetnsGone as gone:
+            if self._pinned:
+                self._netns_gone = gone  # released now: it never comes back
+                netns_mod.unpin(self.netns)
+            raise
+        skipped = {**unreadable, **source.skipped}
+        self._errors["netns"] += len(skipped)
+        self._note_coverage(skipped, covered={label for _, label in namespaces} - skipped.keys())
         if snapshot.errors:
             self._errors["owners"] += 1
         self._note_owner_fallback(snapshot.owners_fallback_reason)
@@ -208,7 +244,31 @@ class CloseWaitCollector(Collector):
             folded=folded,
             duration_s=time.perf_counter() - started,
             finished_at=time.time(),
+            netns_covered=len(namespaces) - len(source.skipped),
+            netns_skipped=skipped,
         )
+
+    def _note_coverage(self, skipped: dict[str, str], covered: set[str]) -> None:
+        """Log each skipped namespace once while it stays skipped, and say so when it is read again."""
+        for label in sorted(skipped.keys() - self._skipped_logged):
+            log.warning("network namespace %s not covered: %s", label, skipped[label])
+        for label in sorted(self._skipped_logged & covered):
+            log.warning("network namespace %s covered again", label)
+        self._skipped_logged = set(skipped)
+
+    def _note_failure(self, err: ClosewaitError | None) -> None:
+        """Count a failed scan (``None``: a scan that succeeded); log its reason when it changes, not per scrape."""
+        if err is None:
+            if self._failure_logged is not None:
+                log.warning("scans succeed again")
+                self._failure_logged = None
+            return
+        self._errors["scan"] += 1
+        if isinstance(err, NetnsError) and self.netns is not None:
+            self._errors["netns"] += 1  # the one namespace asked for is gone or cannot be entered
+        if str(err) != self._failure_logged:
+            self._failure_logged = str(err)
+            log.warning("scan failed: %s", err)
 
     def _note_owner_fallback(self, reason: str | None) -> None:
         """Count a scan whose owners came from the /proc walk because the BPF lookup could not run;
@@ -239,9 +299,10 @@ class CloseWaitCollector(Collector):
                 try:
                     result = self.scan_once()
                 except ClosewaitError as err:
-                    log.warning("scan failed: %s", err)
-                    self._errors["scan"] += 1
+                    self._note_failure(err)
                     result = None
+                else:
+                    self._note_failure(None)
                 self._scans += 1
                 self._cached = self._families(result)
                 self._cached_at = self._clock()
@@ -281,7 +342,25 @@ class CloseWaitCollector(Collector):
             labels=["kind"],
         )
         scans = CounterMetricFamily("closewait_scans", "Scans made (scrapes within the minimum interval share one).")
-        families: list[Metric] = [tcp, per_role, oldest, unread, duration, success, last, folded, errors, scans]
+        covered = GaugeMetricFamily("closewait_netns_covered", "Network namespaces the last scan read.")
+        skipped = GaugeMetricFamily(
+            "closewait_netns_skipped",
+            "Network namespaces the last scan knew of but could not read (gone, not enterable, not readable).",
+        )
+        families: list[Metric] = [
+            tcp,
+            per_role,
+            oldest,
+            unread,
+            duration,
+            success,
+            last,
+            folded,
+            errors,
+            scans,
+            covered,
+            skipped,
+        ]
         if describe_only:
             return families
 
@@ -294,6 +373,8 @@ class CloseWaitCollector(Collector):
         duration.add_metric([], result.duration_s)
         last.add_metric([], result.finished_at)
         folded.add_metric([], result.folded)
+        covered.add_metric([], result.netns_covered)
+        skipped.add_metric([], len(result.netns_skipped))
         for label, counts in result.counts.items():
             prefix = [label] if self.all_netns else []
             for state, n in counts.items():

@@ -116,7 +116,7 @@ class KernelSource:
     - ``name``: the backend used (the one furthest down the chain that any namespace needed);
     - ``counts``: label -> every TCP state's count (zeros included), when ``count_states``;
     - ``netns_of_inode``: socket inode -> label, for sockets of labelled namespaces;
-    - ``failures``: the namespaces skipped, with why.
+    - ``failures``: the namespaces skipped, with why, one line each (``skipped``: label -> why).
 
     Each call starts these afresh, so one source can serve a loop (``watch``).
     """
@@ -148,6 +148,7 @@ class KernelSource:
         self.counts: dict[str, dict[TcpState, int]] = {}
         self.netns_of_inode: dict[int, str] = {}
         self.failures: list[str] = []
+        self.skipped: dict[str, str] = {}
 
     def sockets(self, states: frozenset[TcpState]) -> list[Socket]:
         self.name = self._chain[0].name
@@ -155,6 +156,7 @@ class KernelSource:
         self.counts = {}
         self.netns_of_inode = {}
         self.failures = []
+        self.skipped = {}
         if len(self.namespaces) == 1 and self.namespaces[0] == (None, ""):
             return self._read(frozenset(states), "")  # the common case: no namespace machinery
         found: list[Socket] = []
@@ -165,6 +167,7 @@ class KernelSource:
                 if not label:
                     raise  # the one namespace asked for: the scan as a whole has failed
                 self.failures.append(f"{label}: {err}")
+                self.skipped[label] = str(err)
                 _log().info("skipping network namespace %s: %s", label, err)
         return found
 

@@ -7,6 +7,16 @@ A namespace is named by a path to its nsfs file: ``/proc/PID/ns/net`` (a contain
 always moves it back. Sockets opened inside keep the namespace they were opened in, which is how
 a netlink socket dumps another namespace's TCP table.
 
+A long-running caller (``watch``, the exporter) ``pin()``s the namespace it was given: an open
+descriptor keeps that namespace alive, so its inode cannot be handed to a new namespace, and each
+``entered()`` checks that the path still names it. A pid that exited (and was maybe reused), or
+/run/netns/NAME deleted and created again, is then "gone" (``NetnsGone``), never silently followed.
+
+``survey()`` lists the namespaces processes are in, and also those it could not read: without
+root the /proc/PID/ns/net links of other users' processes are behind the ptrace access check, but
+/proc/PID/net/dev is not, and its inode is one per namespace, so the namespaces skipped can still be
+counted (the exporter reports partial ``--all-netns`` coverage with it).
+
 Python 3.11 has no ``os.setns``, so setns(2) and statfs(2) are called through ``_libc``.
 """
 
@@ -16,9 +26,17 @@ import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from closewait.errors import ClosewaitError, NetnsError, NoSuchProcess, from_os_error
+from closewait.errors import (
+    ACCESS_ERRNOS,
+    AccessDenied,
+    ClosewaitError,
+    NetnsError,
+    NetnsGone,
+    NoSuchProcess,
+    from_os_error,
+)
 
 # ctypes is imported (by ``_libc``) only when a namespace is really entered or checked: every
 # ``closewait scan`` imports this module, and the import costs milliseconds of a command that
@@ -32,10 +50,14 @@ NSFS_MAGIC = 0x6E736673
 
 @dataclass(frozen=True, slots=True)
 class Netns:
-    """A network namespace: the path that names it and its inode (what /proc/PID/ns/net links show)."""
+    """A network namespace: the path that names it and its inode (what /proc/PID/ns/net links show).
+
+    ``fd`` is set on a pinned copy (``pin()``): a descriptor open on the namespace itself.
+    """
 
     path: str
     inode: int
+    fd: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -73,6 +95,9 @@ def resolve(spec: str, *, proc_root: str = "/proc") -> Netns:
         # The common mistake gets the namespace's own words; every other errno is from_os_error's.
         raise NetnsError(f"{spec}: no such network namespace ({_NAMES})") from None
     except OSError as err:
+        if err.errno in ACCESS_ERRNOS:
+            # A namespace that exists but may not be looked at: say so, not "not a network namespace".
+            raise from_os_error(err, f"--netns {spec[:80]}: reading {path[:120]}") from err
         raise from_os_error(
             err, f"{spec[:80]}: not a network namespace ({_NAMES})", path=path, path_error=NetnsError
         ) from err
@@ -126,36 +151,82 @@ def current(proc_root: str = "/proc") -> Netns:
     return Netns(path=f"{proc_root}/self/ns/net", inode=os.stat(path).st_ino)
 
 
+def pin(ns: Netns) -> Netns:
+    """``ns`` with a descriptor open on the namespace it resolved to (close it with ``unpin``).
+
+    Raises ``NetnsGone`` if the path already names another namespace than ``ns.inode``.
+    """
+    fd = _open_checked(ns)
+    return Netns(path=ns.path, inode=ns.inode, fd=fd)
+
+
+def unpin(ns: Netns | None) -> None:
+    """Close the descriptor of a pinned namespace (no-op for None or an unpinned one)."""
+    if ns is not None and ns.fd is not None:
+        os.close(ns.fd)
+
+
+def _gone(ns: Netns, why: str) -> NetnsGone:
+    return NetnsGone(f"{ns.path}: the namespace is gone ({why})")
+
+
+def _open_checked(ns: Netns) -> int:
+    """A descriptor on the namespace ``ns.path`` names now, which must be the one of ``ns.inode``."""
+    try:
+        fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _gone(ns, "its process exited or it was deleted") from None
+    except OSError as err:
+        raise from_os_error(err, f"opening network namespace {ns.path}", path=ns.path, path_error=NetnsError) from err
+    # Pinned by inode: the path names whatever namespace is there now. A pid that exited and was
+    # reused, or /run/netns/NAME deleted and created again, must not be followed silently.
+    if os.fstat(fd).st_ino != ns.inode:
+        os.close(fd)
+        raise _gone(
+            ns, "the path now names another namespace: its process exited and the pid was reused, or it was recreated"
+        )
+    return fd
+
+
+def _check_pinned(ns: Netns) -> None:
+    """The path of pinned ``ns`` still names it. The pin keeps the namespace (and so its inode) alive,
+    so an equal inode is the same namespace, not a new one that inherited the number."""
+    try:
+        inode = os.stat(ns.path).st_ino
+    except FileNotFoundError:
+        raise _gone(ns, "its process exited or it was deleted") from None
+    except OSError as err:
+        raise from_os_error(err, f"checking network namespace {ns.path}", path=ns.path, path_error=NetnsError) from err
+    if inode != ns.inode:
+        raise _gone(
+            ns, "the path now names another namespace: its process exited and the pid was reused, or it was recreated"
+        )
+
+
 @contextmanager
 def entered(ns: Netns | None) -> Iterator[None]:
-    """Run the block with the calling thread inside ``ns`` (no-op for None or the current one)."""
+    """Run the block with the calling thread inside ``ns`` (no-op for None or the current one).
+
+    Raises ``NetnsGone`` when the path no longer names ``ns.inode``.
+    """
     if ns is None:
         yield
         return
+    if ns.fd is not None:
+        _check_pinned(ns)
     own_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         if os.fstat(own_fd).st_ino == ns.inode:
             yield
             return
-        try:
-            target_fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NetnsError(f"{ns.path}: the namespace is gone (its process exited or it was deleted)") from None
-        except OSError as err:
-            raise from_os_error(
-                err, f"opening network namespace {ns.path}", path=ns.path, path_error=NetnsError
-            ) from err
-        try:
-            # Pinned by inode: the path names whatever namespace is there now. A pid that exited and
-            # was reused, or /run/netns/NAME deleted and created again, must not be followed silently.
-            if os.fstat(target_fd).st_ino != ns.inode:
-                raise NetnsError(
-                    f"{ns.path}: the namespace is gone (the path now names another namespace: "
-                    "its process exited and the pid was reused, or it was recreated)"
-                )
-            _setns(target_fd, ns.path)
-        finally:
-            os.close(target_fd)
+        if ns.fd is not None:
+            _setns(ns.fd, ns.path)
+        else:
+            target_fd = _open_checked(ns)
+            try:
+                _setns(target_fd, ns.path)
+            finally:
+                os.close(target_fd)
         try:
             yield
         finally:
@@ -164,19 +235,77 @@ def entered(ns: Netns | None) -> Iterator[None]:
         os.close(own_fd)
 
 
-def discover(proc_root: str = "/proc") -> list[tuple[Netns, int]]:
-    """Every network namespace some process is in: (namespace, lowest pid in it), deduplicated.
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A network namespace only processes this user may not read are in."""
 
-    Processes that vanish or cannot be read are skipped.
+    #: The lowest pid in it.
+    pid: int
+    #: The inode of that pid's /proc/PID/net/dev: tells namespaces apart, is no nsfs inode.
+    key: int
+    #: Why its /proc/PID/ns/net could not be read (the kernel's refusal, worded by ``from_os_error``).
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Survey:
+    """The network namespaces processes are in, as far as this user can tell.
+
+    ``found``: (namespace, lowest pid in it) for each namespace whose /proc/PID/ns/net could be read.
+    ``unreadable``: each further namespace that only processes this user may not read are in: it
+    exists, but cannot be named, entered or scanned from here.
+    """
+
+    found: list[tuple[Netns, int]]
+    unreadable: list[Unreadable]
+
+
+def survey(proc_root: str = "/proc") -> Survey:
+    """Every network namespace some process is in: readable ones deduplicated by inode, the others by
+    the inode of their /proc/PID/net/dev (one per namespace, and readable without the ptrace check).
+
+    Processes that vanish are skipped.
     """
     from closewait.sources.process import list_pids, ns_inode
 
     seen: dict[int, tuple[Netns, int]] = {}
-    for pid in list_pids(proc_root):
+    pids_in: dict[int, list[int]] = {}
+    refused: list[tuple[int, str]] = []
+    for pid in sorted(list_pids(proc_root)):
         try:
             inode = ns_inode(pid, "net", proc_root)
+        except AccessDenied as err:
+            refused.append((pid, str(err)))
+            continue
         except ClosewaitError:
             continue
-        if inode not in seen or pid < seen[inode][1]:
+        if inode not in seen:
             seen[inode] = (Netns(path=f"{proc_root}/{pid}/ns/net", inode=inode), pid)
-    return sorted(seen.values(), key=lambda item: item[1])
+        pids_in.setdefault(inode, []).append(pid)
+    unreadable: list[Unreadable] = []
+    if refused:
+        covered = {key for pids in pids_in.values() if (key := _net_key(pids, proc_root)) is not None}
+        hidden: dict[int, Unreadable] = {}
+        for pid, why in refused:  # lowest pid first
+            key = _net_key([pid], proc_root)
+            if key is not None and key not in covered and key not in hidden:
+                hidden[key] = Unreadable(pid=pid, key=key, reason=why)
+        unreadable = sorted(hidden.values(), key=lambda item: item.pid)
+    return Survey(found=sorted(seen.values(), key=lambda item: item[1]), unreadable=unreadable)
+
+
+def _net_key(pids: list[int], proc_root: str) -> int | None:
+    """The inode of /proc/PID/net/dev of the first of ``pids`` still there: the same for every process
+    of one network namespace, different between namespaces (None if all are gone)."""
+    for pid in pids:
+        try:
+            return os.stat(f"{proc_root}/{pid}/net/dev").st_ino
+        except OSError:
+            continue
+    return None
+
+
+def discover(proc_root: str = "/proc") -> list[tuple[Netns, int]]:
+    """Every network namespace some process is in that this user can read: (namespace, lowest pid
+    in it), deduplicated. Processes that vanish or cannot be read are skipped (``survey()`` counts them)."""
+    return survey(proc_root).found

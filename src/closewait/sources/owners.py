@@ -10,20 +10,33 @@ do. The walk is the expensive part of a scan, so it does the least it can:
 - it compares link text before converting anything, and reads a process's stat and cmdline only
   when that process holds a wanted socket.
 
-Processes that exit mid-walk are skipped. Directories it may not read are counted and reported as
-one line ("owner unknown: permission denied ..."), never raised. One process's files (stat,
-cmdline, a single fd directory) are read by ``process.py``.
+Pitfall: pids are reused. A process's stat and cmdline are read through the descriptor its fd
+directory was walked with (``..`` of it is that process's /proc/PID), which stays bound to the
+process it was opened on: a process that exits between its fd walk and its name is skipped, never
+shown under the name of a new process that got its pid. Owners from the BPF iterator (pid, fd) are
+checked the same way: the fd must still hold the socket in the process whose name is read.
+
+Processes that exit mid-walk are skipped (a pid the caller named raises ``NoSuchProcess``).
+Directories it may not read are counted and reported as one line ("owner unknown: permission
+denied ..."), never raised. One process's files (stat, cmdline, a single fd directory) are read by
+``process.py``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from closewait.errors import AccessDenied, NoSuchProcess, UsageError
 from closewait.model import Owner, Process
-from closewait.sources.process import SOCKET_LINK_PREFIX, descriptors_denied, list_pids, read_process, socket_inode
+from closewait.sources.process import (
+    SOCKET_LINK_PREFIX,
+    descriptors_denied,
+    list_pids,
+    read_process_at,
+    socket_inode,
+)
 
 # descriptors_denied and socket_inode are imported by callers from here too.
 __all__ = [
@@ -81,6 +94,7 @@ def find_owners(
     pids: Iterable[int] | None = None,
     proc_root: str = "/proc",
     method: str = "auto",
+    start_times: Mapping[int, int] | None = None,
 ) -> OwnerMap:
     """Every (process, fd) holding one of ``inodes``.
 
@@ -90,6 +104,10 @@ def find_owners(
     /proc otherwise; ``bpf`` raises ``BpfUnavailable`` instead of falling back; ``procfs`` always
     walks. Only the walk can meet processes it may not read (``denied_pids``): the iterator runs as
     root and sees every fd table.
+
+    ``start_times`` (pid -> start time, from ``process.identify_pids``) are the processes the caller
+    named in ``pids``: one that has exited, or whose pid now names a process with another start
+    time, raises ``NoSuchProcess`` instead of being skipped (an empty answer for it would be wrong).
 
     A full walk reads one link per open descriptor on the host (210,000 on a busy one), and each
     readlink costs the kernel a few microseconds (a dentry lookup, a ptrace access check and a
@@ -101,11 +119,12 @@ def find_owners(
     result = OwnerMap()
     if not wanted:
         return result
-    found: list[tuple[int, list[tuple[int, int]]]] = []
+    found: list[_Found] = []
     if method != "procfs" and pids is None and proc_root == "/proc":
         from closewait.sources import bpf
 
         try:
+            asked_at = _boot_ticks()
             holders = bpf.socket_holders(wanted)
         except bpf.BpfUnavailable as err:
             if method == "bpf":
@@ -117,7 +136,7 @@ def find_owners(
             for inode, pairs in holders.items():
                 for pid, fd in pairs:
                     by_pid.setdefault(pid, []).append((fd, inode))
-            found = sorted((pid, sorted(hits)) for pid, hits in by_pid.items())
+            found = _identify_holders(by_pid, proc_root, asked_at)
     elif method == "bpf":
         raise UsageError("the BPF owner lookup reads the whole host: it cannot be combined with --pid")
     if result.method == "procfs":
@@ -127,21 +146,116 @@ def find_owners(
         # Compare the link text itself: one hash lookup per descriptor, no parsing of the
         # 200,000 links that are other sockets.
         wanted_links = {f"{SOCKET_LINK_PREFIX}{inode}]": inode for inode in wanted}
-        _walk_parallel(iter(pid_list), proc_root, wanted_links, found, result.denied_pids, _walk_threads(len(pid_list)))
-        found.sort()
+        walk = _Walk(proc_root, wanted_links, frozenset(start_times or ()), found, result.denied_pids, [])
+        _walk_parallel(iter(pid_list), walk, _walk_threads(len(pid_list)))
         result.denied_pids.sort()
-    for pid, hits in found:
-        try:
-            process = read_process(pid, proc_root)
-        except NoSuchProcess:
-            continue
-        except AccessDenied:
-            process = Process(pid=pid, start_time=0, name="?", cmdline=())
+        _check_named(start_times or {}, walk)
+    for _pid, process, hits in sorted(found, key=lambda item: item[0]):
         for fd, inode in hits:
             result.owners.setdefault(inode, []).append(Owner(process, fd))
     for owner_list in result.owners.values():
         owner_list.sort(key=lambda o: (o.process.pid, o.fd))
     return result
+
+
+#: What the walk found in one process: (pid, the process, [(fd, inode), ...]).
+_Found = tuple[int, Process, list[tuple[int, int]]]
+
+
+@dataclass
+class _Walk:
+    """What a walk reads with, and where its threads put what they find (list.append is atomic)."""
+
+    proc_root: str
+    wanted_links: dict[str, int]
+    #: Pids whose identity is read even when they hold no wanted socket (the named ones).
+    identify: frozenset[int]
+    found: list[_Found]
+    denied: list[int]
+    #: Pids that exited while the walk ran.
+    gone: list[int]
+
+
+def _check_named(start_times: Mapping[int, int], walk: _Walk) -> None:
+    """A named pid that exited during the walk, or names another process than the one validated,
+    is NoSuchProcess: skipping it would answer "holds no such socket" for a process not looked at."""
+    if not start_times:
+        return
+    seen = {pid: process for pid, process, _ in walk.found}
+    for pid in sorted(start_times):
+        process = seen.get(pid)
+        if process is None and pid in walk.denied:
+            continue  # the caller reports the refusal
+        if process is None:
+            raise NoSuchProcess(pid, f"pid {pid} has exited")
+        if process.start_time and process.start_time != start_times[pid]:
+            raise NoSuchProcess(
+                pid, f"pid {pid} has exited and its pid now names another process ({process.name}): scan again"
+            )
+
+
+def _identified(dir_fd: int, pid: int) -> Process | None:
+    """The process ``dir_fd`` (its /proc/PID) was opened on; None if it has exited since."""
+    try:
+        return read_process_at(dir_fd, pid)
+    except NoSuchProcess:
+        return None
+    except AccessDenied:
+        return Process(pid=pid, start_time=0, name="?", cmdline=())
+
+
+def _boot_ticks() -> int:
+    """Now, in the unit and clock of /proc/PID/stat's start time: clock ticks since boot."""
+    import time
+
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def _identify_holders(by_pid: dict[int, list[tuple[int, int]]], proc_root: str, asked_at: int) -> list[_Found]:
+    """The BPF iterator's (pid, fd) pairs, each process read through one descriptor on its /proc/PID,
+    so a pid reused since the iterator ran is not given the old process's sockets.
+
+    Each fd is checked to still hold its socket when this user may read the links (root, or
+    CAP_SYS_PTRACE). When it may not (CAP_BPF and CAP_PERFMON alone), the process's start time is
+    checked instead: a process that started after the iterator was asked to run (``asked_at``, in
+    clock ticks since boot) is not the one it saw. One that started in the same tick is dropped too:
+    its sockets show without an owner for one scan rather than under a process that may not hold them.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    found: list[_Found] = []
+    for pid, pairs in sorted(by_pid.items()):
+        try:
+            dir_fd = os.open(f"{proc_root}/{pid}", flags)
+        except OSError:
+            continue  # exited since the iterator ran
+        try:
+            process = _identified(dir_fd, pid)
+            if process is None:
+                continue
+            hits = _still_held(dir_fd, sorted(pairs))
+            if hits is None:  # the links may not be read here: go by the start time
+                hits = sorted(pairs) if 0 < process.start_time < asked_at else []
+            if hits:
+                found.append((pid, process, hits))
+        finally:
+            os.close(dir_fd)
+    return found
+
+
+def _still_held(dir_fd: int, pairs: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """The (fd, inode) pairs whose fd still holds that socket in the process of ``dir_fd`` (its
+    /proc/PID); None when this user may not read its links."""
+    held = []
+    for fd, inode in pairs:
+        try:
+            link = os.readlink(f"fd/{fd}", dir_fd=dir_fd)
+        except PermissionError:
+            return None
+        except OSError:
+            continue  # closed, or the process exited
+        if link == f"{SOCKET_LINK_PREFIX}{inode}]":
+            held.append((fd, inode))
+    return held
 
 
 #: Below this many processes a second thread costs more than it saves.
@@ -159,32 +273,25 @@ def _walk_threads(n_pids: int) -> int:
     return max(1, min(_MAX_WALK_THREADS, cpus))
 
 
-def _walk_parallel(
-    pids: Iterator[int],
-    proc_root: str,
-    wanted_links: dict[str, int],
-    found: list[tuple[int, list[tuple[int, int]]]],
-    denied: list[int],
-    threads: int,
-) -> None:
+def _walk_parallel(pids: Iterator[int], walk: _Walk, threads: int) -> None:
     """Run ``_walk`` in ``threads`` threads (the caller's included) over one shared pid iterator.
 
     ``next()`` on a list iterator and ``list.append`` are atomic under the GIL, so the threads
     share them without a lock. An unexpected exception in a helper thread is re-raised here.
     """
     if threads <= 1:
-        _walk(pids, proc_root, wanted_links, found, denied)
+        _walk(pids, walk)
         return
     import threading
 
     # Biggest fd tables first, so no thread is left with one huge process at the end.
-    pids = iter(_largest_first(pids, proc_root))
+    pids = iter(_largest_first(pids, walk.proc_root))
 
     failures: list[BaseException] = []
 
     def run() -> None:
         try:
-            _walk(pids, proc_root, wanted_links, found, denied)
+            _walk(pids, walk)
         except BaseException as err:  # re-raised in the caller's thread below
             failures.append(err)
 
@@ -192,7 +299,7 @@ def _walk_parallel(
     for helper in helpers:
         helper.start()
     try:
-        _walk(pids, proc_root, wanted_links, found, denied)
+        _walk(pids, walk)
     finally:
         for helper in helpers:
             helper.join()
@@ -214,48 +321,77 @@ def _largest_first(pids: Iterable[int], proc_root: str) -> list[int]:
     return [pid for _, pid in sized]
 
 
-def _walk(
-    pids: Iterator[int],
-    proc_root: str,
-    wanted_links: dict[str, int],
-    found: list[tuple[int, list[tuple[int, int]]]],
-    denied: list[int],
-) -> None:
-    """Read every fd link of each pid; record (pid, [(fd, inode), ...]) for wanted sockets."""
-    readlink = os.readlink
-    listdir = os.listdir
+def _walk(pids: Iterator[int], walk: _Walk) -> None:
+    """Read every fd link of each pid; record (pid, process, [(fd, inode), ...]) for wanted sockets.
+
+    The process is read through its fd directory's descriptor (``..`` of it is its /proc/PID), after
+    the links: that descriptor is bound to the process it was opened on, so the name is the one of
+    the process whose links were read, or the process has exited and is skipped, even if its pid was
+    reused meanwhile. Processes holding nothing wanted cost no extra open.
+    """
     open_ = os.open
     close = os.close
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-    wanted_get = wanted_links.get
+    proc_root, identify, found, denied, gone = walk.proc_root, walk.identify, walk.found, walk.denied, walk.gone
     for pid in pids:
         try:
             dir_fd = open_(f"{proc_root}/{pid}/fd", flags)
         except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
-            continue  # exited since listing
+            gone.append(pid)  # exited since listing
+            continue
         except PermissionError:
             denied.append(pid)
             continue
-        hits: list[tuple[int, int]] = []
         try:
-            for name in listdir(dir_fd):
-                try:
-                    inode = wanted_get(readlink(name, dir_fd=dir_fd))
-                except PermissionError:
-                    # The directory was listable (CAP_DAC_READ_SEARCH) but the links are behind the
-                    # ptrace access check, which refuses every link of this process alike.
-                    denied.append(pid)
-                    break
-                except OSError:
-                    continue  # closed since listing
-                if inode is not None:
-                    hits.append((int(name), inode))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        except PermissionError:
-            denied.append(pid)
-            continue
+            hits = _links(dir_fd, pid, walk)
+            if hits is None or not (hits or pid in identify):
+                continue
+            process = _identified_through(dir_fd, pid)
+            if process is None:
+                gone.append(pid)  # exited after its links were read: its name is not known
+                continue
+            found.append((pid, process, hits))
         finally:
             close(dir_fd)
-        if hits:
-            found.append((pid, hits))
+
+
+def _identified_through(fd_dir: int, pid: int) -> Process | None:
+    """The process whose /proc/PID/fd ``fd_dir`` is; None if it has exited since it was opened."""
+    try:
+        pid_fd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd_dir)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return Process(pid=pid, start_time=0, name="?", cmdline=())
+    try:
+        return _identified(pid_fd, pid)
+    finally:
+        os.close(pid_fd)
+
+
+def _links(dir_fd: int, pid: int, walk: _Walk) -> list[tuple[int, int]] | None:
+    """[(fd, inode), ...] of the wanted sockets among the descriptors in ``dir_fd`` (a /proc/PID/fd);
+    None when they cannot be read (``walk.denied``) or the process has exited (``walk.gone``)."""
+    readlink = os.readlink  # locals: the loop below runs once per descriptor on the host
+    wanted_get = walk.wanted_links.get
+    hits: list[tuple[int, int]] = []
+    try:
+        for name in os.listdir(dir_fd):
+            try:
+                inode = wanted_get(readlink(name, dir_fd=dir_fd))
+            except PermissionError:
+                # The directory was listable (CAP_DAC_READ_SEARCH) but the links are behind the
+                # ptrace access check, which refuses every link of this process alike.
+                walk.denied.append(pid)
+                return None
+            except OSError:
+                continue  # closed since listing
+            if inode is not None:
+                hits.append((int(name), inode))
+    except (FileNotFoundError, ProcessLookupError):
+        walk.gone.append(pid)
+        return None
+    except PermissionError:
+        walk.denied.append(pid)
+        return None
+    return hits

@@ -95,6 +95,26 @@ def open_pidfd(pid: int, *, required: bool = True) -> int | None:
         raise error from err
 
 
+def alive(pid: int, pidfd: int | None = None) -> bool:
+    """Whether the process behind ``pidfd`` (else whatever process has ``pid`` now) still exists,
+    even when this user may not look at it or signal it: signal 0 checks existence and permission,
+    and EPERM means it exists. For choosing what to say, never for deciding to act."""
+    import signal
+
+    try:
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, 0)
+        else:
+            os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False  # no pidfd_send_signal here: the caller says the process has exited, as before
+    return True
+
+
 def borrow(pidfd: int, pid: int, fd: int) -> int | None:
     """A duplicate of descriptor ``fd`` of the process behind ``pidfd`` (process ``pid``), or None when
     that descriptor is no longer open. Raises NoSuchProcess when the process has exited meanwhile."""
@@ -144,6 +164,7 @@ def shutdown(fd: int) -> None:
 
 
 __all__ = [
+    "alive",
     "borrow",
     "open_pidfd",
     "pidfd_getfd",

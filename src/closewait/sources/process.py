@@ -10,10 +10,17 @@
     /proc               list_pids, child_pids
 
 ``read_process`` composes a ``model.Process``; ``validate_pids`` checks pids a user named before a
-scan reads the kernel. Failures are ``errors.from_os_error``'s: a process that is gone is
-``NoSuchProcess``, one whose files this user may not read is ``AccessDenied``. A walk over every
-process (``owners.find_owners``, ``child_pids``) skips processes that exit while it runs instead.
-The host-wide descriptor walk itself lives in ``owners.py``: it is the hot loop of a scan.
+scan reads the kernel.
+
+Pitfall: pids are reused, so two reads of /proc/PID/... by number may be of two processes. A
+descriptor on the directory (``open_process``) stays bound to the process it was opened on: files
+read through it (``read_process_at``, its ``fd`` directory) are that process's, and once it has
+exited they fail with ESRCH (``NoSuchProcess``) even when the pid names a new process.
+
+Failures are ``errors.from_os_error``'s: a process that is gone is ``NoSuchProcess``, one whose
+files this user may not read is ``AccessDenied``. A walk over every process (``owners.find_owners``,
+``child_pids``) skips processes that exit while it runs instead. The host-wide descriptor walk itself
+lives in ``owners.py``: it is the hot loop of a scan.
 """
 
 from __future__ import annotations
@@ -23,7 +30,14 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from closewait.errors import ClosewaitError, KernelDataError, UsageError, access_denied, from_os_error
+from closewait.errors import (
+    ClosewaitError,
+    KernelDataError,
+    NoSuchProcess,
+    UsageError,
+    access_denied,
+    from_os_error,
+)
 from closewait.model import Process
 
 SOCKET_LINK_PREFIX = "socket:["
@@ -106,16 +120,70 @@ def read_uid(pid: int, proc_root: str = "/proc") -> int:
         raise from_os_error(err, f"reading {proc_root}/{pid}", pid=pid) from err
 
 
-def read_process(pid: int, proc_root: str = "/proc") -> Process:
-    """Name, cmdline, start time and uid of ``pid``. Raises NoSuchProcess if it is gone."""
-    stat = read_stat(pid, proc_root)
-    cmdline = read_cmdline(pid, proc_root)
-    uid: int | None
+def open_process(pid: int, proc_root: str = "/proc") -> int:
+    """A descriptor on /proc/PID, bound to the process that has ``pid`` now (the caller closes it)."""
     try:
-        uid = read_uid(pid, proc_root)
-    except ClosewaitError:
+        return os.open(f"{proc_root}/{pid}", _DIRECTORY_FLAGS)
+    except OSError as err:
+        raise from_os_error(err, f"reading {proc_root}/{pid}", pid=pid) from err
+
+
+def _read_at(dir_fd: int, pid: int, name: str) -> bytes:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise from_os_error(err, f"reading /proc/{pid}/{name}", pid=pid) from err
+
+
+def read_process_at(dir_fd: int, pid: int) -> Process:
+    """``read_process`` through ``open_process``'s descriptor: the process it was opened on, or
+    NoSuchProcess if that one has exited (whatever process has its pid now)."""
+    stat = parse_stat(_read_at(dir_fd, pid, "stat").decode("utf-8", "replace"))
+    raw = _read_at(dir_fd, pid, "cmdline")
+    cmdline = tuple(part.decode("utf-8", "replace") for part in raw.split(b"\0") if part)
+    try:
+        uid: int | None = os.fstat(dir_fd).st_uid
+    except OSError:
         uid = None
     return Process(pid=pid, start_time=stat.start_time, name=stat.comm, cmdline=cmdline, uid=uid)
+
+
+def read_process(pid: int, proc_root: str = "/proc") -> Process:
+    """Name, cmdline, start time and uid of ``pid``. Raises NoSuchProcess if it is gone.
+
+    Its files are read through one ``open_process`` descriptor, so they are all one process's.
+    """
+    dir_fd = open_process(pid, proc_root)
+    try:
+        return read_process_at(dir_fd, pid)
+    finally:
+        os.close(dir_fd)
+
+
+def hidepid_option(proc_root: str = "/proc") -> str | None:
+    """The ``hidepid=`` option ``proc_root`` is mounted with (``hidepid=invisible``, ``hidepid=2``),
+    None when it has none or is no mount point: why another user's process may not show under it."""
+    try:
+        root = os.path.realpath(proc_root)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    found: str | None = None
+    for line in lines:  # the last mount on the path is the one seen there
+        fields = line.split()
+        if len(fields) < 5 or fields[4] != root or " - proc " not in line:
+            continue
+        options = line.split(" - ", 1)[1].split()[-1].split(",")
+        found = next((option for option in options if option.startswith("hidepid=")), None)
+    return found
 
 
 def list_pids(proc_root: str = "/proc") -> list[int]:
@@ -201,17 +269,26 @@ def ns_inode(pid: int, kind: str = "net", proc_root: str = "/proc") -> int:
 
 
 def validate_pids(pids: Iterable[int], proc_root: str = "/proc") -> frozenset[int]:
-    """Check each pid exists now and its descriptors can be read.
+    """Check each pid exists now, has not exited, and its descriptors can be read (``identify_pids``)."""
+    return frozenset(identify_pids(pids, proc_root))
 
-    Raises NoSuchProcess for the first that does not exist, AccessDenied for the first whose
-    /proc/PID/fd this user may not read (another user's process, without root): checked before the
-    kernel's socket table is read, so the answer does not depend on whether any socket matched.
+
+def identify_pids(pids: Iterable[int], proc_root: str = "/proc") -> dict[int, int]:
+    """Check each pid exists now and its descriptors can be read; pid -> its start time.
+
+    Raises NoSuchProcess for the first that does not exist or has exited (a zombie: its descriptors
+    are closed, it only waits for its parent), AccessDenied for the first whose /proc/PID/fd this
+    user may not read (another user's process, without root): checked before the kernel's socket
+    table is read, so the answer does not depend on whether any socket matched. The start times let
+    a later walk tell these processes from new ones given the same pid.
     """
-    result = frozenset(pids)
-    for pid in sorted(result):
+    result: dict[int, int] = {}
+    for pid in sorted(frozenset(pids)):
         if pid <= 0:
             raise UsageError(f"pid {pid} is not a process id")
-        read_stat(pid, proc_root)
+        stat = read_stat(pid, proc_root)
+        if stat.state in _EXITED_STATES:
+            raise NoSuchProcess(pid, f"pid {pid} has exited (a zombie: its descriptors are closed)")
         dir_fd = _open_fd_dir(pid, proc_root)
         try:
             # Listing may be allowed (root, CAP_DAC_READ_SEARCH) while every link is behind the
@@ -223,7 +300,12 @@ def validate_pids(pids: Iterable[int], proc_root: str = "/proc") -> frozenset[in
             raise from_os_error(err, f"cannot read the descriptors of pid {pid}", pid=pid) from err
         finally:
             os.close(dir_fd)
+        result[pid] = stat.start_time
     return result
+
+
+#: /proc/PID/stat states of a process that has exited: Z (zombie), X (dead, being removed).
+_EXITED_STATES = frozenset({"Z", "X", "x"})
 
 
 def set_child_subreaper() -> None:
@@ -261,13 +343,17 @@ __all__ = [
     "descriptor_after_close",
     "descriptors_denied",
     "fd_link",
+    "hidepid_option",
+    "identify_pids",
     "list_pids",
     "ns_inode",
+    "open_process",
     "parse_stat",
     "parse_tgid",
     "read_cmdline",
     "read_comm",
     "read_process",
+    "read_process_at",
     "read_stat",
     "read_tgid",
     "read_uid",
