@@ -1,0 +1,827 @@
+"""The CLOSE_WAIT recorder: a BPF program on the kernel's ``sock:inet_sock_set_state`` tracepoint.
+
+Sampling cannot see a socket that sits 20 s in CLOSE_WAIT between two scrapes, nor say when the
+peer's FIN arrived. The kernel announces every TCP state change; this program keeps, in BPF maps:
+
+``entries``     socket cookie -> the time it entered CLOSE_WAIT (``bpf_ktime_get_ns``, i.e.
+                CLOCK_MONOTONIC), an LRU hash of ``capacity`` sockets (1M by default): it never
+                fails and never grows; a socket evicted from it leaves as "untracked".
+``histograms``  (cgroup id, tgid, LeaveReason) -> dwell-time buckets (``events.BUCKET_BOUNDS``) and
+                their sum. The leaving edge CLOSE_WAIT -> LAST_ACK runs in the task that called
+                close()/shutdown(), so its tgid and cgroup are the closer's (unlike the entering
+                edge, which runs in softirq: bcc#690). A hash of ``histogram_capacity`` keys, not
+                preallocated; a leave that finds it full is counted in ``histogram_dropped``.
+``counters``    a per-CPU array: the per-state deltas (+1 new state, -1 old state on every
+                transition), entered, left by reason, left untracked, histograms dropped.
+
+The cookie is ``bpf_get_socket_cookie(sk)``: the kernel's ``sock_gen_cookie``, the same number
+sock_diag reports as ``idiag_cookie`` and ``getsockopt(SO_COOKIE)`` returns, so ``scan`` can join
+its dump with ``entry_times``.
+
+Program type: BPF_PROG_TYPE_TRACING attached as BPF_TRACE_RAW_TP ("tp_btf"). Its context is the
+tracepoint's own arguments typed by BTF (``struct sock *sk, int oldstate, int newstate``), so the
+program reads ``sk->sk_protocol`` directly (the verifier checks the offset against the type), and
+it may call ``bpf_get_socket_cookie`` and ``bpf_get_current_task_btf``, which a classic
+TRACEPOINT or RAW_TRACEPOINT program cannot; the classic tracepoint would also need tracefs
+mounted and its format file parsed. It needs BTF (which the iterator needs anyway) and Linux 5.12+.
+
+Trust: like the owner iterator's marker socket, ``open()`` checks the attached program with a
+loopback connection of its own (``_self_test``): the entry time of the accepted socket's cookie
+must appear when the peer's FIN has been read, within the time bracket it happened in, and the
+close must remove it and count one CLOSED dwell under this process's tgid and cgroup. Otherwise
+the recorder is detached and ``RecorderUnavailable`` says why; callers fall back to sampling.
+
+Pinning: with ``pin_dir`` (a directory in a bpffs), the link and the three maps are pinned there,
+so the program stays attached after this process exits and other processes (``closewait scan``)
+read the same maps with ``Recorder.open_pinned(pin_dir)``. ``unpin(pin_dir)`` detaches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from closewait.errors import ClosewaitError, NotSupported
+from closewait.events import (
+    BUCKET_BOUNDS_NS,
+    N_BUCKETS,
+    N_STATE_SLOTS,
+    Counters,
+    Histogram,
+    HistogramKey,
+    LeaveReason,
+    StateCountSync,
+)
+from closewait.model import TcpState
+from closewait.sources import bpf_asm
+from closewait.sources.bpf import BTF_PATH, BpfUnavailable, _Bpf, read_btf
+from closewait.sources.bpf_asm import (
+    ADD,
+    AND,
+    JEQ,
+    JGT,
+    JLE,
+    JNE,
+    LSH,
+    RSH,
+    SUB,
+    Asm,
+    Btf,
+    MapAccess,
+)
+
+TRACEPOINT = "inet_sock_set_state"
+DEFAULT_PIN_DIR = "/sys/fs/bpf/closewait"
+BPFFS_MAGIC = 0xCAFE4A11
+
+#: Sockets whose CLOSE_WAIT entry time is kept (LRU: the oldest are evicted past this).
+DEFAULT_CAPACITY = 1 << 20
+#: (cgroup, tgid, reason) histograms kept; leaves past this are counted as dropped.
+DEFAULT_HISTOGRAM_CAPACITY = 16384
+
+# The counters map: one per-CPU value of u64 slots. Slots 0..12 are per-state deltas (by state number).
+_SLOT_TRANSITIONS = 13
+_SLOT_ENTERED = 14
+_SLOT_LEFT = 15  # + LeaveReason: 15 closed, 16 exited, 17 reset
+_SLOT_LEFT_UNTRACKED = 18
+_SLOT_HIST_DROPPED = 19
+_N_SLOTS = 20
+
+#: A histogram's value: one u64 per bucket, then the sum of dwells in ns.
+_HIST_VALUE = struct.Struct(f"<{N_BUCKETS + 1}Q")
+_HIST_KEY = struct.Struct("<QII")  # cgroup id, tgid, reason
+
+#: The names the maps and the program get (bpftool shows them); a pinned recorder must match them.
+_MAP_NAMES = {"entries": "cw_entries_v1", "histograms": "cw_hist_v1", "counters": "cw_counters_v1"}
+_PROG_NAME = "cw_closewait"
+
+_IPPROTO_TCP = 6
+_PF_EXITING = 0x4  # include/linux/sched.h
+_SEND_SHUTDOWN = 2  # include/net/sock.h
+_SO_COOKIE = 57
+_SO_NETNS_COOKIE = 71
+_BPF_PROG_TYPE_TRACING = 26
+_BPF_TRACE_RAW_TP = 23
+_BPF_ANY = 0
+
+_T = TypeVar("_T")
+
+
+class RecorderUnavailable(NotSupported):
+    """The recorder cannot run (or cannot be trusted) here; ``str(err)`` is the one-line reason.
+
+    Callers report it once and keep sampling (``tcpi_last_ack_recv`` ages, sock_diag counts).
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What the program needs from this kernel's types."""
+
+    attach_btf_id: int
+    sk_protocol: bpf_asm.Field
+    sk_shutdown: bpf_asm.Field
+    skc_net: bpf_asm.Field
+    net_cookie: bpf_asm.Field
+    task_flags: bpf_asm.Field
+
+
+def kernel_layout(btf_path: str = BTF_PATH) -> Layout:
+    """The Layout from the kernel's BTF; RecorderUnavailable when something is missing."""
+    try:
+        btf = Btf(read_btf(btf_path))
+        return Layout(
+            attach_btf_id=btf.type_id(f"btf_trace_{TRACEPOINT}", bpf_asm.KIND_TYPEDEF),
+            sk_protocol=btf.member("sock", "sk_protocol"),
+            sk_shutdown=btf.member("sock", "sk_shutdown"),
+            skc_net=btf.member("sock", "__sk_common.skc_net"),
+            net_cookie=btf.member("net", "net_cookie"),
+            task_flags=btf.member("task_struct", "flags"),
+        )
+    except (BpfUnavailable, ClosewaitError) as err:
+        raise RecorderUnavailable(f"the kernel's types do not fit the recorder: {err}") from err
+
+
+#: A layout with x86-64 6.x offsets, used only to show the program without a kernel (``program_listing``).
+_EXAMPLE_LAYOUT = Layout(
+    0,
+    bpf_asm.Field(532, 2),
+    bpf_asm.Field(575, 1),
+    bpf_asm.Field(48, 8),
+    bpf_asm.Field(4096, 8),
+    bpf_asm.Field(44, 4),
+)
+
+
+def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, netns_cookie: int | None) -> Asm:
+    """The program. In C it would read::
+
+        if (!sk || sk->sk_protocol != IPPROTO_TCP) return 0;
+        if (NETNS && sk->__sk_common.skc_net.net->net_cookie != NETNS) return 0;
+        c = counters[0]; c->transitions++;
+        if (new < 13 && new != CLOSE) c->state[new]++;
+        if (old < 13 && old != CLOSE && !(old == LISTEN && new == SYN_RECV)) c->state[old]--;
+        if (new == CLOSE_WAIT) { entries[cookie(sk)] = ktime(); c->entered++; return 0; }
+        if (old != CLOSE_WAIT) return 0;
+        t = entries[cookie(sk)]; if (!t) { c->left_untracked++; return 0; }
+        dwell = ktime() - *t; delete entries[cookie(sk)];
+        if (current->flags & PF_EXITING)                     key = {cgroup, tgid, EXITED};
+        else if (new == LAST_ACK || sk->sk_shutdown & SEND_SHUTDOWN) key = {cgroup, tgid, CLOSED};
+        else                                                  key = {0, 0, RESET};
+        c->left[key.reason]++;
+        h = histograms[key] or insert zeroes (NOEXIST) and look again, else c->hist_dropped++;
+        atomically: h->sum += dwell; h->bucket[first i with dwell <= BOUND[i], else 14]++;
+
+    A passive open is reported LISTEN -> SYN_RECV (the child is cloned from the listener), so that
+    one is a birth, not a listener leaving LISTEN. The per-CPU counters need no lock against
+    themselves: the kernel does not run the same program nested on one CPU (it counts such runs
+    as ``recursion_misses``, reported as ``Counters.missed``); the atomic adds are for the shared maps.
+    """
+    a = Asm()
+    a.map_names.update({entries_fd: "entries", hist_fd: "histograms", counters_fd: "counters"})
+    close, close_wait, last_ack, listen, syn_recv = (int(s) for s in (7, 8, 9, 10, 3))
+    # Stack: fp-8 cookie, fp-16 time, fp-32 histogram key (cgroup u64, tgid u32, reason u32),
+    # fp-40 array key, fp-168 zeroes for a new histogram.
+    zeroes_at = -40 - _HIST_VALUE.size
+    a.load(8, 6, 1, 0, "r6 = sk")
+    a.load(8, 7, 1, 8, "r7 = oldstate")
+    a.alu(LSH, 7, 32)
+    a.alu(RSH, 7, 32)
+    a.load(8, 8, 1, 16, "r8 = newstate")
+    a.alu(LSH, 8, 32)
+    a.alu(RSH, 8, 32)
+    a.jump(JEQ, 6, 0, "out")
+    a.load(layout.sk_protocol.size, 1, 6, layout.sk_protocol.offset, "sk->sk_protocol")
+    a.jump(JNE, 1, _IPPROTO_TCP, "out", "TCP only")
+    if netns_cookie is not None:
+        a.load(8, 1, 6, layout.skc_net.offset, "sk->__sk_common.skc_net.net")
+        a.jump(JEQ, 1, 0, "out")
+        a.load(8, 1, 1, layout.net_cookie.offset, "net->net_cookie")
+        a.ld_imm64(2, netns_cookie, "the one network namespace recorded")
+        a.jumpr(JNE, 1, 2, "out")
+    a.storei(4, 10, -40, 0, "key 0")
+    a.ld_map(1, counters_fd)
+    a.mov(2, 10)
+    a.alu(ADD, 2, -40)
+    a.call("map_lookup_elem", "this CPU's counters")
+    a.jump(JEQ, 0, 0, "out")
+    a.mov(9, 0, "r9 = counters")
+    a.movi(1, 1)
+    a.atomic_add(9, _SLOT_TRANSITIONS * 8, 1, "transitions++")
+    a.jump(JGT, 8, N_STATE_SLOTS - 1, "old_state")
+    a.jump(JEQ, 8, close, "old_state")
+    a.mov(2, 8)
+    a.alu(LSH, 2, 3)
+    a.mov(3, 9)
+    a.alur(ADD, 3, 2)
+    a.atomic_add(3, 0, 1, "state[new]++")
+    a.label("old_state")
+    a.jump(JGT, 7, N_STATE_SLOTS - 1, "edges")
+    a.jump(JEQ, 7, close, "edges")
+    a.jump(JNE, 7, listen, "old_state_dec")
+    a.jump(JEQ, 8, syn_recv, "edges", "a passive open: a birth")
+    a.label("old_state_dec")
+    a.mov(2, 7)
+    a.alu(LSH, 2, 3)
+    a.mov(3, 9)
+    a.alur(ADD, 3, 2)
+    a.movi(1, -1)
+    a.atomic_add(3, 0, 1, "state[old]--")
+    a.label("edges")
+    a.jump(JEQ, 8, close_wait, "enter")
+    a.jump(JNE, 7, close_wait, "out")
+    # Leaving CLOSE_WAIT.
+    a.mov(1, 6)
+    a.call("get_socket_cookie")
+    a.store(8, 10, -8, 0)
+    a.ld_map(1, entries_fd)
+    a.mov(2, 10)
+    a.alu(ADD, 2, -8)
+    a.call("map_lookup_elem", "entry time")
+    a.jump(JNE, 0, 0, "tracked")
+    a.movi(1, 1)
+    a.atomic_add(9, _SLOT_LEFT_UNTRACKED * 8, 1, "left_untracked++")
+    a.goto("out")
+    a.label("tracked")
+    a.load(8, 1, 0, 0)
+    a.store(8, 10, -16, 1)
+    a.call("ktime_get_ns")
+    a.load(8, 1, 10, -16)
+    a.alur(SUB, 0, 1)
+    a.store(8, 10, -16, 0, "dwell = now - entry")
+    a.ld_map(1, entries_fd)
+    a.mov(2, 10)
+    a.alu(ADD, 2, -8)
+    a.call("map_delete_elem")
+    a.call("get_current_task_btf")
+    a.load(layout.task_flags.size, 1, 0, layout.task_flags.offset, "current->flags")
+    a.alu(AND, 1, _PF_EXITING)
+    a.jump(JNE, 1, 0, "exited")
+    a.jump(JEQ, 8, last_ack, "closed", "close() or shutdown()")
+    a.load(layout.sk_shutdown.size, 1, 6, layout.sk_shutdown.offset, "sk->sk_shutdown")
+    a.alu(AND, 1, _SEND_SHUTDOWN)
+    a.jump(JNE, 1, 0, "closed", "close() with unread data, or linger 0")
+    a.storei(8, 10, -32, 0, "RESET: no owner")
+    a.storei(4, 10, -24, 0)
+    a.storei(4, 10, -20, int(LeaveReason.RESET))
+    a.goto("count_leave")
+    a.label("exited")
+    a.storei(4, 10, -20, int(LeaveReason.EXITED))
+    a.goto("owner")
+    a.label("closed")
+    a.storei(4, 10, -20, int(LeaveReason.CLOSED))
+    a.label("owner")
+    a.call("get_current_cgroup_id")
+    a.store(8, 10, -32, 0)
+    a.call("get_current_pid_tgid")
+    a.alu(RSH, 0, 32)
+    a.store(4, 10, -24, 0)
+    a.label("count_leave")
+    a.load(4, 1, 10, -20)
+    a.jump(JGT, 1, 2, "out")
+    a.alu(LSH, 1, 3)
+    a.mov(2, 9)
+    a.alur(ADD, 2, 1)
+    a.movi(1, 1)
+    a.atomic_add(2, _SLOT_LEFT * 8, 1, "left[reason]++")
+    a.ld_map(1, hist_fd)
+    a.mov(2, 10)
+    a.alu(ADD, 2, -32)
+    a.call("map_lookup_elem", "this key's histogram")
+    a.jump(JNE, 0, 0, "bucket")
+    for slot in range(N_BUCKETS + 1):
+        a.storei(8, 10, zeroes_at + 8 * slot, 0)
+    a.ld_map(1, hist_fd)
+    a.mov(2, 10)
+    a.alu(ADD, 2, -32)
+    a.mov(3, 10)
+    a.alu(ADD, 3, zeroes_at)
+    a.movi(4, bpf_asm.BPF_NOEXIST)
+    a.call("map_update_elem", "a new histogram (another CPU may have won)")
+    a.ld_map(1, hist_fd)
+    a.mov(2, 10)
+    a.alu(ADD, 2, -32)
+    a.call("map_lookup_elem")
+    a.jump(JNE, 0, 0, "bucket")
+    a.movi(1, 1)
+    a.atomic_add(9, _SLOT_HIST_DROPPED * 8, 1, "histogram_dropped++ (map full)")
+    a.goto("out")
+    a.label("bucket")
+    a.load(8, 1, 10, -16, "r1 = dwell")
+    a.atomic_add(0, N_BUCKETS * 8, 1, "sum += dwell")
+    a.movi(2, 1)
+    for index, bound in enumerate(BUCKET_BOUNDS_NS):
+        a.ld_imm64(3, bound)
+        a.jumpr(JLE, 1, 3, f"bucket_{index}", f"dwell <= {bound / 1e9:g} s")
+    a.atomic_add(0, (N_BUCKETS - 1) * 8, 2, "bucket[+Inf]++")
+    a.goto("out")
+    for index in range(len(BUCKET_BOUNDS_NS)):
+        a.label(f"bucket_{index}")
+        a.atomic_add(0, index * 8, 2, f"bucket[{index}]++")
+        a.goto("out")
+    a.label("enter")
+    a.mov(1, 6)
+    a.call("get_socket_cookie")
+    a.store(8, 10, -8, 0)
+    a.call("ktime_get_ns")
+    a.store(8, 10, -16, 0)
+    a.ld_map(1, entries_fd)
+    a.mov(2, 10)
+    a.alu(ADD, 2, -8)
+    a.mov(3, 10)
+    a.alu(ADD, 3, -16)
+    a.movi(4, _BPF_ANY)
+    a.call("map_update_elem", "entries[cookie] = now")
+    a.movi(1, 1)
+    a.atomic_add(9, _SLOT_ENTERED * 8, 1, "entered++")
+    a.label("out")
+    a.movi(0, 0)
+    a.exit()
+    return a
+
+
+def program_listing(layout: Layout | None = None, *, netns_cookie: int | None = None) -> str:
+    """The assembled program as text (bcc's ``--ebpf``). Without ``layout``, this kernel's, or an
+    example x86-64 layout when the BTF cannot be read."""
+    if layout is None:
+        try:
+            layout = kernel_layout()
+        except RecorderUnavailable:
+            layout = _EXAMPLE_LAYOUT
+    return assemble(layout, 3, 4, 5, netns_cookie).listing()
+
+
+def _load(bpf: _Bpf, program: Asm, attach_btf_id: int) -> int:
+    code = program.code()
+    license_text = bpf.address(b"GPL\0")
+
+    def attr(log_level: int, log_address: int, log_size: int) -> bytes:
+        data = bytearray(120)
+        struct.pack_into(
+            "<IIQQIIQ", data, 0, _BPF_PROG_TYPE_TRACING, len(code) // 8, bpf.address(code), license_text,
+            log_level, log_size, log_address,
+        )  # fmt: skip
+        data[48 : 48 + len(_PROG_NAME)] = _PROG_NAME.encode()
+        struct.pack_into("<I", data, 68, _BPF_TRACE_RAW_TP)
+        struct.pack_into("<I", data, 108, attach_btf_id)
+        return bytes(data)
+
+    try:
+        return bpf.new_fd(bpf_asm.BPF_PROG_LOAD, attr(0, 0, 0), "loading the recorder's BPF program")
+    except BpfUnavailable as first:
+        size = 1 << 20
+        log = bpf.address(bytes(size))
+        try:
+            return bpf.new_fd(bpf_asm.BPF_PROG_LOAD, attr(1, log, size), "loading the recorder's BPF program")
+        except BpfUnavailable:
+            text = bpf._ctypes.string_at(log, size).split(b"\0", 1)[0].decode("utf-8", "replace")
+            lines = [line for line in text.splitlines() if line.strip()]
+            raise BpfUnavailable(f"{first}: {lines[-1] if lines else 'no verifier log'}") from None
+
+
+def _attach(bpf: _Bpf, prog_fd: int) -> int:
+    """BPF_RAW_TRACEPOINT_OPEN with no name: a tp_btf program's attach point is in the program."""
+    return bpf.new_fd(bpf_asm.BPF_RAW_TRACEPOINT_OPEN, struct.pack("<QII", 0, prog_fd, 0), "attaching the recorder")
+
+
+def _link_prog_fd(bpf: _Bpf, link_fd: int) -> int:
+    info = bpf_asm.object_info(bpf, link_fd, 64, "reading the recorder's link")
+    (prog_id,) = struct.unpack_from("<I", info, 8)
+    return bpf.new_fd(bpf_asm.BPF_PROG_GET_FD_BY_ID, struct.pack("<I4x", prog_id), "opening the recorder's program")
+
+
+def netns_cookie_of(sock: socket.socket) -> int:
+    """The network namespace cookie of ``sock``'s namespace (SO_NETNS_COOKIE, Linux 5.14+)."""
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8), "little")
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    """The socket's cookie (SO_COOKIE): what sock_diag reports and the recorder keys entries by."""
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8), "little")
+
+
+def cgroup_id(pid: int | str = "self", proc_root: str = "/proc") -> int | None:
+    """The cgroup v2 id of a process (what ``bpf_get_current_cgroup_id`` returns in its context):
+    the inode of its cgroup directory under the cgroup2 mount; None without a cgroup2 mount."""
+    mount = None
+    with open(f"{proc_root}/{pid}/mountinfo") as handle:
+        for line in handle:
+            fields = line.split()
+            if fields[fields.index("-") + 1] == "cgroup2":
+                mount = fields[4]
+                break
+    if mount is None:
+        return None
+    with open(f"{proc_root}/{pid}/cgroup") as handle:
+        for line in handle:
+            if line.startswith("0::"):
+                return os.stat(mount + line[3:].rstrip("\n")).st_ino
+    return None
+
+
+def is_bpffs(path: str) -> bool:
+    from closewait.sources.netns import _statfs_type
+
+    return _statfs_type(path) == BPFFS_MAGIC
+
+
+def mount_bpffs(path: str = "/sys/fs/bpf") -> bool:
+    """Make sure ``path`` is a bpffs; mount one there if not. True when this call mounted it."""
+    if is_bpffs(path):
+        return False
+    import ctypes
+
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", path.encode(), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise RecorderUnavailable(f"cannot mount a bpffs at {path}: {os.strerror(err)}")
+    return True
+
+
+class Recorder:
+    """An attached (or pinned and opened) CLOSE_WAIT recorder. See the module docstring.
+
+    Build one with ``Recorder.open()``, ``Recorder.open_pinned(pin_dir)`` or
+    ``Recorder.attach_or_open_pinned(pin_dir)``; every failure is RecorderUnavailable with the reason.
+    ``close()`` releases this process's descriptors: an unpinned recorder is detached, a pinned one
+    stays attached for the other processes.
+    """
+
+    def __init__(self, bpf: _Bpf, fds: dict[str, int], *, pin_dir: str | None, netns: str | None) -> None:
+        self._bpf = bpf
+        self._fds = fds
+        self.pin_dir = pin_dir
+        self.netns = netns
+        self._entries = MapAccess(bpf, fds["entries"], 8, 8)
+        self._hist = MapAccess(bpf, fds["histograms"], _HIST_KEY.size, _HIST_VALUE.size)
+        self._n_cpus = bpf_asm.possible_cpus()
+        self._counters = MapAccess(bpf, fds["counters"], 4, _N_SLOTS * 8 * self._n_cpus)
+        self._sync = StateCountSync()
+        self._program: Asm | None = None
+        self._synced_at = 0.0
+        info = bpf_asm.map_info(bpf, fds["entries"])
+        self.capacity = info.max_entries
+        self.histogram_capacity = bpf_asm.map_info(bpf, fds["histograms"]).max_entries
+
+    # --- construction --------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        pin_dir: str | None = None,
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        histogram_capacity: int = DEFAULT_HISTOGRAM_CAPACITY,
+        netns: str | None = None,
+        btf_path: str = BTF_PATH,
+    ) -> Recorder:
+        """Load, attach and self-test a new recorder; pin it in ``pin_dir`` (a bpffs) if given.
+
+        ``netns`` (a path such as ``/proc/PID/ns/net``) records only that network namespace;
+        None records every namespace. The self-test runs inside it (its loopback must be up).
+        """
+        bpf = _new_bpf()
+        try:
+            recorder = _guarded(lambda: cls._attach(bpf, capacity, histogram_capacity, netns, btf_path))
+        except BaseException:
+            bpf.close()
+            raise
+        try:
+            recorder.self_test()
+            if pin_dir is not None:
+                recorder._pin(pin_dir)
+        except BaseException:
+            recorder.close()
+            raise
+        return recorder
+
+    @classmethod
+    def _attach(cls, bpf: _Bpf, capacity: int, histogram_capacity: int, netns: str | None, btf_path: str) -> Recorder:
+        layout = kernel_layout(btf_path)
+        fds = {
+            "entries": bpf_asm.create_map(bpf, _MAP_NAMES["entries"], bpf_asm.MAP_TYPE_LRU_HASH, 8, 8, capacity),
+            "histograms": bpf_asm.create_map(
+                bpf,
+                _MAP_NAMES["histograms"],
+                bpf_asm.MAP_TYPE_HASH,
+                _HIST_KEY.size,
+                _HIST_VALUE.size,
+                histogram_capacity,
+                bpf_asm.BPF_F_NO_PREALLOC,
+            ),
+            "counters": bpf_asm.create_map(
+                bpf, _MAP_NAMES["counters"], bpf_asm.MAP_TYPE_PERCPU_ARRAY, 4, _N_SLOTS * 8, 1
+            ),
+        }
+        cookie = None
+        if netns is not None:
+            cookie = _in_netns(netns, _netns_cookie_here)
+        program = assemble(layout, fds["entries"], fds["histograms"], fds["counters"], cookie)
+        fds["prog"] = _load(bpf, program, layout.attach_btf_id)
+        fds["link"] = _attach(bpf, fds["prog"])
+        recorder = cls(bpf, fds, pin_dir=None, netns=netns)
+        recorder._program = program
+        return recorder
+
+    @classmethod
+    def open_pinned(cls, pin_dir: str = DEFAULT_PIN_DIR) -> Recorder:
+        """Open a recorder another process pinned in ``pin_dir``; RecorderUnavailable if there is none."""
+        bpf = _new_bpf()
+        try:
+            return _guarded(lambda: cls._open_pinned(bpf, pin_dir))
+        except BaseException:
+            bpf.close()
+            raise
+
+    @classmethod
+    def _open_pinned(cls, bpf: _Bpf, pin_dir: str) -> Recorder:
+        fds: dict[str, int] = {}
+        for name in ("link", *_MAP_NAMES):
+            path = os.path.join(pin_dir, name)
+            if not os.path.exists(path):
+                raise RecorderUnavailable(f"no recorder is pinned in {pin_dir} ({path} does not exist)")
+            fds[name] = bpf_asm.get_pinned(bpf, path)
+        for name, expected in _MAP_NAMES.items():
+            info = bpf_asm.map_info(bpf, fds[name])
+            if info.name != expected:
+                raise RecorderUnavailable(f"{pin_dir}/{name} is {info.name!r}, not {expected!r} (another version?)")
+        fds["prog"] = _link_prog_fd(bpf, fds["link"])
+        return cls(bpf, fds, pin_dir=pin_dir, netns=None)
+
+    @classmethod
+    def attach_or_open_pinned(cls, pin_dir: str = DEFAULT_PIN_DIR, **options: object) -> Recorder:
+        """The recorder pinned in ``pin_dir``, or a new one attached and pinned there (the
+        directory is created; it must be on a bpffs: see ``mount_bpffs``). Two processes racing
+        here end up sharing one recorder (the directory is flock()ed while deciding)."""
+        os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+        if not is_bpffs(pin_dir):
+            raise RecorderUnavailable(f"{pin_dir} is not on a bpffs (mount -t bpf bpf /sys/fs/bpf)")
+        import fcntl
+
+        lock = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.exists(os.path.join(pin_dir, "link")):
+                return cls.open_pinned(pin_dir)
+            return cls.open(pin_dir, **options)  # type: ignore[arg-type]
+        finally:
+            os.close(lock)
+
+    def _pin(self, pin_dir: str) -> None:
+        os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+        pinned: list[str] = []
+        try:
+            for name in (*_MAP_NAMES, "link"):  # the link last: its presence means "complete"
+                path = os.path.join(pin_dir, name)
+                bpf_asm.pin(self._bpf, self._fds[name], path)
+                pinned.append(path)
+        except BpfUnavailable as err:
+            for path in pinned:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise RecorderUnavailable(f"cannot pin the recorder in {pin_dir}: {err}") from err
+        self.pin_dir = pin_dir
+
+    # --- reading -------------------------------------------------------------------------------------
+    def entry_times(self, cookies: Iterable[int]) -> dict[int, int]:
+        """cookie -> when that socket entered CLOSE_WAIT (ns since boot, CLOCK_MONOTONIC), for the
+        cookies the recorder holds (sockets in CLOSE_WAIT that entered it while it was attached)."""
+        found: dict[int, int] = {}
+        lookup = self._entries.lookup
+        for cookie in cookies:
+            value = lookup(cookie.to_bytes(8, "little"))
+            if value is not None:
+                found[cookie] = int.from_bytes(value, "little")
+        return found
+
+    def all_entry_times(self) -> dict[int, int]:
+        """Every cookie held -> its entry time (walks the whole map: up to ``capacity`` entries)."""
+        return {int.from_bytes(key, "little"): int.from_bytes(value, "little") for key, value in self._entries.items()}
+
+    def histogram_items(self) -> dict[HistogramKey, Histogram]:
+        """Every histogram, keyed by (cgroup id, tgid, reason)."""
+        out: dict[HistogramKey, Histogram] = {}
+        for key, value in self._hist.items():
+            cgroup, tgid, reason = _HIST_KEY.unpack(key)
+            numbers = _HIST_VALUE.unpack(value)
+            out[HistogramKey(cgroup, tgid, LeaveReason(reason))] = Histogram.from_kernel(
+                numbers[:N_BUCKETS], numbers[N_BUCKETS]
+            )
+        return out
+
+    def histograms(self, reason: LeaveReason = LeaveReason.CLOSED) -> dict[tuple[int, int], Histogram]:
+        """(cgroup id, tgid) -> dwell histogram of the sockets that left CLOSE_WAIT by ``reason``
+        (CLOSED by default: the closer's own close()). RESET has the one key (0, 0)."""
+        return {(k.cgroup_id, k.tgid): h for k, h in self.histogram_items().items() if k.reason == reason}
+
+    def forget_histograms(self, keys: Iterable[HistogramKey]) -> int:
+        """Delete these histograms (processes gone, say) to free their slots; how many were there."""
+        return sum(self._hist.delete(_HIST_KEY.pack(k.cgroup_id, k.tgid, int(k.reason))) for k in keys)
+
+    def _slots(self) -> list[int]:
+        """The counters' u64 slots summed over CPUs (state deltas as signed numbers)."""
+        value = self._counters.lookup(b"\0\0\0\0")
+        if value is None:
+            raise RecorderUnavailable("the recorder's counters map is empty")
+        totals = [0] * _N_SLOTS
+        stride = _N_SLOTS
+        numbers = struct.unpack(f"<{_N_SLOTS * self._n_cpus}q", value)
+        for cpu in range(self._n_cpus):
+            base = cpu * stride
+            for slot in range(_N_SLOTS):
+                totals[slot] += numbers[base + slot]
+        return totals
+
+    def counters(self) -> Counters:
+        slots = self._slots()
+        return Counters(
+            entered=slots[_SLOT_ENTERED],
+            left_closed=slots[_SLOT_LEFT + LeaveReason.CLOSED],
+            left_exited=slots[_SLOT_LEFT + LeaveReason.EXITED],
+            left_reset=slots[_SLOT_LEFT + LeaveReason.RESET],
+            left_untracked=slots[_SLOT_LEFT_UNTRACKED],
+            histogram_dropped=slots[_SLOT_HIST_DROPPED],
+            transitions=slots[_SLOT_TRANSITIONS],
+            missed=self.missed(),
+        )
+
+    def missed(self) -> int:
+        """Program runs the kernel skipped (``recursion_misses`` of ``bpf_prog_info``)."""
+        info = bpf_asm.object_info(self._bpf, self._fds["prog"], 232, "reading the recorder's program info")
+        return int(struct.unpack_from("<Q", info, 208)[0])
+
+    def state_deltas(self) -> list[int]:
+        """The kernel's per-state deltas since attach, indexed by state number (0..12)."""
+        return self._slots()[:N_STATE_SLOTS]
+
+    def resync(self, tries: int = 3) -> bool:
+        """Pin the per-state counts to one sock_diag count (see ``StateCountSync``); True when the
+        count was not raced by a transition (else the last try's midpoint is kept)."""
+        from closewait.sources import netlink
+
+        consistent = False
+        for _ in range(tries):
+            before = self.state_deltas()
+            sock = _in_netns(self.netns, netlink.open_socket) if self.netns else None
+            try:
+                diag = netlink.count_by_state(sock=sock)
+            finally:
+                if sock is not None:
+                    sock.close()
+            after = self.state_deltas()
+            consistent = self._sync.resync(diag, before, after)
+            if consistent:
+                break
+        self._synced_at = time.monotonic()
+        return consistent
+
+    def state_counts(self, *, resync_every: float = 300.0) -> dict[TcpState, int]:
+        """TCP sockets per state, from the kernel's deltas: one map read, no dump. A sock_diag
+        count re-pins them on the first call and every ``resync_every`` seconds (TIME_WAIT,
+        NEW_SYN_RECV and CLOSE, which the tracepoint cannot follow, are as of that count)."""
+        if not self._sync.synced or time.monotonic() - self._synced_at >= resync_every:
+            self.resync()
+        return self._sync.counts(self.state_deltas())
+
+    # --- about ---------------------------------------------------------------------------------------
+    def memory(self) -> dict[str, int]:
+        """Bytes the kernel charges for each map and the program (``memlock`` in /proc/self/fdinfo)."""
+        return {name: bpf_asm.fd_memlock(fd) for name, fd in self._fds.items() if name != "link"}
+
+    def listing(self) -> str:
+        """The program as assembled (for a pinned recorder, as this version assembles it)."""
+        return self._program.listing() if self._program is not None else program_listing()
+
+    @property
+    def pinned(self) -> bool:
+        return self.pin_dir is not None
+
+    # --- trust ---------------------------------------------------------------------------------------
+    def self_test(self, timeout: float = 2.0) -> None:
+        """One loopback connection whose peer closes: the recorder must see its server end enter
+        CLOSE_WAIT with the right cookie and time, then leave it by our close() under our tgid."""
+        try:
+            _in_netns(self.netns, lambda: self._self_test(timeout))
+        except RecorderUnavailable:
+            raise
+        except (OSError, ClosewaitError) as err:
+            raise RecorderUnavailable(f"the recorder's self-test could not run: {err}") from err
+
+    def _self_test(self, timeout: float) -> None:
+        pid = os.getpid()
+        our_cgroup = cgroup_id()
+        with contextlib.ExitStack() as stack:
+            listener = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            client = stack.enter_context(socket.create_connection(listener.getsockname(), timeout=timeout))
+            server, _ = listener.accept()
+            stack.enter_context(server)
+            server.settimeout(timeout)
+            cookie = socket_cookie(server)
+            before = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            client.shutdown(socket.SHUT_WR)
+            if server.recv(1) != b"":
+                raise RecorderUnavailable("self-test: the peer's FIN did not arrive")
+            after = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            entered = self.entry_times([cookie]).get(cookie)
+            if entered is None:
+                raise RecorderUnavailable("self-test: the recorder did not see a socket enter CLOSE_WAIT")
+            if not before <= entered <= after:
+                raise RecorderUnavailable(f"self-test: entry time {entered} is outside [{before}, {after}]")
+            closed_before = self._closed_by(pid, our_cgroup)
+            server.close()
+            if self.entry_times([cookie]):
+                raise RecorderUnavailable("self-test: the recorder did not see the socket leave CLOSE_WAIT")
+            if self._closed_by(pid, our_cgroup) != closed_before + 1:
+                raise RecorderUnavailable(
+                    f"self-test: the close was not counted under this process (tgid {pid}, cgroup {our_cgroup})"
+                )
+
+    def _closed_by(self, tgid: int, cgroup: int | None) -> int:
+        return sum(
+            h.count for (cg, pid), h in self.histograms().items() if pid == tgid and (cgroup is None or cg == cgroup)
+        )
+
+    # --- teardown ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release this process's descriptors (an unpinned recorder is detached by this)."""
+        self._bpf.close()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def unpin(pin_dir: str = DEFAULT_PIN_DIR) -> bool:
+    """Remove a pinned recorder (detached once no process holds it open); True if one was there."""
+    removed = False
+    for name in ("link", *_MAP_NAMES):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(pin_dir, name))
+            removed = True
+    with contextlib.suppress(OSError):
+        os.rmdir(pin_dir)
+    return removed
+
+
+def _new_bpf() -> _Bpf:
+    try:
+        return _Bpf()
+    except BpfUnavailable as err:
+        raise RecorderUnavailable(str(err)) from err
+
+
+def _guarded(build: Callable[[], Recorder]) -> Recorder:
+    """Run ``build``; every BPF or kernel-data failure becomes RecorderUnavailable."""
+    try:
+        return build()
+    except RecorderUnavailable:
+        raise
+    except (BpfUnavailable, ClosewaitError) as err:
+        raise RecorderUnavailable(str(err)) from err
+    except OSError as err:
+        raise RecorderUnavailable(f"the recorder cannot start: {err.strerror or err}") from err
+
+
+def _netns_cookie_here() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            return netns_cookie_of(probe)
+        except OSError as err:
+            if err.errno == errno.ENOPROTOOPT:
+                raise RecorderUnavailable("this kernel has no SO_NETNS_COOKIE (Linux 5.14+)") from None
+            raise
+
+
+def _in_netns(path: str | None, action: Callable[[], _T]) -> _T:
+    if path is None:
+        return action()
+    from closewait.sources import netns
+
+    with netns.entered(netns.resolve(path)):
+        return action()
+
+
+__all__ = [
+    "DEFAULT_CAPACITY",
+    "DEFAULT_HISTOGRAM_CAPACITY",
+    "DEFAULT_PIN_DIR",
+    "Recorder",
+    "RecorderUnavailable",
+    "cgroup_id",
+    "is_bpffs",
+    "mount_bpffs",
+    "program_listing",
+    "socket_cookie",
+    "unpin",
+]
