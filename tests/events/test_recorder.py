@@ -1,0 +1,326 @@
+"""The CLOSE_WAIT recorder on the real kernel: real loopback sockets, real child processes.
+
+Each exact check runs against a child (``netns_worker.py``) in a network namespace of its own, with
+a recorder that records only that namespace: its counters are this test's alone, however many
+other tests run on the machine. Delays are known to the child, which brackets every shutdown()
+and close() with CLOCK_MONOTONIC readings, so each dwell's bucket is known before the kernel's
+histogram is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from closewait.events import BUCKET_BOUNDS_NS, N_BUCKETS, Histogram, LeaveReason, bucket_index
+from closewait.model import TcpState
+from closewait.sources import netlink, netns
+from closewait.sources.recorder import (
+    Recorder,
+    RecorderUnavailable,
+    cgroup_id,
+    mount_bpffs,
+    socket_cookie,
+    unpin,
+)
+from tests.conftest import Nobody
+from tests.util import wait_for
+
+WORKER = Path(__file__).with_name("netns_worker.py")
+TEST_CAPACITY = 1 << 16
+
+
+def _recorder_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "not root"
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare and ip"
+    try:
+        Recorder.open(capacity=64).close()
+    except RecorderUnavailable as err:
+        return str(err)
+    return None
+
+
+_REASON = _recorder_reason()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"recorder unavailable: {_REASON}")
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[str]
+    pid: int
+    netns: str
+
+    def call(self, op: str, **arguments: Any) -> Any:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"op": op, **arguments}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"worker {self.pid} died"
+        return json.loads(line)
+
+    def end(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def start_worker(argv_prefix: list[str]) -> Worker:
+    proc = subprocess.Popen(
+        [*argv_prefix, sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    hello = json.loads(proc.stdout.readline())
+    return Worker(proc, hello["pid"], f"/proc/{hello['pid']}/ns/net")
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[Worker]:
+    """A worker alone in a fresh network namespace, loopback up."""
+    started = start_worker(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"'])
+    yield started
+    started.end()
+
+
+@pytest.fixture(scope="module")
+def recorder(worker: Worker) -> Iterator[Recorder]:
+    with Recorder.open(netns=worker.netns, capacity=TEST_CAPACITY) as opened:
+        yield opened
+
+
+def _histogram(recorder: Recorder, tgid: int, reason: LeaveReason = LeaveReason.CLOSED) -> Histogram:
+    key = (0, 0) if reason == LeaveReason.RESET else (cgroup_id(tgid) or 0, tgid)
+    return recorder.histograms(reason).get(key) or Histogram.empty()
+
+
+def test_listing_shows_the_program(recorder: Recorder) -> None:
+    text = recorder.listing()
+    for expected in ("call get_socket_cookie", "map[entries]", "call get_current_pid_tgid", "lock *(u64 *)"):
+        assert expected in text
+    assert "net->net_cookie" in text  # this recorder records one namespace
+
+
+def test_entry_times_are_keyed_by_sock_diag_cookies_and_match_the_client_close(
+    worker: Worker, recorder: Recorder
+) -> None:
+    pairs = worker.call("pairs", n=20)
+    with netns.entered(netns.resolve(worker.netns)):
+        dumped = {sock.cookie for sock in netlink.dump({TcpState.CLOSE_WAIT}) if sock.cookie is not None}
+    cookies = {pair["cookie"] for pair in pairs}
+    assert dumped == cookies  # SO_COOKIE and sock_diag agree, and nothing else is in this namespace
+    times = recorder.entry_times(dumped)
+    assert set(times) == cookies
+    for pair in pairs:
+        entered = times[pair["cookie"]]
+        # Same clock: the FIN arrived during the client's shutdown() (loopback delivers it inline).
+        assert pair["c0"] <= entered <= pair["fin"]
+        assert abs(entered - pair["c1"]) <= 10_000_000
+    worker.call("close", ids=[pair["id"] for pair in pairs])
+    assert recorder.entry_times(cookies) == {}
+
+
+def _delays() -> list[float]:
+    """2,000 connections: one stuck 3 s, a few 1 s and 200 ms, most closed at once or after 50 ms.
+    The long ones first, so the run lasts about 3 s."""
+    head = [3.0] + [1.0] * 9 + [0.2] * 40
+    rest = [0.0, 0.0, 0.0, 0.05] * 487 + [0.0, 0.0]
+    return head + rest
+
+
+def test_histogram_buckets_and_counters_are_exact(worker: Worker, recorder: Recorder) -> None:
+    delays = _delays()
+    assert len(delays) == 2000
+    counters_before = recorder.counters()
+    histogram_before = _histogram(recorder, worker.pid)
+    brackets = worker.call("stress", delays=delays)
+    changed = recorder.counters() - counters_before
+    histogram = _histogram(recorder, worker.pid) - histogram_before
+
+    assert changed.entered == len(delays)
+    assert changed.left_closed == len(delays)
+    assert (changed.left_exited, changed.left_reset, changed.left_untracked) == (0, 0, 0)
+    assert changed.histogram_dropped == 0
+
+    known = [0] * N_BUCKETS
+    straddling: list[tuple[int, int]] = []
+    for (low, high), delay in zip(brackets, delays, strict=True):
+        assert low >= delay * 1e9  # the child closed no earlier than asked
+        if bucket_index(low) == bucket_index(high):
+            known[bucket_index(low)] += 1
+        else:
+            straddling.append((bucket_index(low), bucket_index(high)))
+    if not straddling:
+        assert list(histogram.counts) == known
+    else:  # a close preempted across a bucket bound: exact up to those few
+        assert len(straddling) <= len(delays) // 100, straddling
+        for index in range(N_BUCKETS):
+            spread = sum(lo <= index <= hi for lo, hi in straddling)
+            assert known[index] <= histogram.counts[index] <= known[index] + spread
+        assert histogram.count == len(delays)
+    # Where the delays put them: 0 -> <= 1 ms unless the child was preempted; 50 ms -> (50, 100] ms, ...
+    assert histogram.counts[bucket_index(3_000_000_000)] >= 10  # the 1 s and 3 s ones, in (1, 5] s
+    low_sum = sum(low for low, _ in brackets) / 1e9
+    high_sum = sum(high for _, high in brackets) / 1e9
+    assert low_sum - 1e-6 <= histogram.sum_seconds <= high_sum + 1e-6
+
+
+def test_a_socket_stuck_3s_between_two_scrapes_is_counted(worker: Worker, recorder: Recorder) -> None:
+    (pair,) = worker.call("pairs", n=1)
+    first = _histogram(recorder, worker.pid)
+    counters = recorder.counters()
+    time.sleep(3)
+    (closed,) = worker.call("close", ids=[pair["id"]])
+    second = _histogram(recorder, worker.pid)
+    added = second - first
+    assert added.count == 1
+    assert added.counts[bucket_index(3_000_000_000)] == 1
+    assert pair["c0"] / 1e9 + added.sum_seconds <= closed["s1"] / 1e9 + 1e-6
+    assert (recorder.counters() - counters).left_closed == 1
+
+
+def test_leaving_without_close_is_counted_apart(worker: Worker, recorder: Recorder) -> None:
+    before = recorder.counters()
+    reset_before = _histogram(recorder, 0, LeaveReason.RESET)
+    closed_before = _histogram(recorder, worker.pid)
+
+    # The peer resets: CLOSE_WAIT -> CLOSE in softirq, no owner.
+    reset_pairs = worker.call("pairs", n=2)
+    worker.call("rst", ids=[pair["id"] for pair in reset_pairs])
+    # The owner closes with unread data: the kernel resets, but it is the owner's close().
+    (unread,) = worker.call("pairs", n=1, unread=True)
+    worker.call("close", ids=[unread["id"]])
+    # SOCK_DESTROY (ss -K, closewait reap): aborted by another process.
+    (destroyed,) = worker.call("pairs", n=1)
+    with netns.entered(netns.resolve(worker.netns)):
+        (victim,) = [s for s in netlink.dump({TcpState.CLOSE_WAIT}) if s.cookie == destroyed["cookie"]]
+        nl = netlink.open_socket()
+    with nl:
+        netlink.destroy(victim, nl=nl)
+
+    # The owner exits holding three: the kernel closes them in the exiting task.
+    exiting = start_worker(["nsenter", f"--net={worker.netns}"])
+    try:
+        exiting.call("pairs", n=3)
+        exiting_cgroup = cgroup_id(exiting.pid)
+        os.kill(exiting.pid, signal.SIGKILL)
+        exiting.proc.wait(timeout=10)
+    finally:
+        exiting.end()
+
+    def changed() -> Any:
+        return recorder.counters() - before
+
+    wait_for(lambda: changed().left == 7)
+    counted = changed()
+    assert counted.entered == 7
+    assert (counted.left_closed, counted.left_exited, counted.left_reset) == (1, 3, 3)
+    assert counted.left_untracked == 0
+    assert (_histogram(recorder, 0, LeaveReason.RESET) - reset_before).count == 3
+    assert (_histogram(recorder, worker.pid) - closed_before).count == 1
+    exited = recorder.histograms(LeaveReason.EXITED)
+    assert exited[(exiting_cgroup or 0, exiting.pid)].count == 3
+    worker.call("close", ids=[pair["id"] for pair in (*reset_pairs, destroyed)])
+
+
+def _diag_counts(worker: Worker) -> dict[TcpState, int]:
+    with netns.entered(netns.resolve(worker.netns)):
+        return netlink.count_by_state()
+
+
+def test_state_counts_follow_sock_diag_without_a_dump(worker: Worker, recorder: Recorder) -> None:
+    from closewait.events import TRACKED_STATES
+
+    assert recorder.resync()  # nothing else moves in this namespace
+    pairs = worker.call("pairs", n=30)
+    counts = recorder.state_counts(resync_every=float("inf"))
+    expected = _diag_counts(worker)
+    assert {s: counts[s] for s in TRACKED_STATES} == {s: expected[s] for s in TRACKED_STATES}
+    assert counts[TcpState.CLOSE_WAIT] == expected[TcpState.CLOSE_WAIT] >= 30
+    worker.call("close", ids=[pair["id"] for pair in pairs])
+    worker.call("stress", delays=[0.0] * 300)
+
+    def settled() -> bool:
+        counts = recorder.state_counts(resync_every=float("inf"))
+        expected = _diag_counts(worker)
+        return all(counts[s] == expected[s] for s in TRACKED_STATES)
+
+    wait_for(settled)
+
+
+@pytest.fixture
+def bpffs(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "bpffs"
+    assert mount_bpffs(str(mount))
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_pinned_recorder_is_read_by_another_process(bpffs: Path) -> None:
+    pin_dir = str(bpffs / "closewait")
+    first = Recorder.attach_or_open_pinned(pin_dir, capacity=TEST_CAPACITY)
+    try:
+        assert first.pinned
+        second = Recorder.attach_or_open_pinned(pin_dir)
+        with second:
+            assert second.capacity == TEST_CAPACITY  # the same maps, opened, not a new recorder
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            with socket.create_connection(listener.getsockname()) as client:
+                server, _ = listener.accept()
+                with server:
+                    client.shutdown(socket.SHUT_WR)
+                    assert server.recv(1) == b""
+                    cookie = socket_cookie(server)
+                    entered = first.entry_times([cookie])[cookie]
+                    first.close()  # the pins keep it attached
+                    code = (
+                        "import sys; from closewait.sources.recorder import Recorder\n"
+                        f"r = Recorder.open_pinned({pin_dir!r}); print(r.entry_times([{cookie}])[{cookie}])"
+                    )
+                    result = subprocess.run(
+                        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+                    )
+                    assert int(result.stdout) == entered
+    finally:
+        first.close()
+        assert unpin(pin_dir)
+    with pytest.raises(RecorderUnavailable, match="no recorder is pinned"):
+        Recorder.open_pinned(pin_dir)
+
+
+def test_not_root_gets_one_reason(nobody: Nobody) -> None:
+    code = (
+        "from closewait.sources.recorder import Recorder, RecorderUnavailable\n"
+        "try:\n    Recorder.open()\nexcept RecorderUnavailable as err:\n    print('unavailable:', err)\n"
+    )
+    result = subprocess.run(
+        [*nobody.argv, "-c", code], env=nobody.env, capture_output=True, text=True, timeout=60, cwd="/", check=False
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("unavailable: ")
+    assert "permission denied" in lines[0]
+
+
+def test_bucket_bounds_are_what_the_kernel_compares() -> None:
+    assert BUCKET_BOUNDS_NS[0] == 1_000_000
+    assert BUCKET_BOUNDS_NS[-1] == 3600 * 10**9
