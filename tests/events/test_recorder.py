@@ -245,20 +245,19 @@ def _diag_counts(worker: Worker) -> dict[TcpState, int]:
 def test_state_counts_follow_sock_diag_without_a_dump(worker: Worker, recorder: Recorder) -> None:
     from closewait.events import TRACKED_STATES
 
-    assert recorder.resync()  # nothing else moves in this namespace
-    pairs = worker.call("pairs", n=30)
-    counts = recorder.state_counts(resync_every=float("inf"))
-    expected = _diag_counts(worker)
-    assert {s: counts[s] for s in TRACKED_STATES} == {s: expected[s] for s in TRACKED_STATES}
-    assert counts[TcpState.CLOSE_WAIT] == expected[TcpState.CLOSE_WAIT] >= 30
-    worker.call("close", ids=[pair["id"] for pair in pairs])
-    worker.call("stress", delays=[0.0] * 300)
-
     def settled() -> bool:
+        # Read twice around the dump: delayed ACKs (FIN_WAIT1 -> FIN_WAIT2) may still be in flight.
         counts = recorder.state_counts(resync_every=float("inf"))
         expected = _diag_counts(worker)
-        return all(counts[s] == expected[s] for s in TRACKED_STATES)
+        again = recorder.state_counts(resync_every=float("inf"))
+        return counts == again and all(counts[s] == expected[s] for s in TRACKED_STATES)
 
+    wait_for(recorder.resync)  # True once nothing raced the dump (nothing else moves in this namespace)
+    pairs = worker.call("pairs", n=30)
+    wait_for(settled)
+    assert recorder.state_counts(resync_every=float("inf"))[TcpState.CLOSE_WAIT] == 30
+    worker.call("close", ids=[pair["id"] for pair in pairs])
+    worker.call("stress", delays=[0.0] * 300)
     wait_for(settled)
 
 

@@ -44,7 +44,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -181,8 +181,9 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
 
     A passive open is reported LISTEN -> SYN_RECV (the child is cloned from the listener), so that
     one is a birth, not a listener leaving LISTEN. The per-CPU counters need no lock against
-    themselves: the kernel does not run the same program nested on one CPU (it counts such runs
-    as ``recursion_misses``, reported as ``Counters.missed``); the atomic adds are for the shared maps.
+    themselves (plain adds, no locked instruction): the kernel does not run the same program nested
+    on one CPU (it counts such runs as ``recursion_misses``, reported as ``Counters.missed``); the
+    histograms, shared by every CPU, take atomic adds.
     """
     a = Asm()
     a.map_names.update({entries_fd: "entries", hist_fd: "histograms", counters_fd: "counters"})
@@ -214,14 +215,14 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.jump(JEQ, 0, 0, "out")
     a.mov(9, 0, "r9 = counters")
     a.movi(1, 1)
-    a.atomic_add(9, _SLOT_TRANSITIONS * 8, 1, "transitions++")
+    _bump(a, 9, _SLOT_TRANSITIONS * 8, 1, "transitions++")
     a.jump(JGT, 8, N_STATE_SLOTS - 1, "old_state")
     a.jump(JEQ, 8, close, "old_state")
     a.mov(2, 8)
     a.alu(LSH, 2, 3)
     a.mov(3, 9)
     a.alur(ADD, 3, 2)
-    a.atomic_add(3, 0, 1, "state[new]++")
+    _bump(a, 3, 0, 1, "state[new]++")
     a.label("old_state")
     a.jump(JGT, 7, N_STATE_SLOTS - 1, "edges")
     a.jump(JEQ, 7, close, "edges")
@@ -233,7 +234,7 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.mov(3, 9)
     a.alur(ADD, 3, 2)
     a.movi(1, -1)
-    a.atomic_add(3, 0, 1, "state[old]--")
+    _bump(a, 3, 0, 1, "state[old]--")
     a.label("edges")
     a.jump(JEQ, 8, close_wait, "enter")
     a.jump(JNE, 7, close_wait, "out")
@@ -247,7 +248,7 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.call("map_lookup_elem", "entry time")
     a.jump(JNE, 0, 0, "tracked")
     a.movi(1, 1)
-    a.atomic_add(9, _SLOT_LEFT_UNTRACKED * 8, 1, "left_untracked++")
+    _bump(a, 9, _SLOT_LEFT_UNTRACKED * 8, 1, "left_untracked++")
     a.goto("out")
     a.label("tracked")
     a.load(8, 1, 0, 0)
@@ -290,7 +291,7 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.mov(2, 9)
     a.alur(ADD, 2, 1)
     a.movi(1, 1)
-    a.atomic_add(2, _SLOT_LEFT * 8, 1, "left[reason]++")
+    _bump(a, 2, _SLOT_LEFT * 8, 1, "left[reason]++")
     a.ld_map(1, hist_fd)
     a.mov(2, 10)
     a.alu(ADD, 2, -32)
@@ -311,7 +312,7 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.call("map_lookup_elem")
     a.jump(JNE, 0, 0, "bucket")
     a.movi(1, 1)
-    a.atomic_add(9, _SLOT_HIST_DROPPED * 8, 1, "histogram_dropped++ (map full)")
+    _bump(a, 9, _SLOT_HIST_DROPPED * 8, 1, "histogram_dropped++ (map full)")
     a.goto("out")
     a.label("bucket")
     a.load(8, 1, 10, -16, "r1 = dwell")
@@ -340,11 +341,19 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.movi(4, _BPF_ANY)
     a.call("map_update_elem", "entries[cookie] = now")
     a.movi(1, 1)
-    a.atomic_add(9, _SLOT_ENTERED * 8, 1, "entered++")
+    _bump(a, 9, _SLOT_ENTERED * 8, 1, "entered++")
     a.label("out")
     a.movi(0, 0)
     a.exit()
     return a
+
+
+def _bump(a: Asm, pointer: int, offset: int, by: int, note: str) -> None:
+    """``*(u64 *)(pointer + offset) += by`` on this CPU's counters, without a locked instruction:
+    nothing else writes this CPU's slot while the program runs (r5 is the scratch register)."""
+    a.load(8, 5, pointer, offset, note)
+    a.alur(ADD, 5, by)
+    a.store(8, pointer, offset, 5)
 
 
 def program_listing(layout: Layout | None = None, *, netns_cookie: int | None = None) -> str:
@@ -657,6 +666,13 @@ class Recorder:
         info = bpf_asm.object_info(self._bpf, self._fds["prog"], 232, "reading the recorder's program info")
         return int(struct.unpack_from("<Q", info, 208)[0])
 
+    def program_stats(self) -> tuple[int, int]:
+        """(run_time_ns, run_cnt) of the program: what it cost so far, counted only while the kernel's
+        BPF statistics are on (``enable_run_stats`` or sysctl kernel.bpf_stats_enabled=1)."""
+        info = bpf_asm.object_info(self._bpf, self._fds["prog"], 232, "reading the recorder's program info")
+        run_time_ns, run_cnt = struct.unpack_from("<QQ", info, 192)
+        return int(run_time_ns), int(run_cnt)
+
     def state_deltas(self) -> list[int]:
         """The kernel's per-state deltas since attach, indexed by state number (0..12)."""
         return self._slots()[:N_STATE_SLOTS]
@@ -762,6 +778,18 @@ class Recorder:
         self.close()
 
 
+@contextlib.contextmanager
+def enable_run_stats() -> Iterator[None]:
+    """Have the kernel time every BPF program run while the block runs (BPF_ENABLE_STATS; it costs
+    two clock reads per run of every program on the host, so only for measuring)."""
+    bpf = _new_bpf()
+    try:
+        _guarded_call(lambda: bpf.new_fd(bpf_asm.BPF_ENABLE_STATS, struct.pack("<I", 0), "enabling BPF run statistics"))
+        yield
+    finally:
+        bpf.close()
+
+
 def unpin(pin_dir: str = DEFAULT_PIN_DIR) -> bool:
     """Remove a pinned recorder (detached once no process holds it open); True if one was there."""
     removed = False
@@ -793,6 +821,13 @@ def _guarded(build: Callable[[], Recorder]) -> Recorder:
         raise RecorderUnavailable(f"the recorder cannot start: {err.strerror or err}") from err
 
 
+def _guarded_call(action: Callable[[], _T]) -> _T:
+    try:
+        return action()
+    except BpfUnavailable as err:
+        raise RecorderUnavailable(str(err)) from err
+
+
 def _netns_cookie_here() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
@@ -819,6 +854,7 @@ __all__ = [
     "Recorder",
     "RecorderUnavailable",
     "cgroup_id",
+    "enable_run_stats",
     "is_bpffs",
     "mount_bpffs",
     "program_listing",
