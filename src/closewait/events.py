@@ -151,10 +151,10 @@ class Counters:
     """The recorder's counters since it was attached (they only grow).
 
     ``entered`` sockets entered CLOSE_WAIT; each one that left did so in one of ``left_closed``,
-    ``left_exited``, ``left_reset`` (see ``LeaveReason``). ``left_untracked`` left CLOSE_WAIT with
-    no entry time: they entered before the recorder was attached (or were evicted from the LRU map,
-    which holds ``capacity`` sockets). So ``entered - left`` is how many tracked sockets are in
-    CLOSE_WAIT now. ``histogram_dropped`` leaves found no free histogram slot (more
+    ``left_exited``, ``left_reset`` (see ``LeaveReason``), or in ``left_untracked`` when it had no
+    entry time: it entered before the recorder was attached, or when the entries map was full
+    (``entries_dropped``). So ``entered - entries_dropped - left`` is how many tracked sockets are
+    in CLOSE_WAIT now. ``histogram_dropped`` leaves found no free histogram slot (more
     (cgroup, tgid, reason) keys than the map holds); they are counted, not bucketed.
     ``transitions`` counts every TCP state change seen; ``missed`` counts the program's runs the
     kernel skipped because it was already running on that CPU (a softirq interrupting it), whose
@@ -167,6 +167,7 @@ class Counters:
     left_reset: int
     left_untracked: int
     histogram_dropped: int
+    entries_dropped: int
     transitions: int
     missed: int
 

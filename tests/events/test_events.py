@@ -67,10 +67,10 @@ def test_histogram_quantile_interpolates_like_promql() -> None:
 
 
 def test_counters_difference_and_reasons() -> None:
-    later = Counters(10, 5, 2, 1, 4, 0, 100, 0)
-    earlier = Counters(4, 2, 0, 1, 0, 0, 40, 0)
+    later = Counters(10, 5, 2, 1, 4, 0, 1, 100, 0)
+    earlier = Counters(4, 2, 0, 1, 0, 0, 0, 40, 0)
     changed = later - earlier
-    assert changed == Counters(6, 3, 2, 0, 4, 0, 60, 0)
+    assert changed == Counters(6, 3, 2, 0, 4, 0, 1, 60, 0)
     assert changed.left == 5
 
 

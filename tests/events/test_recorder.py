@@ -155,6 +155,7 @@ def test_histogram_buckets_and_counters_are_exact(worker: Worker, recorder: Reco
     assert changed.left_closed == len(delays)
     assert (changed.left_exited, changed.left_reset, changed.left_untracked) == (0, 0, 0)
     assert changed.histogram_dropped == 0
+    assert changed.entries_dropped == 0
 
     known = [0] * N_BUCKETS
     straddling: list[tuple[int, int]] = []
@@ -235,6 +236,20 @@ def test_leaving_without_close_is_counted_apart(worker: Worker, recorder: Record
     exited = recorder.histograms(LeaveReason.EXITED)
     assert exited[(exiting_cgroup or 0, exiting.pid)].count == 3
     worker.call("close", ids=[pair["id"] for pair in (*reset_pairs, destroyed)])
+
+
+def test_a_full_entries_map_keeps_the_oldest_and_counts_the_rest(worker: Worker) -> None:
+    """Past ``capacity`` sockets in CLOSE_WAIT at once, new entries are counted, not recorded, and
+    nothing already recorded (the oldest: the leaks) is evicted."""
+    with Recorder.open(netns=worker.netns, capacity=4) as small:
+        before = small.counters()
+        pairs = worker.call("pairs", n=6)
+        held = small.entry_times(pair["cookie"] for pair in pairs)
+        assert sorted(held) == sorted(pair["cookie"] for pair in pairs[:4])
+        worker.call("close", ids=[pair["id"] for pair in pairs])
+        changed = small.counters() - before
+    assert (changed.entered, changed.entries_dropped) == (6, 2)
+    assert (changed.left_closed, changed.left_untracked) == (4, 2)
 
 
 def _diag_counts(worker: Worker) -> dict[TcpState, int]:
@@ -318,6 +333,33 @@ def test_not_root_gets_one_reason(nobody: Nobody) -> None:
     assert len(lines) == 1
     assert lines[0].startswith("unavailable: ")
     assert "permission denied" in lines[0]
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_without_btf_the_reason_is_given_and_nothing_is_left_open() -> None:
+    before = _open_fds()
+    with pytest.raises(RecorderUnavailable, match="does not exist"):
+        Recorder.open(btf_path="/nonexistent/vmlinux")
+    assert _open_fds() <= before
+
+
+def test_a_program_that_does_not_see_the_marker_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from closewait.sources import recorder as module
+
+    real = module.assemble
+
+    def blind(*args: Any) -> Any:
+        *head, _netns_cookie = args
+        return real(*head, 1)  # records only a namespace that does not exist: sees nothing
+
+    monkeypatch.setattr(module, "assemble", blind)
+    before = _open_fds()
+    with pytest.raises(RecorderUnavailable, match="did not see a socket enter CLOSE_WAIT"):
+        Recorder.open(capacity=64)
+    assert _open_fds() <= before  # detached: every descriptor closed
 
 
 def test_bucket_bounds_are_what_the_kernel_compares() -> None:

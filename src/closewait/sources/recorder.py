@@ -4,8 +4,12 @@ Sampling cannot see a socket that sits 20 s in CLOSE_WAIT between two scrapes, n
 peer's FIN arrived. The kernel announces every TCP state change; this program keeps, in BPF maps:
 
 ``entries``     socket cookie -> the time it entered CLOSE_WAIT (``bpf_ktime_get_ns``, i.e.
-                CLOCK_MONOTONIC), an LRU hash of ``capacity`` sockets (1M by default): it never
-                fails and never grows; a socket evicted from it leaves as "untracked".
+                CLOCK_MONOTONIC): a hash of ``capacity`` sockets (1M by default), preallocated, so
+                it never grows and an insert never allocates. Not an LRU hash: an LRU evicts the
+                entries nobody touched for longest, and the socket nobody touches is exactly the
+                leak this is for (the program never looks at an entry again until the socket
+                leaves). When ``capacity`` sockets sit in CLOSE_WAIT at once, a further entry is
+                not recorded and counted in ``entries_dropped``; its age falls back to sampling.
 ``histograms``  (cgroup id, tgid, LeaveReason) -> dwell-time buckets (``events.BUCKET_BOUNDS``) and
                 their sum. The leaving edge CLOSE_WAIT -> LAST_ACK runs in the task that called
                 close()/shutdown(), so its tgid and cgroup are the closer's (unlike the entering
@@ -81,7 +85,7 @@ TRACEPOINT = "inet_sock_set_state"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/closewait"
 BPFFS_MAGIC = 0xCAFE4A11
 
-#: Sockets whose CLOSE_WAIT entry time is kept (LRU: the oldest are evicted past this).
+#: Sockets whose CLOSE_WAIT entry time is kept at once (past this, new entries are counted, not kept).
 DEFAULT_CAPACITY = 1 << 20
 #: (cgroup, tgid, reason) histograms kept; leaves past this are counted as dropped.
 DEFAULT_HISTOGRAM_CAPACITY = 16384
@@ -92,7 +96,8 @@ _SLOT_ENTERED = 14
 _SLOT_LEFT = 15  # + LeaveReason: 15 closed, 16 exited, 17 reset
 _SLOT_LEFT_UNTRACKED = 18
 _SLOT_HIST_DROPPED = 19
-_N_SLOTS = 20
+_SLOT_ENTRIES_DROPPED = 20
+_N_SLOTS = 21
 
 #: A histogram's value: one u64 per bucket, then the sum of dwells in ns.
 _HIST_VALUE = struct.Struct(f"<{N_BUCKETS + 1}Q")
@@ -168,7 +173,11 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
         c = counters[0]; c->transitions++;
         if (new < 13 && new != CLOSE) c->state[new]++;
         if (old < 13 && old != CLOSE && !(old == LISTEN && new == SYN_RECV)) c->state[old]--;
-        if (new == CLOSE_WAIT) { entries[cookie(sk)] = ktime(); c->entered++; return 0; }
+        if (new == CLOSE_WAIT) {
+            c->entered++;
+            if (update(entries, cookie(sk), ktime())) c->entries_dropped++;  /* full */
+            return 0;
+        }
         if (old != CLOSE_WAIT) return 0;
         t = entries[cookie(sk)]; if (!t) { c->left_untracked++; return 0; }
         dwell = ktime() - *t; delete entries[cookie(sk)];
@@ -342,6 +351,8 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.call("map_update_elem", "entries[cookie] = now")
     a.movi(1, 1)
     _bump(a, 9, _SLOT_ENTERED * 8, 1, "entered++")
+    a.jump(JEQ, 0, 0, "out")
+    _bump(a, 9, _SLOT_ENTRIES_DROPPED * 8, 1, "entries_dropped++ (map full)")
     a.label("out")
     a.movi(0, 0)
     a.exit()
@@ -435,6 +446,25 @@ def cgroup_id(pid: int | str = "self", proc_root: str = "/proc") -> int | None:
     return None
 
 
+def cgroup_paths(proc_root: str = "/proc") -> dict[int, str]:
+    """cgroup v2 id -> its path (``/system.slice/nginx.service``), for naming histogram keys; empty
+    without a cgroup2 mount. One directory walk of the cgroup2 tree."""
+    mount = None
+    with open(f"{proc_root}/self/mountinfo") as handle:
+        for line in handle:
+            fields = line.split()
+            if fields[fields.index("-") + 1] == "cgroup2":
+                mount = fields[4]
+                break
+    if mount is None:
+        return {}
+    paths: dict[int, str] = {}
+    for directory, _subdirs, _files in os.walk(mount):
+        with contextlib.suppress(OSError):
+            paths[os.stat(directory).st_ino] = "/" + os.path.relpath(directory, mount).removeprefix(".")
+    return paths
+
+
 def is_bpffs(path: str) -> bool:
     from closewait.sources.netns import _statfs_type
 
@@ -515,7 +545,7 @@ class Recorder:
     def _attach(cls, bpf: _Bpf, capacity: int, histogram_capacity: int, netns: str | None, btf_path: str) -> Recorder:
         layout = kernel_layout(btf_path)
         fds = {
-            "entries": bpf_asm.create_map(bpf, _MAP_NAMES["entries"], bpf_asm.MAP_TYPE_LRU_HASH, 8, 8, capacity),
+            "entries": bpf_asm.create_map(bpf, _MAP_NAMES["entries"], bpf_asm.MAP_TYPE_HASH, 8, 8, capacity),
             "histograms": bpf_asm.create_map(
                 bpf,
                 _MAP_NAMES["histograms"],
@@ -657,6 +687,7 @@ class Recorder:
             left_reset=slots[_SLOT_LEFT + LeaveReason.RESET],
             left_untracked=slots[_SLOT_LEFT_UNTRACKED],
             histogram_dropped=slots[_SLOT_HIST_DROPPED],
+            entries_dropped=slots[_SLOT_ENTRIES_DROPPED],
             transitions=slots[_SLOT_TRANSITIONS],
             missed=self.missed(),
         )
@@ -854,6 +885,7 @@ __all__ = [
     "Recorder",
     "RecorderUnavailable",
     "cgroup_id",
+    "cgroup_paths",
     "enable_run_stats",
     "is_bpffs",
     "mount_bpffs",
