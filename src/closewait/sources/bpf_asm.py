@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import array
 import errno
-import os
 import struct
 import sys
 from collections.abc import Iterable
@@ -25,6 +24,7 @@ from closewait.sources.bpf import (
     _PER_MEMBER_WORDS,
     BpfUnavailable,
     _Bpf,
+    _os_error,
 )
 
 # --- BTF ------------------------------------------------------------------------------------------
@@ -446,12 +446,13 @@ class MapAccess:
     def _call_found(self, command: int, attr: bytes, what: str) -> bool:
         """Run ``command``; False when the kernel answers ENOENT (no such key, or past the last one)."""
         bpf = self._bpf
-        if int(bpf._syscall(bpf._number, command, attr, len(attr))) >= 0:
-            return True
-        err = bpf._ctypes.get_errno()
-        if err == errno.ENOENT:
-            return False
-        raise BpfUnavailable(f"{what}: {os.strerror(err)}")
+        try:
+            bpf._syscall(bpf._number, command, attr, len(attr))
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                return False
+            raise _os_error(err, what) from None
+        return True
 
     def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
         ctypes = self._bpf._ctypes

@@ -466,9 +466,12 @@ def cgroup_paths(proc_root: str = "/proc") -> dict[int, str]:
 
 
 def is_bpffs(path: str) -> bool:
-    from closewait.sources.netns import _statfs_type
+    from closewait.sources import _libc
 
-    return _statfs_type(path) == BPFFS_MAGIC
+    try:
+        return _libc.statfs_type(path) == BPFFS_MAGIC
+    except OSError:
+        return False
 
 
 def mount_bpffs(path: str = "/sys/fs/bpf") -> bool:
@@ -477,9 +480,10 @@ def mount_bpffs(path: str = "/sys/fs/bpf") -> bool:
         return False
     import ctypes
 
+    from closewait.sources import _libc
+
     os.makedirs(path, mode=0o700, exist_ok=True)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(b"bpf", path.encode(), b"bpf", 0, None) != 0:
+    if _libc.libc().mount(b"bpf", path.encode(), b"bpf", 0, None) != 0:
         err = ctypes.get_errno()
         raise RecorderUnavailable(f"cannot mount a bpffs at {path}: {os.strerror(err)}")
     return True
