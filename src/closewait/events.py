@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from closewait.model import TcpState
+from closewait.model import Endpoint, TcpState
 
 #: Upper bounds of the dwell histogram's buckets, in seconds (Prometheus ``le`` labels), 1 ms to 1 h.
 #: The kernel program compares each dwell against these (in nanoseconds); a last bucket takes the rest.
@@ -129,6 +129,33 @@ class Histogram:
             below += n
             lower = bound
         return self.bounds[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One socket entering or leaving CLOSE_WAIT, as the recorder's feed reports it.
+
+    ``time_ns`` is CLOCK_MONOTONIC (``time.clock_gettime_ns(time.CLOCK_MONOTONIC)``). An entry
+    (``entered``) happens in softirq when the peer's FIN arrives: it has no process, so ``reason``,
+    ``dwell_ns``, ``tgid``, ``comm`` and ``cgroup_id`` are None. A leave carries how (``reason``),
+    the time spent in CLOSE_WAIT, and, unless ``reason`` is RESET, the task that closed it.
+    """
+
+    time_ns: int
+    cookie: int
+    old_state: TcpState
+    new_state: TcpState
+    local: Endpoint
+    remote: Endpoint
+    reason: LeaveReason | None = None
+    dwell_ns: int | None = None
+    tgid: int | None = None
+    comm: str | None = None
+    cgroup_id: int | None = None
+
+    @property
+    def entered(self) -> bool:
+        return self.reason is None
 
 
 def bucket_index(dwell_ns: int, bounds_ns: Sequence[int] = BUCKET_BOUNDS_NS) -> int:

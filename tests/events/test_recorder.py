@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from closewait.events import BUCKET_BOUNDS_NS, N_BUCKETS, Histogram, LeaveReason, bucket_index
+from closewait.events import BUCKET_BOUNDS_NS, N_BUCKETS, Histogram, LeaveReason, Transition, bucket_index
 from closewait.model import TcpState
 from closewait.sources import netlink, netns
 from closewait.sources.recorder import (
@@ -351,15 +352,53 @@ def test_a_program_that_does_not_see_the_marker_is_refused(monkeypatch: pytest.M
 
     real = module.assemble
 
-    def blind(*args: Any) -> Any:
-        *head, _netns_cookie = args
-        return real(*head, 1)  # records only a namespace that does not exist: sees nothing
+    def blind(layout: Any, entries: int, hist: int, counters: int, _netns: int | None, feed: int | None) -> Any:
+        return real(layout, entries, hist, counters, 1, feed)  # records only a netns that does not exist
 
     monkeypatch.setattr(module, "assemble", blind)
     before = _open_fds()
     with pytest.raises(RecorderUnavailable, match="did not see a socket enter CLOSE_WAIT"):
         Recorder.open(capacity=64)
     assert _open_fds() <= before  # detached: every descriptor closed
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_the_feed_reports_each_edge_with_endpoints_and_the_closer(family: socket.AddressFamily) -> None:
+    loopback = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with Recorder.open(feed=True, capacity=4096) as recorder, socket.socket(family) as listener:
+        feed = recorder.feed()
+        listener.bind((loopback, 0))
+        listener.listen()
+        pairs = []
+        for _ in range(2):
+            client = socket.create_connection(listener.getsockname()[:2])
+            server, _ = listener.accept()
+            client.shutdown(socket.SHUT_WR)
+            assert server.recv(1) == b""
+            pairs.append((client, server, socket_cookie(server)))
+        (closer_client, closer, closed_cookie), (reset_client, reset_server, reset_cookie) = pairs
+        local, remote = closer.getsockname()[:2], closer.getpeername()[:2]
+        closer.close()
+        reset_client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_client.close()
+        wait_for(lambda: reset_server.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TcpState.CLOSE)
+        seen: list[Transition] = []
+        wait_for(lambda: seen.extend(feed.read(0.1)) or len([t for t in seen if t.cookie == reset_cookie]) == 2)
+        closer_client.close()
+        reset_server.close()
+    mine = {cookie: [t for t in seen if t.cookie == cookie] for cookie in (closed_cookie, reset_cookie)}
+    entered, left = mine[closed_cookie]
+    assert entered.entered
+    assert (entered.old_state, entered.new_state) == (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
+    assert (entered.local.address, entered.local.port) == local
+    assert (entered.remote.address, entered.remote.port) == remote
+    assert entered.tgid is None
+    assert (left.reason, left.new_state, left.tgid) == (LeaveReason.CLOSED, TcpState.LAST_ACK, os.getpid())
+    assert left.comm is not None
+    assert left.comm
+    assert left.dwell_ns == left.time_ns - entered.time_ns
+    _, reset = mine[reset_cookie]
+    assert (reset.reason, reset.new_state, reset.tgid, reset.comm) == (LeaveReason.RESET, TcpState.CLOSE, None, None)
 
 
 def test_bucket_bounds_are_what_the_kernel_compares() -> None:

@@ -196,8 +196,11 @@ HELPERS = {
     "map_delete_elem": 3,
     "ktime_get_ns": 5,
     "get_current_pid_tgid": 14,
+    "get_current_comm": 16,
     "get_socket_cookie": 46,
     "get_current_cgroup_id": 80,
+    "ringbuf_reserve": 131,
+    "ringbuf_submit": 132,
     "get_current_task_btf": 158,
 }
 
@@ -380,6 +383,7 @@ MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_LRU_HASH = 9
+MAP_TYPE_RINGBUF = 27
 BPF_F_NO_PREALLOC = 1
 BPF_NOEXIST = 1
 

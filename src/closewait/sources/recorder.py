@@ -62,8 +62,9 @@ from closewait.events import (
     HistogramKey,
     LeaveReason,
     StateCountSync,
+    Transition,
 )
-from closewait.model import TcpState
+from closewait.model import Endpoint, TcpState
 from closewait.sources import bpf_asm
 from closewait.sources.bpf import BTF_PATH, BpfUnavailable, _Bpf, read_btf
 from closewait.sources.bpf_asm import (
@@ -97,7 +98,16 @@ _SLOT_LEFT = 15  # + LeaveReason: 15 closed, 16 exited, 17 reset
 _SLOT_LEFT_UNTRACKED = 18
 _SLOT_HIST_DROPPED = 19
 _SLOT_ENTRIES_DROPPED = 20
-_N_SLOTS = 21
+_SLOT_FEED_LOST = 21
+_N_SLOTS = 22
+
+#: What the program writes to the feed for each edge (little-endian, 96 bytes): time (ns since boot),
+#: cookie, cgroup id, dwell (ns), tgid, old state, new state, reason (LeaveReason, or
+#: _FEED_ENTERED), pad, family, local port (host order), remote port (network order), pad, local
+#: and remote address (16 bytes each: IPv4 in the first 4), comm (16 bytes, NUL-padded).
+_FEED_RECORD = struct.Struct("<QQQQIBBBxHHHxx16s16s16s")
+_FEED_ENTERED = 0xFF
+DEFAULT_FEED_BYTES = 1 << 20
 
 #: A histogram's value: one u64 per bucket, then the sum of dwells in ns.
 _HIST_VALUE = struct.Struct(f"<{N_BUCKETS + 1}Q")
@@ -107,6 +117,9 @@ _HIST_KEY = struct.Struct("<QII")  # cgroup id, tgid, reason
 _MAP_NAMES = {"entries": "cw_entries_v1", "histograms": "cw_hist_v1", "counters": "cw_counters_v1"}
 _PROG_NAME = "cw_closewait"
 
+_ADDRESS_FIELDS = (
+    "skc_family", "skc_num", "skc_dport", "skc_rcv_saddr", "skc_daddr", "skc_v6_rcv_saddr", "skc_v6_daddr",
+)  # fmt: skip
 _IPPROTO_TCP = 6
 _PF_EXITING = 0x4  # include/linux/sched.h
 _SEND_SHUTDOWN = 2  # include/net/sock.h
@@ -136,6 +149,13 @@ class Layout:
     skc_net: bpf_asm.Field
     net_cookie: bpf_asm.Field
     task_flags: bpf_asm.Field
+    skc_family: bpf_asm.Field
+    skc_num: bpf_asm.Field
+    skc_dport: bpf_asm.Field
+    skc_rcv_saddr: bpf_asm.Field
+    skc_daddr: bpf_asm.Field
+    skc_v6_rcv_saddr: bpf_asm.Field
+    skc_v6_daddr: bpf_asm.Field
 
 
 def kernel_layout(btf_path: str = BTF_PATH) -> Layout:
@@ -149,6 +169,7 @@ def kernel_layout(btf_path: str = BTF_PATH) -> Layout:
             skc_net=btf.member("sock", "__sk_common.skc_net"),
             net_cookie=btf.member("net", "net_cookie"),
             task_flags=btf.member("task_struct", "flags"),
+            **{name: btf.member("sock", f"__sk_common.{name}") for name in _ADDRESS_FIELDS},
         )
     except (BpfUnavailable, ClosewaitError) as err:
         raise RecorderUnavailable(f"the kernel's types do not fit the recorder: {err}") from err
@@ -162,10 +183,24 @@ _EXAMPLE_LAYOUT = Layout(
     bpf_asm.Field(48, 8),
     bpf_asm.Field(4096, 8),
     bpf_asm.Field(44, 4),
+    bpf_asm.Field(16, 2),
+    bpf_asm.Field(14, 2),
+    bpf_asm.Field(12, 2),
+    bpf_asm.Field(4, 4),
+    bpf_asm.Field(0, 4),
+    bpf_asm.Field(72, 16),
+    bpf_asm.Field(56, 16),
 )
 
 
-def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, netns_cookie: int | None) -> Asm:
+def assemble(
+    layout: Layout,
+    entries_fd: int,
+    hist_fd: int,
+    counters_fd: int,
+    netns_cookie: int | None,
+    feed_fd: int | None = None,
+) -> Asm:
     """The program. In C it would read::
 
         if (!sk || sk->sk_protocol != IPPROTO_TCP) return 0;
@@ -188,6 +223,9 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
         h = histograms[key] or insert zeroes (NOEXIST) and look again, else c->hist_dropped++;
         atomically: h->sum += dwell; h->bucket[first i with dwell <= BOUND[i], else 14]++;
 
+    With ``feed_fd`` (a ring buffer), each entry and each tracked leave is also written there as a
+    ``_FEED_RECORD`` (see ``EventFeed``); without it, no code for the feed is assembled at all.
+
     A passive open is reported LISTEN -> SYN_RECV (the child is cloned from the listener), so that
     one is a birth, not a listener leaving LISTEN. The per-CPU counters need no lock against
     themselves (plain adds, no locked instruction): the kernel does not run the same program nested
@@ -196,10 +234,12 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     """
     a = Asm()
     a.map_names.update({entries_fd: "entries", hist_fd: "histograms", counters_fd: "counters"})
+    if feed_fd is not None:
+        a.map_names[feed_fd] = "feed"
     close, close_wait, last_ack, listen, syn_recv = (int(s) for s in (7, 8, 9, 10, 3))
-    # Stack: fp-8 cookie, fp-16 time, fp-32 histogram key (cgroup u64, tgid u32, reason u32),
-    # fp-40 array key, fp-168 zeroes for a new histogram.
-    zeroes_at = -40 - _HIST_VALUE.size
+    # Stack: fp-8 cookie, fp-16 time (entry, then dwell), fp-32 histogram key (cgroup u64, tgid u32,
+    # reason u32), fp-40 array key, fp-48 now, fp-64 comm, from fp-208 zeroes for a new histogram.
+    zeroes_at = -72 - _HIST_VALUE.size
     a.load(8, 6, 1, 0, "r6 = sk")
     a.load(8, 7, 1, 8, "r7 = oldstate")
     a.alu(LSH, 7, 32)
@@ -263,6 +303,7 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.load(8, 1, 0, 0)
     a.store(8, 10, -16, 1)
     a.call("ktime_get_ns")
+    a.store(8, 10, -48, 0)
     a.load(8, 1, 10, -16)
     a.alur(SUB, 0, 1)
     a.store(8, 10, -16, 0, "dwell = now - entry")
@@ -281,6 +322,9 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.storei(8, 10, -32, 0, "RESET: no owner")
     a.storei(4, 10, -24, 0)
     a.storei(4, 10, -20, int(LeaveReason.RESET))
+    if feed_fd is not None:
+        a.storei(8, 10, -64, 0, "no comm")
+        a.storei(8, 10, -56, 0)
     a.goto("count_leave")
     a.label("exited")
     a.storei(4, 10, -20, int(LeaveReason.EXITED))
@@ -293,6 +337,11 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.call("get_current_pid_tgid")
     a.alu(RSH, 0, 32)
     a.store(4, 10, -24, 0)
+    if feed_fd is not None:
+        a.mov(1, 10)
+        a.alu(ADD, 1, -64)
+        a.movi(2, 16)
+        a.call("get_current_comm")
     a.label("count_leave")
     a.load(4, 1, 10, -20)
     a.jump(JGT, 1, 2, "out")
@@ -301,6 +350,18 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.alur(ADD, 2, 1)
     a.movi(1, 1)
     _bump(a, 2, _SLOT_LEFT * 8, 1, "left[reason]++")
+    if feed_fd is not None:
+
+        def leave_fields(a: Asm) -> None:
+            for source, offset in ((-48, 0), (-8, 8), (-32, 16), (-16, 24), (-64, 80), (-56, 88)):
+                a.load(8, 1, 10, source)
+                a.store(8, 0, offset, 1)
+            a.load(4, 1, 10, -24)
+            a.store(4, 0, 32, 1, "tgid")
+            a.load(4, 1, 10, -20)
+            a.store(1, 0, 38, 1, "reason")
+
+        _emit(a, "leave_feed", layout, feed_fd, leave_fields)
     a.ld_map(1, hist_fd)
     a.mov(2, 10)
     a.alu(ADD, 2, -32)
@@ -350,13 +411,69 @@ def assemble(layout: Layout, entries_fd: int, hist_fd: int, counters_fd: int, ne
     a.movi(4, _BPF_ANY)
     a.call("map_update_elem", "entries[cookie] = now")
     a.movi(1, 1)
-    _bump(a, 9, _SLOT_ENTERED * 8, 1, "entered++")
-    a.jump(JEQ, 0, 0, "out")
+    a.jump(JEQ, 0, 0, "entered")
     _bump(a, 9, _SLOT_ENTRIES_DROPPED * 8, 1, "entries_dropped++ (map full)")
+    a.label("entered")
+    _bump(a, 9, _SLOT_ENTERED * 8, 1, "entered++")
+    if feed_fd is not None:
+
+        def entry_fields(a: Asm) -> None:
+            a.load(8, 1, 10, -16)
+            a.store(8, 0, 0, 1, "time")
+            a.load(8, 1, 10, -8)
+            a.store(8, 0, 8, 1, "cookie")
+            for offset in (16, 24, 32, 80, 88):  # cgroup, dwell, tgid + states + reason, comm: none
+                a.storei(8, 0, offset, 0)
+            a.storei(1, 0, 38, _FEED_ENTERED, "reason: entered")
+
+        _emit(a, "entry_feed", layout, feed_fd, entry_fields)
     a.label("out")
     a.movi(0, 0)
     a.exit()
     return a
+
+
+def _emit(a: Asm, prefix: str, layout: Layout, feed_fd: int, fields: Callable[[Asm], None]) -> None:
+    """Reserve a ``_FEED_RECORD`` in the ring buffer, fill it (``fields`` writes the edge's own part
+    through r0; this writes the states and the endpoints, read from sk in r6) and submit it. A full
+    ring buffer counts ``feed_lost``."""
+    a.ld_map(1, feed_fd)
+    a.movi(2, _FEED_RECORD.size)
+    a.movi(3, 0)
+    a.call("ringbuf_reserve", "the feed's record")
+    a.jump(JNE, 0, 0, f"{prefix}_reserved")
+    a.movi(1, 1)
+    _bump(a, 9, _SLOT_FEED_LOST * 8, 1, "feed_lost++ (ring buffer full)")
+    a.goto("out")
+    a.label(f"{prefix}_reserved")
+    fields(a)
+    a.store(1, 0, 36, 7, "oldstate")
+    a.store(1, 0, 37, 8, "newstate")
+    a.storei(1, 0, 39, 0)
+    a.load(layout.skc_family.size, 1, 6, layout.skc_family.offset, "sk->skc_family")
+    a.store(2, 0, 40, 1)
+    a.load(layout.skc_num.size, 2, 6, layout.skc_num.offset, "local port (host order)")
+    a.store(2, 0, 42, 2)
+    a.load(layout.skc_dport.size, 2, 6, layout.skc_dport.offset, "remote port (network order)")
+    a.store(2, 0, 44, 2)
+    a.storei(2, 0, 46, 0)
+    a.jump(JEQ, 1, socket.AF_INET6, f"{prefix}_v6")
+    a.load(4, 2, 6, layout.skc_rcv_saddr.offset, "IPv4 local address")
+    a.store(8, 0, 48, 2)
+    a.storei(8, 0, 56, 0)
+    a.load(4, 2, 6, layout.skc_daddr.offset, "IPv4 remote address")
+    a.store(8, 0, 64, 2)
+    a.storei(8, 0, 72, 0)
+    a.goto(f"{prefix}_submit")
+    a.label(f"{prefix}_v6")
+    for field, at in ((layout.skc_v6_rcv_saddr, 48), (layout.skc_v6_daddr, 64)):
+        for half in (0, 8):
+            a.load(8, 2, 6, field.offset + half)
+            a.store(8, 0, at + half, 2)
+    a.label(f"{prefix}_submit")
+    a.mov(1, 0)
+    a.movi(2, 0)
+    a.call("ringbuf_submit")
 
 
 def _bump(a: Asm, pointer: int, offset: int, by: int, note: str) -> None:
@@ -367,7 +484,7 @@ def _bump(a: Asm, pointer: int, offset: int, by: int, note: str) -> None:
     a.store(8, pointer, offset, 5)
 
 
-def program_listing(layout: Layout | None = None, *, netns_cookie: int | None = None) -> str:
+def program_listing(layout: Layout | None = None, *, netns_cookie: int | None = None, feed: bool = False) -> str:
     """The assembled program as text (bcc's ``--ebpf``). Without ``layout``, this kernel's, or an
     example x86-64 layout when the BTF cannot be read."""
     if layout is None:
@@ -375,7 +492,7 @@ def program_listing(layout: Layout | None = None, *, netns_cookie: int | None = 
             layout = kernel_layout()
         except RecorderUnavailable:
             layout = _EXAMPLE_LAYOUT
-    return assemble(layout, 3, 4, 5, netns_cookie).listing()
+    return assemble(layout, 3, 4, 5, netns_cookie, 6 if feed else None).listing()
 
 
 def _load(bpf: _Bpf, program: Asm, attach_btf_id: int) -> int:
@@ -509,6 +626,8 @@ class Recorder:
         self._counters = MapAccess(bpf, fds["counters"], 4, _N_SLOTS * 8 * self._n_cpus)
         self._sync = StateCountSync()
         self._program: Asm | None = None
+        self._feed: EventFeed | None = None
+        self._self_test_cookie = 0
         self._synced_at = 0.0
         info = bpf_asm.map_info(bpf, fds["entries"])
         self.capacity = info.max_entries
@@ -523,16 +642,23 @@ class Recorder:
         capacity: int = DEFAULT_CAPACITY,
         histogram_capacity: int = DEFAULT_HISTOGRAM_CAPACITY,
         netns: str | None = None,
+        feed: bool = False,
+        feed_bytes: int = DEFAULT_FEED_BYTES,
         btf_path: str = BTF_PATH,
     ) -> Recorder:
         """Load, attach and self-test a new recorder; pin it in ``pin_dir`` (a bpffs) if given.
 
         ``netns`` (a path such as ``/proc/PID/ns/net``) records only that network namespace;
         None records every namespace. The self-test runs inside it (its loopback must be up).
+        ``feed`` adds a ring buffer of ``feed_bytes`` (a power of 2, at least a page) that every
+        entry and leave is written to, read with ``feed()``; without it the program has no feed
+        code at all (the exporter's recorder needs none; ``watch --events`` opens its own).
         """
         bpf = _new_bpf()
         try:
-            recorder = _guarded(lambda: cls._attach(bpf, capacity, histogram_capacity, netns, btf_path))
+            recorder = _guarded(
+                lambda: cls._attach(bpf, capacity, histogram_capacity, netns, btf_path, feed_bytes if feed else 0)
+            )
         except BaseException:
             bpf.close()
             raise
@@ -546,7 +672,15 @@ class Recorder:
         return recorder
 
     @classmethod
-    def _attach(cls, bpf: _Bpf, capacity: int, histogram_capacity: int, netns: str | None, btf_path: str) -> Recorder:
+    def _attach(
+        cls,
+        bpf: _Bpf,
+        capacity: int,
+        histogram_capacity: int,
+        netns: str | None,
+        btf_path: str,
+        feed_bytes: int = 0,
+    ) -> Recorder:
         layout = kernel_layout(btf_path)
         fds = {
             "entries": bpf_asm.create_map(bpf, _MAP_NAMES["entries"], bpf_asm.MAP_TYPE_HASH, 8, 8, capacity),
@@ -563,10 +697,12 @@ class Recorder:
                 bpf, _MAP_NAMES["counters"], bpf_asm.MAP_TYPE_PERCPU_ARRAY, 4, _N_SLOTS * 8, 1
             ),
         }
+        if feed_bytes:
+            fds["feed"] = bpf_asm.create_map(bpf, "cw_feed_v1", bpf_asm.MAP_TYPE_RINGBUF, 0, 0, feed_bytes)
         cookie = None
         if netns is not None:
             cookie = _in_netns(netns, _netns_cookie_here)
-        program = assemble(layout, fds["entries"], fds["histograms"], fds["counters"], cookie)
+        program = assemble(layout, fds["entries"], fds["histograms"], fds["counters"], cookie, fds.get("feed"))
         fds["prog"] = _load(bpf, program, layout.attach_btf_id)
         fds["link"] = _attach(bpf, fds["prog"])
         recorder = cls(bpf, fds, pin_dir=None, netns=netns)
@@ -741,10 +877,23 @@ class Recorder:
             self.resync()
         return self._sync.counts(self.state_deltas())
 
+    def feed(self) -> EventFeed:
+        """The ring buffer of transitions (``open(feed=True)`` only); one reader at a time."""
+        if "feed" not in self._fds:
+            raise RecorderUnavailable("this recorder was opened without a feed (Recorder.open(feed=True))")
+        if self._feed is None:
+            size = bpf_asm.map_info(self._bpf, self._fds["feed"]).max_entries
+            self._feed = EventFeed(self._fds["feed"], size, skip_cookie=self._self_test_cookie)
+        return self._feed
+
     # --- about ---------------------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:
         """Bytes the kernel charges for each map and the program (``memlock`` in /proc/self/fdinfo)."""
         return {name: bpf_asm.fd_memlock(fd) for name, fd in self._fds.items() if name != "link"}
+
+    def feed_lost(self) -> int:
+        """Feed records dropped because the ring buffer was full (the reader fell behind)."""
+        return self._slots()[_SLOT_FEED_LOST]
 
     def listing(self) -> str:
         """The program as assembled (for a pinned recorder, as this version assembles it)."""
@@ -777,6 +926,7 @@ class Recorder:
             stack.enter_context(server)
             server.settimeout(timeout)
             cookie = socket_cookie(server)
+            self._self_test_cookie = cookie
             before = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             client.shutdown(socket.SHUT_WR)
             if server.recv(1) != b"":
@@ -804,6 +954,9 @@ class Recorder:
     # --- teardown ------------------------------------------------------------------------------------
     def close(self) -> None:
         """Release this process's descriptors (an unpinned recorder is detached by this)."""
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
         self._bpf.close()
 
     def __enter__(self) -> Recorder:
@@ -811,6 +964,92 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class EventFeed:
+    """Reads the recorder's ring buffer (BPF_MAP_TYPE_RINGBUF) through two mmap()s, as libbpf's
+    ring_buffer does: the consumer page (ours to advance) and the producer page followed by the data,
+    mapped twice in a row so a record that wraps around reads contiguously."""
+
+    _BUSY = 1 << 31
+    _DISCARD = 1 << 30
+
+    def __init__(self, map_fd: int, size: int, *, skip_cookie: int = 0) -> None:
+        """``skip_cookie``: a socket whose transitions are left out (the recorder's self-test)."""
+        import mmap
+        import select
+
+        page = mmap.PAGESIZE
+        self._page = page
+        self._mask = size - 1
+        self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self._data = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._poll = select.epoll()
+        self._poll.register(map_fd, select.EPOLLIN)
+        self._skip = skip_cookie
+
+    def read(self, timeout: float | None = 0.0) -> list[Transition]:
+        """The transitions written since the last read; waits up to ``timeout`` seconds (None:
+        forever) for the first when there are none."""
+        found = self._drain()
+        if not found and timeout != 0:
+            self._poll.poll(-1 if timeout is None else timeout)
+            found = self._drain()
+        return found
+
+    def _drain(self) -> list[Transition]:
+        (consumer,) = struct.unpack_from("<Q", self._consumer, 0)
+        (producer,) = struct.unpack_from("<Q", self._data, 0)
+        found: list[Transition] = []
+        while consumer < producer:
+            at = self._page + (consumer & self._mask)
+            (header,) = struct.unpack_from("<I", self._data, at)
+            if header & self._BUSY:
+                break  # reserved, not yet submitted
+            length = header & ~(self._BUSY | self._DISCARD)
+            if not header & self._DISCARD and length == _FEED_RECORD.size:
+                transition = parse_feed_record(self._data[at + 8 : at + 8 + length])
+                if transition.cookie != self._skip:
+                    found.append(transition)
+            consumer += (length + 8 + 7) & ~7
+        struct.pack_into("<Q", self._consumer, 0, consumer)
+        return found
+
+    def close(self) -> None:
+        self._poll.close()
+        self._consumer.close()
+        self._data.close()
+
+
+def parse_feed_record(data: bytes) -> Transition:
+    """A ``Transition`` from one ``_FEED_RECORD``."""
+    import ipaddress
+
+    (time_ns, cookie, cgroup, dwell, tgid, old, new, reason, family, lport, rport_be, local, remote, comm) = (
+        _FEED_RECORD.unpack(data)
+    )
+    remote_port = int.from_bytes(rport_be.to_bytes(2, "little"), "big")
+    if family == socket.AF_INET6:
+        local_text, remote_text = str(ipaddress.IPv6Address(local)), str(ipaddress.IPv6Address(remote))
+    else:
+        local_text, remote_text = str(ipaddress.IPv4Address(local[:4])), str(ipaddress.IPv4Address(remote[:4]))
+    ends = (Endpoint(local_text, lport), Endpoint(remote_text, remote_port))
+    if reason == _FEED_ENTERED:
+        return Transition(time_ns, cookie, TcpState(old), TcpState(new), *ends)
+    how = LeaveReason(reason)
+    owner = how != LeaveReason.RESET
+    return Transition(
+        time_ns,
+        cookie,
+        TcpState(old),
+        TcpState(new),
+        *ends,
+        reason=how,
+        dwell_ns=dwell,
+        tgid=tgid if owner else None,
+        comm=comm.split(b"\0", 1)[0].decode("utf-8", "replace") if owner else None,
+        cgroup_id=cgroup if owner else None,
+    )
 
 
 @contextlib.contextmanager
@@ -886,6 +1125,7 @@ __all__ = [
     "DEFAULT_CAPACITY",
     "DEFAULT_HISTOGRAM_CAPACITY",
     "DEFAULT_PIN_DIR",
+    "EventFeed",
     "Recorder",
     "RecorderUnavailable",
     "cgroup_id",
