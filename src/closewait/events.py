@@ -158,6 +158,18 @@ class Transition:
         return self.reason is None
 
 
+def age_seconds(entry_ns: int, now_ns: int) -> float:
+    """How long a socket has been in CLOSE_WAIT: ``now_ns`` is CLOCK_MONOTONIC read by the caller
+    (``time.clock_gettime_ns(time.CLOCK_MONOTONIC)``), the clock the kernel stamped ``entry_ns`` with."""
+    return max(0, now_ns - entry_ns) / 1e9
+
+
+def wall_time(entry_ns: int, now_ns: int, wall_now: float) -> float:
+    """The wall-clock time (seconds since the epoch) of a monotonic ``entry_ns``, given one pair of
+    readings of both clocks taken together (``now_ns`` monotonic, ``wall_now`` = ``time.time()``)."""
+    return wall_now - (now_ns - entry_ns) / 1e9
+
+
 def bucket_index(dwell_ns: int, bounds_ns: Sequence[int] = BUCKET_BOUNDS_NS) -> int:
     """The bucket the kernel program puts a dwell of ``dwell_ns`` in (``le``: a bound is inclusive)."""
     for index, bound in enumerate(bounds_ns):

@@ -66,6 +66,14 @@ def test_histogram_quantile_interpolates_like_promql() -> None:
     assert Histogram(tuple(only_inf), 9000.0).quantile(0.5) == 3600.0
 
 
+def test_ages_from_the_monotonic_clock() -> None:
+    from closewait.events import age_seconds, wall_time
+
+    assert age_seconds(1_000_000_000, 4_500_000_000) == 3.5
+    assert age_seconds(5, 4) == 0.0  # read just before the kernel stamped it
+    assert wall_time(1_000_000_000, 4_000_000_000, 1_700_000_000.0) == 1_699_999_997.0
+
+
 def test_counters_difference_and_reasons() -> None:
     later = Counters(10, 5, 2, 1, 4, 0, 1, 100, 0)
     earlier = Counters(4, 2, 0, 1, 0, 0, 0, 40, 0)

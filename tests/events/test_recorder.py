@@ -321,6 +321,12 @@ def test_pinned_recorder_is_read_by_another_process(bpffs: Path) -> None:
         Recorder.open_pinned(pin_dir)
 
 
+def test_pinning_outside_a_bpffs_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(RecorderUnavailable, match="not on a bpffs"):
+        Recorder.attach_or_open_pinned(str(tmp_path / "closewait"))
+    assert not (tmp_path / "closewait").exists()
+
+
 def test_not_root_gets_one_reason(nobody: Nobody) -> None:
     code = (
         "from closewait.sources.recorder import Recorder, RecorderUnavailable\n"

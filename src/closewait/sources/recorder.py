@@ -735,33 +735,45 @@ class Recorder:
         return cls(bpf, fds, pin_dir=pin_dir, netns=None)
 
     @classmethod
-    def attach_or_open_pinned(cls, pin_dir: str = DEFAULT_PIN_DIR, **options: object) -> Recorder:
+    def attach_or_open_pinned(
+        cls,
+        pin_dir: str = DEFAULT_PIN_DIR,
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        histogram_capacity: int = DEFAULT_HISTOGRAM_CAPACITY,
+        btf_path: str = BTF_PATH,
+    ) -> Recorder:
         """The recorder pinned in ``pin_dir``, or a new one attached and pinned there (the
-        directory is created; it must be on a bpffs: see ``mount_bpffs``). Two processes racing
-        here end up sharing one recorder (the directory is flock()ed while deciding)."""
-        os.makedirs(pin_dir, mode=0o700, exist_ok=True)
-        if not is_bpffs(pin_dir):
-            raise RecorderUnavailable(f"{pin_dir} is not on a bpffs (mount -t bpf bpf /sys/fs/bpf)")
+        directory is created on a bpffs: see ``mount_bpffs``). Two processes racing here end up
+        sharing one recorder (the directory is flock()ed while deciding). The options apply only
+        when a new recorder is attached."""
+        parent = os.path.dirname(os.path.abspath(pin_dir))
+        if not (is_bpffs(pin_dir) or is_bpffs(parent)):
+            raise RecorderUnavailable(f"{pin_dir} is not on a bpffs (mount one: mount -t bpf bpf {parent})")
         import fcntl
 
-        lock = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+            lock = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise RecorderUnavailable(f"cannot use {pin_dir}: {err.strerror or err}") from err
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if os.path.exists(os.path.join(pin_dir, "link")):
                 return cls.open_pinned(pin_dir)
-            return cls.open(pin_dir, **options)  # type: ignore[arg-type]
+            return cls.open(pin_dir, capacity=capacity, histogram_capacity=histogram_capacity, btf_path=btf_path)
         finally:
             os.close(lock)
 
     def _pin(self, pin_dir: str) -> None:
-        os.makedirs(pin_dir, mode=0o700, exist_ok=True)
         pinned: list[str] = []
         try:
+            os.makedirs(pin_dir, mode=0o700, exist_ok=True)
             for name in (*_MAP_NAMES, "link"):  # the link last: its presence means "complete"
                 path = os.path.join(pin_dir, name)
                 bpf_asm.pin(self._bpf, self._fds[name], path)
                 pinned.append(path)
-        except BpfUnavailable as err:
+        except (BpfUnavailable, OSError) as err:
             for path in pinned:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
