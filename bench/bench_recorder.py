@@ -22,6 +22,8 @@ Three measurements:
    nanoseconds per program run and the runs per connection, so the CPU the recorder adds per
    connection, and that as a share of the CPU the churn's processes spent per connection (their
    user + system time, which includes loopback's softirq work done in their context).
+   The same with the feed on (``Recorder.open(feed=True)``, as ``watch --events`` uses it) and a
+   thread reading it.
 3. Memory: ``memlock`` from /proc/self/fdinfo of each map and the program, for 64k and 1M tracked
    sockets (the LRU map is preallocated, so this is what it costs empty or full; checked by filling
    100,000 entries from user space).
@@ -146,18 +148,41 @@ def throughput(binary: str, ports: list[int], workers: list[int], args: argparse
     }
 
 
-def program_cost(binary: str, ports: list[int], workers: list[int], args: argparse.Namespace) -> dict[str, Any]:
-    with enable_run_stats(), Recorder.open(capacity=args.capacity) as recorder:
+def program_cost(
+    binary: str, ports: list[int], workers: list[int], args: argparse.Namespace, *, feed: bool = False
+) -> dict[str, Any]:
+    """The program's own time per run; with ``feed``, a thread drains the ring buffer meanwhile (as
+    ``watch --events`` would)."""
+    import threading
+
+    received = 0
+    stop = threading.Event()
+    with enable_run_stats(), Recorder.open(capacity=args.capacity, feed=feed) as recorder:
+
+        def drain() -> None:
+            nonlocal received
+            events = recorder.feed()
+            while not stop.is_set():
+                received += len(events.read(0.05))
+
+        reader = threading.Thread(target=drain) if feed else None
+        if reader is not None:
+            reader.start()
         counters_before = recorder.counters()
         time_before, runs_before = recorder.program_stats()
         done, _failed, churn_cpu = run_clients(binary, ports, args.clients, args.seconds, workers)
         time_after, runs_after = recorder.program_stats()
         changed = recorder.counters() - counters_before
+        stop.set()
+        if reader is not None:
+            reader.join()
+        lost = recorder.feed_lost()
     runs = runs_after - runs_before
     ns_per_run = (time_after - time_before) / runs if runs else 0.0
     cpu_per_connection_us = churn_cpu / done * 1e6
     recorder_per_connection_us = ns_per_run * runs / done / 1e3
     return {
+        "feed": feed,
         "connections": done,
         "program_runs": runs,
         "runs_per_connection": runs / done,
@@ -167,6 +192,8 @@ def program_cost(binary: str, ports: list[int], workers: list[int], args: argpar
         "churn_cpu_us_per_connection": cpu_per_connection_us,
         "share_of_cpu": recorder_per_connection_us / cpu_per_connection_us,
         "missed": changed.missed,
+        "feed_records_read": received,
+        "feed_lost": lost,
     }
 
 
@@ -218,6 +245,7 @@ def main() -> None:
             workers = server_workers(server.pid)
             result["throughput"] = throughput(binary, ports, workers, args)
             result["program_cost"] = program_cost(binary, ports, workers, args)
+            result["program_cost_with_feed"] = program_cost(binary, ports, workers, args, feed=True)
         finally:
             os.killpg(server.pid, signal.SIGKILL)  # the server and the workers it forked
             server.wait()

@@ -50,7 +50,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from closewait.errors import ClosewaitError, NotSupported
 from closewait.events import (
@@ -81,6 +81,9 @@ from closewait.sources.bpf_asm import (
     Btf,
     MapAccess,
 )
+
+if TYPE_CHECKING:
+    import mmap
 
 TRACEPOINT = "inet_sock_set_state"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/closewait"
@@ -1020,7 +1023,7 @@ class EventFeed:
                 break  # reserved, not yet submitted
             length = header & ~(self._BUSY | self._DISCARD)
             if not header & self._DISCARD and length == _FEED_RECORD.size:
-                transition = parse_feed_record(self._data[at + 8 : at + 8 + length])
+                transition = parse_feed_record(self._data, at + 8)
                 if transition.cookie != self._skip:
                     found.append(transition)
             consumer += (length + 8 + 7) & ~7
@@ -1033,18 +1036,16 @@ class EventFeed:
         self._data.close()
 
 
-def parse_feed_record(data: bytes) -> Transition:
-    """A ``Transition`` from one ``_FEED_RECORD``."""
-    import ipaddress
-
+def parse_feed_record(data: bytes | mmap.mmap, offset: int = 0) -> Transition:
+    """A ``Transition`` from the ``_FEED_RECORD`` at ``offset`` of ``data``."""
     (time_ns, cookie, cgroup, dwell, tgid, old, new, reason, family, lport, rport_be, local, remote, comm) = (
-        _FEED_RECORD.unpack(data)
+        _FEED_RECORD.unpack_from(data, offset)
     )
-    remote_port = int.from_bytes(rport_be.to_bytes(2, "little"), "big")
+    remote_port = ((rport_be & 0xFF) << 8) | (rport_be >> 8)
     if family == socket.AF_INET6:
-        local_text, remote_text = str(ipaddress.IPv6Address(local)), str(ipaddress.IPv6Address(remote))
+        local_text, remote_text = socket.inet_ntop(family, local), socket.inet_ntop(family, remote)
     else:
-        local_text, remote_text = str(ipaddress.IPv4Address(local[:4])), str(ipaddress.IPv4Address(remote[:4]))
+        local_text, remote_text = socket.inet_ntop(family, local[:4]), socket.inet_ntop(family, remote[:4])
     ends = (Endpoint(local_text, lport), Endpoint(remote_text, remote_port))
     if reason == _FEED_ENTERED:
         return Transition(time_ns, cookie, TcpState(old), TcpState(new), *ends)
