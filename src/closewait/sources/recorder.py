@@ -117,7 +117,7 @@ _N_SLOTS = 22
 _FEED_RECORD = struct.Struct("<QQQQIBBBxHHHxx16s16s16s")
 _FEED_ENTERED = 0xFF
 _BPF_RB_NO_WAKEUP = 1
-DEFAULT_FEED_BYTES = 1 << 20
+DEFAULT_FEED_BYTES = 1 << 22  # 43,690 records: a few seconds of a busy host
 
 #: A histogram's value: one u64 per bucket, then the sum of dwells in ns.
 _HIST_VALUE = struct.Struct(f"<{N_BUCKETS + 1}Q")
