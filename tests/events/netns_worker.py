@@ -91,20 +91,21 @@ class Worker:
     def op_stress(self, delays: list[float]) -> list[list[int]]:
         """One pair per delay; each server end is closed ``delay`` s after its FIN arrived.
 
-        Returns per pair [dwell_low, dwell_high] in ns: bounds on the kernel's dwell (close time minus
-        CLOSE_WAIT entry time), from the brackets around shutdown() and close(): the entry is in
-        [c0, fin], the close in [s0, s1], so dwell is in [s0 - fin, s1 - c0].
+        Returns per pair [dwell_low, dwell_high, cookie], the first two in ns: bounds on the kernel's
+        dwell (close time minus CLOSE_WAIT entry time), from the brackets around shutdown() and
+        close(): the entry is in [c0, fin], the close in [s0, s1], so dwell is in [s0 - fin, s1 - c0].
         """
-        out: list[list[int]] = [[0, 0] for _ in delays]
+        out: list[list[int]] = [[0, 0, 0] for _ in delays]
         pending: list[tuple[int, int, int, int]] = []  # (deadline, index, c0, fin)
         servers: dict[int, socket.socket] = {}
+        cookies: dict[int, int] = {}
 
         def close(index: int, c0: int, fin: int) -> None:
             server = servers.pop(index)
             s0 = now()
             server.close()
             s1 = now()
-            out[index] = [s0 - fin, s1 - c0]
+            out[index] = [s0 - fin, s1 - c0, cookies.pop(index)]
 
         def close_due() -> None:
             while pending and pending[0][0] <= now():
@@ -119,6 +120,7 @@ class Worker:
             fin = wait_state(server, TCP_CLOSE_WAIT)
             client.close()
             servers[index] = server
+            cookies[index] = int.from_bytes(server.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
             if delay == 0:
                 close(index, c0, fin)
             else:
