@@ -54,7 +54,7 @@ def test_rules_and_dashboard_use_only_exported_metrics() -> None:
     assert used
     assert used <= exported, used - exported
     assert dashboard["uid"] == "closewait"
-    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "instance"}
+    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "instance", "namespace", "pod"}
 
 
 def test_systemd_unit_is_accepted_by_systemd_analyze(tmp_path: Path) -> None:
