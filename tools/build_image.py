@@ -96,7 +96,11 @@ def build_base(name: str, mirror: str) -> None:
         f"LABEL org.opencontainers.image.description=Debian {SUITE} with python3 and python3-venv, made by mmdebstrap",
         f"LABEL org.opencontainers.image.source={mirror}",
     ]
-    with subprocess.Popen(argv, stdout=subprocess.PIPE) as strap:
+    # mmdebstrap's hooks talk on stderr even with --quiet: kept, and shown only if it fails.
+    with (
+        tempfile.TemporaryFile(mode="w+") as messages,
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=messages) as strap,
+    ):
         imported = subprocess.run(
             ["podman", "import", "--quiet", *(f"--change={c}" for c in changes), "-", name],
             stdin=strap.stdout,
@@ -104,9 +108,11 @@ def build_base(name: str, mirror: str) -> None:
             text=True,
             check=False,
         )
-    if strap.returncode != 0:
-        podman("rmi", "--force", name, check=False)
-        sys.exit(f"build_image: mmdebstrap failed (exit {strap.returncode})")
+        strap.wait()
+        messages.seek(0)
+        if strap.returncode != 0:
+            podman("rmi", "--force", name, check=False)
+            sys.exit(f"build_image: mmdebstrap failed (exit {strap.returncode}):\n{messages.read()}")
     if imported.returncode != 0:
         sys.exit(f"build_image: podman import failed: {imported.stderr.strip()}")
 
@@ -181,7 +187,9 @@ def build(tag: str | None, base: str, *, rebuild_base: bool, mirror: str) -> str
     started = time.monotonic()
     if rebuild_base or not image_exists(base):
         log(f"making the base {base} from Debian {SUITE} ({mirror}) with mmdebstrap")
+        previous = podman("image", "inspect", "--format", "{{.Id}}", base, check=False).stdout.strip()
         build_base(base, mirror)
+        _drop_if_untagged(previous)
         log(f"base {base} made in {time.monotonic() - started:.1f} s")
     else:
         log(f"reusing the base {base} (--rebuild-base to make it again)")
