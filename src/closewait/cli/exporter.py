@@ -35,7 +35,6 @@ from closewait.exporter.http import HttpLimits
         ("closewait exporter", "http://127.0.0.1:9947/metrics"),
         ("closewait exporter --listen 0.0.0.0:9947 --all-netns", "every interface, every network namespace"),
         ("closewait exporter --listen [::1]:0 --top 50", "IPv6 loopback, any free port"),
-        ("closewait exporter --pid-label", "a series per process (pid), not per workload and name"),
     ),
 )
 @click.option(
