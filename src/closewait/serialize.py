@@ -87,8 +87,9 @@ def snapshot_dict(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def _snapshot_fields(snapshot: Snapshot) -> dict[str, Any]:
-    """Every key of ``snapshot_dict`` after "sockets", in order."""
-    return {
+    """Every key of ``snapshot_dict`` after "sockets", in order (``selection`` only when the scan was
+    narrowed to some workloads)."""
+    fields: dict[str, Any] = {
         "errors": list(snapshot.errors),
         "backend": snapshot.backend,
         "netns": snapshot.netns,
@@ -98,6 +99,9 @@ def _snapshot_fields(snapshot: Snapshot) -> dict[str, Any]:
         "taken_at": snapshot.taken_at,
         "state_counts": {state.name: count for state, count in snapshot.state_counts.items()},
     }
+    if snapshot.selection is not None:
+        fields["selection"] = snapshot.selection.as_dict()
+    return fields
 
 
 def _finding_json(finding: Finding) -> str:
