@@ -191,6 +191,7 @@ def _target_dict(target: reap.ReapTarget) -> dict[str, Any]:
         "pid": target.process.pid,
         "start_time": target.process.start_time,
         "name": target.process.name,
+        "workload": target.process.workload.as_dict() if target.process.workload is not None else None,
         "fd": target.fd,
         "fds": list(target.fds),
         "other_holders": [owner_dict(o) for o in target.other_holders],

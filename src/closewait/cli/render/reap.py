@@ -24,7 +24,8 @@ _OUTCOME_STYLE = {Outcome.DONE: "green", Outcome.SKIPPED: "yellow", Outcome.FAIL
 def _process_line(target: ReapTarget) -> str:
     process = target.process
     cmd = format_command(process.cmdline, process.name, 80)
-    return f"pid {process.pid} {process.name}  {cmd}"
+    where = f"  [{process.workload.label()}]" if process.workload is not None else ""
+    return f"pid {process.pid} {process.name}{where}  {cmd}"
 
 
 def _row(target: ReapTarget) -> list[str]:
