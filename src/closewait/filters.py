@@ -106,13 +106,13 @@ class ReapCriteria:
             raise UsageError("give either --pid or --all, not both")
         if self.all_processes and not self.has_socket_filter and not selected:
             raise UsageError(
-                "--all reaps every process's sockets: add --port, --remote, --older-than or a workload "
-                "(--container, --pod, --namespace, --unit) to narrow it"
+                "--all reaps every process's sockets: add --port, --remote or --older-than to narrow it, "
+                "or a workload (--container, --pod, --namespace, --unit)"
             )
         if not self.all_processes and not self.pids and not selected:
             raise UsageError(
-                "say whose sockets to reap: --pid PID, a workload (--container, --pod, --namespace, --unit), "
-                "or --all with --port, --remote or --older-than"
+                "say whose sockets to reap: --pid PID, or --all with --port, --remote or --older-than, "
+                "or a workload (--container, --pod, --namespace, --unit)"
             )
         for port in self.ports:
             if not 0 < port <= 65535:
