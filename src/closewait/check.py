@@ -116,8 +116,8 @@ def _workload_who(group: WorkloadGroup) -> str:
 
 def perfdata_label(text: str) -> str:
     """``text`` as a perfdata label: quoted (it may hold spaces), without the two characters the
-    plugin guidelines forbid in one (``'`` and ``=``), at most 60 characters."""
-    cleaned = text.replace("'", "_").replace("=", "_")[:60]
+    plugin guidelines forbid in one (``'`` and ``=``), at most 100 characters."""
+    cleaned = text.replace("'", "_").replace("=", "_")[:100]
     return f"'{cleaned}'"
 
 

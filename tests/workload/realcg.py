@@ -177,6 +177,20 @@ def have(command: str) -> bool:
     return shutil.which(command) is not None
 
 
+def write_kubelet_log_links(root: Path, namespace: str, pod: str, uid: str, containers: dict[str, str]) -> Path:
+    """What kubelet writes: /var/log/pods/<ns>_<pod>_<uid>/<container>/0.log and, in
+    /var/log/containers, <pod>_<ns>_<container>-<id>.log linking to it. Returns the containers dir."""
+    pods_dir = root / "var/log/pods" / f"{namespace}_{pod}_{uid}"
+    links = root / "var/log/containers"
+    links.mkdir(parents=True, exist_ok=True)
+    for container, container_id in containers.items():
+        (pods_dir / container).mkdir(parents=True, exist_ok=True)
+        log = pods_dir / container / "0.log"
+        log.write_text("2026-12-05T10:00:00.000000000Z stdout F started\n")
+        (links / f"{pod}_{namespace}_{container}-{container_id}.log").symlink_to(log)
+    return links
+
+
 # ---- real podman containers (podman + runc from Debian, as root) ---------------------------------------
 
 #: Runs inside the container: a server on the container's loopback whose accepted connection sits in
