@@ -9,7 +9,6 @@ resolve only the owners of the sockets kept, then diagnose each socket.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import time
 from collections.abc import Collection, Iterable
 
@@ -263,6 +262,8 @@ def _require_workload(selection: WorkloadSelector, resolver: WorkloadResolver) -
     Only called when the selection matched no socket: then one cgroup read per process tells a
     container with no CLOSE_WAIT (an empty answer) from a name that is not there (a typo).
     """
+    import difflib  # only on this error path
+
     running = resolver.running_workloads()
     if any(selection.matches(w) for w in running):
         return

@@ -32,10 +32,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Final, Literal
 
-#: What a workload is. ``unknown``: the cgroup could not be read or parsed (``error`` says why).
-WorkloadKind = Literal["container", "pod", "unit", "host", "unknown"]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms on scan's fast path)
+if TYPE_CHECKING:
+    from typing import Final, Literal
+
+    #: What a workload is. ``unknown``: the cgroup could not be read or parsed (``error`` says why).
+    WorkloadKind = Literal["container", "pod", "unit", "host", "unknown"]
 KINDS: Final = ("container", "pod", "unit", "host", "unknown")
 
 #: Kubernetes QoS classes as kubelet names their cgroups (lower case); Guaranteed has no cgroup of its own.

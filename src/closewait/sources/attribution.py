@@ -14,8 +14,8 @@ the same one everywhere in that scan.
 
 from __future__ import annotations
 
+import _thread  # its Lock is threading.Lock; importing threading itself costs a few ms per scan
 import errno
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -88,7 +88,7 @@ class WorkloadResolver:
         self._cache: dict[tuple[int, int], tuple[Workload, float]] = {}
         # The cgroup file's text -> its workload before names: most processes share a few texts.
         self._by_text: dict[bytes, Workload] = {}
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._lookups = self._hits = self._reads = self._unknown = 0
 
     def workload_of(self, process: Process) -> Workload:
@@ -201,7 +201,7 @@ class WorkloadResolver:
 
 
 _default: dict[str, WorkloadResolver] = {}
-_default_lock = threading.Lock()
+_default_lock = _thread.allocate_lock()
 
 
 def default_resolver(proc_root: str = "/proc") -> WorkloadResolver:

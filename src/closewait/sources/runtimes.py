@@ -19,14 +19,24 @@ or a test's temp directory).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    import logging
+
+
+def _log() -> logging.Logger:
+    """This module's logger, importing logging only when there is something to log: every scan
+    imports this module, and logging (~6 ms) is otherwise not on ``scan --json``'s fast path."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 PODMAN_GRAPHROOT = "/var/lib/containers/storage"
 DOCKER_ROOT = "/var/lib/docker"
@@ -66,7 +76,7 @@ class _CachedFile:
                     with open(self.path, "rb") as handle:
                         self.value = self.parse(handle.read())
                 except (OSError, ValueError) as err:
-                    log.debug("cannot read %s: %s", self.path, err)
+                    _log().debug("cannot read %s: %s", self.path, err)
         return self.value
 
 
