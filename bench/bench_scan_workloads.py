@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--place", action="store_true", help="move each worker into a container cgroup first")
     parser.add_argument("--baseline-src", help="src/ of closewait before workloads, timed as '(before workloads)'")
     parser.add_argument("--json-out", help="write the results here as JSON")
+    parser.add_argument("--skip", action="append", default=[], help="skip tools whose name contains this")
     args = parser.parse_args(argv)
     python_bin = Path(sys.executable).parent
     scan_fixture.install_signal_handlers()
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             with (
                 placed_in_containers(workers) if args.place else contextlib.nullcontext("workers on the host") as where
             ):
-                tool_list = tools(python_bin, HERE.parent / "src", args.baseline_src)
+                every = tools(python_bin, HERE.parent / "src", args.baseline_src)
+                tool_list = [t for t in every if not any(skip in t.name for skip in args.skip)]
                 host = scan_fixture.host_counts()
                 results = bench_scan.measure(tool_list, args.runs, ports)
                 description = f"{fixture.describe()}; {where}"
