@@ -19,6 +19,7 @@ CLOSE_WAIT sockets counted in the output). Prints a markdown table; figures for 
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import json
 import statistics
@@ -101,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", action="append", default=[], help="skip tools whose name contains this")
     args = parser.parse_args(argv)
     python_bin = Path(sys.executable).parent
+    # As bench_scan does: an installed package runs from bytecode compiled at install time; a tree run
+    # with PYTHONDONTWRITEBYTECODE would compile every module on every run. Both trees, the same way.
+    for tree in (HERE.parent / "src", *([Path(args.baseline_src)] if args.baseline_src else [])):
+        compileall.compile_dir(str(tree), quiet=1)
     scan_fixture.install_signal_handlers()
     fds = 2 * args.established + args.close_wait + 5_000
     load_before = bench_scan._loadavg()

@@ -24,7 +24,8 @@ _OUTCOME_STYLE = {Outcome.DONE: "green", Outcome.SKIPPED: "yellow", Outcome.FAIL
 def _process_line(target: ReapTarget) -> str:
     process = target.process
     cmd = format_command(process.cmdline, process.name, 80)
-    where = f"  [{process.workload.label()}]" if process.workload is not None else ""
+    workload = process.workload
+    where = f"  [{workload.label()}]" if workload is not None and workload.kind != "host" else ""
     return f"pid {process.pid} {process.name}{where}  {cmd}"
 
 
