@@ -346,7 +346,10 @@ def test_a_bad_cgroup_file_is_unknown_and_one_warning(leakers: list[Leaker], tmp
         else:
             (directory / "cgroup").mkdir()  # read() fails with EISDIR
     resolver = WorkloadResolver(proc_root=str(tmp_path), verify=False)
-    snapshot = closewait.scan(ports=[leaker.port for leaker in leakers], workloads=resolver)
+    # --pid: the owners come from these two processes' own fd tables, whatever else runs meanwhile
+    snapshot = closewait.scan(
+        ports=[leaker.port for leaker in leakers], pids=[leaker.pid for leaker in leakers], workloads=resolver
+    )
     assert len(snapshot.findings) == 2
     workloads = {f.owners[0].process.workload for f in snapshot.findings}
     assert {w.kind for w in workloads if w is not None} == {"unknown"}
