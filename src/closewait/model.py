@@ -21,7 +21,7 @@ from closewait.display import format_address
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
-    from closewait.workload import Workload
+    from closewait.workload import Workload, WorkloadSelector
 
 
 class TcpState(enum.IntEnum):
@@ -357,6 +357,8 @@ class Snapshot:
     #: Why the BPF owner lookup was not used when ``owner_source="auto"`` fell back to the /proc walk
     #: (for example "permission denied (needs root, ...)"); None when it was used or not tried.
     owners_fallback_reason: str | None = None
+    #: The workloads the scan was narrowed to (``--container``, ``--pod``, ...); None for all of them.
+    selection: WorkloadSelector | None = None
 
     def in_state(self, state: TcpState) -> tuple[Finding, ...]:
         return tuple(f for f in self.findings if f.socket.state == state)
