@@ -465,6 +465,7 @@ class Horizon:
             return
         states = own_socket_states(candidates)
         if states is None:
+            self._open_at_gc_start = set()
             return
         close_wait = int(TcpState.CLOSE_WAIT)
         still = {inode for inode, state in states.items() if state == close_wait}

@@ -301,3 +301,201 @@ def test_bad_options_are_one_clear_line(pytester: pytest.Pytester, args: list[st
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
     assert "Traceback" not in result.stderr.str()
+
+
+# -- a suite shaped like urllib3's ----------------------------------------------------------------
+#: A keep-alive test server thread ("dummyserver", session-scoped) that, like hypercorn, closes a
+#: connection only when its keep-alive timer fires (1.5 s), whether or not the client has gone: its
+#: ends sit in CLOSE_WAIT for up to 1.5 s after every correct test. An application under test
+#: ("mylib", on the rootdir as an editable install is) with a module-level pool.
+URLLIB3_LIKE_CONFTEST = """
+import socket
+import threading
+import time
+
+import pytest
+
+KEEPALIVE = 1.5
+
+
+def _serve_one(conn):
+    with conn:
+        conn.settimeout(5)
+        if not conn.recv(65536):
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: keep-alive\\r\\n\\r\\nok")
+        time.sleep(KEEPALIVE)  # the keep-alive timer: the only thing that closes the connection
+
+
+def _accept_forever(listener):
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=_serve_one, args=(conn,), daemon=True).start()
+
+
+@pytest.fixture(scope="session")
+def http_server():
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=_accept_forever, args=(listener,), name="dummyserver", daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    listener.close()
+"""
+
+MYLIB_POOL = """
+import urllib3
+
+POOL = urllib3.PoolManager()  # module-level: connections stay pooled after the test
+
+
+def fetch(url):
+    return _level1(url)
+
+
+def _level1(url):
+    return _level2(url)
+
+
+def _level2(url):
+    return _level3(url)
+
+
+def _level3(url):
+    return _level4(url)
+
+
+def _level4(url):
+    return POOL.request("GET", url).data
+"""
+
+URLLIB3_LIKE_CLIENT_TESTS = """
+import pytest
+import urllib3
+
+
+@pytest.mark.parametrize("n", range(6))
+def test_pool_closed(http_server, n):
+    with urllib3.PoolManager() as pool:
+        assert pool.request("GET", http_server).data == b"ok"
+
+
+def test_response_released(http_server):
+    with urllib3.PoolManager() as pool:
+        response = pool.request("GET", http_server, preload_content=False)
+        assert response.read() == b"ok"
+        response.release_conn()
+
+
+FLAKY = []
+
+
+@pytest.mark.flaky(reruns=2)
+def test_flaky(http_server):
+    with urllib3.PoolManager() as pool:
+        assert pool.request("GET", http_server).data == b"ok"
+    FLAKY.append(1)
+    assert len(FLAKY) > 1, "fails the first time"
+"""
+
+URLLIB3_LIKE_LEAK_TESTS = """
+import socket
+import threading
+
+import mylib
+
+
+def test_module_pool_leak(http_server):
+    assert mylib.fetch(http_server) == b"ok"  # creates:pool
+
+
+class ForgetfulServer:
+    \"\"\"The server under test: reads a request, answers nothing, never closes on EOF.\"\"\"
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.kept = []
+        self.thread = threading.Thread(target=self._serve, name="app-under-test", daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        self.kept.append(conn)
+        while conn.recv(100):
+            pass  # EOF: returns, keeps the socket
+
+
+SERVERS = []
+
+
+def test_server_under_test_leak():
+    server = ForgetfulServer()
+    SERVERS.append(server)
+    with socket.create_connection(server.listener.getsockname()) as client:
+        client.sendall(b"hello")
+    server.thread.join(5)
+"""
+
+
+def _urllib3_like_suite(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(URLLIB3_LIKE_CONFTEST)
+    pytester.mkpydir("mylib").joinpath("__init__.py").write_text(MYLIB_POOL)
+    pytester.makepyfile(test_clients=URLLIB3_LIKE_CLIENT_TESTS, test_leaks=URLLIB3_LIKE_LEAK_TESTS)
+    pytester.syspathinsert()
+
+
+@pytest.mark.slow
+def test_urllib3_like_suite_gives_exactly_the_two_leaks(pytester: pytest.Pytester) -> None:
+    _urllib3_like_suite(pytester)
+    result = pytester.runpytest_subprocess(
+        "--closewait", "--closewait-horizon=3", "--closewait-trace", "-rA", "-p", "rerunfailures"
+    )
+    outcomes = _outcomes(result)
+    assert {name for name, seen in outcomes.items() if "ERROR" in seen or "FAILED" in seen} == {
+        "test_module_pool_leak",
+        "test_server_under_test_leak",
+    }
+    assert result.parseoutcomes() == {"passed": 10, "errors": 2, "rerun": 1}
+    leaks_file = pytester.path / "test_leaks.py"
+    result.stdout.fnmatch_lines(
+        [
+            "*_ ERROR at teardown of test_module_pool_leak _*",
+            "closewait: 1 socket still in CLOSE_WAIT * s after the test ended (horizon 3 s)",
+            "  1) fd * 127.0.0.1:* <- 127.0.0.1:*  role client  Recv-Q *  [[]*[]]",
+            "     created at */mylib/__init__.py:* in _level4",
+            "     created in thread 'MainThread'",
+            f"     the test's own line: {leaks_file}:{_line_of(URLLIB3_LIKE_LEAK_TESTS, 'pool')}"
+            " in test_module_pool_leak",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*_ ERROR at teardown of test_server_under_test_leak _*",
+            "closewait: 1 socket still in CLOSE_WAIT * s after the test ended (horizon 3 s)",
+            "  1) fd * 127.0.0.1:* <- 127.0.0.1:*  role server*  Recv-Q 0  [[]eof-not-closed[]]",
+            "*accepted in thread 'app-under-test'",
+            "     hint: thread 'app-under-test' of this process accepted it: an in-process server;*",
+            "*closewait_ignore_threads = app-under-test*",
+        ]
+    )
+    assert "never closed" not in result.stdout.str()
+
+
+@pytest.mark.slow
+def test_urllib3_like_suite_with_a_horizon_below_the_keep_alive_blames_the_test_server(
+    pytester: pytest.Pytester,
+) -> None:
+    """The counter-check: with the horizon under the server's keep-alive timer, the dummyserver's ends
+    are reported, each naming the thread, and ignoring that thread in the ini file silences them."""
+    _urllib3_like_suite(pytester)
+    result = pytester.runpytest_subprocess(
+        "--closewait", "--closewait-horizon=0.2", "--closewait-trace", "-p", "rerunfailures", "test_clients.py"
+    )
+    result.stdout.fnmatch_lines(["*hint: thread 'dummyserver' of this process accepted it*"])
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    pytester.makeini("[pytest]\nclosewait_ignore_threads = dummyserver\n")
+    result = pytester.runpytest_subprocess(
+        "--closewait", "--closewait-horizon=0.2", "-p", "rerunfailures", "test_clients.py"
+    )
+    assert result.parseoutcomes() == {"passed": 8, "rerun": 1}

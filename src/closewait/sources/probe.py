@@ -82,12 +82,16 @@ class _TcpStateProbe:
                     continue  # closed since
         return result
 
-    def states_of(self, fds: dict[int, int]) -> dict[int, int]:
+    def states_of(self, fds: dict[int, int]) -> dict[int, int] | None:
         result: dict[int, int] = {}
         getsockopt, buffer, length, length_ref = self._getsockopt, self._buffer, self._length, self._length_ref
         level, option = int(socket.IPPROTO_TCP), int(socket.TCP_INFO)
         fstat = os.fstat
-        with self._lock:
+        # Never waits: it runs from a gc.callbacks hook, and a collection can start inside the
+        # probe's own loop (holding the lock) in this very thread.
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
             for inode, fd in fds.items():
                 length.value = 8
                 if getsockopt(fd, level, option, buffer, length_ref) != 0:
@@ -98,6 +102,8 @@ class _TcpStateProbe:
                         result[inode] = state
                 except OSError:
                     continue
+        finally:
+            self._lock.release()
         return result
 
 
@@ -144,7 +150,8 @@ def own_tcp_sockets() -> dict[int, tuple[int, int]] | None:
 def own_socket_states(fds: dict[int, int]) -> dict[int, int] | None:
     """For ``{inode: fd}`` pairs of this process: inode -> TCP state number of those whose ``fd`` is
     still open, still that socket (same inode) and still TCP. A missing inode was closed. Costs one
-    ``getsockopt`` and one ``fstat`` per pair; None without libc's getsockopt."""
+    ``getsockopt`` and one ``fstat`` per pair; None without libc's getsockopt, or when another probe
+    is running (it never waits: safe to call from a ``gc.callbacks`` hook)."""
     probe = _get_probe()
     return None if probe is None else probe.states_of(fds)
 
