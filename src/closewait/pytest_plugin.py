@@ -251,6 +251,8 @@ class _State:
     #: it as a "closewait" section (the summary prints it at the end) rather than as another error.
     failures: dict[str, pytest.TestReport] = field(default_factory=dict)
     in_worker: bool = False
+    #: nodeid -> position in session.items (xdist reports carry it).
+    index: dict[str, int] = field(default_factory=dict)
     resume_gc: bool = False
     started: bool = False
 
@@ -336,6 +338,7 @@ def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, objec
         session.config.issue_config_time_warning(pytest.PytestWarning(f"closewait: no checks: {err}"), stacklevel=2)
         return (yield)
     state.started = True
+    state.index = {item.nodeid: n for n, item in enumerate(session.items)}
     state.horizon.watch_gc()
     try:
         result = yield
@@ -421,7 +424,24 @@ def _report(
                 longrepr=message,
                 when="teardown",
             )
-            config.hook.pytest_runtest_logreport(report=late)
+            _log_late(config, state, late)
+
+
+def _log_late(config: pytest.Config, state: _State, report: pytest.TestReport) -> None:
+    """Log a report for a test that has already finished. In an xdist worker the report must carry
+    that test's index (the worker checks it against the test it is running), so it is set for the
+    time of the call; the controller then shows and counts the report like any other."""
+    interactor = next((p for p in config.pluginmanager.get_plugins() if type(p).__name__ == "WorkerInteractor"), None)
+    index = state.index.get(report.nodeid)
+    if interactor is None or index is None or not hasattr(interactor, "item_index"):
+        config.hook.pytest_runtest_logreport(report=report)
+        return
+    saved = interactor.item_index
+    interactor.item_index = index
+    try:
+        config.hook.pytest_runtest_logreport(report=report)
+    finally:
+        interactor.item_index = saved
 
 
 def _explain(due: list[testing.DueSocket]) -> list[_Found]:

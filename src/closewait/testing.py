@@ -311,15 +311,13 @@ class DueSocket:
     test: str
     test_ended_at: float
     seen_at: float
+    #: Closed by a garbage collection while in CLOSE_WAIT (``seen_at`` is when), not still open.
+    closed_by_gc: bool = False
 
     @property
     def after_test(self) -> float:
         """Seconds from the end of the test to the moment this was established."""
         return self.seen_at - self.test_ended_at
-
-    @property
-    def closed_by_gc(self) -> bool:
-        return self.tracked.closed_by_gc_at is not None
 
 
 class Horizon:
@@ -377,7 +375,14 @@ class Horizon:
 
     def _observe(self, owner: str | None) -> None:
         now = self._clock()
-        snapshot = own_socket_snapshot()
+        # No collection inside the snapshot: the gc hook would find the probe busy and miss a close.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            snapshot = own_socket_snapshot()
+        finally:
+            if collecting:
+                gc.enable()
         sockets = self.sockets
         for inode in [i for i in sockets if i not in snapshot]:
             tracked = sockets[inode]
@@ -417,14 +422,13 @@ class Horizon:
             if at is None or at > now:
                 continue
             assert tracked.test is not None
-            seen = tracked.closed_by_gc_at if tracked.closed_by_gc_at is not None else now
-            found.append(DueSocket(tracked, tracked.test, self.ended[tracked.test], seen))
+            by_gc = tracked.closed_by_gc_at
+            seen = by_gc if by_gc is not None else now
+            found.append(DueSocket(tracked, tracked.test, self.ended[tracked.test], seen, by_gc is not None))
             tracked.test = None  # reported once; the socket stays known so it is not re-attributed
-            tracked.closed_by_gc_at = None
             self._candidates.pop(tracked.inode, None)
-        for item in found:
-            if item.closed_by_gc:
-                self.sockets.pop(item.tracked.inode, None)
+            if by_gc is not None:
+                del self.sockets[tracked.inode]
         return found
 
     def finish(self, *, poll: float = 0.1, sleep: Callable[[float], None] = time.sleep) -> list[DueSocket]:

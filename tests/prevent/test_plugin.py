@@ -499,3 +499,300 @@ def test_urllib3_like_suite_with_a_horizon_below_the_keep_alive_blames_the_test_
         "--closewait", "--closewait-horizon=0.2", "-p", "rerunfailures", "test_clients.py"
     )
     assert result.parseoutcomes() == {"passed": 8, "rerun": 1}
+
+
+# -- control: markers, ini options, report-only ---------------------------------------------------
+CONTROL_TESTS = (
+    LEAK_HELPER
+    + """
+
+@pytest.mark.closewait(check=False)
+def test_not_checked():
+    leak()
+
+
+@pytest.mark.closewait(allow=1)
+def test_one_allowed():
+    leak()
+
+
+@pytest.mark.closewait(allow=["server"])
+def test_server_ends_allowed():
+    leak()
+
+
+@pytest.mark.closewait(allow="thread=worker-*")
+def test_other_thread_allowed():
+    import threading
+    t = threading.Thread(target=leak, name="worker-1")
+    t.start()
+    t.join()
+
+
+@pytest.mark.closewait(allow=1)
+def test_two_with_one_allowed():
+    leak()
+    leak()
+"""
+)
+
+
+def test_marker_allows_by_count_role_and_thread_and_check_false_skips(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_control=CONTROL_TESTS)
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-horizon=0.2", "--closewait-trace", "-rA")
+    assert {name for name, seen in _outcomes(result).items() if "ERROR" in seen} == {"test_two_with_one_allowed"}
+    result.stdout.fnmatch_lines(["*_ ERROR at teardown of test_two_with_one_allowed _*", "closewait: 1 socket still*"])
+
+
+def test_ini_ignores_by_role(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_leaks=LEAK_HELPER + "\n\ndef test_leak():\n    leak()\n")
+    # The listener is closed before the check: only the trace knows the socket was accepted (a server end).
+    pytester.makeini("[pytest]\nclosewait_ignore_roles = server\nclosewait_trace = true\n")
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-horizon=0.2")
+    result.assert_outcomes(passed=1)
+    # The same socket is reported without the ini option; its port then goes in closewait_ignore_ports.
+    pytester.makeini("[pytest]\n")
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-horizon=0.2")
+    result.assert_outcomes(passed=1, errors=1)
+
+
+def test_ini_ignores_the_listener_port(pytester: pytest.Pytester) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a free port for the inner server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pytester.makepyfile(
+        test_leaks=LEAK_HELPER.replace('("127.0.0.1", 0)', f'("127.0.0.1", {port})')
+        + "\n\ndef test_leak():\n    leak()\n"
+    )
+    pytester.makeini(f"[pytest]\nclosewait_ignore_ports = {port}\n")
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-horizon=0.2")
+    result.assert_outcomes(passed=1)
+
+
+def test_report_only_lists_leaks_and_fails_nothing(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_leaks=LEAK_HELPER + "\n\ndef test_leak():\n    leak()\n")
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-horizon=0.2", "--closewait-report-only")
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(
+        ["*closewait (report only: nothing failed)*", "test_leaks.py::test_leak", "closewait: 1 socket still in*"]
+    )
+    pytester.makeini("[pytest]\nclosewait_report_only = true\n")
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-horizon=0.2", "-n", "2")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["*closewait (report only: nothing failed)*", "test_leaks.py::test_leak"])
+
+
+@pytest.mark.parametrize(
+    ("ini", "message"),
+    [
+        ("closewait_ignore_roles = servers", "*closewait_ignore_* in the ini file: 'role=servers' is not server*"),
+        ("closewait_ignore_ports = 70000", "*'port=70000' is not server, client, port=N (1-65535)*"),
+        ("closewait_horizon = soon", "*ini closewait_horizon: 'soon' is not a number of seconds*"),
+    ],
+)
+def test_bad_ini_options_are_one_clear_line(pytester: pytest.Pytester, ini: str, message: str) -> None:
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    result = pytester.runpytest_subprocess("--closewait")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+# -- attribution, late sockets, the garbage collector ---------------------------------------------
+LATE_ACCEPT_CONFTEST = """
+import socket
+import threading
+
+import pytest
+
+LISTENER = socket.create_server(("127.0.0.1", 0))
+KEPT = []
+ACCEPT_NOW = threading.Event()
+ACCEPTED = threading.Event()
+
+
+def _serve():
+    ACCEPT_NOW.wait()
+    conn, _ = LISTENER.accept()
+    KEPT.append(conn)  # never closed
+    ACCEPTED.set()
+
+
+threading.Thread(target=_serve, name="late-acceptor", daemon=True).start()
+
+
+def pytest_runtest_logfinish(nodeid):
+    # Between the end of one test and the start of the next: after the plugin's check.
+    if nodeid.endswith("test_connects"):
+        ACCEPT_NOW.set()
+        assert ACCEPTED.wait(5)
+"""
+
+LATE_ACCEPT_TESTS = """
+import socket
+
+from conftest import LISTENER
+
+
+def test_connects():
+    client = socket.create_connection(LISTENER.getsockname())
+    client.close()  # the server has not accepted yet
+
+
+def test_next():
+    pass
+"""
+
+
+def test_a_socket_accepted_after_the_check_is_the_previous_tests(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(LATE_ACCEPT_CONFTEST)
+    pytester.makepyfile(test_late=LATE_ACCEPT_TESTS)
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-horizon=0.3", "-rA")
+    assert _outcomes(result) == {"test_connects": {"PASSED", "ERROR"}, "test_next": {"PASSED"}}
+
+
+GC_TESTS = (
+    ASYNCIO_TESTS
+    + """
+
+def test_collects():
+    import gc
+    gc.collect()
+"""
+)
+
+
+def test_a_socket_only_the_garbage_collector_closed_is_reported(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_gc=GC_TESTS)
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-trace", "-rA")
+    assert _outcomes(result) == {
+        "test_asyncio_handler_forgets_close": {"PASSED", "ERROR"},
+        "test_asyncio_clean_server": {"PASSED"},
+        "test_collects": {"PASSED"},
+    }
+    result.stdout.fnmatch_lines(
+        [
+            "*_ ERROR at teardown of test_asyncio_handler_forgets_close _*",
+            "closewait: 1 socket in CLOSE_WAIT after the test, closed only by the garbage collector: nothing*",
+            "  1) fd * (socket inode *): closed by a garbage collection * s after the test ended",
+            f"     accepted at {pytester.path / 'test_gc.py'}:*",
+        ]
+    )
+
+
+# -- other plugins --------------------------------------------------------------------------------
+def test_xdist_workers_each_check_their_own_process(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_activation=ACTIVATION_TESTS)
+    result = pytester.runpytest_subprocess("-n", "2", "--closewait", "--closewait-horizon=0.3", "-rA")
+    outcomes = _outcomes(result)
+    assert {name for name, seen in outcomes.items() if "ERROR" in seen} == {
+        "test_unchecked_leak",
+        "test_marked_leak",
+        "test_fixture_leak",
+        "test_late_fixture_leak",
+    }
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_marked_leak*", "closewait: 1 socket still in*"])
+
+
+TIMEOUT_TESTS = (
+    LEAK_HELPER
+    + """
+import time
+
+
+@pytest.mark.timeout(1)
+def test_times_out():
+    time.sleep(10)
+
+
+def test_leak():
+    leak()
+"""
+)
+
+
+def test_pytest_timeout_still_times_tests_out(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_timeout=TIMEOUT_TESTS)
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-horizon=0.3", "-rA", "-p", "timeout")
+    assert _outcomes(result) == {"test_times_out": {"FAILED"}, "test_leak": {"PASSED", "ERROR"}}
+    result.stdout.fnmatch_lines(["*Timeout*"])
+
+
+ASYNC_PLUGIN_TESTS = """
+import asyncio
+
+import anyio
+import pytest
+
+KEPT = []
+
+
+async def _keep(reader, writer):
+    KEPT.append(writer)  # never closed
+    await reader.read()
+
+
+@pytest.mark.asyncio
+async def test_asyncio_leak():
+    server = await asyncio.start_server(_keep, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.05)
+    server.close()
+
+
+@pytest.mark.asyncio
+async def test_asyncio_clean():
+    async def echo(reader, writer):
+        writer.write(await reader.read(10))
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+    writer.write(b"x")
+    writer.write_eof()
+    assert await reader.read() == b"x"
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_anyio_clean():
+    async def handle(stream):
+        async with stream:
+            await stream.send(await stream.receive())
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, handle)
+        async with await anyio.connect_tcp("127.0.0.1", port) as client:
+            await client.send(b"x")
+            assert await client.receive() == b"x"
+        group.cancel_scope.cancel()
+"""
+
+
+def test_pytest_asyncio_and_anyio_tests_are_checked(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_async=ASYNC_PLUGIN_TESTS)
+    pytester.makeconftest(NO_GC_CONFTEST)
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    result = pytester.runpytest_subprocess("--closewait", "--closewait-horizon=0.3", "-rA", "-p", "asyncio")
+    assert _outcomes(result) == {
+        "test_asyncio_leak": {"PASSED", "ERROR"},
+        "test_asyncio_clean": {"PASSED"},
+        "test_anyio_clean": {"PASSED"},
+    }
