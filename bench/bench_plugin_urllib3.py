@@ -33,7 +33,16 @@ import sys
 import time
 from pathlib import Path
 
-SELECTION = ["test/with_dummyserver", "test/test_connectionpool.py", "test/test_poolmanager.py"]
+SELECTION = [
+    "test/with_dummyserver",
+    "test/test_connectionpool.py",
+    "test/test_poolmanager.py",
+    # Hangs now and then without the plugin (a TLS handshake with hypercorn 0.17 and today's
+    # cryptography/pyOpenSSL waits forever), so it cannot be timed.
+    "--ignore=test/with_dummyserver/test_https.py",
+    # A hang anywhere becomes a failure (then deselected) rather than a stuck benchmark.
+    "--timeout=60",
+]
 #: Plugins installed in the shared environment that urllib3's suite does not use: pytest-asyncio
 #: warns at configure time, and urllib3's ``filterwarnings = error`` turns that into a crash.
 OFF = ["-p", "no:cacheprovider", "-p", "no:asyncio", "-p", "no:rerunfailures", "-p", "no:xdist"]
@@ -71,13 +80,23 @@ def main() -> int:
     parser.add_argument("--urllib3-dir", type=Path, required=True, help="the unpacked urllib3 sdist")
     parser.add_argument("--runs", type=int, default=3, help="runs of each kind (default 3)")
     parser.add_argument("--deselected", type=Path, default=None, help="write the deselected node ids here")
+    parser.add_argument(
+        "--deselect-from", type=Path, default=None, help="read the node ids to deselect (skips the first run)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     opts = parser.parse_args()
     urllib3_dir = opts.urllib3_dir.resolve()
 
-    seconds, code, output = _run(urllib3_dir, [], [])
-    deselect = sorted({m.group(1) for line in output.splitlines() if (m := _RESULT.match(line))})
-    print(f"without the plugin, all tests: {_summary(output)} in {seconds:.1f} s; deselecting {len(deselect)}")
+    if opts.deselect_from is not None:
+        deselect = opts.deselect_from.read_text().split("\n")[:-1]
+        code, output, seconds = 1, "", 0.0
+    else:
+        seconds, code, output = _run(urllib3_dir, [], [])
+        deselect = sorted({m.group(1) for line in output.splitlines() if (m := _RESULT.match(line))})
+    print(
+        f"without the plugin, all tests: {_summary(output)} in {seconds:.1f} s; deselecting {len(deselect)}",
+        flush=True,
+    )
     if code not in (0, 1):
         print(output[-4000:])
         return 1
@@ -86,16 +105,28 @@ def main() -> int:
 
     times: dict[str, list[float]] = {"plain": [], "closewait": []}
     summaries: dict[str, str] = {}
+    #: Attempts thrown away because a test hung (pytest-timeout) with or without the plugin: the
+    #: hypercorn release standing in for urllib3's fork sometimes never answers a request.
+    hung: dict[str, list[str]] = {"plain": [], "closewait": []}
     load_before = os.getloadavg()
     for number in range(opts.runs):
         for kind, extra in (("plain", []), ("closewait", ["--closewait"])):
-            seconds, code, output = _run(urllib3_dir, extra, deselect)
-            summaries[kind] = _summary(output)
-            print(f"run {number + 1} {kind:9}: {seconds:6.1f} s  exit {code}  {summaries[kind]}", flush=True)
-            if code != 0:
+            for _attempt in range(3):
+                seconds, code, output = _run(urllib3_dir, extra, deselect)
+                summaries[kind] = _summary(output)
+                print(f"run {number + 1} {kind:9}: {seconds:6.1f} s  exit {code}  {summaries[kind]}", flush=True)
+                failed = [m.group(1) for line in output.splitlines() if (m := _RESULT.match(line))]
+                if code == 0:
+                    times[kind].append(seconds)
+                    break
+                if failed and output.count("Timeout (>") >= len(set(failed)):
+                    hung[kind].extend(failed)
+                    print(f"  a test hung ({', '.join(failed)}): run again", flush=True)
+                    continue
                 print(output[-6000:])
                 return 1
-            times[kind].append(seconds)
+            else:
+                return 1
     load_after = os.getloadavg()
     plain, checked = statistics.median(times["plain"]), statistics.median(times["closewait"])
     figures = {
@@ -109,6 +140,7 @@ def main() -> int:
         "selection": SELECTION,
         "deselected": len(deselect),
         "summaries": summaries,
+        "hung_attempts_thrown_away": hung,
         "seconds": times,
         "median_plain": plain,
         "median_closewait": checked,
