@@ -13,6 +13,11 @@ here works without pytest (this module never imports it)::
 A failure raises ``CloseWaitLeak`` (an ``AssertionError``) whose message lists each socket with its
 diagnosis and, when ``closewait.trace`` is on, the line that created it.
 
+For a whole test suite, ``Horizon`` is what the pytest plugin uses instead: no waiting per block. It
+takes a cheap snapshot of this process's TCP sockets at each test boundary, attributes each socket
+to the test during which it appeared, and reports a socket only when it is still in CLOSE_WAIT a
+horizon (default 10 s) after that test ended, checked at later boundaries and once at the end.
+
 How a check works, and what it costs: the cheap part runs every time. For this process it lists
 ``/proc/self/fd`` and asks each descriptor its TCP state (``getsockopt(TCP_INFO)``), so the cost
 depends on the process's descriptors, not on how many sockets the host has; for another process it
