@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import gc
+import shlex
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -518,7 +519,7 @@ def _server_hint(one: _Found) -> list[str]:
     tb = one.traceback
     if tb is not None and tb.thread != "MainThread":
         who = f"thread {tb.thread!r} of this process accepted it: an in-process server"
-        ignore = f"closewait_ignore_threads = {tb.thread}"
+        ignore = f"closewait_ignore_threads = {shlex.quote(tb.thread)}"  # the ini value is split like a shell
     else:
         who = "this process accepted it: if it is the test suite's own server (a thread or task of this process)"
         ignore = f"closewait_ignore_ports = {port}"
