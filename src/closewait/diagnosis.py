@@ -89,7 +89,7 @@ def _idle_phrase(socket: Socket) -> str:
 def _close_wait(socket: Socket, role: Role) -> Diagnosis:
     peer = socket.remote
     if socket.recv_q == 0:
-        summary = f"read() returned 0 (EOF) after {peer} closed{_idle_phrase(socket)}, but the socket was never closed"
+        summary = f"read() returned 0 (EOF) after {peer} closed{_idle_phrase(socket)}, but it has not been closed"
         if role == Role.SERVER:
             remedy = (
                 "close the connection when read()/recv() returns 0 (b'' in Python; in asyncio, "

@@ -126,3 +126,77 @@ def test_bad_grace_is_rejected() -> None:
     with pytest.raises(ValueError, match="grace"):
         testing.Guard(grace=-1.0)
     assert gc.isenabled()
+
+
+# -- Horizon: attribution by test boundary, reports a horizon after the test ----------------------
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_horizon_reports_a_socket_a_horizon_after_its_test_and_only_once(leaky_server: LeakyServer) -> None:
+    clock = _Clock()
+    horizon = testing.Horizon(5.0, clock=clock)
+    horizon.start()
+    assert horizon.begin("t1") == []
+    conn = leaky_server.leak_one()
+    assert horizon.end("t1") == []  # in CLOSE_WAIT, but the horizon has not passed
+    clock.now += 4.0
+    assert horizon.begin("t2") == []
+    assert horizon.end("t2") == []
+    clock.now += 1.5
+    (due,) = horizon.begin("t3")
+    assert (due.test, due.tracked.inode, due.closed_by_gc) == ("t1", _inode(conn), False)
+    assert due.after_test == pytest.approx(5.5)
+    assert horizon.end("t3") == []  # reported once
+
+
+def test_horizon_gives_a_socket_seen_before_the_next_test_to_the_previous_one(leaky_server: LeakyServer) -> None:
+    clock = _Clock()
+    horizon = testing.Horizon(1.0, clock=clock)
+    horizon.start()
+    horizon.begin("t1")
+    horizon.end("t1")
+    conn = leaky_server.leak_one()  # after t1's check, before t2's start
+    horizon.begin("t2")
+    horizon.end("t2")
+    clock.now += 2.0
+    (due,) = horizon.begin("t3")
+    assert (due.test, due.tracked.inode) == ("t1", _inode(conn))
+
+
+def test_horizon_closed_socket_is_not_reported_and_unchecked_tests_own_nothing(leaky_server: LeakyServer) -> None:
+    clock = _Clock()
+    horizon = testing.Horizon(1.0, clock=clock)
+    horizon.start()
+    horizon.begin("t1")
+    leaky_server.leak_one().close()  # closed in time: a keep-alive timer that fired
+    horizon.end("t1")
+    horizon.begin("t2")
+    leaky_server.leak_one()
+    horizon.end(None)  # t2 is not checked
+    clock.now += 5.0
+    assert horizon.begin("t3") == []
+    assert horizon.finish(sleep=lambda _: None) == []
+
+
+def test_horizon_finish_waits_only_for_the_youngest_candidate(leaky_server: LeakyServer) -> None:
+    clock = _Clock()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    horizon = testing.Horizon(3.0, clock=clock)
+    horizon.start()
+    horizon.begin("t1")
+    leaky_server.leak_one()
+    horizon.end("t1")
+    clock.now += 2.0
+    (due,) = horizon.finish(poll=0.5, sleep=sleep)
+    assert due.test == "t1"
+    assert sum(slept) == pytest.approx(1.0)  # 3 s horizon, 2 s already gone

@@ -64,6 +64,48 @@ class _TcpStateProbe:
                         continue  # closed since
         return result
 
+    def tcp_sockets(self) -> dict[int, tuple[int, int]]:
+        result: dict[int, tuple[int, int]] = {}
+        getsockopt, buffer, length, length_ref = self._getsockopt, self._buffer, self._length, self._length_ref
+        level, option = int(socket.IPPROTO_TCP), int(socket.TCP_INFO)
+        fstat = os.fstat
+        with self._lock:
+            for name in os.listdir("/proc/self/fd"):
+                fd = int(name)
+                length.value = 8
+                if getsockopt(fd, level, option, buffer, length_ref) != 0:
+                    continue
+                state = buffer[0]
+                try:
+                    result[fstat(fd).st_ino] = (fd, state)
+                except OSError:
+                    continue  # closed since
+        return result
+
+    def states_of(self, fds: dict[int, int]) -> dict[int, int] | None:
+        result: dict[int, int] = {}
+        getsockopt, buffer, length, length_ref = self._getsockopt, self._buffer, self._length, self._length_ref
+        level, option = int(socket.IPPROTO_TCP), int(socket.TCP_INFO)
+        fstat = os.fstat
+        # Never waits: it runs from a gc.callbacks hook, and a collection can start inside the
+        # probe's own loop (holding the lock) in this very thread.
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            for inode, fd in fds.items():
+                length.value = 8
+                if getsockopt(fd, level, option, buffer, length_ref) != 0:
+                    continue
+                state = buffer[0]
+                try:
+                    if fstat(fd).st_ino == inode:
+                        result[inode] = state
+                except OSError:
+                    continue
+        finally:
+            self._lock.release()
+        return result
+
 
 _probe: _TcpStateProbe | None = None
 _probe_failed = False
@@ -80,6 +122,11 @@ os.register_at_fork(after_in_child=_forget_probe)
 def own_close_wait_fds() -> dict[int, int] | None:
     """inode -> fd for each of this process's sockets in CLOSE_WAIT now; None where libc's
     getsockopt cannot be reached (then ``close_wait_inodes`` walks /proc/self/fd instead)."""
+    probe = _get_probe()
+    return None if probe is None else probe.close_wait_fds()
+
+
+def _get_probe() -> _TcpStateProbe | None:
     global _probe, _probe_failed
     if _probe_failed:
         return None
@@ -89,7 +136,24 @@ def own_close_wait_fds() -> dict[int, int] | None:
         except (OSError, AttributeError):
             _probe_failed = True
             return None
-    return _probe.close_wait_fds()
+    return _probe
+
+
+def own_tcp_sockets() -> dict[int, tuple[int, int]] | None:
+    """inode -> (fd, TCP state number) for every TCP socket this process holds now (one
+    ``getsockopt`` and one ``fstat`` per socket descriptor); None where libc's getsockopt cannot be
+    reached. What the pytest plugin records at each test boundary."""
+    probe = _get_probe()
+    return None if probe is None else probe.tcp_sockets()
+
+
+def own_socket_states(fds: dict[int, int]) -> dict[int, int] | None:
+    """For ``{inode: fd}`` pairs of this process: inode -> TCP state number of those whose ``fd`` is
+    still open, still that socket (same inode) and still TCP. A missing inode was closed. Costs one
+    ``getsockopt`` and one ``fstat`` per pair; None without libc's getsockopt, or when another probe
+    is running (it never waits: safe to call from a ``gc.callbacks`` hook)."""
+    probe = _get_probe()
+    return None if probe is None else probe.states_of(fds)
 
 
 def _kernel_close_wait_inodes() -> set[int]:
@@ -138,4 +202,4 @@ def shutdown_socket(fd: int, inode: int) -> bool:
         os.close(dup)
 
 
-__all__ = ["close_wait_inodes", "own_close_wait_fds", "shutdown_socket"]
+__all__ = ["close_wait_inodes", "own_close_wait_fds", "own_socket_states", "own_tcp_sockets", "shutdown_socket"]
