@@ -302,7 +302,8 @@ conn, _ = server.accept()
 while conn.recv(100):
     pass
 child = os.fork()  # both processes now hold the CLOSE_WAIT socket on the same fd
-print(child if child else "", flush=True)
+if child:  # only the parent writes: a line from the child could arrive first
+    print(child, flush=True)
 time.sleep(60)
 """
 
