@@ -87,12 +87,12 @@ from closewait.sources.bpf_asm import (
     Btf,
     MapAccess,
 )
+from closewait.sources.pinned import DEFAULT_PIN_DIR
 
 if TYPE_CHECKING:
     import mmap
 
 TRACEPOINT = "inet_sock_set_state"
-DEFAULT_PIN_DIR = "/sys/fs/bpf/closewait"
 BPFFS_MAGIC = 0xCAFE4A11
 
 #: Sockets whose CLOSE_WAIT entry time is kept at once (past this, new entries are counted, not kept).
