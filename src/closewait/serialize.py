@@ -53,7 +53,7 @@ def utc_text(seconds: float) -> str:
     whole, ms = divmod(total_ms, 1000)
     text = _UTC_SECONDS.get(whole)
     if text is None:
-        text = _UTC_SECONDS[whole] = format_utc(whole)[:-1]
+        text = _UTC_SECONDS[whole] = format_utc(whole)[:-5]  # without ".000Z"
     return f"{text}.{ms:03d}Z"
 
 

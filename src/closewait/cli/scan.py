@@ -6,7 +6,14 @@ import sys
 
 import click
 
-from closewait.cli._options import backend_option, examples, filter_options, state_option, states_from
+from closewait.cli._options import (
+    backend_option,
+    examples,
+    filter_options,
+    recorder_pins_option,
+    state_option,
+    states_from,
+)
 from closewait.scanning import CLOSE_WAIT_ONLY, scan
 from closewait.serialize import snapshot_json
 from closewait.sources.owners import OWNER_SOURCES
@@ -35,6 +42,7 @@ from closewait.sources.owners import OWNER_SOURCES
     metavar="|".join(OWNER_SOURCES),
     help="How to find owners: a BPF iterator (one kernel pass, root), the /proc/PID/fd walk, or bpf when allowed.",
 )
+@recorder_pins_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (docs/json.md).")
 @click.option("--wide", is_flag=True, help="Show every socket, not only the first ones of each process.")
 def scan_command(
@@ -45,6 +53,7 @@ def scan_command(
     backend: str,
     no_owners: bool,
     owner_source: str,
+    recorder_pins: str,
     as_json: bool,
     wide: bool,
 ) -> None:
@@ -57,6 +66,7 @@ def scan_command(
         backend=backend,
         owners=not no_owners,
         owner_source=owner_source,
+        recorder_pins=recorder_pins,
     )
     if as_json:
         sys.stdout.write(snapshot_json(snapshot))
