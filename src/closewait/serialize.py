@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from closewait import reap
+    from closewait.watch import Event
 
 # An enum's .name and .value are Python-level descriptors, a dict lookup is one C call: the names
 # below are read once per socket.
@@ -272,4 +273,26 @@ def reap_result_dict(result: reap.ReapResult) -> dict[str, Any]:
         "done": len(result.done),
         "skipped": len(result.skipped),
         "failed": len(result.failed),
+    }
+
+
+# -- watch --events --json (docs/json.md) ----------------------------------------------------------
+
+
+def event_dict(event: Event) -> dict[str, Any]:
+    """One transition into or out of CLOSE_WAIT, as ``watch --events --json`` prints it."""
+    t = event.transition
+    return {
+        "time": utc_text(event.at),
+        "event": "enter" if t.entered else "leave",
+        "old_state": t.old_state.name,
+        "new_state": t.new_state.name,
+        "local": endpoint_dict(t.local),
+        "remote": endpoint_dict(t.remote),
+        "cookie": t.cookie,
+        "reason": t.reason.name.lower() if t.reason is not None else None,
+        "dwell_ms": t.dwell_ns / 1e6 if t.dwell_ns is not None else None,
+        "pid": t.tgid,
+        "comm": t.comm,
+        "cgroup_id": t.cgroup_id,
     }

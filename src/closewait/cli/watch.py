@@ -12,11 +12,13 @@ import sys
 import click
 
 from closewait.cli._options import COUNT, DAY_S, INT_MAX, Integer, Seconds, backend_option, examples, filter_options
+from closewait.errors import UsageError
 from closewait.model import Snapshot
 from closewait.scanning import CLOSE_WAIT_ONLY, scan
+from closewait.serialize import event_dict
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
-from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, Tracker, sample_dict, sample_forever
+from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, Tracker, sample_dict, sample_forever, watch_events
 
 
 @click.command(
@@ -25,6 +27,7 @@ from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, Tracker, sample_
         ("closewait watch", "every process, every 2 s, until Ctrl-C"),
         ("closewait watch --port 8080 -i 10", "one service, every 10 s"),
         ("closewait watch --jsonl -n 30 > cw.jsonl", "one JSON object per sample, 30 samples"),
+        ("closewait watch --events --port 8080", "each socket entering/leaving CLOSE_WAIT, and who closed it"),
     ),
 )
 @click.option(
@@ -36,8 +39,17 @@ from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, Tracker, sample_
     metavar="SECONDS",
     help="Time between samples, 0.05 to 86400.",
 )
-@click.option("-n", "--count", type=COUNT, metavar="N", help="Stop after N samples; without it, run until Ctrl-C.")
-@click.option("--jsonl", is_flag=True, help="Print one JSON object per sample (docs/monitoring.md).")
+@click.option(
+    "-n", "--count", type=COUNT, metavar="N", help="Stop after N samples (events); without it, run until Ctrl-C."
+)
+@click.option(
+    "--jsonl", "--json", "jsonl", is_flag=True, help="Print one JSON object per sample or event (docs/json.md)."
+)
+@click.option(
+    "--events",
+    is_flag=True,
+    help="A line per socket entering or leaving CLOSE_WAIT, with the closing pid (BPF recorder; root).",
+)
 @click.option(
     "--window",
     type=Integer(2, 100_000),
@@ -60,6 +72,7 @@ def watch_command(
     interval: float,
     count: int | None,
     jsonl: bool,
+    events: bool,
     window: int,
     min_growth: int,
     ports: tuple[int, ...],
@@ -68,6 +81,9 @@ def watch_command(
     backend: str,
 ) -> None:
     """Watch CLOSE_WAIT per process: count, change, rate, oldest age, diagnosis and leak verdict."""
+    if events:
+        _watch_events(count, jsonl, ports, pids, netns)
+        return
     # Pinned (a descriptor held open): a namespace that is gone stops the watch with one line and
     # exit 2 ("the namespace is gone"), it is never silently replaced by a new one with its name.
     ns = netns_mod.pin(netns_mod.resolve(netns)) if netns is not None else None
@@ -110,3 +126,24 @@ def _watch(
     from closewait.cli.render.watch import show
 
     show(samples, window, live=sys.stdout.isatty())
+
+
+def _watch_events(
+    count: int | None, jsonl: bool, ports: tuple[int, ...], pids: tuple[int, ...], netns: str | None
+) -> None:
+    """``--events``: the recorder's feed, a line (or a JSON object) per transition, until Ctrl-C or N events."""
+    if pids:
+        raise UsageError("--pid does not apply to --events: a socket enters CLOSE_WAIT in no process's context")
+    path = netns_mod.resolve(netns).path if netns is not None else None
+    stream = watch_events(netns=path, ports=ports, count=count)  # RecorderUnavailable: one line, exit 2
+    where = f" in {path}" if path else ""
+    click.echo(f"closewait watch: sockets entering and leaving CLOSE_WAIT{where}; Ctrl-C stops", err=True)
+    # Ctrl-C is how it ends: the KeyboardInterrupt closes the recorder and reaches closewait.cli.main (130).
+    if jsonl:
+        for event in stream:
+            sys.stdout.write(json.dumps(event_dict(event), separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+        return
+    from closewait.cli.render.watch import show_events
+
+    show_events(stream)
