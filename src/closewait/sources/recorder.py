@@ -626,6 +626,8 @@ def bpffs_for(pin_dir: str) -> str | None:
     parent = os.path.dirname(os.path.abspath(pin_dir))
     if is_bpffs(pin_dir) or is_bpffs(parent):
         return None
+    if os.geteuid() != 0:
+        raise RecorderUnavailable(f"{parent} is not a bpffs, and mounting one there needs root")
     try:
         empty = not os.listdir(parent)
     except OSError as err:
@@ -634,8 +636,6 @@ def bpffs_for(pin_dir: str) -> str | None:
         raise RecorderUnavailable(
             f"{parent} is not a bpffs and not an empty directory to mount one on (mount one: mount -t bpf bpf DIR)"
         )
-    if os.geteuid() != 0:
-        raise RecorderUnavailable(f"mounting a bpffs at {parent} needs root")
     mount_bpffs(parent)
     return parent
 

@@ -248,7 +248,8 @@ def _print_footer(snapshot: Snapshot, out: Console) -> None:
                 "IDLE is a lower bound on the time in CLOSE_WAIT (tcpi_last_ack_recv); exact ages need "
                 f"a recorder: {snapshot.recorder_unavailable}",
                 style="dim",
-            )
+            ),
+            soft_wrap=True,  # one line, however long the reason: the terminal wraps it
         )
     if snapshot.owners_fallback_reason is not None:
         out.print()
