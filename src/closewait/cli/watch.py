@@ -25,7 +25,6 @@ from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, Tracker, sample_
     "watch",
     epilog=examples(
         ("closewait watch", "every process, every 2 s, until Ctrl-C"),
-        ("closewait watch --port 8080 -i 10", "one service, every 10 s"),
         ("closewait watch --jsonl -n 30 > cw.jsonl", "one JSON object per sample, 30 samples"),
         ("closewait watch --events --port 8080", "each socket entering/leaving CLOSE_WAIT, and who closed it"),
     ),
