@@ -62,10 +62,10 @@ def record_command(pin_dir: str, keep: bool, unpin: bool, ebpf: bool, capacity: 
     try:
         recording = start(pin_dir, capacity=capacity)
         try:
-            after = "left attached (--keep)" if keep else "unpinned"
+            after = "it stays attached after that (--keep)" if keep else "that unpins it"
             click.echo(
                 f"closewait record: recording, pinned in {recording.pin_dir}; stop with Ctrl-C or "
-                f"kill {os.getpid()} ({after} on exit)",
+                f"kill {os.getpid()} ({after})",
                 err=True,
             )
             while not stop.wait(3600):
