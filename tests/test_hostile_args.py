@@ -69,6 +69,10 @@ def _cases() -> Iterator[tuple[list[str], int]]:
     for path in PATHS:
         yield ["watch", "--events", "--netns", path], USAGE
     yield ["watch", "--events", "--pid", "1"], USAGE
+    # An entry into CLOSE_WAIT has no process, hence no workload: --events takes no workload options.
+    yield ["watch", "--events", "--container", "web"], USAGE
+    yield ["watch", "--events", "--unit", "a\nb"], USAGE
+    yield ["watch", "--events", "--by", "workload"], USAGE
     # A pin directory that is no bpffs and whose parent is no empty directory to mount one on:
     # refused before anything is attached, mounted or created (/proc is never mounted over).
     for path in ["", LONG, "/proc/version", "/etc/hostname/x", "{loop}", "5\n", "/proc/self/x"]:
@@ -83,6 +87,25 @@ def _cases() -> Iterator[tuple[list[str], int]]:
         yield ["exporter", "--listen", value], USAGE
     for path in ["/proc/version", "/etc/hostname/x", "{loop}", "", LONG, "/proc", "/nonexistent/dir/report.html"]:
         yield ["lab", "reproduce", "--html", path], USAGE
+    # Workload options: empty, a newline, a bad pod spelling, and names no process on the host runs in
+    # (the answer names the closest ones when there are any: still one line).
+    workload_values = {
+        "--container": ["", "a\nb", LONG, "no-such-container-3f2a", "٣"],
+        "--pod": ["", "/x", "a/", "a/b/c", "a\tb", "no-such-pod-7d9f"],
+        "--namespace": ["", "no-such-namespace"],
+        "--unit": ["", "no-such.service", "x\ny"],
+    }
+    for command, prefix in (("scan", []), ("watch", ["-n", "1"]), ("check", []), ("reap", [])):
+        for option, values in workload_values.items():
+            for value in values:
+                yield [command, *prefix, option, value], UNKNOWN if command == "check" else USAGE
+    yield ["scan", "--no-owners", "--container", "web"], USAGE
+    yield ["scan", "--no-workloads", "--unit", "web"], USAGE
+    yield ["scan", "--json", "--no-workloads", "--pod", "a/b"], USAGE
+    yield ["scan", "--by", "pod"], USAGE
+    yield ["watch", "-n", "1", "--by", ""], USAGE
+    yield ["check", "--per-workload", "--perfdata-top", "-1"], UNKNOWN
+    yield ["check", "--per-workload", "--per-process"], UNKNOWN
     yield ["lab", "nosuchpart"], USAGE
     yield ["nosuchcommand"], USAGE
     yield ["scan", "--state", LONG], USAGE
@@ -140,12 +163,15 @@ OUTPUTS = [
     ["scan"],
     ["scan", "--json"],
     ["scan", "--json", "--no-owners"],
+    ["scan", "--json", "--no-workloads"],
+    ["scan", "--by", "process"],
     ["scan", "--json", "--state", "all"],
     ["scan", "--state", "teardown", "--port", "1"],
     ["scan", "--help"],
     ["watch", "-n", "1"],
     ["watch", "-n", "1", "--jsonl"],
     ["check"],
+    ["check", "--per-workload"],
     ["check", "--help"],
     ["exporter", "--help"],
     ["reap", "--pid", "{me}"],

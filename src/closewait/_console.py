@@ -3,7 +3,7 @@
 Programs and monitoring checks run ``closewait scan --json`` (optionally ``--no-owners``) again and
 again, and for them the whole command is the cost: interpreter start-up and imports included.
 Importing click alone adds ~30 ms of CPU to a command whose other imports cost ~60 ms, so when the
-arguments are exactly ``scan`` plus ``--json`` and optionally ``--no-owners`` (no value-taking
+arguments are exactly ``scan`` plus ``--json`` and optionally ``--no-owners``/``--no-workloads`` (no value-taking
 option, nothing click would have to validate) this module runs the scan itself and prints the same
 bytes ``closewait.cli.scan`` would. Every other command line goes to ``closewait.cli.main``
 unchanged.
@@ -25,7 +25,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy kno
 if TYPE_CHECKING:
     from typing import Any
 
-_FAST_FLAGS = frozenset({"--json", "--no-owners"})
+_FAST_FLAGS = frozenset({"--json", "--no-owners", "--no-workloads"})
 
 #: Exit code when stdout could not be written (sysexits.h EX_IOERR): stdout on a full disk, an I/O
 #: error, or stdout closed (``>&-``). A reader that went away (EPIPE, ``| head``) is 141 instead.
@@ -157,7 +157,8 @@ def quiet_stdout() -> None:
 
 
 def _fast_scan_json(args: list[str]) -> bool | None:
-    """``owners`` for ``scan --json [--no-owners]``, or None when click must parse the arguments."""
+    """``owners`` for ``scan --json [--no-owners] [--no-workloads]``, or None when click must parse
+    the arguments (``--no-workloads`` is read by ``main``)."""
     if not args or args[0] != "scan":
         return None
     flags = args[1:]
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> Any:
         from closewait.cli import main as cli_main
 
         return cli_main(args)
+    workloads = "--no-workloads" not in args
     install_stdout()
     # One scan, one print, exit: a short-lived process holding no cycles worth collecting. The
     # collector would otherwise run a few dozen times over the ~100,000 objects a big scan builds.
@@ -218,7 +220,9 @@ def main(argv: list[str] | None = None) -> Any:
         from closewait.scanning import CLOSE_WAIT_ONLY, scan
         from closewait.serialize import snapshot_json_chunks
 
-        snapshot = scan(CLOSE_WAIT_ONLY, owners=owners, backend=early if early is not None else "auto")
+        snapshot = scan(
+            CLOSE_WAIT_ONLY, owners=owners, backend=early if early is not None else "auto", workloads=workloads
+        )
         write = sys.stdout.write
         for chunk in snapshot_json_chunks(snapshot):
             write(chunk)

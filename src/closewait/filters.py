@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from closewait.display import format_ms
 from closewait.errors import UsageError
 from closewait.model import Endpoint, Socket
+from closewait.workload import WorkloadSelector
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")  # ASCII digits only, not \d
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -88,19 +89,31 @@ class ReapCriteria:
     remote: RemoteFilter | None = None
     older_than_ms: int | None = None
     all_processes: bool = False
+    #: ``--container``, ``--pod``, ``--namespace``, ``--unit``: only processes of these workloads.
+    workload: WorkloadSelector | None = None
 
     @property
     def has_socket_filter(self) -> bool:
         return bool(self.ports) or self.remote is not None or self.older_than_ms is not None
 
     def validate(self) -> None:
-        """Raise ``UsageError`` for a combination that could reap more than the user meant."""
+        """Raise ``UsageError`` for a combination that could reap more than the user meant.
+
+        A workload selection names whose sockets as --pid does (it only ever narrows): ``reap
+        --container web`` plans every CLOSE_WAIT socket of that container's processes."""
+        selected = self.workload is not None and not self.workload.empty
         if self.all_processes and self.pids:
             raise UsageError("give either --pid or --all, not both")
-        if self.all_processes and not self.has_socket_filter:
-            raise UsageError("--all reaps every process's sockets: add --port, --remote or --older-than to narrow it")
-        if not self.all_processes and not self.pids:
-            raise UsageError("say whose sockets to reap: --pid PID, or --all with --port, --remote or --older-than")
+        if self.all_processes and not self.has_socket_filter and not selected:
+            raise UsageError(
+                "--all reaps every process's sockets: add --port, --remote or --older-than to narrow it, "
+                "or a workload (--container, --pod, --namespace, --unit)"
+            )
+        if not self.all_processes and not self.pids and not selected:
+            raise UsageError(
+                "say whose sockets to reap: --pid PID, or --all with --port, --remote or --older-than, "
+                "or a workload (--container, --pod, --namespace, --unit)"
+            )
         for port in self.ports:
             if not 0 < port <= 65535:
                 raise UsageError(f"port {port} is out of range (1-65535)")
@@ -108,7 +121,13 @@ class ReapCriteria:
             raise UsageError("--older-than cannot be negative")
 
     def describe(self) -> str:
-        parts = ["any process" if self.all_processes else "pid " + ", ".join(str(p) for p in sorted(self.pids))]
+        parts = []
+        if self.pids:
+            parts.append("pid " + ", ".join(str(p) for p in sorted(self.pids)))
+        if self.workload is not None and not self.workload.empty:
+            parts.append(self.workload.describe())
+        if not parts:
+            parts.append("any process")
         if self.ports:
             parts.append("port " + ", ".join(str(p) for p in sorted(self.ports)))
         if self.remote is not None:

@@ -21,7 +21,7 @@ from closewait.display import format_address
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
-    from closewait.workload import Workload
+    from closewait.workload import Workload, WorkloadSelector
 
 
 class TcpState(enum.IntEnum):
@@ -384,6 +384,8 @@ class Snapshot:
     #: Why no recorder was used for the ages (said once per scan); None when one was, or when no
     #: CLOSE_WAIT socket was asked for.
     recorder_unavailable: str | None = None
+    #: The workloads the scan was narrowed to (``--container``, ``--pod``, ...); None for all of them.
+    selection: WorkloadSelector | None = None
 
     def in_state(self, state: TcpState) -> tuple[Finding, ...]:
         return tuple(f for f in self.findings if f.socket.state == state)

@@ -42,6 +42,7 @@ from closewait.model import Finding, Owner, Process, Snapshot, Socket, TcpState
 from closewait.sources import COOKIE, get_source, netlink, pidfd
 from closewait.sources.owners import find_owners
 from closewait.sources.process import fd_link, hidepid_option, read_stat, read_uid, socket_inode, validate_pids
+from closewait.workload import WorkloadSelector
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
@@ -128,12 +129,16 @@ def plan(
     older_than_ms: int | None = None,
     method: Method | str = Method.SHUTDOWN,
     all_processes: bool = False,
+    workload: WorkloadSelector | None = None,
 ) -> ReapPlan:
     """Choose the sockets of ``snapshot`` to release. Pure: reads only its arguments.
 
     Only CLOSE_WAIT sockets become targets, whatever states the snapshot holds. With ``pids``, a
-    socket is a target through the first of those processes holding it; with ``all_processes``
-    (which needs a port, remote or age filter), through its first holder. Sockets the filters
+    socket is a target through the first of those processes holding it; with ``workload``, through
+    the first holder in a matching container, pod or unit (``Process.workload``: a holder whose
+    workload was not looked up never matches); with both, through a holder that is both; with
+    ``all_processes`` (which needs a port, remote, age or workload filter), through its first
+    holder. Sockets the filters
     match but that cannot be acted on safely (no cookie from the procfs backend, unknown idle time
     with ``older_than_ms``, unknown process identity, no known owner) are listed in ``excluded``.
     """
@@ -143,6 +148,7 @@ def plan(
         remote=RemoteFilter.parse(remote) if isinstance(remote, str) else remote,
         older_than_ms=older_than_ms,
         all_processes=all_processes,
+        workload=workload if workload is not None and not workload.empty else None,
     )
     criteria.validate()
     try:
@@ -152,10 +158,11 @@ def plan(
 
     targets: list[ReapTarget] = []
     excluded: list[Excluded] = []
+    selection = criteria.workload
     for finding in snapshot.findings:
         owners = finding.owners
-        mine = [o for o in owners if criteria.all_processes or o.process.pid in criteria.pids]
-        if criteria.pids and not mine:
+        mine = [o for o in owners if _chosen(o.process, criteria.pids, selection)]
+        if (criteria.pids or selection is not None) and not mine:
             continue
         sock = finding.socket
         if not criteria.matches(sock, keep_unknown_age=True):  # _exclusion says why it is kept out
@@ -177,6 +184,13 @@ def plan(
         taken_at=snapshot.taken_at,
         errors=snapshot.errors,
     )
+
+
+def _chosen(process: Process, pids: frozenset[int], selection: WorkloadSelector | None) -> bool:
+    """Whether the user's --pid and workload options (where given) both name ``process``."""
+    if pids and process.pid not in pids:
+        return False
+    return selection is None or (process.workload is not None and selection.matches(process.workload))
 
 
 def _exclusion(finding: Finding, mine: list[Owner], criteria: ReapCriteria) -> str | None:
@@ -201,8 +215,12 @@ def survey(
     pids: Collection[int] = (),
     ports: Iterable[int] = (),
     proc_root: str = "/proc",
+    workload: WorkloadSelector | None = None,
 ) -> Snapshot:
     """The Snapshot ``plan()`` needs: CLOSE_WAIT sockets from sock_diag, with every owner.
+
+    With ``workload``, only the sockets of those containers, pods or units (a name no process runs
+    in is a ``UsageError``, as in ``scan``).
 
     Checks first that each pid's descriptors are readable, so a missing privilege is one clear
     ``AccessDenied`` rather than an empty plan. With ``pids``, the scan walks only those processes;
@@ -217,7 +235,14 @@ def survey(
             validate_pids([pid], proc_root)  # one fd link read, not all of them: scan() walks them next
         except AccessDenied:
             raise AccessDenied(_ptrace_message(pid, proc_root)) from None
-    snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, backend=get_source(needs=[COOKIE]), proc_root=proc_root)
+    snapshot = scan(
+        CLOSE_WAIT_ONLY,
+        ports=ports,
+        pids=pids,
+        backend=get_source(needs=[COOKIE]),
+        proc_root=proc_root,
+        workload=workload,
+    )
     if not pids or not snapshot.findings:
         return snapshot
     everyone = find_owners({f.socket.inode for f in snapshot.findings}, proc_root=proc_root)

@@ -25,6 +25,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); 
 if TYPE_CHECKING:
     from closewait.sources import SocketSource
     from closewait.sources.attribution import WorkloadResolver
+    from closewait.workload import WorkloadSelector
 
 CLOSE_WAIT_ONLY: frozenset[TcpState] = frozenset({TcpState.CLOSE_WAIT})
 
@@ -48,6 +49,8 @@ def scan(
     owner_source: str = "auto",
     proc_root: str = "/proc",
     workloads: bool | WorkloadResolver = True,
+    workload: WorkloadSelector | None = None,
+    require_workload: bool = True,
     recorder_pins: str | None = pinned.DEFAULT_PIN_DIR,
 ) -> Snapshot:
     """Every TCP socket in ``states`` (default CLOSE_WAIT), with owners, role and diagnosis.
@@ -73,24 +76,43 @@ def scan(
     answers are cached by pid and start time), a ``WorkloadResolver`` is used as given (a long-running
     exporter keeps its own), False leaves ``workload`` None.
 
+    ``workload`` (a ``WorkloadSelector``: ``--container``, ``--pod``, ``--namespace``, ``--unit``)
+    keeps the sockets held by a process of a matching workload. When it matches none of them and
+    ``require_workload`` is True, the host's processes are looked at once more: if none runs in
+    such a workload, ``UsageError`` says so and names the closest workloads there are (a typo is
+    one line, not an empty list). ``watch`` passes False after its first sample: a container that
+    goes away later is zero sockets, not an error.
+
     The steps: ``_validate`` the arguments, ``_dump`` the socket table, find the ``_owners`` of the
-    sockets kept and ``_attribute`` them to workloads, read the CLOSE_WAIT entry times (``_ages``),
-    turn each into a Finding (``_findings``), and count them into a Snapshot.
+    sockets kept and ``_attribute`` them to workloads, ``_select`` those of the asked workloads,
+    read the CLOSE_WAIT entry times of the sockets left (``_ages``), turn each into a Finding
+    (``_findings``), and count them into a Snapshot.
     """
+    selection = workload if workload is not None and not workload.empty else None
     wanted_states, port_filter, pid_filter = _validate(states, ports, pids, owners, owner_source, proc_root)
+    if selection is not None and not owners:
+        raise UsageError(f"selecting by workload ({selection.describe()}) needs owners; drop --no-owners")
+    if selection is not None and workloads is False:
+        raise UsageError(f"selecting by workload ({selection.describe()}) needs workloads; drop --no-workloads")
     ns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
     source = get_source(backend) if isinstance(backend, str) else backend
     taken_at = time.time()
     targets, listeners = _dump(source, ns, wanted_states, port_filter, with_listeners=owners)
     owner_map = _owners(targets, listeners, pid_filter, proc_root, owner_source) if owners and targets else None
-    if owner_map is not None and owner_map.owners and workloads is not False:
-        if workloads is True:
-            from closewait.sources.attribution import default_resolver  # only a scan with owners pays its import
-
-            workloads = default_resolver(proc_root)
-        _attribute(targets, owner_map, workloads)
+    warnings = _owner_warnings(targets, owner_map)
+    # The resolver (and the modules behind it) only when some owner or a selection needs it: a scan
+    # with --no-owners, or that found nothing, never imports them.
+    resolver: WorkloadResolver | None = None
+    if workloads is not False and ((owner_map is not None and owner_map.owners) or selection is not None):
+        resolver = _resolver(workloads, proc_root)
+    if owner_map is not None and resolver is not None:
+        warnings += _attribute(targets, owner_map, resolver)
+    if selection is not None:
+        targets = _select(targets, owner_map, selection)
     entries = _ages(targets, wanted_states, recorder_pins)
     findings = _findings(targets, listeners, owner_map, pid_filter, entries, taken_at, with_roles=owners)
+    if selection is not None and not findings and require_workload and resolver is not None:
+        _require_workload(selection, resolver)
     return Snapshot(
         findings=findings,
         states=wanted_states,
@@ -98,12 +120,13 @@ def scan(
         backend=source.name,
         netns=ns.path if ns is not None else None,
         owners_resolved=owners,
-        errors=_owner_warnings(targets, owner_map),
+        errors=warnings,
         state_counts=_state_counts(wanted_states, findings),
         owners_via=owner_map.method if owner_map is not None else None,
         owners_fallback_reason=owner_map.bpf_unavailable if owner_map is not None else None,
         recorder_used=entries is not None and entries.unavailable is None,
         recorder_unavailable=entries.unavailable if entries is not None else None,
+        selection=selection,
     )
 
 
@@ -196,12 +219,24 @@ def _owner_warnings(targets: list[Socket], owner_map: OwnerMap | None) -> tuple[
     return ()
 
 
-def _attribute(targets: list[Socket], owner_map: OwnerMap, resolver: WorkloadResolver) -> None:
-    """Name the workload of every process that holds a kept socket, in ``owner_map`` itself.
+def _resolver(workloads: bool | WorkloadResolver, proc_root: str) -> WorkloadResolver:
+    """The resolver ``workloads`` asks for: the program's shared one for True, else the one given."""
+    if workloads is True or workloads is False:
+        from closewait.sources.attribution import default_resolver  # imported by the scans that attribute
+
+        return default_resolver(proc_root)
+    return workloads
+
+
+def _attribute(targets: list[Socket], owner_map: OwnerMap, resolver: WorkloadResolver) -> tuple[str, ...]:
+    """Name the workload of every process that holds a kept socket, in ``owner_map`` itself; the
+    warning line for ``Snapshot.errors`` when some cgroup could not be read or parsed.
 
     Pitfall: per socket this would be 100,000 cgroup reads on a busy host; per process it is a few
     hundred, and the resolver caches each by (pid, start time), so a reused pid is never given the
     old process's workload. Listeners' owners are left as they are: only the findings show it.
+    A process that exited meanwhile is ``unknown`` without a warning (exits are ordinary); an
+    unreadable or malformed cgroup file is said once per scan, however many processes it hit.
     """
     named: dict[tuple[int, int], Process] = {}
     index = owner_map.owners
@@ -221,6 +256,59 @@ def _attribute(targets: list[Socket], owner_map: OwnerMap, resolver: WorkloadRes
                 named_process = named[process.identity] = dataclasses.replace(process, workload=workload)
             renamed.append(Owner(named_process, owner.fd))
         index[sock.inode] = renamed
+    from closewait.sources.attribution import EXITED
+
+    failed = [p for p in named.values() if p.workload is not None and p.workload.error not in (None, EXITED)]
+    if not failed:
+        return ()
+    first = min(failed, key=lambda p: p.pid)
+    assert first.workload is not None
+    more = f" (and {len(failed) - 1} more processes)" if len(failed) > 1 else ""
+    return (f"workload unknown for pid {first.pid} {first.name}{more}: {first.workload.error}",)
+
+
+def _select(targets: list[Socket], owner_map: OwnerMap | None, selection: WorkloadSelector) -> list[Socket]:
+    """The sockets held by at least one process of a selected workload.
+
+    Pitfall: a socket shared across workloads (passed over a unix socket) is kept when any holder
+    matches, so a container's leak is not hidden because a sidecar also holds it.
+    """
+    if owner_map is None:
+        return []
+    index = owner_map.owners
+    matches = selection.matches
+    kept = []
+    for sock in targets:
+        for owner in index.get(sock.inode, ()):
+            workload = owner.process.workload
+            if workload is not None and matches(workload):
+                kept.append(sock)
+                break
+    return kept
+
+
+def _require_workload(selection: WorkloadSelector, resolver: WorkloadResolver) -> None:
+    """Raise UsageError unless some process on the host runs in a workload ``selection`` matches.
+
+    Only called when the selection matched no socket: then one cgroup read per process tells a
+    container with no CLOSE_WAIT (an empty answer) from a name that is not there (a typo).
+    """
+    import difflib  # only on this error path
+
+    running = resolver.running_workloads()
+    if any(selection.matches(w) for w in running):
+        return
+    names = sorted({name for w in running for name in selection.names_of(w)})
+    close = difflib.get_close_matches(_first_value(selection), names, n=3, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise UsageError(f"no {selection.describe()} on this host: no process runs in it{hint}")
+
+
+def _first_value(selection: WorkloadSelector) -> str:
+    for value in (selection.container, selection.pod, selection.namespace, selection.unit):
+        if value is not None:
+            return value
+    return ""
 
 
 def _ages(targets: list[Socket], wanted_states: frozenset[TcpState], pin_dir: str | None) -> pinned.EntryTimes | None:

@@ -25,6 +25,7 @@ from closewait.model import (
     Family,
     Finding,
     Owner,
+    Process,
     Role,
     Snapshot,
     Socket,
@@ -126,8 +127,9 @@ def snapshot_dict(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def _snapshot_fields(snapshot: Snapshot) -> dict[str, Any]:
-    """Every key of ``snapshot_dict`` after "sockets", in order."""
-    return {
+    """Every key of ``snapshot_dict`` after "sockets", in order (``selection`` only when the scan was
+    narrowed to some workloads)."""
+    fields: dict[str, Any] = {
         "errors": list(snapshot.errors),
         "backend": snapshot.backend,
         "netns": snapshot.netns,
@@ -139,9 +141,38 @@ def _snapshot_fields(snapshot: Snapshot) -> dict[str, Any]:
         "recorder_used": snapshot.recorder_used,
         "recorder_unavailable": snapshot.recorder_unavailable,
     }
+    if snapshot.selection is not None:
+        fields["selection"] = snapshot.selection.as_dict()
+    return fields
 
 
-def _finding_json(finding: Finding) -> str:
+#: id(process) -> (the process, its owner JSON before the fd, after the fd): one scan's owners are a few
+#: hundred processes shared by thousands of sockets, so each process's name, cmdline and workload are
+#: encoded once per ``snapshot_json`` call, not once per socket. The process is kept so its id cannot
+#: be reused while the cache lives.
+_OwnerCache = dict[int, tuple[Process, str, str]]
+
+
+def _owners_json(owners: tuple[Owner, ...], cache: _OwnerCache) -> str:
+    """``_compact([owner_dict(o) for o in owners])``, each process's part encoded once."""
+    parts = []
+    for owner in owners:
+        process = owner.process
+        cached = cache.get(id(process))
+        if cached is None or cached[0] is not process:
+            workload = process.workload
+            cached = cache[id(process)] = (
+                process,
+                f'{{"pid":{process.pid},"fd":',
+                f',"name":{_json_str(process.name)},"cmdline":{_compact(list(process.cmdline))},'
+                f'"start_time":{process.start_time},'
+                f'"workload":{"null" if workload is None else _compact(workload.as_dict())}}}',
+            )
+        parts.append(f"{cached[1]}{owner.fd}{cached[2]}")
+    return f"[{','.join(parts)}]"
+
+
+def _finding_json(finding: Finding, cache: _OwnerCache) -> str:
     """``json.dumps(finding_dict(finding), separators=(",", ":"))``, written with one template.
 
     Strings go through json's own C escaper (ensure_ascii, as json.dumps does); the enum names and
@@ -171,7 +202,7 @@ def _finding_json(finding: Finding) -> str:
         f'"recv_q":{sock.recv_q},"send_q":{sock.send_q},'
         f'"unread_bytes":{sock.unread_bytes},"eof_read":{"true" if sock.eof_read else "false"},'
         f'"idle_ms":{"null" if idle_ms is None else f"{idle_ms}"},"role":"{_ROLE_VALUES[finding.role]}",'
-        f'"owners":{_compact([owner_dict(o) for o in owners]) if owners else "[]"},"diagnosis":'
+        f'"owners":{_owners_json(owners, cache) if owners else "[]"},"diagnosis":'
         + (
             "null"
             if diagnosis is None
@@ -208,9 +239,10 @@ def snapshot_json_chunks(snapshot: Snapshot) -> Iterator[str]:
     a page fault per 4 KiB; chunks reuse the same memory.
     """
     findings = snapshot.findings
+    cache: _OwnerCache = {}
     yield '{"sockets":['
     for start in range(0, len(findings), _CHUNK_FINDINGS):
-        text = ",".join([_finding_json(f) for f in findings[start : start + _CHUNK_FINDINGS]])
+        text = ",".join([_finding_json(f, cache) for f in findings[start : start + _CHUNK_FINDINGS]])
         yield f",{text}" if start else text
     yield f"],{_compact(_snapshot_fields(snapshot))[1:]}\n"
 
@@ -236,6 +268,7 @@ def _target_dict(target: reap.ReapTarget) -> dict[str, Any]:
         "pid": target.process.pid,
         "start_time": target.process.start_time,
         "name": target.process.name,
+        "workload": target.process.workload.as_dict() if target.process.workload is not None else None,
         "fd": target.fd,
         "fds": list(target.fds),
         "other_holders": [owner_dict(o) for o in target.other_holders],

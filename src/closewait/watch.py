@@ -30,6 +30,10 @@ What the numbers mean (docs/monitoring.md repeats this for users):
 
 Pitfall: processes are keyed by (pid, start time), not pid, so a pid reused by a new process starts
 a fresh history instead of inheriting the old one's count.
+
+``Tracker(by="workload")`` keeps the same numbers per workload (container, pod, unit, the host)
+instead of per process, keyed by the workload's kind, name and id: a container whose worker
+processes are replaced keeps one history, which per process would restart with every new pid.
 """
 
 from __future__ import annotations
@@ -44,11 +48,12 @@ from dataclasses import dataclass
 
 from closewait.errors import UsageError
 from closewait.events import Transition, wall_time
-from closewait.model import Finding, Process, Snapshot, TcpState
+from closewait.model import Finding, Process, ProcessGroup, Snapshot, TcpState
 
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
     from closewait.sources.recorder import Recorder
+    from closewait.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,10 @@ class ProcessSample:
     trend: Trend
     #: The counts over the leak window, oldest first (what the verdict was computed from).
     window_counts: tuple[int, ...]
+    #: The process's workload; in a sample by workload, the workload of the row (None: not known).
+    workload: Workload | None = None
+    #: How many processes the row covers (1 by process; by workload, the workload's processes).
+    process_count: int = 1
 
     @property
     def leaking(self) -> bool:
@@ -110,6 +119,8 @@ class Sample:
     processes: tuple[ProcessSample, ...]
     errors: tuple[str, ...]
     netns: str | None
+    #: "process" or "workload": what each row of ``processes`` stands for.
+    grouping: str = "process"
 
     @property
     def leaking(self) -> tuple[ProcessSample, ...]:
@@ -152,7 +163,45 @@ def _socket_key(finding: Finding) -> tuple[int, int]:
     return (sock.cookie or 0, sock.inode)
 
 
-_ProcessKey = tuple[int, int] | None
+_ProcessKey = tuple[object, ...] | None
+#: How a Tracker groups sockets into rows.
+GROUPINGS = ("process", "workload")
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    key: _ProcessKey
+    group: ProcessGroup
+    workload: Workload | None
+    process_count: int
+
+
+def _process_rows(snapshot: Snapshot) -> list[_Row]:
+    rows = []
+    for group in snapshot.by_process(TcpState.CLOSE_WAIT):
+        process = group.process
+        key = process.identity if process is not None else None
+        rows.append(_Row(key, group, process.workload if process is not None else None, int(process is not None)))
+    return rows
+
+
+def _workload_rows(snapshot: Snapshot) -> list[_Row]:
+    """One row per workload; a socket several of its processes share counts once."""
+    rows = []
+    for group in snapshot.by_workload(TcpState.CLOSE_WAIT):
+        owned = [g.process for g in group.processes if g.process is not None]
+        workload = group.workload
+        key: _ProcessKey
+        if workload is not None:
+            key = ("workload", workload.kind, workload.name, workload.id)
+        elif owned:
+            key = owned[0].identity  # a process whose workload was not looked up: by process
+        else:
+            key = None
+        findings = tuple({id(f): f for g in group.processes for f in g.findings}.values())
+        process = owned[0] if len(owned) == 1 else None
+        rows.append(_Row(key, ProcessGroup(process, findings), workload, len(owned)))
+    return rows
 
 
 @dataclass
@@ -167,7 +216,12 @@ class Tracker:
     ``window`` (>= 2) samples and ``min_growth`` (>= 1) sockets define the leak verdict (module docstring).
     """
 
-    def __init__(self, *, window: int = DEFAULT_WINDOW, min_growth: int = DEFAULT_MIN_GROWTH) -> None:
+    def __init__(
+        self, *, window: int = DEFAULT_WINDOW, min_growth: int = DEFAULT_MIN_GROWTH, by: str = "process"
+    ) -> None:
+        if by not in GROUPINGS:
+            raise UsageError(f"unknown grouping {by!r}: choose process or workload")
+        self.by = by
         if window < 2:
             raise UsageError(f"leak window must be at least 2 samples, got {window}")
         if min_growth < 1:
@@ -196,11 +250,10 @@ class Tracker:
         for key in set(self._first_seen) - alive:
             del self._first_seen[key]  # closed (or left CLOSE_WAIT): forget it
 
-        groups = snapshot.by_process(TcpState.CLOSE_WAIT)
         present: set[_ProcessKey] = set()
         rows: list[ProcessSample] = []
-        for group in groups:
-            pkey: _ProcessKey = group.process.identity if group.process is not None else None
+        for row in _workload_rows(snapshot) if self.by == "workload" else _process_rows(snapshot):
+            group, pkey = row.group, row.key
             present.add(pkey)
             history = self._history.get(pkey)
             if history is None:
@@ -223,6 +276,8 @@ class Tracker:
                     diagnoses=tuple(diagnoses),
                     trend=classify(counts, self.window, self.min_growth),
                     window_counts=tuple(counts),
+                    workload=row.workload,
+                    process_count=row.process_count,
                 )
             )
         # A process that dropped to zero CLOSE_WAIT is not in by_process(): its history records the 0
@@ -245,6 +300,7 @@ class Tracker:
             processes=tuple(rows),
             errors=snapshot.errors,
             netns=snapshot.netns,
+            grouping=self.by,
         )
         self._index += 1
         return sample
@@ -287,6 +343,7 @@ def sample_dict(sample: Sample) -> dict[str, object]:
         "total_change": sample.total_change,
         "netns": sample.netns,
         "errors": list(sample.errors),
+        "by": sample.grouping,
         "processes": [
             {
                 "pid": p.process.pid if p.process else None,
@@ -304,6 +361,8 @@ def sample_dict(sample: Sample) -> dict[str, object]:
                 "trend": p.trend.value,
                 "leaking": p.leaking,
                 "window_counts": list(p.window_counts),
+                "workload": p.workload.as_dict() if p.workload is not None else None,
+                "process_count": p.process_count,
             }
             for p in sample.processes
         ],

@@ -33,12 +33,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-#: What a workload is. ``unknown``: the cgroup could not be read or parsed (``error`` says why).
-# typing only for the type checker: the console's scan --json imports this module, and typing costs ~5 ms.
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms on scan's fast path)
 if TYPE_CHECKING:
     from typing import Final, Literal
 
+    #: What a workload is. ``unknown``: the cgroup could not be read or parsed (``error`` says why).
     WorkloadKind = Literal["container", "pod", "unit", "host", "unknown"]
 KINDS: Final = ("container", "pod", "unit", "host", "unknown")
 
@@ -95,6 +94,41 @@ class Workload:
         if self.labels:
             data["labels"] = dict(self.labels)
         return data
+
+    def label(self) -> str:
+        """What a person calls it, in a few words: ``container web``, ``pod payments/api-7d9f container
+        web``, ``unit nginx.service``, ``host``, ``unknown``. Views name a workload with this."""
+        if self.kind == "container":
+            return f"container {self.name}"
+        if self.kind == "pod":
+            if self.pod is not None:
+                words = f"pod {self.namespace + '/' if self.namespace else ''}{self.pod}"
+            else:
+                words = f"pod uid {self.pod_uid}"
+            if self.container is not None:
+                return f"{words} container {self.container}"
+            if self.id and self.id != self.pod_uid:
+                return f"{words} container {self.id[:12]}"
+            return words
+        if self.kind == "unit":
+            return f"unit {self.name}"
+        return self.kind
+
+    def describe(self) -> str:
+        """``label()`` with the details a heading shows: ``container web (podman 3f2a9c1b2d4e)``,
+        ``pod payments/api-7d9f container web (burstable)``, ``unknown (cannot read ...)``."""
+        details: list[str] = []
+        if self.kind == "container":
+            details.append(" ".join(part for part in (self.runtime, self.id[:12]) if part))
+            if self.unit:
+                details.append(f"in {self.unit}")
+        elif self.kind == "pod" and self.qos:
+            details.append(self.qos)
+        if self.monitor:
+            details.append("its runtime's monitor")
+        if self.error:
+            details.append(self.error)
+        return f"{self.label()} ({', '.join(details)})" if details else self.label()
 
 
 HOST: Final = Workload("host", "host")
@@ -413,7 +447,28 @@ class WorkloadSelector:
         for label, value in (("container", container), ("pod", pod), ("namespace", namespace), ("unit", unit)):
             if value is not None and not value:
                 raise ValueError(f"empty {label} name")
+            if value is not None and not value.isprintable():
+                raise ValueError(f"a {label} name has no control characters (a newline, a tab)")
         return cls(container, pod, namespace, unit)
+
+    def as_dict(self) -> dict[str, str]:
+        """The criteria given, for JSON (``scan --json``'s ``selection``)."""
+        data = {"container": self.container, "pod": self.pod, "namespace": self.namespace, "unit": self.unit}
+        return {key: value for key, value in data.items() if value is not None}
+
+    def names_of(self, workload: Workload) -> list[str]:
+        """The names ``workload`` could be selected by for this selector's first criterion (for
+        "did you mean" hints): container names and short ids, pod names, namespaces or units."""
+        if self.container is not None:
+            names = [workload.container or (workload.name if workload.kind == "container" else None)]
+            return [n for n in names if n]
+        if self.pod is not None:
+            return [n for n in (workload.pod,) if n]
+        if self.namespace is not None:
+            return [n for n in (workload.namespace,) if n]
+        if self.unit is not None:
+            return [n for n in (workload.unit,) if n]
+        return []
 
     @property
     def empty(self) -> bool:

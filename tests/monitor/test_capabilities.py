@@ -31,7 +31,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from closewait.exporter import CloseWaitCollector, build_registry
 netns = sys.argv[1] or None
-registry = build_registry(CloseWaitCollector(min_interval=0, netns=netns))
+registry = build_registry(CloseWaitCollector(min_interval=0, netns=netns, pid_label=True))
 out = {"rows": [], "errors": {}, "success": None}
 for family in text_string_to_metric_families(generate_latest(registry).decode()):
     for s in family.samples:

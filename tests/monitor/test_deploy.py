@@ -54,7 +54,7 @@ def test_rules_and_dashboard_use_only_exported_metrics() -> None:
     assert used
     assert used <= exported, used - exported
     assert dashboard["uid"] == "closewait"
-    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "instance"}
+    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource", "instance", "namespace", "pod"}
 
 
 def test_systemd_unit_is_accepted_by_systemd_analyze(tmp_path: Path) -> None:
@@ -87,3 +87,24 @@ def test_daemonset_asks_for_host_pid_read_only_root_and_only_the_needed_capabili
         "SYS_PTRACE",
     ]
     assert "--all-netns" in text
+
+
+def test_daemonset_runs_the_image_the_containerfile_builds() -> None:
+    """The DaemonSet names the image ``./dev image`` tags, reads kubelet's log links read-only (the pod
+    labels), and runs as uid 0 for the reason it gives; the Containerfile labels the image per OCI and
+    runs as a non-root user by default. tests/monitor/test_image.py builds and runs it."""
+    import closewait
+
+    text = (DEPLOY / "kubernetes" / "daemonset.yaml").read_text()
+    image = re.search(r"^\s+image: (\S+)$", text, re.MULTILINE)
+    assert image is not None
+    assert image.group(1) == f"localhost/closewait:{closewait.__version__}"
+    assert re.search(r"^\s+runAsUser: 0$", text, re.MULTILINE)
+    assert re.search(r"^#\s+runAsUser: 0\s+\S", text, re.MULTILINE), "say why it runs as root"
+    assert re.search(r"mountPath: /var/log/containers\n\s+readOnly: true$", text, re.MULTILINE)
+    containerfile = (DEPLOY / "Containerfile").read_text()
+    labels = set(re.findall(r"org\.opencontainers\.image\.([a-z.]+)=", containerfile))
+    assert labels >= {"title", "description", "version", "revision", "created", "licenses", "source"}
+    assert re.search(r"^USER 65532:65532$", containerfile, re.MULTILINE)
+    assert re.search(r'^ENTRYPOINT \["/opt/closewait/bin/closewait"\]$', containerfile, re.MULTILINE)
+    assert "--no-index" in containerfile  # the build reads only the wheels it is given

@@ -11,6 +11,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -56,7 +57,7 @@ class Exporter:
 
 @pytest.fixture
 def exporter() -> Iterator[Exporter]:
-    running = Exporter("--min-interval", "0.5")
+    running = Exporter("--min-interval", "0.5", "--pid-label")
     yield running
     running.stop()
 
@@ -94,7 +95,7 @@ def test_prometheus_scrapes_the_exporter_and_promql_returns_the_leaking_count(
         assert groups == {"closewait.rules", "closewait.alerts"}
 
         def recorded() -> bool:
-            result = prometheus.query(f'closewait:close_wait_sockets:by_process{{pid="{child.pid}"}}')
+            result = prometheus.query(f'closewait:close_wait_sockets:by_workload{{pid="{child.pid}"}}')
             return bool(result) and float(result[0]["value"][1]) == 8  # type: ignore[index]
 
         wait_for(recorded, timeout=30, interval=0.5)
@@ -103,18 +104,26 @@ def test_prometheus_scrapes_the_exporter_and_promql_returns_the_leaking_count(
         dashboard = json.loads(DASHBOARD.read_text())
         for panel in dashboard["panels"]:
             for target in panel["targets"]:
-                expr = target["expr"].replace("$instance", ".*")
+                expr = all_values(dashboard, target["expr"])
                 assert prometheus.query(expr) is not None, (panel["title"], expr)
         (table_target,) = next(p for p in dashboard["panels"] if p["type"] == "table")["targets"]
-        rows = prometheus.query(table_target["expr"].replace("$instance", ".*"))
+        rows = prometheus.query(all_values(dashboard, table_target["expr"]))
         assert any(r["metric"].get("pid") == str(child.pid) for r in rows)  # type: ignore[attr-defined]
     finally:
         prometheus.stop()
 
 
+def all_values(dashboard: dict[str, Any], expr: str) -> str:
+    """``expr`` with each of the dashboard's query variables ($instance, $namespace, $pod) set to "All"."""
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            expr = expr.replace(f"${variable['name']}", variable["allValue"])
+    return expr
+
+
 def test_exporter_serves_parseable_metrics_and_stops_on_sigterm(spawn: Spawn) -> None:
     child, _ = start_leaker(spawn, initial=3)
-    running = Exporter("--min-interval", "0")
+    running = Exporter("--min-interval", "0", "--pid-label")
     try:
         families = {f.name: f for f in text_string_to_metric_families(running.scrape())}
         mine = [s for s in families["closewait_close_wait_sockets"].samples if s.labels["pid"] == str(child.pid)]

@@ -1,5 +1,6 @@
 """The Collector behind ``closewait exporter``: metric names and values from real leaking children,
-parsed with prometheus_client's own parser; shared scans; bounded cardinality; namespaces."""
+parsed with prometheus_client's own parser; shared scans; bounded cardinality; namespaces; workload
+labels from real cgroups (systemd units, a kubelet pod with its log link, a podman container's cgroup)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from closewait.exporter import CloseWaitCollector, build_registry
+from closewait.exporter import WORKLOAD_LABELS, CloseWaitCollector, build_registry, workload_labels
 from closewait.model import TcpState
+from closewait.sources.attribution import WorkloadResolver
 from tests.conftest import Spawn
 from tests.monitor.leakers import start_leaker
 from tests.util import wait_for
+from tests.workload.realcg import CgroupTree, Hierarchy, hierarchies, usable
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -42,7 +45,7 @@ def by_pid(samples: Samples, name: str, pid: int) -> list[tuple[dict[str, str], 
 
 def test_metrics_for_a_leaking_child(spawn: Spawn) -> None:
     child, _ = start_leaker(spawn, initial=6)
-    collector = CloseWaitCollector(min_interval=0)
+    collector = CloseWaitCollector(min_interval=0, pid_label=True)
     registry = build_registry(collector)
     samples = scrape(registry)
 
@@ -51,6 +54,9 @@ def test_metrics_for_a_leaking_child(spawn: Spawn) -> None:
     assert value == 6
     assert (labels["role"], labels["diagnosis"], labels["process"]) == ("server", "not-reading", child_comm(child.pid))
     assert "netns" not in labels  # only with --all-netns
+    # The workload labels are always there, "" where they do not apply (the child runs where this test runs).
+    expected = workload_labels(WorkloadResolver().workload_of_pid(child.pid))
+    assert tuple(labels[name] for name in WORKLOAD_LABELS) == expected
     ((_, oldest),) = by_pid(samples, "closewait_close_wait_oldest_idle_seconds", child.pid)
     assert oldest >= 0
     ((_, unread),) = by_pid(samples, "closewait_close_wait_unread_bytes", child.pid)
@@ -118,7 +124,7 @@ def test_top_n_folds_the_rest_into_other(spawn: Spawn, netns_name: str) -> None:
     prefix = ("ip", "netns", "exec", netns_name)
     sizes = [7, 5, 2, 1]
     children = [start_leaker(spawn, initial=n, prefix=prefix)[0] for n in sizes]
-    collector = CloseWaitCollector(min_interval=0, top_n=2, netns=f"/run/netns/{netns_name}")
+    collector = CloseWaitCollector(min_interval=0, top_n=2, netns=f"/run/netns/{netns_name}", pid_label=True)
     registry = build_registry(collector)
 
     def ready() -> Samples | None:
@@ -131,6 +137,7 @@ def test_top_n_folds_the_rest_into_other(spawn: Spawn, netns_name: str) -> None:
     comm = child_comm(children[0].pid)
     assert rows == {(str(children[0].pid), comm): 7, (str(children[1].pid), comm): 5, ("", "other"): 3}
     assert samples["closewait_processes_folded"] == [({}, 2.0)]
+    assert samples["closewait_workloads_folded"] == [({}, 0.0)]  # all four run in one workload
     other_unread = [v for labels, v in samples["closewait_close_wait_unread_bytes"] if labels["process"] == "other"]
     assert other_unread == [0.0]
     # The namespace's ESTABLISHED count is 0: the leakers' client ends were closed.
@@ -141,7 +148,7 @@ def test_top_n_folds_the_rest_into_other(spawn: Spawn, netns_name: str) -> None:
 
 def test_all_netns_adds_a_netns_label_naming_a_process(spawn: Spawn, netns_name: str) -> None:
     child, _ = start_leaker(spawn, initial=4, prefix=("ip", "netns", "exec", netns_name))
-    collector = CloseWaitCollector(min_interval=0, all_netns=True, top_n=1000)
+    collector = CloseWaitCollector(min_interval=0, all_netns=True, top_n=1000, pid_label=True)
     registry = build_registry(collector)
     label = f"{child.pid}/{child_comm(child.pid)}"  # the lowest (only) pid in the new namespace
 
@@ -226,7 +233,7 @@ def test_node_server_that_forgets_to_end_is_exported_with_its_name_and_diagnosis
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(b"GET / HTTP/1.0\r\n\r\n")
-    registry = build_registry(CloseWaitCollector(min_interval=0))
+    registry = build_registry(CloseWaitCollector(min_interval=0, pid_label=True))
 
     def rows() -> list[tuple[dict[str, str], float]] | None:
         found = by_pid(scrape(registry), "closewait_close_wait_sockets", child.pid)
@@ -236,3 +243,106 @@ def test_node_server_that_forgets_to_end_is_exported_with_its_name_and_diagnosis
     assert labels["process"] == child_comm(child.pid) == "node"
     # node read the data and the EOF (Recv-Q 0) but never closed: the server's end of the leak.
     assert (labels["role"], labels["diagnosis"]) == ("server", "eof-not-closed")
+
+
+# ---- workload labels, from real cgroups made under this test's own cgroup (tests/workload/realcg.py) ----
+
+CID = "7c1d" * 16
+SIDECAR_CID = "5e1f" * 16
+PODMAN_CID = "a3b4" * 16
+POD_UID = "0f5e8a2c-7b1d-4c3e-9f6a-1b2c3d4e5f60"
+POD_SLICE = f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD_UID.replace('-', '_')}.slice"
+
+
+def writable_hierarchy() -> Hierarchy:
+    """One hierarchy to make cgroups in: the resolver names a process by its most specific cgroup line."""
+    for label in ("memory", "unified", "pids"):
+        found = hierarchies().get(label)
+        if found is not None and usable(found):
+            return found
+    pytest.skip("no writable cgroup hierarchy here (or not root)")
+
+
+def rows_of(samples: Samples, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """closewait_close_wait_sockets summed over role and diagnosis, keyed by ``labels``' values."""
+    rows: dict[tuple[str, ...], float] = {}
+    for sample_labels, value in samples.get("closewait_close_wait_sockets", []):
+        key = tuple(sample_labels.get(name, "<absent>") for name in labels)
+        rows[key] = rows.get(key, 0) + value
+    return rows
+
+
+def scrape_when(registry: CollectorRegistry, close_wait: int) -> Samples:
+    def ready() -> Samples | None:
+        samples = scrape(registry)
+        states = {labels["state"]: value for labels, value in samples["closewait_tcp_sockets"]}
+        return samples if states["close_wait"] == close_wait else None
+
+    return wait_for(ready, timeout=15, interval=0.1)
+
+
+def test_series_are_labelled_by_workload_and_sum_by_pod(spawn: Spawn, netns_name: str, tmp_path: Path) -> None:
+    """Leakers in a systemd unit, in two containers of one Kubernetes pod (systemd driver, named by
+    kubelet's log links in a temp root) and in a podman container's cgroup that no runtime names: each
+    series carries its workload's labels, there is no pid label, and summing by (namespace, pod)
+    gives the pod's total."""
+    hierarchy = writable_hierarchy()
+    logs = tmp_path / "var" / "log" / "containers"
+    logs.mkdir(parents=True)
+    for container, cid in (("web", CID), ("sidecar", SIDECAR_CID)):
+        target = f"/var/log/pods/payments_api-7d9f_{POD_UID}/{container}/0.log"
+        (logs / f"api-7d9f_payments_{container}-{cid}.log").symlink_to(target)
+    prefix = ("ip", "netns", "exec", netns_name)
+    unit, web, sidecar, podman = (start_leaker(spawn, initial=n, prefix=prefix)[0] for n in (3, 2, 1, 4))
+    comm = child_comm(unit.pid)
+    resolver = WorkloadResolver(host_root=str(tmp_path))
+    registry = build_registry(CloseWaitCollector(min_interval=0, netns=f"/run/netns/{netns_name}", resolver=resolver))
+    with CgroupTree(hierarchy, "system.slice/web.service") as tree:
+        tree.move(unit.pid)
+        tree.move(web.pid, tree.sibling(f"{POD_SLICE}/cri-containerd-{CID}.scope"))
+        tree.move(sidecar.pid, tree.sibling(f"{POD_SLICE}/cri-containerd-{SIDECAR_CID}.scope"))
+        tree.move(podman.pid, tree.sibling(f"machine.slice/libpod-{PODMAN_CID}.scope"))
+        samples = scrape_when(registry, 10)
+    assert rows_of(samples, (*WORKLOAD_LABELS, "process", "pid")) == {
+        ("", "", "", "web.service", comm, "<absent>"): 3,
+        ("payments", "api-7d9f", "web", "", comm, "<absent>"): 2,
+        ("payments", "api-7d9f", "sidecar", "", comm, "<absent>"): 1,
+        ("", "", PODMAN_CID[:12], "", comm, "<absent>"): 4,  # no runtime metadata names it: its short id
+    }
+    assert rows_of(samples, ("namespace", "pod")) == {("payments", "api-7d9f"): 3, ("", ""): 7}
+    oldest = {labels["container"]: v for labels, v in samples["closewait_close_wait_oldest_idle_seconds"]}
+    assert set(oldest) == {"", "web", "sidecar", PODMAN_CID[:12]}
+
+
+def test_top_keeps_workloads_then_processes_and_folds_the_rest_into_other(spawn: Spawn, netns_name: str) -> None:
+    """Three units: a.service (three processes: 4, 2 and 1 sockets), b.service (3), c.service (2).
+    With --top 2, a and b keep their series and c is folded into the row with no workload; in a, the
+    third process is folded into a.service's own process="other". Without the pid label a's three
+    processes (one name) are one row."""
+    hierarchy = writable_hierarchy()
+    prefix = ("ip", "netns", "exec", netns_name)
+    a1, a2, a3, b, c = (start_leaker(spawn, initial=n, prefix=prefix)[0] for n in (4, 2, 1, 3, 2))
+    comm = child_comm(a1.pid)
+    with_pids = build_registry(
+        CloseWaitCollector(min_interval=0, top_n=2, netns=f"/run/netns/{netns_name}", pid_label=True)
+    )
+    by_name = build_registry(CloseWaitCollector(min_interval=0, top_n=2, netns=f"/run/netns/{netns_name}"))
+    with CgroupTree(hierarchy, "system.slice/a.service") as tree:
+        for pid in (a1.pid, a2.pid, a3.pid):
+            tree.move(pid)
+        tree.move(b.pid, tree.sibling("system.slice/b.service"))
+        tree.move(c.pid, tree.sibling("system.slice/c.service"))
+        samples = scrape_when(with_pids, 12)
+        named = scrape_when(by_name, 12)
+    assert rows_of(samples, ("unit", "process", "pid")) == {
+        ("a.service", comm, str(a1.pid)): 4,
+        ("a.service", comm, str(a2.pid)): 2,
+        ("a.service", "other", ""): 1,
+        ("b.service", comm, str(b.pid)): 3,
+        ("", "other", ""): 2,
+    }
+    assert samples["closewait_processes_folded"] == [({}, 2.0)]
+    assert samples["closewait_workloads_folded"] == [({}, 1.0)]
+    assert rows_of(named, ("unit", "process")) == {("a.service", comm): 7, ("b.service", comm): 3, ("", "other"): 2}
+    assert named["closewait_processes_folded"] == [({}, 1.0)]
+    assert named["closewait_workloads_folded"] == [({}, 1.0)]

@@ -22,6 +22,22 @@ class Leakers:
     big_port: int
     small_pid: int
     small_port: int
+    #: The client ports of the big leaker's three connections: ``--port`` also matches sockets of
+    #: other connections that merely share the port number (a stale TIME_WAIT from an earlier test
+    #: whose listener had this port), so exact checks keep only this fixture's own connections.
+    big_clients: frozenset[int] = frozenset()
+
+    def own(self, sockets: list[dict[str, object]]) -> list[dict[str, object]]:
+        """The sockets of the big leaker's own listener and connections."""
+        kept = []
+        for sock in sockets:
+            local, remote = sock["local"], sock["remote"]
+            assert isinstance(local, dict)
+            assert isinstance(remote, dict)
+            ends = {local["port"], remote["port"]}
+            if ends == {self.big_port, 0} or (self.big_port in ends and ends & self.big_clients):
+                kept.append(sock)
+        return kept
 
 
 @pytest.fixture
@@ -29,19 +45,22 @@ def leakers(spawn: Spawn) -> Leakers:
     """One process leaking three sockets (one per code), another leaking one."""
     ports = []
     pids = []
+    clients: list[set[int]] = []
     for modes, payloads in (("eof,keep,keep", (b"", b"", b"abcde")), ("keep", (b"",))):
         proc = spawn(argv=python_argv(LEAKING_SERVER, "127.0.0.1", modes))
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
+        clients.append(set())
         for payload in payloads:
             client = socket.create_connection(("127.0.0.1", port))
+            clients[-1].add(client.getsockname()[1])
             client.sendall(payload)
             client.close()
             assert proc.stdout.readline().strip() == "accepted"
         close_wait_of(proc.pid, port, count=len(payloads))
         ports.append(port)
         pids.append(proc.pid)
-    return Leakers(pids[0], ports[0], pids[1], ports[1])
+    return Leakers(pids[0], ports[0], pids[1], ports[1], frozenset(clients[0]))
 
 
 def _scan(*args: str) -> str:
@@ -78,13 +97,15 @@ def test_table_grouped_by_process_worst_first(leakers: Leakers) -> None:
 
 
 def test_nothing_found_says_so(spawn: Spawn) -> None:
+    # The port stays bound (not listening: no TCP table entry) while the scans run, so no other
+    # program's connect() can take it as its ephemeral port meanwhile, and no listener can open on it.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         unused = probe.getsockname()[1]
-    result = run_cli("scan", "--port", str(unused))
-    assert (result.returncode, result.stdout, result.stderr) == (0, "no sockets in CLOSE_WAIT\n", "")
-    result = run_cli("scan", "--port", str(unused), "--state", "all")
-    assert result.stdout == "no sockets in the asked states\n"
+        result = run_cli("scan", "--port", str(unused))
+        assert (result.returncode, result.stdout, result.stderr) == (0, "no sockets in CLOSE_WAIT\n", "")
+        result = run_cli("scan", "--port", str(unused), "--state", "all")
+        assert result.stdout == "no sockets in the asked states\n"
 
 
 def test_python_dash_m_is_the_same_command(leakers: Leakers) -> None:
@@ -166,15 +187,18 @@ def _json(*args: str) -> list[dict[str, object]]:
 def test_state_option(leakers: Leakers) -> None:
     port = str(leakers.big_port)
     # The test's closed clients are orphaned FIN_WAIT2 sockets whose remote port is the leaker's.
-    states = sorted(str(s["state"]) for s in _json("--port", port, "--state", "close-wait", "--state", "fin-wait-2"))
+    own = leakers.own
+    states = sorted(
+        str(s["state"]) for s in own(_json("--port", port, "--state", "close-wait", "--state", "fin-wait-2"))
+    )
     assert states == ["CLOSE_WAIT"] * 3 + ["FIN_WAIT2"] * 3
     assert {str(s["state"]) for s in _json("--port", port, "--state", "fin-wait-2")} == {"FIN_WAIT2"}
-    everything = _json("--port", port, "--state", "all")
+    everything = own(_json("--port", port, "--state", "all"))
     assert sorted({str(s["state"]) for s in everything}) == ["CLOSE_WAIT", "FIN_WAIT2", "LISTEN"]
     listener = next(s for s in everything if s["state"] == "LISTEN")
     assert listener["role"] == "server"
     assert listener["diagnosis"] is None
-    teardown = {str(s["state"]) for s in _json("--port", port, "--state", "teardown")}
+    teardown = {str(s["state"]) for s in own(_json("--port", port, "--state", "teardown"))}
     assert teardown == {"CLOSE_WAIT", "FIN_WAIT2"}
     orphan = next(s for s in everything if s["state"] == "FIN_WAIT2")
     assert (orphan["inode"], orphan["owners"], orphan["role"]) == (0, [], "unknown")

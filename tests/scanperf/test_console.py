@@ -45,6 +45,10 @@ time.sleep(120)
         (["scan", "--json"], True),
         (["scan", "--json", "--no-owners"], False),
         (["scan", "--no-owners", "--json"], False),
+        (["scan", "--json", "--no-workloads"], True),
+        (["scan", "--json", "--no-workloads", "--no-owners"], False),
+        (["scan", "--json", "--container", "web"], None),
+        (["scan", "--json", "--by", "process"], None),
         (["scan"], None),
         (["scan", "--no-owners"], None),
         (["scan", "--json", "--port", "80"], None),
@@ -94,6 +98,35 @@ def test_fast_path_prints_what_the_click_path_prints(spawn: Spawn, extra: list[s
     else:
         assert all([o["pid"] for o in s["owners"]] == [holder.pid] for s in fast)
         assert {s["role"] for s in fast} == {"server"}
+
+
+def test_fast_path_with_and_without_workloads(spawn: Spawn) -> None:
+    """``--no-workloads`` stays on the fast path: the same bytes as click's path, workload null;
+    without it every owner carries its workload (this test's process runs on the host or in the
+    test runner's cgroup, whatever it is: the two paths must agree)."""
+    holder = spawn(HOLDER)
+    assert holder.stdout is not None
+    port = int(holder.stdout.readline())
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    assert holder.stdout.readline().strip() == "accepted"
+    for client in clients:
+        client.close()
+
+    def scan(argv: list[str]) -> list[dict[str, Any]]:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+        assert done.stderr == ""
+        return _mine(done.stdout, port)
+
+    wait_for(lambda: len(scan([SCRIPT, "scan", "--json"])) == 3)
+    for extra in ([], ["--no-workloads"]):
+        fast = scan([SCRIPT, "scan", "--json", *extra])
+        assert fast == scan([*CLICK_PATH, "scan", "--json", *extra])
+        workloads = [o["workload"] for s in fast for o in s["owners"]]
+        assert len(workloads) == 3
+        if extra:
+            assert workloads == [None, None, None]
+        else:
+            assert all(w is not None and w["kind"] in ("host", "unit", "container", "pod") for w in workloads)
 
 
 def test_fast_path_exits_141_when_stdout_is_closed() -> None:

@@ -28,6 +28,7 @@ from closewait.model import (
     TcpState,
 )
 from closewait.serialize import snapshot_dict, snapshot_json
+from closewait.workload import Workload, WorkloadSelector
 
 u32 = st.integers(0, 2**32 - 1)
 text = st.text(max_size=12)
@@ -49,7 +50,31 @@ sockets = st.builds(
     tcp_info=st.none() | tcp_infos,
     source=st.sampled_from(["netlink", "procfs"]),
 )
-processes = st.builds(Process, st.integers(1, 2**22), u32, text, st.lists(text, max_size=3).map(tuple))
+workloads = st.builds(
+    Workload,
+    st.sampled_from(["container", "pod", "unit", "host", "unknown"]),
+    text,
+    text,
+    runtime=st.none() | text,
+    container=st.none() | text,
+    pod=st.none() | text,
+    namespace=st.none() | text,
+    pod_uid=st.none() | text,
+    qos=st.none() | st.sampled_from(["guaranteed", "burstable", "besteffort"]),
+    unit=st.none() | text,
+    cgroup=text,
+    labels=st.lists(st.tuples(text, text), max_size=2).map(tuple),
+    error=st.none() | text,
+    monitor=st.booleans(),
+)
+processes = st.builds(
+    Process,
+    st.integers(1, 2**22),
+    u32,
+    text,
+    st.lists(text, max_size=3).map(tuple),
+    workload=st.none() | workloads,
+)
 owners = st.lists(st.builds(Owner, processes, st.integers(0, 4096)), max_size=2).map(tuple)
 ages = st.builds(Age, st.floats(0, 4e9), st.integers(0, 2**40), st.sampled_from(AgeSource))
 findings = st.builds(
@@ -74,6 +99,7 @@ snapshots = st.builds(
     state_counts=st.dictionaries(st.sampled_from(TcpState), st.integers(0, 10**6)),
     recorder_used=st.booleans(),
     recorder_unavailable=st.none() | text,
+    selection=st.none() | st.builds(WorkloadSelector, st.none() | text, st.none() | text, st.none() | text),
 )
 
 

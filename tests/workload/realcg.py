@@ -1,6 +1,8 @@
-"""Real cgroups for the workload tests: the directories kubelet, systemd and runtimes would create,
-made under the cgroup this test process already sits in (never anywhere else), with real processes
-moved into them and back.
+"""Real cgroups and real podman containers for the workload tests.
+
+Cgroups: the directories kubelet, systemd and runtimes would create, made under the cgroup this
+test process already sits in (never anywhere else), with real processes moved into them and back.
+Containers: ``run_container`` starts podman with runc as tests/workload/test_podman.py describes.
 
 On this host (hybrid) the test process sits in ``memory:/process_api/<id>`` and ``/`` everywhere
 else; a tree is made below that in one hierarchy at a time. A process is only ever moved into a
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,3 +175,134 @@ def _in_close_wait(port: int) -> bool:
 
 def have(command: str) -> bool:
     return shutil.which(command) is not None
+
+
+def write_kubelet_log_links(root: Path, namespace: str, pod: str, uid: str, containers: dict[str, str]) -> Path:
+    """What kubelet writes: /var/log/pods/<ns>_<pod>_<uid>/<container>/0.log and, in
+    /var/log/containers, <pod>_<ns>_<container>-<id>.log linking to it. Returns the containers dir."""
+    pods_dir = root / "var/log/pods" / f"{namespace}_{pod}_{uid}"
+    links = root / "var/log/containers"
+    links.mkdir(parents=True, exist_ok=True)
+    for container, container_id in containers.items():
+        (pods_dir / container).mkdir(parents=True, exist_ok=True)
+        log = pods_dir / container / "0.log"
+        log.write_text("2026-12-05T10:00:00.000000000Z stdout F started\n")
+        (links / f"{pod}_{namespace}_{container}-{container_id}.log").symlink_to(log)
+    return links
+
+
+# ---- real podman containers (podman + runc from Debian, as root) ---------------------------------------
+
+#: Runs inside the container: a server on the container's loopback whose accepted connection sits in
+#: CLOSE_WAIT (EOF read, never closed). Exits at once on SIGTERM (it is PID 1 in there).
+LEAKER_IN_CONTAINER = """
+import signal, socket, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+client = socket.create_connection(server.getsockname())
+conn, _ = server.accept()
+client.close()
+while conn.recv(100):
+    pass
+print(server.getsockname()[1], flush=True)
+time.sleep(600)
+"""
+
+
+def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120, check=check)
+
+
+def can_run_podman() -> bool:
+    return os.geteuid() == 0 and have("podman") and have("runc")
+
+
+@dataclass
+class Container:
+    name: str
+    id: str
+    pid: int
+    port: int
+    cgroup_parent: str
+
+    @property
+    def netns(self) -> str:
+        return f"/proc/{self.pid}/ns/net"
+
+
+def _missing_ancestors(path: str) -> list[str]:
+    """The directories of ``path`` (and its ancestors) in every cgroup hierarchy that do not exist yet."""
+    missing = []
+    for hierarchy in {h.mount for h in hierarchies().values()}:
+        parts = [p for p in path.split("/") if p]
+        for depth in range(1, len(parts) + 1):
+            directory = hierarchy + "/" + "/".join(parts[:depth])
+            if not os.path.isdir(directory):
+                missing.append(directory)
+    return missing
+
+
+def _remove_created(directories: list[str]) -> None:
+    """rmdir the cgroup directories the runtime made below and up to the ones that did not exist."""
+    for top in sorted(directories, key=len, reverse=True):
+        if not os.path.isdir(top):
+            continue
+        below = sorted((p for p in Path(top).rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for directory in [*below, Path(top)]:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    directory.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as err:
+                    if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def run_container(workdir: Path, *, network: str = "none", name: str | None = None) -> Iterator[Container]:
+    """A podman container running ``LEAKER_IN_CONTAINER`` under a fresh cgroup parent below this
+    test's own cgroup, removed (with every cgroup directory the runtime made) on leaving.
+
+    ``network="none"`` gives it a network namespace of its own (scan it with ``--netns``);
+    ``"host"`` leaves its sockets in the host's, where reap can reach them.
+    """
+    memory = hierarchies().get("memory") or hierarchies().get("unified")
+    assert memory is not None
+    parent = f"{memory.own.rstrip('/')}/closewait-test-{uuid.uuid4().hex[:10]}"
+    created = _missing_ancestors(parent)
+    name = name or f"closewait-test-{uuid.uuid4().hex[:8]}"
+    script = workdir / f"leaker-{name}.py"
+    script.write_text(LEAKER_IN_CONTAINER)
+    try:
+        run = podman(
+            "--runtime", "runc", "run", "-d", "--name", name, f"--cgroup-parent={parent}",
+            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000", "--network", network,
+            "-v", f"{script}:/x.py:ro", "--rootfs", "/:O", "/usr/bin/python3", "/x.py",
+            check=False,
+        )  # fmt: skip
+        if run.returncode != 0:
+            raise AssertionError(f"podman run failed: {run.stderr.strip()}")
+        container_id = run.stdout.strip().splitlines()[-1]
+        port = _wait_for_port(name)
+        pid = int(podman("inspect", "--format", "{{.State.Pid}}", name).stdout)
+        yield Container(name, container_id, pid, port, parent)
+    finally:
+        podman("rm", "-f", "-t", "0", name, check=False)
+        _remove_created(created)
+        script.unlink(missing_ok=True)
+
+
+def _wait_for_port(name: str) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        logs = podman("logs", name, check=False).stdout.split()
+        if logs:
+            return int(logs[0])
+        time.sleep(0.1)
+    raise AssertionError(f"container {name} printed no port: {podman('logs', name, check=False).stderr}")

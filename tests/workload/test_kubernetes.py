@@ -25,7 +25,15 @@ import pytest
 
 from closewait.sources.attribution import WorkloadResolver
 from closewait.sources.kubernetes import PodApi, PodLogIndex
-from tests.workload.realcg import CgroupTree, Leaker, have, hierarchies, start_leaker, usable
+from tests.workload.realcg import (
+    CgroupTree,
+    Leaker,
+    have,
+    hierarchies,
+    start_leaker,
+    usable,
+    write_kubelet_log_links,
+)
 
 NODE = "node-1"
 TOKEN = "test-token-1f2e3d"
@@ -40,20 +48,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def write_kubelet_log_links(root: Path, namespace: str, pod: str, uid: str, containers: dict[str, str]) -> Path:
-    """What kubelet writes: /var/log/pods/<ns>_<pod>_<uid>/<container>/0.log and, in
-    /var/log/containers, <pod>_<ns>_<container>-<id>.log linking to it. Returns the containers dir."""
-    pods_dir = root / "var/log/pods" / f"{namespace}_{pod}_{uid}"
-    links = root / "var/log/containers"
-    links.mkdir(parents=True, exist_ok=True)
-    for container, container_id in containers.items():
-        (pods_dir / container).mkdir(parents=True, exist_ok=True)
-        log = pods_dir / container / "0.log"
-        log.write_text("2026-12-05T10:00:00.000000000Z stdout F started\n")
-        (links / f"{pod}_{namespace}_{container}-{container_id}.log").symlink_to(log)
-    return links
 
 
 def pod_object(namespace: str, name: str, uid: str, labels: dict[str, str], containers: dict[str, str]) -> object:

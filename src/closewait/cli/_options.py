@@ -21,6 +21,7 @@ from closewait.errors import UsageError
 from closewait.model import TcpState, parse_states
 from closewait.sources import BACKENDS
 from closewait.sources.pinned import DEFAULT_PIN_DIR
+from closewait.workload import WorkloadSelector
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -297,3 +298,61 @@ def pin_dir_option(f: F) -> F:
         metavar="PATH",
         help="Pin the recorder's maps here, in a bpffs (mounted on its parent if need be).",
     )(f)
+
+
+class WorkloadName(click.ParamType[str]):
+    """A container, pod, namespace or unit name: refused up front when empty or not one printable line."""
+
+    name = "name"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if not text:
+            self.fail("an empty name selects nothing: give a name", param, ctx)
+        if not text.isprintable():
+            self.fail(f"{_shown(text)}: a name has no control characters (a newline, a tab)", param, ctx)
+        return text
+
+
+WORKLOAD_NAME = WorkloadName()
+
+
+def workload_options(f: F) -> F:
+    """--container, --pod, --namespace and --unit: narrow to the sockets of some workloads
+    (docs/workloads.md). Each is given once; given together, a workload must match all of them."""
+    f = click.option(
+        "--unit",
+        type=WORKLOAD_NAME,
+        metavar="NAME",
+        help="Only sockets of processes in this systemd unit (nginx or nginx.service).",
+    )(f)
+    f = click.option(
+        "--namespace",
+        type=WORKLOAD_NAME,
+        metavar="NS",
+        help="Only sockets of pods in this Kubernetes namespace.",
+    )(f)
+    f = click.option(
+        "--pod",
+        type=WORKLOAD_NAME,
+        metavar="[NS/]NAME",
+        help="Only sockets of this Kubernetes pod (name or UID; NS/NAME sets the namespace too).",
+    )(f)
+    return click.option(
+        "--container",
+        type=WORKLOAD_NAME,
+        metavar="NAME|ID",
+        help="Only sockets of this container (name, id, or an id prefix of 4+ characters).",
+    )(f)
+
+
+def selector_from(
+    container: str | None, pod: str | None, namespace: str | None, unit: str | None
+) -> WorkloadSelector | None:
+    """The workload options as a selector (None when none was given); a bad pod spelling is a UsageError."""
+    if container is None and pod is None and namespace is None and unit is None:
+        return None
+    try:
+        return WorkloadSelector.parse(container=container, pod=pod, namespace=namespace, unit=unit)
+    except ValueError as err:
+        raise UsageError(str(err)) from None

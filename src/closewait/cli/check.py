@@ -17,7 +17,16 @@ import click
 
 from closewait._console import OutputFailed, ReaderGone
 from closewait.check import Status, Thresholds, evaluate
-from closewait.cli._options import INT_MAX, Integer, Seconds, backend_option, examples, filter_options
+from closewait.cli._options import (
+    INT_MAX,
+    Integer,
+    Seconds,
+    backend_option,
+    examples,
+    filter_options,
+    selector_from,
+    workload_options,
+)
 from closewait.errors import ClosewaitError
 from closewait.scanning import CLOSE_WAIT_ONLY, scan
 
@@ -31,7 +40,7 @@ DEFAULT_CRITICAL = 500
     "check",
     epilog=examples(
         ("closewait check -w 100 -c 500", "the host total (also what check alone uses)"),
-        ("closewait check --per-process -w 20 -c 100 --max-age 3600", "the worst process, and the oldest socket"),
+        ("closewait check --per-workload -w 20 -c 100 --max-age 3600", "the worst container/pod/unit, the oldest"),
         ("closewait check --port 8080 --max-age 600", "one service: WARNING past 10 min idle"),
     ),
 )
@@ -60,18 +69,39 @@ DEFAULT_CRITICAL = 500
     metavar="SECONDS",
     help="WARNING when a CLOSE_WAIT socket has been idle (peer silent since its FIN) longer than this.",
 )
+@click.option(
+    "--per-workload",
+    is_flag=True,
+    help="Apply --warning/--critical to the container, pod or unit holding the most CLOSE_WAIT sockets; "
+    "perfdata per workload.",
+)
+@click.option(
+    "--perfdata-top",
+    type=Integer(0, 1000),
+    default=10,
+    show_default=True,
+    metavar="N",
+    help="With --per-workload: perfdata for the N workloads holding the most sockets (the rest are counted).",
+)
 @click.option("--max-age-critical", type=Seconds(), metavar="SECONDS", help="CRITICAL for the same, above this.")
 @filter_options
+@workload_options
 @backend_option
 def check_command(
     warning: int | None,
     critical: int | None,
     per_process: bool,
     max_age: float | None,
+    per_workload: bool,
+    perfdata_top: int,
     max_age_critical: float | None,
     ports: tuple[int, ...],
     pids: tuple[int, ...],
     netns: str | None,
+    container: str | None,
+    pod: str | None,
+    namespace: str | None,
+    unit: str | None,
     backend: str,
 ) -> None:
     """Monitoring plugin: OK/WARNING/CRITICAL on CLOSE_WAIT count and age (exit 0/1/2, 3 on error).
@@ -88,8 +118,11 @@ def check_command(
             per_process=per_process,
             max_age_s=max_age,
             max_age_critical_s=max_age_critical,
+            per_workload=per_workload,
+            perfdata_top=perfdata_top,
         )
-        snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, netns=netns, backend=backend)
+        selection = selector_from(container, pod, namespace, unit)
+        snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, netns=netns, backend=backend, workload=selection)
         result = evaluate(snapshot, thresholds)
     except ClosewaitError as err:
         # Monitoring systems read the plugin's stdout: the reason goes there, as the status line.

@@ -59,7 +59,15 @@ from closewait.exporter.http import HttpLimits
     default=DEFAULT_TOP_N,
     show_default=True,
     metavar="N",
-    help='Processes with their own series; the rest are summed into process="other".',
+    help=(
+        "Workloads (containers, pods, units) with their own series, and process rows within each;"
+        ' the rest are summed into process="other".'
+    ),
+)
+@click.option(
+    "--pid-label",
+    is_flag=True,
+    help="Add a pid label: one series per process instead of per workload and process name (churns on restarts).",
 )
 @click.option(
     "--min-interval",
@@ -72,13 +80,17 @@ from closewait.exporter.http import HttpLimits
         " then any client that can connect triggers a full scan of the host (as root: all of /proc) per request."
     ),
 )
-def exporter_command(listen: str, all_netns: bool, netns: str | None, top_n: int, min_interval: float) -> None:
-    """Serve CLOSE_WAIT metrics (per state, per process, per namespace) for Prometheus."""
+def exporter_command(
+    listen: str, all_netns: bool, netns: str | None, top_n: int, pid_label: bool, min_interval: float
+) -> None:
+    """Serve CLOSE_WAIT metrics (per state; per workload and process; per namespace) for Prometheus."""
     # The collector logs failed scans and skipped namespaces; an operator reads them in the journal.
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="closewait exporter: %(message)s")
     host, port = _listen_address(listen)
     limits = HttpLimits.from_environ()  # CLOSEWAIT_EXPORTER_HTTP=name=value,... (docs/monitoring.md)
-    collector = CloseWaitCollector(top_n=top_n, min_interval=min_interval, all_netns=all_netns, netns=netns)
+    collector = CloseWaitCollector(
+        top_n=top_n, min_interval=min_interval, all_netns=all_netns, netns=netns, pid_label=pid_label
+    )
     server = MetricsServer(build_registry(collector), host, port, limits)
     stop = threading.Event()
     stopped_by: list[int] = []

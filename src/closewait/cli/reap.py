@@ -19,7 +19,15 @@ import click
 
 from closewait import reap
 from closewait._console import OutputFailed, ReaderGone
-from closewait.cli._options import DURATION, PID, examples, port_option, refuse_non_ascii_digits
+from closewait.cli._options import (
+    DURATION,
+    PID,
+    examples,
+    port_option,
+    refuse_non_ascii_digits,
+    selector_from,
+    workload_options,
+)
 from closewait.errors import UsageError
 
 
@@ -27,7 +35,7 @@ from closewait.errors import UsageError
     "reap",
     epilog=examples(
         ("closewait reap --pid 1234", "the plan only: nothing is changed"),
-        ("closewait reap --pid 1234 --older-than 10m --yes", "release those idle over 10 minutes"),
+        ("closewait reap --container web --older-than 10m --yes", "one container's, idle over 10 minutes"),
         ("closewait reap --all --port 8080 --yes", "every process's CLOSE_WAIT on port 8080"),
     ),
 )
@@ -55,8 +63,12 @@ from closewait.errors import UsageError
     metavar="|".join(m.value for m in reap.Method),
     help="shutdown: pidfd_getfd + shutdown() (FIN, Linux 5.6+); destroy: SOCK_DESTROY (RST, CAP_NET_ADMIN).",
 )
+@workload_options
 @click.option(
-    "--all", "all_processes", is_flag=True, help="Any process's sockets (needs --port, --remote or --older-than)."
+    "--all",
+    "all_processes",
+    is_flag=True,
+    help="Any process's sockets (needs --port, --remote, --older-than or a workload).",
 )
 @click.option("--yes", is_flag=True, help="Act on the plan. Without it, only the plan is printed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the plan, and the outcomes with --yes).")
@@ -66,6 +78,10 @@ def reap_command(
     remote: str | None,
     older_than_ms: int | None,
     method: str,
+    container: str | None,
+    pod: str | None,
+    namespace: str | None,
+    unit: str | None,
     all_processes: bool,
     yes: bool,
     as_json: bool,
@@ -77,8 +93,11 @@ def reap_command(
     """
     remote_filter = _remote_filter(remote) if remote is not None else None
     # Validate before touching the kernel, so a bad combination is one line even without privileges.
-    reap.ReapCriteria(frozenset(pids), frozenset(ports), remote_filter, older_than_ms, all_processes).validate()
-    snapshot = reap.survey(pids=pids, ports=ports)
+    selection = selector_from(container, pod, namespace, unit)
+    reap.ReapCriteria(
+        frozenset(pids), frozenset(ports), remote_filter, older_than_ms, all_processes, selection
+    ).validate()
+    snapshot = reap.survey(pids=pids, ports=ports, workload=selection)
     reap_plan = reap.plan(
         snapshot,
         pids=pids,
@@ -87,6 +106,7 @@ def reap_command(
         older_than_ms=older_than_ms,
         method=method,
         all_processes=all_processes,
+        workload=selection,
     )
     from closewait.cli.render import reap as view
 

@@ -17,12 +17,16 @@ from closewait.exporter.collector import (
     DEFAULT_MIN_INTERVAL,
     DEFAULT_TOP_N,
     ERROR_KINDS,
+    WORKLOAD_LABELS,
     CloseWaitCollector,
+    Folded,
+    RowKey,
     ScanResult,
     build_registry,
     fold_rows,
     rows_from_snapshot,
     state_label,
+    workload_labels,
 )
 from closewait.exporter.http import DEFAULT_LISTEN, MetricsServer, parse_listen
 
@@ -31,12 +35,16 @@ __all__ = [
     "DEFAULT_MIN_INTERVAL",
     "DEFAULT_TOP_N",
     "ERROR_KINDS",
+    "WORKLOAD_LABELS",
     "CloseWaitCollector",
+    "Folded",
     "MetricsServer",
+    "RowKey",
     "ScanResult",
     "build_registry",
     "fold_rows",
     "parse_listen",
     "rows_from_snapshot",
     "state_label",
+    "workload_labels",
 ]

@@ -25,9 +25,21 @@ How a scrape is made (docs/monitoring.md has the metric reference):
   storm cost one scan. ``min_interval=0`` rescans for every scrape that arrives when no scan is
   running (benchmarks); scrapes that waited for a scan are served the first scan that started after
   they arrived, so a burst costs at most two scans.
-- **Bounded cardinality**: per-process series are kept for the ``top_n`` processes by CLOSE_WAIT
-  count; the rest are summed into ``process="other"`` (``pid=""``), sockets with no owner into
-  ``process="unowned"``. ``closewait_processes_folded`` says how many processes were folded.
+- **Workload labels**: the per-process series are labelled by the workload that holds the sockets
+  (``namespace``, ``pod``, ``container`` on Kubernetes; ``container`` for other containers; ``unit``
+  for systemd units and for the service a container runs under) and the process name
+  (``process``), each ``""`` where it does not apply, so a fleet can ``sum by (namespace, pod)``.
+  Owners are named by one ``WorkloadResolver`` that lives as long as the collector (its cache, per
+  pid and start time, serves every scan). The ``pid`` label is opt-in (``pid_label=True``,
+  ``--pid-label``): without it, the processes of one name in one workload are one series, which does
+  not churn when they restart.
+- **Bounded cardinality** (``fold_rows``): the ``top_n`` workloads with the most CLOSE_WAIT keep
+  their series, and within each of them its ``top_n`` process rows; a kept workload's other process
+  rows are summed into its ``process="other"`` row, and every folded workload into one
+  ``process="other"`` row with empty workload labels (per netns). Sockets with no owner are
+  ``process="unowned"``. ``closewait_workloads_folded`` and ``closewait_processes_folded`` say how
+  many were folded. At most ``top_n * (top_n + 1)`` rows, plus one ``other`` and one ``unowned`` row
+  per namespace, whatever the host does.
 - **Errors are counted, never swallowed**: ``closewait_scan_errors_total{kind}`` with ``kind`` one
   of ``scan`` (the scan failed; the last good values are not re-served, only the counters and
   ``closewait_scan_success 0``), ``netns`` (per scan, each namespace skipped: gone, not enterable,
@@ -65,6 +77,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -74,6 +87,8 @@ from closewait.model import Snapshot, TcpState
 from closewait.scanning import scan
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
+from closewait.sources.attribution import WorkloadResolver
+from closewait.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +97,10 @@ DEFAULT_MIN_INTERVAL = 5.0
 ERROR_KINDS = ("scan", "netns", "owners", "owners_bpf")
 OTHER = "other"
 UNOWNED = "unowned"
+#: The workload labels of the per-process series, in the order they are emitted (docs/monitoring.md).
+WORKLOAD_LABELS = ("namespace", "pod", "container", "unit")
+#: How many characters of a container id name a container no runtime metadata named (as ``podman ps``).
+SHORT_ID = 12
 
 _CLOSE_WAIT = frozenset({TcpState.CLOSE_WAIT})
 
@@ -91,9 +110,47 @@ def state_label(state: TcpState) -> str:
     return state.name.lower()
 
 
+def workload_labels(workload: Workload | None) -> tuple[str, str, str, str]:
+    """The ``namespace``, ``pod``, ``container`` and ``unit`` label values of ``workload``; ``""`` where
+    one does not apply (the host, a process whose cgroup could not be read, no workload looked up).
+
+    A pod kubelet's log links did not name keeps ``pod="pod<UID>"``, and a container its runtime did
+    not name its id's first 12 characters, so two such workloads never share a series.
+    """
+    if workload is None:
+        return ("", "", "", "")
+    if workload.kind == "pod":
+        container = workload.container
+        if container is None and workload.id and workload.id != workload.pod_uid:
+            container = workload.id[:SHORT_ID]
+        return (workload.namespace or "", workload.pod or workload.name, container or "", workload.unit or "")
+    if workload.kind == "container":
+        return ("", "", workload.container or workload.name, workload.unit or "")
+    if workload.kind == "unit":
+        return ("", "", "", workload.unit or workload.name)
+    return ("", "", "", "")
+
+
+class RowKey(NamedTuple):
+    """The labels of one row of per-process series (``pid`` is ``""`` unless the pid label is on)."""
+
+    netns: str
+    namespace: str
+    pod: str
+    container: str
+    unit: str
+    process: str
+    pid: str = ""
+
+    @property
+    def workload(self) -> tuple[str, str, str, str, str]:
+        """The workload part of the key (netns included: one workload per namespace)."""
+        return (self.netns, self.namespace, self.pod, self.container, self.unit)
+
+
 @dataclass
 class _Row:
-    """One (netns, pid, process) row of per-process series, summed over its sockets."""
+    """One row of per-process series (a workload's processes of one name, or one process), summed over its sockets."""
 
     by_role_diagnosis: dict[tuple[str, str], int] = field(default_factory=dict)
     oldest_idle_s: float = 0.0
@@ -110,43 +167,80 @@ class _Row:
         self.unread_bytes += other.unread_bytes
 
 
+class Folded(NamedTuple):
+    """``fold_rows``' answer: the rows to serve, and how many process rows and workloads were folded."""
+
+    rows: dict[RowKey, _Row]
+    processes: int
+    workloads: int
+
+
 @dataclass(frozen=True)
 class ScanResult:
     """What one scan produced, before it becomes metric families."""
 
     counts: dict[str, dict[TcpState, int]]
-    rows: dict[tuple[str, str, str], _Row]
+    rows: dict[RowKey, _Row]
     folded: int
     duration_s: float
     finished_at: float
     #: Network namespaces read, and namespaces known but skipped (label -> why).
     netns_covered: int = 1
     netns_skipped: dict[str, str] = field(default_factory=dict)
+    workloads_folded: int = 0
 
 
-def fold_rows(rows: dict[tuple[str, str, str], _Row], top_n: int) -> tuple[dict[tuple[str, str, str], _Row], int]:
-    """Keep the ``top_n`` processes with the most CLOSE_WAIT; sum the rest into process="other" per netns.
+def _worst_first(item: tuple[object, _Row]) -> tuple[int, object]:
+    return (-item[1].count, item[0])
 
-    Keys are (netns, pid, process). The ``unowned`` row is kept whatever ``top_n`` is (one per netns).
-    Ties are broken by pid so the choice is stable between scrapes. Returns (rows, processes folded).
+
+def fold_rows(rows: dict[RowKey, _Row], top_n: int) -> Folded:
+    """Bound the rows: keep the ``top_n`` workloads with the most CLOSE_WAIT and, in each, its ``top_n``
+    process rows.
+
+    A kept workload's other rows are summed into its own ``process="other"`` row (``pid=""``); each
+    folded workload is summed into the row with empty workload labels and ``process="other"`` of its
+    namespace (where the host's own folded processes also go). ``process="unowned"`` rows are kept
+    whatever ``top_n`` is (one per namespace). Ties are broken by the labels, so the choice is stable
+    between scrapes. ``processes`` counts the process rows folded (kept workloads' and folded
+    workloads' alike), ``workloads`` the workloads folded.
     """
-    owned = [(key, row) for key, row in rows.items() if key[2] != UNOWNED]
-    owned.sort(key=lambda item: (-item[1].count, item[0]))
-    result = {key: row for key, row in rows.items() if key[2] == UNOWNED}
-    for key, row in owned[:top_n]:
-        result[key] = row
-    for key, row in owned[top_n:]:
-        result.setdefault((key[0], "", OTHER), _Row()).add(row)
-    return result, max(0, len(owned) - top_n)
+    result = {key: row for key, row in rows.items() if key.process == UNOWNED}
+    by_workload: dict[tuple[str, str, str, str, str], dict[RowKey, _Row]] = {}
+    for key, row in rows.items():
+        if key.process != UNOWNED:
+            by_workload.setdefault(key.workload, {})[key] = row
+    totals = {workload: sum(row.count for row in members.values()) for workload, members in by_workload.items()}
+    ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
+    folded_processes = 0
+    for workload, _total in ranked[:top_n]:
+        members = sorted(by_workload[workload].items(), key=_worst_first)
+        for key, row in members[:top_n]:
+            result.setdefault(key, _Row()).add(row)
+        for key, row in members[top_n:]:
+            result.setdefault(key._replace(process=OTHER, pid=""), _Row()).add(row)
+            folded_processes += 1
+    for workload, _total in ranked[top_n:]:
+        other = result.setdefault(RowKey(workload[0], "", "", "", "", OTHER), _Row())
+        for row in by_workload[workload].values():
+            other.add(row)
+            folded_processes += 1
+    return Folded(result, folded_processes, max(0, len(ranked) - top_n))
 
 
-def rows_from_snapshot(snapshot: Snapshot, netns_of_inode: dict[int, str]) -> dict[tuple[str, str, str], _Row]:
-    """Per-(netns, pid, process) sums of one snapshot's CLOSE_WAIT sockets (a shared socket counts under each owner)."""
-    rows: dict[tuple[str, str, str], _Row] = {}
+def rows_from_snapshot(
+    snapshot: Snapshot, netns_of_inode: dict[int, str], *, pid_label: bool = False
+) -> dict[RowKey, _Row]:
+    """Per-row sums of one snapshot's CLOSE_WAIT sockets, a row per (netns, workload, process name), or
+    per process with ``pid_label``. A shared socket counts under each owner (once per row)."""
+    rows: dict[RowKey, _Row] = {}
     for finding in snapshot.in_state(TcpState.CLOSE_WAIT):
         sock = finding.socket
         ns_label = netns_of_inode.get(sock.inode, "")
-        keys = [(ns_label, str(p.pid), p.name) for p in finding.processes] or [(ns_label, "", UNOWNED)]
+        keys = {
+            RowKey(ns_label, *workload_labels(p.workload), p.name, str(p.pid) if pid_label else ""): None
+            for p in finding.processes
+        } or {RowKey(ns_label, "", "", "", "", UNOWNED): None}
         role_diag = (finding.role.value, finding.diagnosis.code if finding.diagnosis else "")
         for key in keys:
             row = rows.setdefault(key, _Row())
@@ -168,6 +262,8 @@ class CloseWaitCollector(Collector):
         min_interval: float = DEFAULT_MIN_INTERVAL,
         all_netns: bool = False,
         netns: str | netns_mod.Netns | None = None,
+        pid_label: bool = False,
+        resolver: WorkloadResolver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if top_n < 0:
@@ -185,6 +281,9 @@ class CloseWaitCollector(Collector):
         self.netns = netns_mod.pin(resolved) if resolved is not None and resolved.fd is None else resolved
         self._pinned = self.netns is not resolved
         self._netns_gone: NetnsGone | None = None
+        self.pid_label = pid_label
+        # One resolver for the collector's life: its cache (pid, start time -> workload) serves every scan.
+        self.resolver = resolver if resolver is not None else WorkloadResolver(proc_root=proc_root)
         self._clock = clock
         self._lock = threading.Lock()
         self._cached: list[Metric] | None = None
@@ -225,7 +324,7 @@ class CloseWaitCollector(Collector):
         namespaces, unreadable = self._namespaces()
         source = get_source(namespaces=namespaces, count_states=True)
         try:
-            snapshot = scan(_CLOSE_WAIT, backend=source, proc_root=self.proc_root)
+            snapshot = scan(_CLOSE_WAIT, backend=source, proc_root=self.proc_root, workloads=self.resolver)
         except NetnsGone as gone:
             if self._pinned:
                 self._netns_gone = gone  # released now: it never comes back
@@ -237,15 +336,16 @@ class CloseWaitCollector(Collector):
         if snapshot.errors:
             self._errors["owners"] += 1
         self._note_owner_fallback(snapshot.owners_fallback_reason)
-        rows, folded = fold_rows(rows_from_snapshot(snapshot, source.netns_of_inode), self.top_n)
+        folded = fold_rows(rows_from_snapshot(snapshot, source.netns_of_inode, pid_label=self.pid_label), self.top_n)
         return ScanResult(
             counts=source.counts,
-            rows=rows,
-            folded=folded,
+            rows=folded.rows,
+            folded=folded.processes,
             duration_s=time.perf_counter() - started,
             finished_at=time.time(),
             netns_covered=len(namespaces) - len(source.skipped),
             netns_skipped=skipped,
+            workloads_folded=folded.workloads,
         )
 
     def _note_coverage(self, skipped: dict[str, str], covered: set[str]) -> None:
@@ -312,29 +412,36 @@ class CloseWaitCollector(Collector):
 
     def _families(self, result: ScanResult | None, *, describe_only: bool = False) -> list[Metric]:
         ns = ["netns"] if self.all_netns else []
+        owner = [*ns, *WORKLOAD_LABELS, "process", *(["pid"] if self.pid_label else [])]
         tcp = GaugeMetricFamily(
             "closewait_tcp_sockets", "TCP sockets per state (every state, zeros included).", labels=[*ns, "state"]
         )
         per_role = GaugeMetricFamily(
             "closewait_close_wait_sockets",
-            'CLOSE_WAIT sockets per owning process, role and diagnosis (top processes; the rest in process="other").',
-            labels=[*ns, "pid", "process", "role", "diagnosis"],
+            "CLOSE_WAIT sockets per workload, process, role and diagnosis"
+            ' (top workloads and processes; the rest in process="other").',
+            labels=[*owner, "role", "diagnosis"],
         )
         oldest = GaugeMetricFamily(
             "closewait_close_wait_oldest_idle_seconds",
-            "Longest time since the peer sent anything (tcp_info last_ack_recv) among a process's CLOSE_WAIT sockets.",
-            labels=[*ns, "pid", "process"],
+            "Longest time since the peer sent anything (tcp_info last_ack_recv) among a row's CLOSE_WAIT sockets.",
+            labels=owner,
         )
         unread = GaugeMetricFamily(
             "closewait_close_wait_unread_bytes",
-            "Bytes the peer sent before closing that a process's CLOSE_WAIT sockets never read.",
-            labels=[*ns, "pid", "process"],
+            "Bytes the peer sent before closing that a row's CLOSE_WAIT sockets never read.",
+            labels=owner,
         )
         duration = GaugeMetricFamily("closewait_scan_duration_seconds", "How long the last scan took.")
         success = GaugeMetricFamily("closewait_scan_success", "1 if the last scan read the host's tables, else 0.")
         last = GaugeMetricFamily("closewait_last_scan_timestamp_seconds", "When the last scan finished (Unix time).")
         folded = GaugeMetricFamily(
-            "closewait_processes_folded", 'Processes whose CLOSE_WAIT series were summed into process="other".'
+            "closewait_processes_folded",
+            'Process rows (one per process with --pid-label) whose CLOSE_WAIT series were summed into process="other".',
+        )
+        workloads_folded = GaugeMetricFamily(
+            "closewait_workloads_folded",
+            'Workloads beyond --top whose CLOSE_WAIT series were summed into the process="other" row with no workload.',
         )
         errors = CounterMetricFamily(
             "closewait_scan_errors",
@@ -356,6 +463,7 @@ class CloseWaitCollector(Collector):
             success,
             last,
             folded,
+            workloads_folded,
             errors,
             scans,
             covered,
@@ -375,16 +483,17 @@ class CloseWaitCollector(Collector):
         folded.add_metric([], result.folded)
         covered.add_metric([], result.netns_covered)
         skipped.add_metric([], len(result.netns_skipped))
+        workloads_folded.add_metric([], result.workloads_folded)
         for label, counts in result.counts.items():
             prefix = [label] if self.all_netns else []
             for state, n in counts.items():
                 tcp.add_metric([*prefix, state_label(state)], n)
-        for (ns_label, pid, name), row in sorted(result.rows.items(), key=lambda item: (-item[1].count, item[0])):
-            prefix = [ns_label] if self.all_netns else []
+        for key, row in sorted(result.rows.items(), key=_worst_first):
+            values = [*([key.netns] if self.all_netns else []), *key[1:6], *([key.pid] if self.pid_label else [])]
             for (role, diagnosis), n in sorted(row.by_role_diagnosis.items()):
-                per_role.add_metric([*prefix, pid, name, role, diagnosis], n)
-            oldest.add_metric([*prefix, pid, name], row.oldest_idle_s)
-            unread.add_metric([*prefix, pid, name], row.unread_bytes)
+                per_role.add_metric([*values, role, diagnosis], n)
+            oldest.add_metric(values, row.oldest_idle_s)
+            unread.add_metric(values, row.unread_bytes)
         return families
 
 
@@ -408,10 +517,14 @@ __all__ = [
     "DEFAULT_MIN_INTERVAL",
     "DEFAULT_TOP_N",
     "ERROR_KINDS",
+    "WORKLOAD_LABELS",
     "CloseWaitCollector",
+    "Folded",
+    "RowKey",
     "ScanResult",
     "build_registry",
     "fold_rows",
     "rows_from_snapshot",
     "state_label",
+    "workload_labels",
 ]

@@ -14,8 +14,8 @@ the same one everywhere in that scan.
 
 from __future__ import annotations
 
+import _thread  # its Lock is threading.Lock; importing threading itself costs a few ms per scan
 import errno
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ from closewait.errors import ClosewaitError, KernelDataError
 from closewait.model import Process
 from closewait.sources.cgroup import parse_cgroup_lines, read_proc_file
 from closewait.sources.kubernetes import CONTAINER_LOG_DIR, PodApi, PodLogIndex
-from closewait.sources.process import read_stat
+from closewait.sources.process import list_pids, read_stat
 from closewait.sources.runtimes import ContainerNames
 from closewait.workload import Workload, pick_workload, unknown, with_container_name, with_pod
 
@@ -88,7 +88,7 @@ class WorkloadResolver:
         self._cache: dict[tuple[int, int], tuple[Workload, float]] = {}
         # The cgroup file's text -> its workload before names: most processes share a few texts.
         self._by_text: dict[bytes, Workload] = {}
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._lookups = self._hits = self._reads = self._unknown = 0
 
     def workload_of(self, process: Process) -> Workload:
@@ -117,6 +117,20 @@ class WorkloadResolver:
     def workloads_of(self, processes: Iterable[Process]) -> dict[tuple[int, int], Workload]:
         """The workload of each process, by ``Process.identity`` (what a view groups owners by)."""
         return {process.identity: self.workload_of(process) for process in processes}
+
+    def running_workloads(self) -> list[Workload]:
+        """The workload of every process on the host now, one entry per distinct workload.
+
+        For "is there such a container at all?" when a selection matched no socket: one cgroup read
+        per process (a few thousand on a busy host), so callers ask only then, never per scan.
+        Processes that exit meanwhile are skipped.
+        """
+        found: dict[tuple[str, str, str], Workload] = {}
+        for pid in list_pids(self.proc_root):
+            workload = self.workload_of_pid(pid)
+            if workload.kind != "unknown":
+                found.setdefault((workload.kind, workload.name, workload.id), workload)
+        return list(found.values())
 
     def statistics(self) -> ResolverStats:
         api = self.pod_api
@@ -187,7 +201,7 @@ class WorkloadResolver:
 
 
 _default: dict[str, WorkloadResolver] = {}
-_default_lock = threading.Lock()
+_default_lock = _thread.allocate_lock()
 
 
 def default_resolver(proc_root: str = "/proc") -> WorkloadResolver:

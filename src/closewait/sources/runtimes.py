@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 
 def _log() -> logging.Logger:
-    """This module's logger, imported on first use: logging (with traceback, textwrap and string)
-    costs ~15 ms, and every scan with owners imports this module."""
+    """This module's logger, importing logging only when there is something to log: every scan
+    imports this module, and logging (~6 ms) is otherwise not on ``scan --json``'s fast path."""
     import logging
 
     return logging.getLogger(__name__)

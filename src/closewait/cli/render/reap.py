@@ -24,7 +24,9 @@ _OUTCOME_STYLE = {Outcome.DONE: "green", Outcome.SKIPPED: "yellow", Outcome.FAIL
 def _process_line(target: ReapTarget) -> str:
     process = target.process
     cmd = format_command(process.cmdline, process.name, 80)
-    return f"pid {process.pid} {process.name}  {cmd}"
+    workload = process.workload
+    where = f"  [{workload.label()}]" if workload is not None and workload.kind != "host" else ""
+    return f"pid {process.pid} {process.name}{where}  {cmd}"
 
 
 def _row(target: ReapTarget) -> list[str]:

@@ -1,4 +1,5 @@
-"""The terminal view of a Snapshot (``closewait scan``)."""
+"""The terminal view of a Snapshot (``closewait scan``): by workload, then process (``--by workload``,
+the default), or by process alone (``--by process``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from rich.text import Text
 from closewait.cli.render import console
 from closewait.diagnosis import CODES
 from closewait.display import format_clock, format_command, format_duration, plural
-from closewait.model import AgeSource, Finding, ProcessGroup, Snapshot, TcpState
+from closewait.model import AgeSource, Finding, ProcessGroup, Snapshot, TcpState, WorkloadGroup
 
 #: Rows shown per process unless --wide.
 ROWS_PER_PROCESS = 10
@@ -202,40 +203,71 @@ def _write_plain(out: Console, text: str) -> None:
         out.on_broken_pipe()
 
 
-def print_snapshot(snapshot: Snapshot, *, wide: bool = False, out: Console | None = None) -> None:
+def _workload_title(group: WorkloadGroup) -> Text:
+    """The heading over a workload's processes: ``container web (podman 3f2a9c1b2d4e)``, ``unit
+    nginx.service``, ``host``; then how many sockets and processes it holds."""
+    title = Text()
+    if group.workload is None:
+        title.append("no workload (no owning process known)", style="bold")
+        return title
+    title.append(group.workload.describe(), style="bold blue")
+    owned = sum(1 for g in group.processes if g.process is not None)
+    title.append(f"  {plural(group.count, 'socket')}, {plural(owned, 'process')}", style="dim")
+    return title
+
+
+def print_snapshot(snapshot: Snapshot, *, wide: bool = False, by: str = "workload", out: Console | None = None) -> None:
+    """The scan as text. ``by="workload"`` puts a heading per container, pod, unit or the host over
+    its processes; without workloads (``--no-workloads``, ``--no-owners``) it is ``by="process"``."""
     out = out or console()
     names = ", ".join(sorted(s.name for s in snapshot.states)) if len(snapshot.states) <= 3 else "the asked states"
     where = f" in network namespace {snapshot.netns}" if snapshot.netns else ""
+    selected = f" of {snapshot.selection.describe()}" if snapshot.selection is not None else ""
     if not snapshot.findings:
         if snapshot.states == frozenset({TcpState.CLOSE_WAIT}):
-            out.print(f"no sockets in CLOSE_WAIT{where}")
+            out.print(f"no sockets in CLOSE_WAIT{where}{selected}")
         else:
-            out.print(f"no sockets in {names}{where}")
+            out.print(f"no sockets in {names}{where}{selected}")
         _print_errors(snapshot)
         return
     groups = snapshot.by_process()
     processes = sum(1 for g in groups if g.process is not None)
+    by_workload = by == "workload" and any(g.process is not None and g.process.workload for g in groups)
+    workload_groups = snapshot.by_workload() if by_workload else []
     header = Text()
     header.append(f"{plural(len(snapshot.findings), 'socket')} in {names}", style="bold")
     if processes:
         header.append(f", held by {plural(processes, 'process')}")
+        if by_workload:
+            header.append(f" in {plural(sum(1 for g in workload_groups if g.workload), 'workload')}")
     elif snapshot.owners_resolved:
         header.append(", no owning process found")
+    header.append(selected)
     header.append(f"{where}  (source: {snapshot.backend})", style="dim")
     out.print(header)
     multi_state = len(snapshot.states) > 1
-    for group in groups:
+    if not by_workload:
+        for group in groups:
+            _print_process(out, snapshot, group, multi_state, wide)
+    for workload_group in workload_groups:
         out.print()
-        out.print(_process_title(group, snapshot))
-        out.print(_group_summary(group, snapshot.states))
-        for line in _diagnosis_lines(group):
-            out.print(line)
-        _print_socket_table(out, group, multi_state, wide)
-        hidden = group.count - ROWS_PER_PROCESS
-        if not wide and hidden > 0:
-            out.print(Text(f"  ... and {hidden} more (--wide shows all)", style="dim"))
+        out.print(_workload_title(workload_group))
+        for group in workload_group.processes:
+            _print_process(out, snapshot, group, multi_state, wide)
     _print_footer(snapshot, out)
     _print_errors(snapshot)
+
+
+def _print_process(out: Console, snapshot: Snapshot, group: ProcessGroup, multi_state: bool, wide: bool) -> None:
+    out.print()
+    out.print(_process_title(group, snapshot))
+    out.print(_group_summary(group, snapshot.states))
+    for line in _diagnosis_lines(group):
+        out.print(line)
+    _print_socket_table(out, group, multi_state, wide)
+    hidden = group.count - ROWS_PER_PROCESS
+    if not wide and hidden > 0:
+        out.print(Text(f"  ... and {hidden} more (--wide shows all)", style="dim"))
 
 
 def _print_footer(snapshot: Snapshot, out: Console) -> None:

@@ -30,6 +30,15 @@ def _who(row: ProcessSample) -> tuple[str, str]:
     return str(row.process.pid), row.process.name
 
 
+def _workload_who(row: ProcessSample) -> tuple[str, str]:
+    """(WORKLOAD, PROCS) of a row of a sample by workload."""
+    if row.workload is not None:
+        return row.workload.label(), str(row.process_count)
+    if row.process is not None:
+        return f"pid {row.process.pid} {row.process.name}", "1"
+    return "(no owner)", "-"
+
+
 def _age(seconds: float | None) -> str:
     return "-" if seconds is None else format_duration(int(seconds * 1000))
 
@@ -54,9 +63,11 @@ def _header(sample: Sample, window: int) -> str:
 def sample_table(sample: Sample, window: int) -> Group:
     """The live view of one sample: a header line and one row per process."""
     table = Table(box=None, padding=(0, 2), pad_edge=False, header_style="dim")
+    by_workload = sample.grouping == "workload"
+    who = _workload_who if by_workload else _who
     for name, justify in (
-        ("PID", "right"),
-        ("PROCESS", "left"),
+        ("WORKLOAD" if by_workload else "PID", "left" if by_workload else "right"),
+        ("PROCS" if by_workload else "PROCESS", "right" if by_workload else "left"),
         ("COUNT", "right"),
         ("CHANGE", "right"),
         ("RATE/MIN", "right"),
@@ -67,9 +78,9 @@ def sample_table(sample: Sample, window: int) -> Group:
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for row in sample.processes:
-        pid, name = _who(row)
+        pid, name = who(row)
         table.add_row(
-            pid,
+            escape(pid),
             escape(name),
             str(row.count),
             f"{row.change:+d}",
@@ -92,9 +103,14 @@ def plain_lines(sample: Sample, window: int) -> list[str]:
     """The same content as lines of text, for output that is not a terminal."""
     lines = [_header(sample, window)]
     for row in sample.processes:
-        pid, name = _who(row)
+        if sample.grouping == "workload":
+            workload, processes = _workload_who(row)
+            who = f"{workload} ({processes} {'process' if processes == '1' else 'processes'})"
+        else:
+            pid, name = _who(row)
+            who = f"pid {pid} {name}"
         lines.append(
-            f"  pid {pid} {name}: count {row.count} ({row.change:+d}), rate {_rate(row)}/min,"
+            f"  {who}: count {row.count} ({row.change:+d}), rate {_rate(row)}/min,"
             f" oldest seen {_age(row.oldest_first_seen_s)}, idle {_age(row.oldest_idle_s)},"
             f" {row.diagnosis}, {_verdict(row)}"
         )
