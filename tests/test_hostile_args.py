@@ -48,6 +48,7 @@ def _cases() -> Iterator[tuple[list[str], int]]:
         "exporter": [["--top"], ["--min-interval"]],
         "reap": [["--pid"], ["--all", "--port"]],
         "lab": [["--trials"], ["reproduce", "--trials"]],
+        "record": [["--capacity"]],
     }
     for command, options in numeric.items():
         code = UNKNOWN if command == "check" else USAGE
@@ -65,6 +66,19 @@ def _cases() -> Iterator[tuple[list[str], int]]:
     for command in ("scan", "watch", "check", "exporter"):
         for path in PATHS:
             yield [command, "--netns", path], UNKNOWN if command == "check" else USAGE
+    for path in PATHS:
+        yield ["watch", "--events", "--netns", path], USAGE
+    yield ["watch", "--events", "--pid", "1"], USAGE
+    # An entry into CLOSE_WAIT has no process, hence no workload: --events takes no workload options.
+    yield ["watch", "--events", "--container", "web"], USAGE
+    yield ["watch", "--events", "--unit", "a\nb"], USAGE
+    yield ["watch", "--events", "--by", "workload"], USAGE
+    # A pin directory that is no bpffs and whose parent is no empty directory to mount one on:
+    # refused before anything is attached, mounted or created (/proc is never mounted over).
+    for path in ["", LONG, "/proc/version", "/etc/hostname/x", "{loop}", "5\n", "/proc/self/x"]:
+        yield ["record", "--pin-dir", path], USAGE
+    for path in ["", LONG, "5\n"]:
+        yield ["scan", "--recorder-pins", path], USAGE
     for value in ["nan", "inf", "-1s", "٣s", "", LONG, NINES, NINES + "s", NINES + "ms", "1e308s"]:
         yield ["reap", "--all", "--older-than", value], USAGE
     for value in ["::1:80", "fe80::1:8080", "nan", "", LONG, "10.0.0.1:٣", "10.0.0.1:" + NINES, "[::1]:-1"]:
@@ -163,6 +177,8 @@ OUTPUTS = [
     ["reap", "--pid", "{me}"],
     ["reap", "--pid", "{me}", "--json"],
     ["lab", "--help"],
+    ["record", "--help"],
+    ["record", "--ebpf"],
 ]
 
 
@@ -195,7 +211,7 @@ def test_closewait_alone_prints_help_and_exits_0() -> None:
     assert "Commands:" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["scan", "watch", "check", "exporter", "reap", "lab"])
+@pytest.mark.parametrize("command", ["scan", "watch", "check", "exporter", "reap", "lab", "record"])
 def test_every_help_ends_with_examples_and_uses_plain_metavars(command: str) -> None:
     result = _run([command, "--help"], env={**os.environ, "COLUMNS": "100"})
     assert result.returncode == 0

@@ -1,5 +1,5 @@
 """Fast constructors for the records a scan builds per socket: ``Endpoint``, ``TcpInfo``, ``Socket``,
-``Diagnosis`` and ``Finding``.
+``Diagnosis``, ``Age`` and ``Finding``.
 
 A frozen dataclass's ``__init__`` stores each field through ``object.__setattr__`` (a generic
 attribute lookup per field). Each ``make_*`` here fills the slots through the class's member
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from closewait.model import Diagnosis, Endpoint, Family, Finding, Owner, Role, Socket, TcpInfo, TcpState
+from closewait.model import Age, AgeSource, Diagnosis, Endpoint, Family, Finding, Owner, Role, Socket, TcpInfo, TcpState
 
 _new = object.__new__
 
@@ -154,13 +154,31 @@ _finding_socket = _setter(Finding, "socket")
 _finding_owners = _setter(Finding, "owners")
 _finding_role = _setter(Finding, "role")
 _finding_diagnosis = _setter(Finding, "diagnosis")
+_finding_age = _setter(Finding, "age")
 
 
-def make_finding(socket: Socket, owners: tuple[Owner, ...], role: Role, diagnosis: Diagnosis | None) -> Finding:
-    """``Finding(socket, owners, role, diagnosis)``, faster."""
+def make_finding(
+    socket: Socket, owners: tuple[Owner, ...], role: Role, diagnosis: Diagnosis | None, age: Age | None
+) -> Finding:
+    """``Finding(socket, owners, role, diagnosis, age)``, faster."""
     self = _new(Finding)
     _finding_socket(self, socket)
     _finding_owners(self, owners)
     _finding_role(self, role)
     _finding_diagnosis(self, diagnosis)
+    _finding_age(self, age)
+    return self
+
+
+_age_since = _setter(Age, "since")
+_age_ms = _setter(Age, "ms")
+_age_source = _setter(Age, "source")
+
+
+def make_age(since: float, ms: int, source: AgeSource) -> Age:
+    """``Age(since, ms, source)``, faster."""
+    self = _new(Age)
+    _age_since(self, since)
+    _age_ms(self, ms)
+    _age_source(self, source)
     return self

@@ -79,17 +79,18 @@ def _covers(listener: Endpoint, local: Endpoint) -> bool:
     return local.address == f"::ffff:{listener.address}" or listener.address == f"::ffff:{local.address}"
 
 
-def _idle_phrase(socket: Socket) -> str:
-    idle = socket.idle_ms
+def _idle_phrase(socket: Socket, age_ms: int | None) -> str:
+    idle = socket.idle_ms if age_ms is None else age_ms
     if idle is None:
         return ""
     return f" {format_duration(idle)} ago"
 
 
-def _close_wait(socket: Socket, role: Role) -> Diagnosis:
+def _close_wait(socket: Socket, role: Role, age_ms: int | None) -> Diagnosis:
     peer = socket.remote
     if socket.recv_q == 0:
-        summary = f"read() returned 0 (EOF) after {peer} closed{_idle_phrase(socket)}, but it has not been closed"
+        ago = _idle_phrase(socket, age_ms)
+        summary = f"read() returned 0 (EOF) after {peer} closed{ago}, but it has not been closed"
         if role == Role.SERVER:
             remedy = (
                 "close the connection when read()/recv() returns 0 (b'' in Python; in asyncio, "
@@ -104,7 +105,7 @@ def _close_wait(socket: Socket, role: Role) -> Diagnosis:
             remedy = "the owner read EOF and kept the socket: close it when read() returns 0"
         return make_diagnosis(EOF_NOT_CLOSED, summary, remedy)
     if socket.recv_q == 1:
-        summary = f"{peer} closed{_idle_phrase(socket)} and nothing has read this socket since"
+        summary = f"{peer} closed{_idle_phrase(socket, age_ms)} and nothing has read this socket since"
         if role == Role.SERVER:
             remedy = (
                 "nothing reads this connection: watch it with epoll/selectors (or asyncio) so the EOF "
@@ -133,11 +134,16 @@ def _close_wait(socket: Socket, role: Role) -> Diagnosis:
     return make_diagnosis(UNREAD_DATA, summary, remedy)
 
 
-def diagnose(socket: Socket, owners: Collection[Owner], role: Role) -> Diagnosis | None:
-    """The diagnosis for a socket in a teardown state; None for states that need none."""
+def diagnose(
+    socket: Socket, owners: Collection[Owner], role: Role, close_wait_age_ms: int | None = None
+) -> Diagnosis | None:
+    """The diagnosis for a socket in a teardown state; None for states that need none.
+
+    ``close_wait_age_ms`` is the exact time since the peer closed, when the recorder knows it;
+    without it "closed N ago" is ``tcpi_last_ack_recv`` (a lower bound)."""
     state = socket.state
     if state == TcpState.CLOSE_WAIT:
-        return _close_wait(socket, role)
+        return _close_wait(socket, role, close_wait_age_ms)
     if state == TcpState.FIN_WAIT2:
         if not owners:
             return make_diagnosis(

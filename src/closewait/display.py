@@ -11,6 +11,8 @@ everywhere:
 - ``format_bytes``: a byte count scaled to B, KiB or MiB.
 - ``format_decimal``: a float with at most three decimals and no trailing zeros.
 - ``format_command``: a process's command line on one line, cut to a width.
+- ``format_utc``: a moment as ISO 8601 UTC to the millisecond (``2026-12-05T11:55:21.123Z``).
+- ``format_clock``: a moment as local wall-clock time for a table cell (``11:55:21``).
 - ``plural``: ``1 socket``, ``2 sockets``, ``3 processes``.
 
 Nothing here imports the rest of closewait (the model itself formats endpoints through
@@ -19,16 +21,19 @@ Nothing here imports the rest of closewait (the model itself formats endpoints t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 __all__ = [
     "format_address",
     "format_bytes",
+    "format_clock",
     "format_command",
     "format_decimal",
     "format_duration",
     "format_latency",
     "format_ms",
+    "format_utc",
     "plural",
 ]
 
@@ -106,3 +111,17 @@ def plural(n: int, word: str) -> str:
     if n == 1:
         return f"1 {word}"
     return f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
+
+
+def format_utc(seconds: float) -> str:
+    """Seconds since the epoch as ISO 8601 UTC, to the millisecond: ``2026-12-05T11:55:21.123Z``."""
+    whole, ms = divmod(round(seconds * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{ms:03d}Z"
+
+
+def format_clock(seconds: float) -> str:
+    """Seconds since the epoch as local time of day (``11:55:21``), with the date when not today."""
+    moment = time.localtime(seconds)
+    if time.strftime("%Y-%m-%d", moment) == time.strftime("%Y-%m-%d"):
+        return time.strftime("%H:%M:%S", moment)
+    return time.strftime("%Y-%m-%d %H:%M:%S", moment)

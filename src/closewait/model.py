@@ -270,14 +270,36 @@ class Diagnosis:
     remedy: str
 
 
+class AgeSource(enum.Enum):
+    """Where a CLOSE_WAIT socket's age comes from (``Age.source``; JSON ``age_source``)."""
+
+    #: The recorder saw the socket enter CLOSE_WAIT (the kernel's time of the peer's FIN).
+    EXACT = "exact"
+    #: ``tcpi_last_ack_recv``: time since the last ACK arrived, at most the time since the FIN
+    #: (a keepalive reply arriving later makes it shorter).
+    LAST_ACK_LOWER_BOUND = "last_ack_lower_bound"
+
+
+@dataclass(frozen=True, slots=True)
+class Age:
+    """How long a socket has been in CLOSE_WAIT: since ``since`` (wall clock, seconds since the
+    epoch) for ``ms`` milliseconds as of the scan, and how that is known."""
+
+    since: float
+    ms: int
+    source: AgeSource
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
-    """A socket with what closewait learned about it."""
+    """A socket with what closewait learned about it. ``age`` is set for CLOSE_WAIT sockets whose
+    age is known (exactly, from the recorder, or as a lower bound from tcp_info)."""
 
     socket: Socket
     owners: tuple[Owner, ...]
     role: Role
     diagnosis: Diagnosis | None
+    age: Age | None = None
 
     @property
     def processes(self) -> tuple[Process, ...]:
@@ -357,6 +379,11 @@ class Snapshot:
     #: Why the BPF owner lookup was not used when ``owner_source="auto"`` fell back to the /proc walk
     #: (for example "permission denied (needs root, ...)"); None when it was used or not tried.
     owners_fallback_reason: str | None = None
+    #: True when CLOSE_WAIT ages came from a running recorder (``closewait record``, the exporter).
+    recorder_used: bool = False
+    #: Why no recorder was used for the ages (said once per scan); None when one was, or when no
+    #: CLOSE_WAIT socket was asked for.
+    recorder_unavailable: str | None = None
     #: The workloads the scan was narrowed to (``--container``, ``--pod``, ...); None for all of them.
     selection: WorkloadSelector | None = None
 

@@ -13,10 +13,10 @@ import time
 from collections.abc import Collection, Iterable
 
 from closewait import diagnosis as rules
-from closewait._records import make_finding
+from closewait._records import make_age, make_finding
 from closewait.errors import AccessDenied, UsageError
-from closewait.model import Endpoint, Finding, Owner, Process, Role, Snapshot, Socket, TcpState
-from closewait.sources import get_source
+from closewait.model import Age, AgeSource, Endpoint, Finding, Owner, Process, Role, Snapshot, Socket, TcpState
+from closewait.sources import get_source, pinned
 from closewait.sources import netns as netns_mod
 from closewait.sources.owners import OwnerMap, check_owner_source, descriptors_denied, find_owners
 from closewait.sources.process import identify_pids
@@ -51,6 +51,7 @@ def scan(
     workloads: bool | WorkloadResolver = True,
     workload: WorkloadSelector | None = None,
     require_workload: bool = True,
+    recorder_pins: str | None = pinned.DEFAULT_PIN_DIR,
 ) -> Snapshot:
     """Every TCP socket in ``states`` (default CLOSE_WAIT), with owners, role and diagnosis.
 
@@ -64,6 +65,11 @@ def scan(
     Processes whose descriptors cannot be read (other users', without root) leave their sockets
     without owners and add one line to ``Snapshot.errors``; a pid named in ``pids`` that cannot be
     read raises ``AccessDenied`` instead, since an empty answer for it would be wrong.
+
+    ``recorder_pins`` is where a running recorder (``closewait record``, the exporter) pinned its
+    maps: each CLOSE_WAIT socket then gets the exact time it entered that state (``Finding.age``,
+    source ``exact``); without one (or with None), the age is ``tcpi_last_ack_recv``, a lower
+    bound, and ``Snapshot.recorder_unavailable`` says why once.
 
     ``workloads`` names each owning process's container, Kubernetes pod or systemd unit
     (``Process.workload``) from its cgroup: True uses one resolver shared by the whole program (its
@@ -79,7 +85,8 @@ def scan(
 
     The steps: ``_validate`` the arguments, ``_dump`` the socket table, find the ``_owners`` of the
     sockets kept and ``_attribute`` them to workloads, ``_select`` those of the asked workloads,
-    turn each into a Finding (``_findings``), and count them into a Snapshot.
+    read the CLOSE_WAIT entry times of the sockets left (``_ages``), turn each into a Finding
+    (``_findings``), and count them into a Snapshot.
     """
     selection = workload if workload is not None and not workload.empty else None
     wanted_states, port_filter, pid_filter = _validate(states, ports, pids, owners, owner_source, proc_root)
@@ -102,7 +109,8 @@ def scan(
         warnings += _attribute(targets, owner_map, resolver)
     if selection is not None:
         targets = _select(targets, owner_map, selection)
-    findings = _findings(targets, listeners, owner_map, pid_filter, with_roles=owners)
+    entries = _ages(targets, wanted_states, recorder_pins)
+    findings = _findings(targets, listeners, owner_map, pid_filter, entries, taken_at, with_roles=owners)
     if selection is not None and not findings and require_workload and resolver is not None:
         _require_workload(selection, resolver)
     return Snapshot(
@@ -116,6 +124,8 @@ def scan(
         state_counts=_state_counts(wanted_states, findings),
         owners_via=owner_map.method if owner_map is not None else None,
         owners_fallback_reason=owner_map.bpf_unavailable if owner_map is not None else None,
+        recorder_used=entries is not None and entries.unavailable is None,
+        recorder_unavailable=entries.unavailable if entries is not None else None,
         selection=selection,
     )
 
@@ -301,15 +311,46 @@ def _first_value(selection: WorkloadSelector) -> str:
     return ""
 
 
+def _ages(targets: list[Socket], wanted_states: frozenset[TcpState], pin_dir: str | None) -> pinned.EntryTimes | None:
+    """When each CLOSE_WAIT socket entered that state, from a pinned recorder, by socket cookie.
+
+    Pitfall: most hosts run no recorder, and ``scan --json`` runs in loops: one stat of the pin
+    directory decides, and the recorder's module is imported only when it finds one. None when
+    nothing is to be looked up (no CLOSE_WAIT asked for, or ``pin_dir`` None); otherwise the times
+    found, with the reason there are none (``unavailable``), which the Snapshot reports once.
+    """
+    if pin_dir is None or TcpState.CLOSE_WAIT not in wanted_states:
+        return None
+    cookies = [s.cookie for s in targets if s.state == TcpState.CLOSE_WAIT and s.cookie is not None]
+    if not cookies and any(s.state == TcpState.CLOSE_WAIT for s in targets):
+        return pinned.EntryTimes({}, 0, 0.0, "this socket source reports no socket cookies (use --backend netlink)")
+    return pinned.entry_times(cookies, pin_dir)
+
+
+def _age(sock: Socket, entries: pinned.EntryTimes | None, taken_at: float) -> Age | None:
+    """A CLOSE_WAIT socket's age: exact when the recorder saw it enter, else the tcp_info lower bound."""
+    if entries is not None and sock.cookie is not None:
+        entered = entries.times.get(sock.cookie)
+        if entered is not None:
+            ms = max(0, entries.monotonic_ns - entered) // 1_000_000
+            return make_age(entries.wall - (entries.monotonic_ns - entered) / 1e9, ms, AgeSource.EXACT)
+    idle = sock.idle_ms
+    if idle is None:
+        return None
+    return make_age(taken_at - idle / 1000, idle, AgeSource.LAST_ACK_LOWER_BOUND)
+
+
 def _findings(
     targets: list[Socket],
     listeners: list[Socket],
     owner_map: OwnerMap | None,
     pid_filter: dict[int, int],
+    entries: pinned.EntryTimes | None,
+    taken_at: float,
     *,
     with_roles: bool,
 ) -> tuple[Finding, ...]:
-    """Each kept socket with its owners, role and diagnosis, in report order.
+    """Each kept socket with its owners, role, age (CLOSE_WAIT only) and diagnosis, in report order.
 
     Pitfall: this loop runs once per socket, 100,000 times on a busy host, so it binds what it
     calls to locals and reuses one empty owners tuple; keep it that lean. With ``pid_filter``, a
@@ -324,13 +365,16 @@ def _findings(
 
     findings: list[Finding] = []
     append, diagnose, role_of, no_owners = findings.append, rules.diagnose, rules.role_of, ()
+    close_wait, exact = TcpState.CLOSE_WAIT, AgeSource.EXACT
     for sock in targets:
         found = owner_index.get(sock.inode) if owner_index else None
         sock_owners: tuple[Owner, ...] = tuple(found) if found else no_owners
         if pid_filter and not sock_owners:
             continue
         role = role_of(sock, sock_owners, listening, host_ports) if with_roles else Role.UNKNOWN
-        append(make_finding(sock, sock_owners, role, diagnose(sock, sock_owners, role)))
+        age = _age(sock, entries, taken_at) if sock.state == close_wait else None
+        exact_ms = age.ms if age is not None and age.source is exact else None
+        append(make_finding(sock, sock_owners, role, diagnose(sock, sock_owners, role, exact_ms), age))
     findings.sort(key=_finding_order)
     return tuple(findings)
 

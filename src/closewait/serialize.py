@@ -16,19 +16,58 @@ import json
 from collections.abc import Iterator
 from json.encoder import encode_basestring_ascii as _json_str
 
-from closewait.model import Diagnosis, Endpoint, Family, Finding, Owner, Process, Role, Snapshot, Socket, TcpState
+from closewait.display import format_utc
+from closewait.model import (
+    Age,
+    AgeSource,
+    Diagnosis,
+    Endpoint,
+    Family,
+    Finding,
+    Owner,
+    Process,
+    Role,
+    Snapshot,
+    Socket,
+    TcpState,
+)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
     from typing import Any
 
     from closewait import reap
+    from closewait.watch import Event
 
 # An enum's .name and .value are Python-level descriptors, a dict lookup is one C call: the names
 # below are read once per socket.
 _STATE_NAMES: dict[TcpState, str] = {state: state.name for state in TcpState}
 _FAMILY_VALUES: dict[Family, str] = {family: family.value for family in Family}
 _ROLE_VALUES: dict[Role, str] = {role: role.value for role in Role}
+_AGE_SOURCES: dict[AgeSource, str] = {source: source.value for source in AgeSource}
+#: Whole seconds -> their ISO 8601 text: a scan's thousands of ages fall in a few hundred seconds.
+_UTC_SECONDS: dict[int, str] = {}
+
+
+def utc_text(seconds: float) -> str:
+    """``display.format_utc(seconds)``, with the date and time of each whole second written once."""
+    total_ms = round(seconds * 1000)
+    whole, ms = divmod(total_ms, 1000)
+    text = _UTC_SECONDS.get(whole)
+    if text is None:
+        text = _UTC_SECONDS[whole] = format_utc(whole)[:-5]  # without ".000Z"
+    return f"{text}.{ms:03d}Z"
+
+
+def age_dict(age: Age | None) -> dict[str, Any]:
+    """The three age fields of a socket (docs/json.md): all null when its age is unknown."""
+    if age is None:
+        return {"close_wait_since": None, "close_wait_age_ms": None, "age_source": None}
+    return {
+        "close_wait_since": utc_text(age.since),
+        "close_wait_age_ms": age.ms,
+        "age_source": _AGE_SOURCES[age.source],
+    }
 
 
 def endpoint_dict(endpoint: Endpoint) -> dict[str, Any]:
@@ -79,6 +118,7 @@ def finding_dict(finding: Finding) -> dict[str, Any]:
         "diagnosis": None
         if diagnosis is None
         else {"code": diagnosis.code, "summary": diagnosis.summary, "remedy": diagnosis.remedy},
+        **age_dict(finding.age),
     }
 
 
@@ -98,6 +138,8 @@ def _snapshot_fields(snapshot: Snapshot) -> dict[str, Any]:
         "owners_fallback_reason": snapshot.owners_fallback_reason,
         "taken_at": snapshot.taken_at,
         "state_counts": {state.name: count for state, count in snapshot.state_counts.items()},
+        "recorder_used": snapshot.recorder_used,
+        "recorder_unavailable": snapshot.recorder_unavailable,
     }
     if snapshot.selection is not None:
         fields["selection"] = snapshot.selection.as_dict()
@@ -145,6 +187,13 @@ def _finding_json(finding: Finding, cache: _OwnerCache) -> str:
     diagnosis = finding.diagnosis
     cookie = sock.cookie
     idle_ms = sock.idle_ms
+    age = finding.age
+    ages = (
+        ',"close_wait_since":null,"close_wait_age_ms":null,"age_source":null}'
+        if age is None
+        else f',"close_wait_since":"{utc_text(age.since)}","close_wait_age_ms":{age.ms},'
+        f'"age_source":"{_AGE_SOURCES[age.source]}"}}'
+    )
     return (
         f'{{"state":"{_STATE_NAMES[sock.state]}","family":"{_FAMILY_VALUES[sock.family]}",'
         f'"local":{{"address":{_json_str(local.address)},"port":{local.port}}},'
@@ -155,11 +204,12 @@ def _finding_json(finding: Finding, cache: _OwnerCache) -> str:
         f'"idle_ms":{"null" if idle_ms is None else f"{idle_ms}"},"role":"{_ROLE_VALUES[finding.role]}",'
         f'"owners":{_owners_json(owners, cache) if owners else "[]"},"diagnosis":'
         + (
-            "null}"
+            "null"
             if diagnosis is None
             else f'{{"code":{_json_str(diagnosis.code)},"summary":{_json_str(diagnosis.summary)},'
-            f'"remedy":{_json_str(diagnosis.remedy)}}}}}'
+            f'"remedy":{_json_str(diagnosis.remedy)}}}'
         )
+        + ages
     )
 
 
@@ -256,4 +306,26 @@ def reap_result_dict(result: reap.ReapResult) -> dict[str, Any]:
         "done": len(result.done),
         "skipped": len(result.skipped),
         "failed": len(result.failed),
+    }
+
+
+# -- watch --events --json (docs/json.md) ----------------------------------------------------------
+
+
+def event_dict(event: Event) -> dict[str, Any]:
+    """One transition into or out of CLOSE_WAIT, as ``watch --events --json`` prints it."""
+    t = event.transition
+    return {
+        "time": utc_text(event.at),
+        "event": "enter" if t.entered else "leave",
+        "old_state": t.old_state.name,
+        "new_state": t.new_state.name,
+        "local": endpoint_dict(t.local),
+        "remote": endpoint_dict(t.remote),
+        "cookie": t.cookie,
+        "reason": t.reason.name.lower() if t.reason is not None else None,
+        "dwell_ms": t.dwell_ns / 1e6 if t.dwell_ns is not None else None,
+        "pid": t.tgid,
+        "comm": t.comm,
+        "cgroup_id": t.cgroup_id,
     }

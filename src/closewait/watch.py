@@ -43,14 +43,16 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 from closewait.errors import UsageError
+from closewait.events import Transition, wall_time
 from closewait.model import Finding, Process, ProcessGroup, Snapshot, TcpState
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
+    from closewait.sources.recorder import Recorder
     from closewait.workload import Workload
 
 log = logging.getLogger(__name__)
@@ -365,3 +367,57 @@ def sample_dict(sample: Sample) -> dict[str, object]:
             for p in sample.processes
         ],
     }
+
+
+# -- watch --events: the recorder's feed of transitions into and out of CLOSE_WAIT -----------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One transition from the recorder's feed (``Transition``), and its wall-clock time ``at``
+    (seconds since the epoch; the feed stamps CLOCK_MONOTONIC)."""
+
+    transition: Transition
+    at: float
+
+
+def watch_events(
+    *, netns: str | None = None, ports: Collection[int] = (), count: int | None = None, poll: float = 0.25
+) -> Iterator[Event]:
+    """Every socket entering or leaving CLOSE_WAIT from now on, as it happens (within ``poll``
+    seconds), until ``count`` events or the caller stops iterating.
+
+    Opens a recorder of its own with a feed (``Recorder.open(feed=True)``: root, BTF); it is
+    detached when the iteration ends. RecorderUnavailable (one line) when it cannot run. ``netns``
+    (a namespace path) records only that namespace; ``ports`` keeps events whose local or remote
+    port is one of them. An entry happens in softirq and has no process; a leave carries the pid
+    and comm of the task that closed the socket (``reason`` closed or exited), none for a reset.
+    A socket that entered CLOSE_WAIT before the call has no entry time, so its leave is not reported.
+    """
+    from closewait.sources.recorder import Recorder
+
+    # Opened here, not in the generator: a recorder that cannot run fails the call, not the first next().
+    recorder = Recorder.open(netns=netns, feed=True, capacity=EVENTS_CAPACITY)
+    return _events(recorder, frozenset(ports), count, poll)
+
+
+#: Sockets whose entry the events recorder keeps at once (a leave is reported only for those).
+EVENTS_CAPACITY = 1 << 16
+
+
+def _events(recorder: Recorder, wanted: frozenset[int], count: int | None, poll: float) -> Iterator[Event]:
+    seen = 0
+    with recorder:
+        feed = recorder.feed()
+        while count is None or seen < count:
+            batch = feed.read(timeout=poll)
+            if not batch:
+                continue
+            now_ns, wall_now = time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time()
+            for transition in batch:
+                if wanted and transition.local.port not in wanted and transition.remote.port not in wanted:
+                    continue
+                yield Event(transition, wall_time(transition.time_ns, now_ns, wall_now))
+                seen += 1
+                if count is not None and seen >= count:
+                    return

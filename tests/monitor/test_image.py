@@ -38,8 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import closewait
 from tests.util import wait_for
-from tests.workload.realcg import have, hierarchies
-from tests.workload.test_podman import _missing_ancestors, _remove_created, podman
+from tests.workload.realcg import _missing_ancestors, _remove_created, have, hierarchies, podman
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 

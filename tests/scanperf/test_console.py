@@ -66,6 +66,8 @@ def _mine(output: str, port: int) -> list[dict[str, Any]]:
     sockets = [s for s in json.loads(output)["sockets"] if s["local"]["port"] == port]
     for sock in sockets:
         sock.pop("idle_ms")
+        sock.pop("close_wait_age_ms")  # an age too (the lower bound is idle_ms)
+        sock.pop("close_wait_since")  # the scan's time minus that age: moves by a millisecond or two
         sock["diagnosis"].pop("summary")  # mentions the idle time, which moves between the two runs
     return sorted(sockets, key=lambda s: s["remote"]["port"])
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from closewait import _records
-from closewait.model import Diagnosis, Endpoint, Family, Finding, Role, Socket, TcpInfo, TcpState
+from closewait.model import Age, AgeSource, Diagnosis, Endpoint, Family, Finding, Role, Socket, TcpInfo, TcpState
 from closewait.sources import netlink
 from tests.util import wait_for
 
@@ -27,6 +27,7 @@ LOCAL = Endpoint("127.0.0.1", 8080)
 REMOTE = Endpoint("::ffff:127.0.0.2", 40000)
 SOCK = Socket(TcpState.CLOSE_WAIT, Family.IPV4, LOCAL, REMOTE, 77, 0, 1, 0, 99, INFO, "netlink")
 DIAG = Diagnosis("not-reading", "summary", "remedy")
+AGE = Age(1_700_000_000.25, 1500, AgeSource.EXACT)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +38,8 @@ DIAG = Diagnosis("not-reading", "summary", "remedy")
         (_records.make_socket, SOCK),
         (_records.make_diagnosis, DIAG),
         (_records.make_finding, Finding(SOCK, (), Role.UNKNOWN, DIAG)),
+        (_records.make_finding, Finding(SOCK, (), Role.UNKNOWN, DIAG, AGE)),
+        (_records.make_age, AGE),
     ],
 )
 def test_fast_constructors_build_the_same_frozen_objects(make: Any, value: Any) -> None:
@@ -61,6 +64,7 @@ CONSTRUCTED: dict[str, type[Any]] = {
     "make_socket": Socket,
     "make_diagnosis": Diagnosis,
     "make_finding": Finding,
+    "make_age": Age,
 }
 
 

@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from closewait.model import (
+    Age,
+    AgeSource,
     Diagnosis,
     Endpoint,
     Family,
@@ -74,8 +76,14 @@ processes = st.builds(
     workload=st.none() | workloads,
 )
 owners = st.lists(st.builds(Owner, processes, st.integers(0, 4096)), max_size=2).map(tuple)
+ages = st.builds(Age, st.floats(0, 4e9), st.integers(0, 2**40), st.sampled_from(AgeSource))
 findings = st.builds(
-    Finding, sockets, owners, st.sampled_from(Role), st.none() | st.builds(Diagnosis, text, text, text)
+    Finding,
+    sockets,
+    owners,
+    st.sampled_from(Role),
+    st.none() | st.builds(Diagnosis, text, text, text),
+    st.none() | ages,
 )
 snapshots = st.builds(
     Snapshot,
@@ -89,6 +97,8 @@ snapshots = st.builds(
     owners_via=st.none() | st.sampled_from(["bpf", "procfs"]),
     owners_fallback_reason=st.none() | text,
     state_counts=st.dictionaries(st.sampled_from(TcpState), st.integers(0, 10**6)),
+    recorder_used=st.booleans(),
+    recorder_unavailable=st.none() | text,
     selection=st.none() | st.builds(WorkloadSelector, st.none() | text, st.none() | text, st.none() | text),
 )
 

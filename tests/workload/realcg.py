@@ -163,14 +163,17 @@ def start_leaker() -> Leaker:
     client = socket.create_connection(("127.0.0.1", port))
     client.close()  # the server reads EOF and keeps its end: CLOSE_WAIT
     leaker = Leaker(proc, port)
-    wait_for(lambda: _in_close_wait(port))
+    wait_for(lambda: _in_close_wait(port, proc.pid))
     return leaker
 
 
-def _in_close_wait(port: int) -> bool:
+def _in_close_wait(port: int, pid: int) -> bool:
+    """The leaker holds its end in CLOSE_WAIT. Pitfall: the FIN can arrive while the connection
+    still waits in the listen queue, in CLOSE_WAIT with no owner until accept(); a scan by --pid
+    right after that would not see it, so wait for the leaker's own descriptor."""
     import closewait
 
-    return bool(closewait.scan(ports=[port], owners=False).findings)
+    return bool(closewait.scan(ports=[port], pids=[pid], workloads=False).findings)
 
 
 def have(command: str) -> bool:

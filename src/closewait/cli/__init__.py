@@ -26,6 +26,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "exporter": ("closewait.cli.exporter", "exporter_command"),
     "reap": ("closewait.cli.reap", "reap_command"),
     "lab": ("closewait.cli.lab", "lab_command"),
+    "record": ("closewait.cli.record", "record_command"),
 }
 
 

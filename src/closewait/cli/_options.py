@@ -20,6 +20,7 @@ import click
 from closewait.errors import UsageError
 from closewait.model import TcpState, parse_states
 from closewait.sources import BACKENDS
+from closewait.sources.pinned import DEFAULT_PIN_DIR
 from closewait.workload import WorkloadSelector
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -257,6 +258,45 @@ def backend_option(f: F) -> F:
         show_default=True,
         metavar="|".join(BACKENDS),
         help="Where to read sockets: netlink sock_diag (with idle times) or /proc/net/tcp.",
+    )(f)
+
+
+class PinDir(click.ParamType[str]):
+    """A bpffs directory for the recorder's pins: a printable, non-empty path of sane length."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if not text or not text.isprintable() or len(text) > 255:
+            self.fail(f"{_shown(text)} is not a directory path for the recorder's pins", param, ctx)
+        return text
+
+
+PIN_DIR = PinDir()
+
+
+def recorder_pins_option(f: F) -> F:
+    """--recorder-pins: where a running recorder pinned its maps (scan reads exact ages there)."""
+    return click.option(
+        "--recorder-pins",
+        type=PIN_DIR,
+        default=DEFAULT_PIN_DIR,
+        show_default=True,
+        metavar="PATH",
+        help="Where a running recorder (closewait record) pinned its maps: exact CLOSE_WAIT ages from there.",
+    )(f)
+
+
+def pin_dir_option(f: F) -> F:
+    """record's --pin-dir: the same default as scan's --recorder-pins."""
+    return click.option(
+        "--pin-dir",
+        type=PIN_DIR,
+        default=DEFAULT_PIN_DIR,
+        show_default=True,
+        metavar="PATH",
+        help="Pin the recorder's maps here, in a bpffs (mounted on its parent if need be).",
     )(f)
 
 

@@ -10,6 +10,7 @@ from closewait.cli._options import (
     backend_option,
     examples,
     filter_options,
+    recorder_pins_option,
     selector_from,
     state_option,
     states_from,
@@ -60,6 +61,7 @@ GROUPINGS = ("workload", "process")
     metavar="|".join(GROUPINGS),
     help="Group the table by workload (container, pod, unit, host), then process; or by process alone.",
 )
+@recorder_pins_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (docs/json.md).")
 @click.option("--wide", is_flag=True, help="Show every socket, not only the first ones of each process.")
 def scan_command(
@@ -76,6 +78,7 @@ def scan_command(
     owner_source: str,
     no_workloads: bool,
     by: str,
+    recorder_pins: str,
     as_json: bool,
     wide: bool,
 ) -> None:
@@ -90,6 +93,7 @@ def scan_command(
         owner_source=owner_source,
         workloads=not no_workloads,
         workload=selector_from(container, pod, namespace, unit),
+        recorder_pins=recorder_pins,
     )
     if as_json:
         sys.stdout.write(snapshot_json(snapshot))

@@ -23,19 +23,30 @@ from closewait.cli._options import (
     selector_from,
     workload_options,
 )
+from closewait.errors import UsageError
 from closewait.model import Snapshot
 from closewait.scanning import CLOSE_WAIT_ONLY, scan
+from closewait.serialize import event_dict
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
-from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, GROUPINGS, Tracker, sample_dict, sample_forever
+from closewait.watch import (
+    DEFAULT_MIN_GROWTH,
+    DEFAULT_WINDOW,
+    GROUPINGS,
+    Tracker,
+    sample_dict,
+    sample_forever,
+    watch_events,
+)
+from closewait.workload import WorkloadSelector
 
 
 @click.command(
     "watch",
     epilog=examples(
         ("closewait watch", "every process, every 2 s, until Ctrl-C"),
-        ("closewait watch --by workload -i 10", "per container, pod or unit, every 10 s"),
-        ("closewait watch --jsonl -n 30 > cw.jsonl", "one JSON object per sample, 30 samples"),
+        ("closewait watch --by workload --jsonl -n 30 > cw.jsonl", "per container, pod or unit: 30 JSON samples"),
+        ("closewait watch --events --port 8080", "each socket entering/leaving CLOSE_WAIT, and who closed it"),
     ),
 )
 @click.option(
@@ -47,8 +58,17 @@ from closewait.watch import DEFAULT_MIN_GROWTH, DEFAULT_WINDOW, GROUPINGS, Track
     metavar="SECONDS",
     help="Time between samples, 0.05 to 86400.",
 )
-@click.option("-n", "--count", type=COUNT, metavar="N", help="Stop after N samples; without it, run until Ctrl-C.")
-@click.option("--jsonl", is_flag=True, help="Print one JSON object per sample (docs/monitoring.md).")
+@click.option(
+    "-n", "--count", type=COUNT, metavar="N", help="Stop after N samples (events); without it, run until Ctrl-C."
+)
+@click.option(
+    "--jsonl", "--json", "jsonl", is_flag=True, help="Print one JSON object per sample or event (docs/json.md)."
+)
+@click.option(
+    "--events",
+    is_flag=True,
+    help="A line per socket entering or leaving CLOSE_WAIT, with the closing pid (BPF recorder; root).",
+)
 @click.option(
     "--window",
     type=Integer(2, 100_000),
@@ -80,6 +100,7 @@ def watch_command(
     interval: float,
     count: int | None,
     jsonl: bool,
+    events: bool,
     window: int,
     min_growth: int,
     by: str,
@@ -93,6 +114,9 @@ def watch_command(
     backend: str,
 ) -> None:
     """Watch CLOSE_WAIT per process (or per workload): count, change, rate, oldest age, diagnosis and leak verdict."""
+    if events:
+        _watch_events(count, jsonl, ports, pids, netns, by, selector_from(container, pod, namespace, unit))
+        return
     # Pinned (a descriptor held open): a namespace that is gone stops the watch with one line and
     # exit 2 ("the namespace is gone"), it is never silently replaced by a new one with its name.
     ns = netns_mod.pin(netns_mod.resolve(netns)) if netns is not None else None
@@ -153,3 +177,38 @@ def _watch(
     from closewait.cli.render.watch import show
 
     show(samples, window, live=sys.stdout.isatty())
+
+
+def _watch_events(
+    count: int | None,
+    jsonl: bool,
+    ports: tuple[int, ...],
+    pids: tuple[int, ...],
+    netns: str | None,
+    by: str,
+    selection: WorkloadSelector | None,
+) -> None:
+    """``--events``: the recorder's feed, a line (or a JSON object) per transition, until Ctrl-C or N events."""
+    if pids:
+        raise UsageError("--pid does not apply to --events: a socket enters CLOSE_WAIT in no process's context")
+    # The same reason holds for workloads: an entry has no process, so it has no container either.
+    if selection is not None:
+        raise UsageError(
+            f"selecting by workload ({selection.describe()}) does not apply to --events:"
+            " a socket enters CLOSE_WAIT in no process's context"
+        )
+    if by != "process":
+        raise UsageError("--by workload does not apply to --events: each event is one socket, not a row per workload")
+    path = netns_mod.resolve(netns).path if netns is not None else None
+    stream = watch_events(netns=path, ports=ports, count=count)  # RecorderUnavailable: one line, exit 2
+    where = f" in {path}" if path else ""
+    click.echo(f"closewait watch: sockets entering and leaving CLOSE_WAIT{where}; Ctrl-C stops", err=True)
+    # Ctrl-C is how it ends: the KeyboardInterrupt closes the recorder and reaches closewait.cli.main (130).
+    if jsonl:
+        for event in stream:
+            sys.stdout.write(json.dumps(event_dict(event), separators=(",", ":")) + "\n")
+            sys.stdout.flush()
+        return
+    from closewait.cli.render.watch import show_events
+
+    show_events(stream)

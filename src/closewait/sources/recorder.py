@@ -87,12 +87,12 @@ from closewait.sources.bpf_asm import (
     Btf,
     MapAccess,
 )
+from closewait.sources.pinned import DEFAULT_PIN_DIR
 
 if TYPE_CHECKING:
     import mmap
 
 TRACEPOINT = "inet_sock_set_state"
-DEFAULT_PIN_DIR = "/sys/fs/bpf/closewait"
 BPFFS_MAGIC = 0xCAFE4A11
 
 #: Sockets whose CLOSE_WAIT entry time is kept at once (past this, new entries are counted, not kept).
@@ -613,6 +613,54 @@ def mount_bpffs(path: str = "/sys/fs/bpf") -> bool:
     if _libc.libc().mount(b"bpf", path.encode(), b"bpf", 0, None) != 0:
         err = ctypes.get_errno()
         raise RecorderUnavailable(f"cannot mount a bpffs at {path}: {os.strerror(err)}")
+    return True
+
+
+def bpffs_for(pin_dir: str) -> str | None:
+    """Make sure ``pin_dir`` can be created on a bpffs; the mount point this call mounted, or None
+    when ``pin_dir`` or its parent already is one.
+
+    A bpffs is mounted only on the parent when that is an existing, empty directory (/sys/fs/bpf
+    on a host that mounts none): never over a directory with content, which it would hide.
+    """
+    parent = os.path.dirname(os.path.abspath(pin_dir))
+    if is_bpffs(pin_dir) or is_bpffs(parent):
+        return None
+    if os.geteuid() != 0:
+        raise RecorderUnavailable(f"{parent} is not a bpffs, and mounting one there needs root")
+    try:
+        empty = not os.listdir(parent)
+    except OSError as err:
+        raise RecorderUnavailable(f"cannot use {parent} for a bpffs: {err.strerror or err}") from err
+    if not empty:
+        raise RecorderUnavailable(
+            f"{parent} is not a bpffs and not an empty directory to mount one on (mount one: mount -t bpf bpf DIR)"
+        )
+    mount_bpffs(parent)
+    return parent
+
+
+#: What the kernel itself puts in a new bpffs (its preloaded iterators, CONFIG_BPF_PRELOAD).
+_BPFFS_PRELOADED = frozenset({"maps.debug", "progs.debug"})
+
+
+def unmount_bpffs(path: str) -> bool:
+    """Unmount a bpffs this process mounted (``bpffs_for``), unless something is pinned in it
+    (unmounting would drop those pins). True when it was unmounted."""
+    import ctypes
+
+    from closewait.sources import _libc
+
+    if not is_bpffs(path):
+        return False
+    try:
+        if set(os.listdir(path)) - _BPFFS_PRELOADED:
+            return False
+    except OSError:
+        return False
+    if _libc.libc().umount2(path.encode(), 0) != 0:
+        err = ctypes.get_errno()
+        raise RecorderUnavailable(f"cannot unmount the bpffs at {path}: {os.strerror(err)}")
     return True
 
 
@@ -1154,6 +1202,7 @@ __all__ = [
     "EventFeed",
     "Recorder",
     "RecorderUnavailable",
+    "bpffs_for",
     "cgroup_id",
     "cgroup_paths",
     "enable_run_stats",
@@ -1161,5 +1210,6 @@ __all__ = [
     "mount_bpffs",
     "program_listing",
     "socket_cookie",
+    "unmount_bpffs",
     "unpin",
 ]

@@ -13,8 +13,8 @@ from rich.text import Text
 
 from closewait.cli.render import console
 from closewait.diagnosis import CODES
-from closewait.display import format_command, format_duration, plural
-from closewait.model import Finding, ProcessGroup, Snapshot, TcpState, WorkloadGroup
+from closewait.display import format_clock, format_command, format_duration, plural
+from closewait.model import AgeSource, Finding, ProcessGroup, Snapshot, TcpState, WorkloadGroup
 
 #: Rows shown per process unless --wide.
 ROWS_PER_PROCESS = 10
@@ -86,7 +86,7 @@ def _diagnosis_lines(group: ProcessGroup) -> list[Table]:
 
 #: Columns right-aligned (numbers); STATE, LOCAL and REMOTE are never folded by rich's table either.
 _NUMERIC = frozenset({"IDLE", "RECV-Q", "SEND-Q", "FD"})
-_KEEP = _NUMERIC | {"STATE", "LOCAL", "REMOTE"}
+_KEEP = _NUMERIC | {"STATE", "LOCAL", "REMOTE", "STUCK SINCE"}
 #: The table's layout: two spaces before it, two between columns (what rich's grid printed).
 _INDENT = "  "
 _GAP = "  "
@@ -106,6 +106,10 @@ def _socket_rows(group: ProcessGroup, multi_state: bool, wide: bool) -> tuple[li
     if multi_state:
         headers.insert(0, "STATE")
     rows = group.findings if wide else group.findings[:ROWS_PER_PROCESS]
+    # Exact ages (a recorder is running): "stuck since" when the peer's FIN arrived, and for how long.
+    stuck_since = any(f.age is not None and f.age.source is AgeSource.EXACT for f in rows)
+    if stuck_since:
+        headers.insert(headers.index("IDLE"), "STUCK SINCE")
     pid = group.process.pid if group.process else None
     body: list[list[str]] = []
     for finding in rows:
@@ -123,6 +127,8 @@ def _socket_rows(group: ProcessGroup, multi_state: bool, wide: bool) -> tuple[li
         ]
         if multi_state:
             cells.insert(0, sock.state.ss_name)
+        if stuck_since:
+            cells.insert(headers.index("STUCK SINCE"), _stuck_since(finding))
         body.append(cells)
     if not show_role:
         role_index = headers.index("ROLE")
@@ -130,6 +136,14 @@ def _socket_rows(group: ProcessGroup, multi_state: bool, wide: bool) -> tuple[li
         for cells in body:
             del cells[role_index]
     return headers, body
+
+
+def _stuck_since(finding: Finding) -> str:
+    """``11:55:21 (3.2 s)``: when the socket entered CLOSE_WAIT and how long ago, if known exactly."""
+    age = finding.age
+    if age is None or age.source is not AgeSource.EXACT:
+        return "-"
+    return f"{format_clock(age.since)} ({format_duration(age.ms)})"
 
 
 def _rich_table(headers: list[str], body: list[list[str]]) -> Table:
@@ -257,7 +271,18 @@ def _print_process(out: Console, snapshot: Snapshot, group: ProcessGroup, multi_
 
 
 def _print_footer(snapshot: Snapshot, out: Console) -> None:
-    """How the scan was made, when it was not the best way: the BPF owner lookup fell back."""
+    """How the scan was made, when it was not the best way: the BPF owner lookup fell back, or the
+    CLOSE_WAIT ages are lower bounds because no recorder was used (said once)."""
+    if snapshot.recorder_unavailable is not None and snapshot.in_state(TcpState.CLOSE_WAIT):
+        out.print()
+        out.print(
+            Text(
+                "IDLE is a lower bound on the time in CLOSE_WAIT (tcpi_last_ack_recv); exact ages need "
+                f"a recorder: {snapshot.recorder_unavailable}",
+                style="dim",
+            ),
+            soft_wrap=True,  # one line, however long the reason: the terminal wraps it
+        )
     if snapshot.owners_fallback_reason is not None:
         out.print()
         out.print(

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from closewait.cli.render import console
 from closewait.display import format_duration
-from closewait.watch import ProcessSample, Sample, Trend
+from closewait.watch import Event, ProcessSample, Sample, Trend
 
 _TREND_STYLE = {
     Trend.LEAKING: "bold red",
@@ -130,3 +130,30 @@ def show(samples: Iterable[Sample], window: int, *, live: bool, out: Console | N
     with Live(console=out, auto_refresh=False, transient=False) as view:
         for sample in samples:
             view.update(sample_table(sample, window), refresh=True)
+
+
+def event_line(event: Event) -> str:
+    """One transition as a line, like bcc's tcpstates but for CLOSE_WAIT only::
+
+    12:00:01.123  ENTER  127.0.0.1:8080  127.0.0.1:51234  ESTABLISHED -> CLOSE_WAIT
+    12:00:04.456  LEAVE  127.0.0.1:8080  127.0.0.1:51234  CLOSE_WAIT -> LAST_ACK  after 3.3 s, closed by pid 12 (nc)
+    """
+    t = event.transition
+    clock = time.strftime("%H:%M:%S", time.localtime(event.at)) + f".{int(event.at * 1000) % 1000:03d}"
+    kind = "ENTER" if t.entered else "LEAVE"
+    line = f"{clock}  {kind}  {t.local!s:<22} {t.remote!s:<22} {t.old_state.name} -> {t.new_state.name}"
+    if t.entered:
+        return line
+    after = f"  after {format_duration((t.dwell_ns or 0) // 1_000_000)}"
+    reason = t.reason.name.lower() if t.reason is not None else "left"
+    if t.tgid is None:
+        return f"{line}{after}, {reason} (no process: the peer's RST, a timeout, or ss -K)"
+    return f"{line}{after}, {reason} by pid {t.tgid} ({t.comm})"
+
+
+def show_events(events: Iterable[Event], out: Console | None = None) -> None:
+    """A line per transition, written as it arrives."""
+    out = out or console()
+    for event in events:
+        out.file.write(event_line(event) + "\n")
+        out.file.flush()
