@@ -398,11 +398,16 @@ def test_a_burst_on_a_starved_loop_holds_at_most_one_batch_beyond_the_limit() ->
     held = _PeakSet()
     running._held = held  # the count the bound is enforced on
     running.start()
-    busy = threading.Event()
-    running.loop.call_soon_threadsafe(lambda: (busy.set(), time.sleep(1.0)))
+    busy, connected = threading.Event(), threading.Event()
+    running.loop.call_soon_threadsafe(lambda: (busy.set(), connected.wait(30)))
     assert busy.wait(10)
-    burst = [Client(running.address) for _ in range(200)]  # complete in the kernel's accept queue
+    burst: list[Client] = []
     try:
+        try:
+            for _ in range(200):  # connects complete in the kernel's accept queue
+                burst.append(Client(running.address))
+        finally:
+            connected.set()
         assert all(client.closed_by_server(timeout=10) for client in burst)  # evicted or timed out
         assert held.peak == running.max_held == FAST.max_connections + _ACCEPT_BATCH
         assert request(running.address, GET_METRICS).status == 200
