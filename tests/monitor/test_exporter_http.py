@@ -665,10 +665,15 @@ def exporter_process() -> Iterator[ExporterProcess]:
 
 
 def _finish(attacker: subprocess.Popen[str], timeout: float) -> dict[str, int]:
+    # Not communicate(): it reads the pipe itself, losing what the readline() of "started"/"ready"
+    # already buffered, e.g. the result line of an attacker the server dropped at once.
+    assert attacker.stdout is not None
     try:
-        out, _ = attacker.communicate(timeout=timeout)
+        attacker.wait(timeout=timeout)  # it prints two short lines: the pipe cannot fill up
+        out = attacker.stdout.read()
     finally:
         stop_process(attacker)
+        attacker.stdout.close()
     result: dict[str, int] = json.loads(out.splitlines()[-1])
     return result
 
