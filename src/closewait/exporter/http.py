@@ -38,7 +38,8 @@ The limits (``HttpLimits``; docs/monitoring.md "The HTTP server" has the table):
   the newcomer refused (``503``, closed at once). Listen backlog ``backlog`` (1024, capped by
   net.core.somaxconn), so bursts from HA pairs and dashboards, or an attacker's connection churn
   while a scan holds the GIL, do not overflow the accept queue (a dropped SYN costs a client 1 s);
-  connections are accepted 128 per loop turn.
+  connections are accepted 128 per loop turn, and only while fewer than ``max_connections`` + 128
+  accepted sockets are open (see Descriptors).
 - **Request size**: request line and each header line at most ``max_line`` (8 KiB, else 414/431),
   at most ``max_headers`` (100) header lines, the whole head at most ``max_head_bytes`` (32 KiB,
   else 431). Requests with a body (Content-Length > 0 or Transfer-Encoding) are answered (405/404)
@@ -56,9 +57,15 @@ The limits (``HttpLimits``; docs/monitoring.md "The HTTP server" has the table):
   all of them (measured: a silent connection adds 6.7 KiB of RSS, one with a 28 KB head 35.5 KiB),
   plus one response per connection being written (a /metrics body is ~5 KB at ``--top 20``, less
   gzipped).
-- **Descriptors**: listener + epoll + the loop's wake-up pair + at most ``max_connections``
-  connections, + up to 128 accepted in the same loop turn as a burst (the ones over the limit are
-  closed in the next).
+- **Descriptors**: listener + epoll + the loop's wake-up pair + at most ``max_connections`` + 128
+  accepted sockets, whatever the scheduling. The server accepts in its own reader callback and counts
+  every socket from ``accept()`` until its descriptor is closed: admitted connections, ones whose
+  ``connection_made`` has not run yet (asyncio builds a transport in a task and calls it a turn
+  later) and evicted or refused ones whose close is still scheduled (``abort()`` closes the
+  descriptor a turn later). While that count is at ``max_connections`` + 128 the listener is not
+  read, so further connects wait in the kernel's queue, costing no descriptor; it is read again as
+  soon as one closes. (asyncio's own accept path bounds none of this: a starved loop accepted a
+  200-connection burst in two turns before admitting any.)
 
 HTTP: ``GET``/``HEAD`` on ``/metrics`` (HEAD: the same headers, Content-Length included, no body)
 and on ``/`` (a small page); ``404`` for other paths, ``405`` with ``Allow: GET, HEAD`` for other
@@ -77,6 +84,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import errno
 import gzip
 import logging
 import os
@@ -257,7 +265,8 @@ class _State(enum.Enum):
 
 #: A connection's first request buffer; it doubles up to max_head_bytes only for a large request head.
 _FIRST_BUFFER = 4096
-#: Connections asyncio accepts per loop turn (its ``backlog`` argument) before the limit is applied.
+#: Connections accepted per loop turn, and how many accepted sockets may be open beyond the limit
+#: (waiting to be admitted, or closing after an eviction or a refusal).
 _ACCEPT_BATCH = 128
 #: Descriptors kept free for the collector (netlink sockets, /proc files, namespaces) and stdio.
 _FD_RESERVE = 64
@@ -402,6 +411,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._written()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # The transport closes the descriptor right after this returns, in the same callback.
         self._disarm()
         self._server.forget(self)
         self._transport = None
@@ -621,7 +631,10 @@ class MetricsServer:
         self.registry = registry
         self.limits = limits or HttpLimits()
         self.stopping = False
-        self._connections: set[_Connection] = set()
+        self._connections: set[_Connection] = set()  # admitted: counted against the limit
+        self._held: set[_Connection] = set()  # every accepted socket whose descriptor is open
+        self._accepting = False  # the listener is being read
+        self._serving = False
         self._renders: dict[_RenderKey, _RenderJob] = {}
         where = format_address(host, port)
         try:
@@ -645,6 +658,9 @@ class MetricsServer:
         if soft != resource.RLIM_INFINITY:
             room = soft - _ACCEPT_BATCH - _FD_RESERVE
         self.max_connections = max(1, min(self.limits.max_connections, room))
+        #: Accepted sockets open at once, at most: the limit + one batch (waiting for connection_made,
+        #: or evicted and closing). Reaching it pauses accepting.
+        self.max_held = self.max_connections + _ACCEPT_BATCH
         if self.max_connections < self.limits.max_connections:
             log.warning(
                 "serving at most %d connections, not %d: RLIMIT_NOFILE is %d",
@@ -658,7 +674,6 @@ class MetricsServer:
             max_workers=self.limits.render_workers, thread_name_prefix="closewait-render"
         )
         self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -691,12 +706,9 @@ class MetricsServer:
 
     def start(self) -> None:
         """Start serving in a thread named closewait-exporter; returns once connections are accepted."""
-        self._server = self.loop.run_until_complete(
-            self.loop.create_server(lambda: _Connection(self), sock=self._listener, backlog=_ACCEPT_BATCH)
-        )
-        # asyncio uses one number for listen() and for the accepts per loop turn; keep the kernel's
-        # queue long (connects are not dropped while a scan holds the GIL) and the batch short.
-        self._listener.listen(self.limits.backlog)
+        # Not loop.create_server(): its accept path cannot be bounded (see the module docstring).
+        self._serving = True
+        self._resume_accepting()
         self._thread = threading.Thread(target=self.loop.run_forever, name="closewait-exporter", daemon=True)
         self._thread.start()
 
@@ -708,7 +720,7 @@ class MetricsServer:
             done.result(timeout=self.limits.stop_grace + 10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
-        elif self._server is not None and not self.loop.is_closed():
+        elif self._serving and not self.loop.is_closed():
             self.loop.run_until_complete(self._shutdown())
         self._listener.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
@@ -717,19 +729,19 @@ class MetricsServer:
 
     async def _shutdown(self) -> None:
         self.stopping = True
-        if self._server is not None:
-            self._server.close()
+        self._pause_accepting()
+        self._listener.close()
         for connection in list(self._connections):
             connection.stop()
         deadline = self.loop.time() + self.limits.stop_grace
-        while self._connections and self.loop.time() < deadline:
+        while self._held and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
-        for connection in list(self._connections):
-            connection.evict()
-        while self._connections:  # abort() closes the descriptor in the next loop iteration
+        # Every accepted socket, admitted or not, is closed before the loop ends: abort() closes the
+        # descriptor a turn later, and one still waiting for connection_made is refused there.
+        while self._held:
+            for connection in list(self._held):
+                connection.evict()
             await asyncio.sleep(0)
-        if self._server is not None:
-            await self._server.wait_closed()
 
     # -- rendering (called on the loop thread) ----------------------------------------------------
 
@@ -781,6 +793,56 @@ class MetricsServer:
             except Exception:
                 log.exception("answering a scrape failed")
 
+    # -- accepting (called on the loop thread) ----------------------------------------------------
+
+    def _accept(self) -> None:
+        """The listener is readable: accept up to one batch, never holding more than ``max_held``
+        accepted sockets; at ``max_held`` stop reading the listener until one of them is closed."""
+        for _ in range(_ACCEPT_BATCH):
+            if len(self._held) >= self.max_held:
+                self._pause_accepting()
+                return
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # the queue is empty, or that client gave up
+            except OSError as err:
+                if err.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise  # the loop logs it through _log_loop_error
+                # Linux keeps the listener readable: wait a second instead of spinning.
+                log.warning("accepting connections paused for 1 s: %s", err)
+                self._pause_accepting()
+                self.loop.call_later(1.0, self._resume_accepting)
+                return
+            self._connect(sock)
+
+    def _connect(self, sock: socket.socket) -> None:
+        """Give an accepted socket its transport and connection, counting it in ``_held`` at once.
+
+        The transport (made by a public API, unlike create_server's) is made in a task and calls
+        connection_made a turn later; a socket whose transport never starts is closed here."""
+        connection = _Connection(self)
+        self._held.add(connection)
+
+        def started(task: asyncio.Task[Any]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                log.debug("an accepted connection did not start: %r", None if task.cancelled() else task.exception())
+                sock.close()  # a no-op if its transport closed it already
+                self.forget(connection)
+
+        task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: connection, sock))
+        task.add_done_callback(started)
+
+    def _pause_accepting(self) -> None:
+        if self._accepting:
+            self._accepting = False
+            self.loop.remove_reader(self._listener)
+
+    def _resume_accepting(self) -> None:
+        if not self._accepting and self._serving and not self.stopping and len(self._held) < self.max_held:
+            self._accepting = True
+            self.loop.add_reader(self._listener, self._accept)
+
     # -- connection accounting (called on the loop thread) ----------------------------------------
 
     def admit(self, connection: _Connection) -> bool:
@@ -800,7 +862,11 @@ class MetricsServer:
         return True
 
     def forget(self, connection: _Connection) -> None:
+        """``connection``'s descriptor is closed (or about to be, in the same callback)."""
         self._connections.discard(connection)
+        self._held.discard(connection)
+        if not self._accepting:
+            self._resume_accepting()
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
