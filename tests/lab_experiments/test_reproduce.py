@@ -49,8 +49,14 @@ def _assert_leaked(server_pid: int, port: int, client_port: int) -> None:
     # Recv-Q 0 in CLOSE_WAIT: the server read the FIN (recv() returned 0) and did not close.
     row = wait_for(eof_read_in_close_wait, timeout=10)
     assert f"pid={server_pid}," in row.extra
-    client = client_end(port, client_port, processes=True)
-    assert client is not None
+
+    # The client end reaches FIN-WAIT-2 when the server's ACK of the FIN is processed, which on a
+    # loaded machine can come after the server has already read EOF: wait for it, do not race it.
+    def client_in_fin_wait2() -> SsRow | None:
+        found = client_end(port, client_port, processes=True)
+        return found if found is not None and found.state == "FIN-WAIT-2" else None
+
+    client = wait_for(client_in_fin_wait2, timeout=10)
     assert client.state == "FIN-WAIT-2"
     assert not client.owned  # the client process is dead: the kernel alone keeps this end
 
