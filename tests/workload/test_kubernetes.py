@@ -379,3 +379,44 @@ def test_a_leaking_pod_container_named_by_links_and_labelled_by_the_api(
         degraded = WorkloadResolver(container_log_dir=str(links), pod_api=down)
         assert degraded.workload_of(process) == by_links
         assert degraded.statistics().api_errors == 1
+
+
+@pytest.mark.root
+def test_the_exporter_labels_a_pod_from_the_links_and_counts_api_failures(
+    api: StandIn, tmp_path: Path, leaker: Leaker
+) -> None:
+    """The exporter's collector, as it runs in a cluster: pod labels from the API server when it
+    answers; when it is down, the series still carry pod, namespace and container from kubelet's
+    links, and each failed call is counted as ``kind="kubernetes_api"`` (never a failed scrape)."""
+    from prometheus_client import generate_latest
+
+    from closewait.exporter import CloseWaitCollector, build_registry
+
+    unified = hierarchies().get("unified")
+    if unified is None or not usable(unified):
+        pytest.skip("no writable cgroup v2 hierarchy")
+    links = write_kubelet_log_links(tmp_path, "payments", "api-7d9f8b6c5-x2x4z", UID, {"web": CID})
+    api.pods = [pod_object("payments", "api-7d9f8b6c5-x2x4z", UID, {"app": "api"}, {"web": CID})]
+    with CgroupTree(unified, f"kubepods/burstable/pod{UID}/{CID}") as tree:
+        tree.move(leaker.pid)
+        for up in (True, False):
+            client = pod_api(api, timeout=0.5)
+            if not up:
+                client.port = _closed_port()
+            resolver = WorkloadResolver(container_log_dir=str(links), pod_api=client)
+            collector = CloseWaitCollector(top_n=20, min_interval=0, resolver=resolver)
+            text = generate_latest(build_registry(collector)).decode()
+            series = [
+                line
+                for line in text.splitlines()
+                if line.startswith("closewait_close_wait_sockets{") and 'pod="api-7d9f8b6c5-x2x4z"' in line
+            ]
+            assert series, text
+            assert all('namespace="payments"' in line and 'container="web"' in line for line in series)
+            api_errors = next(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith('closewait_scan_errors_total{kind="kubernetes_api"}')
+            )
+            assert api_errors == (0.0 if up else 1.0)
+            assert "closewait_scan_success 1.0" in text

@@ -88,13 +88,14 @@ from closewait.scanning import scan
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
 from closewait.sources.attribution import WorkloadResolver
+from closewait.sources.kubernetes import PodApi
 from closewait.workload import Workload
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_N = 20
 DEFAULT_MIN_INTERVAL = 5.0
-ERROR_KINDS = ("scan", "netns", "owners", "owners_bpf")
+ERROR_KINDS = ("scan", "netns", "owners", "owners_bpf", "kubernetes_api")
 OTHER = "other"
 UNOWNED = "unowned"
 #: The workload labels of the per-process series, in the order they are emitted (docs/monitoring.md).
@@ -283,7 +284,12 @@ class CloseWaitCollector(Collector):
         self._netns_gone: NetnsGone | None = None
         self.pid_label = pid_label
         # One resolver for the collector's life: its cache (pid, start time -> workload) serves every scan.
-        self.resolver = resolver if resolver is not None else WorkloadResolver(proc_root=proc_root)
+        if resolver is None:
+            # In a cluster (a service account token and KUBERNETES_SERVICE_HOST), pods are labelled from
+            # one list call per interval; elsewhere PodApi.from_environment() is None and nothing is asked.
+            resolver = WorkloadResolver(proc_root=proc_root, pod_api=PodApi.from_environment())
+        self.resolver = resolver
+        self._api_errors_seen = 0
         self._clock = clock
         self._lock = threading.Lock()
         self._cached: list[Metric] | None = None
@@ -325,6 +331,7 @@ class CloseWaitCollector(Collector):
         source = get_source(namespaces=namespaces, count_states=True)
         try:
             snapshot = scan(_CLOSE_WAIT, backend=source, proc_root=self.proc_root, workloads=self.resolver)
+            self._count_api_errors()
         except NetnsGone as gone:
             if self._pinned:
                 self._netns_gone = gone  # released now: it never comes back
@@ -381,6 +388,14 @@ class CloseWaitCollector(Collector):
             log.warning("owners found by the /proc walk, not the BPF iterator: %s", reason)
 
     # -- the Collector interface -------------------------------------------------------------------
+
+    def _count_api_errors(self) -> None:
+        """Failed calls to the Kubernetes API server since the last scan, as ``kind="kubernetes_api"``:
+        the scan goes on without pod labels, and the client logs each failure once."""
+        api = self.resolver.pod_api
+        if api is not None and api.errors > self._api_errors_seen:
+            self._errors["kubernetes_api"] += api.errors - self._api_errors_seen
+            self._api_errors_seen = api.errors
 
     def describe(self) -> Iterable[Metric]:
         """The families with no samples: lets ``registry.register()`` check names without a scan."""
