@@ -127,7 +127,7 @@ def test_another_namespace_needs_sys_admin(spawn: Spawn, netns_name: str) -> Non
     without = _scrape_with(["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"], ns)
     # The scrape still answers: the failure is counted and logged, not raised.
     assert without["success"] == 0
-    assert without["errors"] == {"scan": 1, "netns": 0, "owners": 0, "owners_bpf": 0}
+    assert without["errors"] == {"scan": 1, "netns": 0, "owners": 0, "owners_bpf": 0, "kubernetes_api": 0}
     assert "entering a network namespace needs root (CAP_SYS_ADMIN)" in str(without["stderr"])
     granted = _scrape_with(["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN"], ns)
     assert [r[2:] for r in _rows_for(granted, str(child.pid))] == [[3.0, "server"]]

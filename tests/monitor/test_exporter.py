@@ -207,7 +207,7 @@ def test_a_failed_scan_is_counted_logged_and_still_answered(netns_name: str) -> 
         assert second["closewait_scan_success"].samples[0].value == 0
         errors = {s.labels["kind"]: s.value for s in second["closewait_scan_errors"].samples}
         # The scan failed (scan) because the one namespace asked for is gone (netns).
-        assert errors == {"scan": 1, "netns": 1, "owners": 0, "owners_bpf": 0}
+        assert errors == {"scan": 1, "netns": 1, "owners": 0, "owners_bpf": 0, "kubernetes_api": 0}
         assert second["closewait_tcp_sockets"].samples == []  # no stale numbers served as current
         os.kill(running.proc.pid, signal.SIGTERM)
         assert running.proc.wait(timeout=15) == 0

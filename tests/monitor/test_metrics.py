@@ -70,7 +70,7 @@ def test_metrics_for_a_leaking_child(spawn: Spawn) -> None:
     assert samples["closewait_scan_duration_seconds"][0][1] > 0
     assert samples["closewait_scan_success"] == [({}, 1.0)]
     kinds = {labels["kind"] for labels, _ in samples["closewait_scan_errors_total"]}
-    assert kinds == {"scan", "netns", "owners", "owners_bpf"}
+    assert kinds == {"scan", "netns", "owners", "owners_bpf", "kubernetes_api"}
     assert {labels["kind"]: v for labels, v in samples["closewait_scan_errors_total"]}["scan"] == 0
 
 
@@ -204,7 +204,7 @@ def test_a_bpf_fallback_is_counted_on_every_scan_and_logged_once() -> None:
     )
     assert done.returncode == 0, done.stderr
     errors = json.loads(done.stdout)
-    assert errors == {"scan": 0, "netns": 0, "owners": 0, "owners_bpf": 2}
+    assert errors == {"scan": 0, "netns": 0, "owners": 0, "owners_bpf": 2, "kubernetes_api": 0}
     (line,) = done.stderr.splitlines()
     assert line.startswith("closewait.exporter.collector: owners found by the /proc walk, not the BPF iterator: ")
     assert "pid namespace" in line
