@@ -95,11 +95,11 @@ class Layout:
     task_tgid: int
 
 
-def parse_btf(data: bytes) -> Layout:
-    """The ``Layout`` from raw BTF (the bytes of /sys/kernel/btf/vmlinux).
+def btf_sections(data: bytes) -> tuple[array.array[int], bytes]:
+    """The type section of raw BTF as 32-bit words (host order) and its string section.
 
-    Raises KernelDataError when the data is not BTF or a record runs past its section, and
-    BpfUnavailable when a name the program needs is not there (a kernel without BPF iterators).
+    Raises KernelDataError when the data is not BTF or its header points outside it. The one reader
+    of the BTF header, for the owner iterator's ``parse_btf`` and the recorder's ``bpf_asm.Btf``.
     """
     if len(data) < 24:
         raise KernelDataError(f"BTF too short: {len(data)} bytes")
@@ -114,7 +114,16 @@ def parse_btf(data: bytes) -> Layout:
     words.frombytes(data[types_start : types_start + type_len])
     if sys.byteorder != "little":
         words.byteswap()
-    strings = data[strings_start : strings_start + str_len]
+    return words, data[strings_start : strings_start + str_len]
+
+
+def parse_btf(data: bytes) -> Layout:
+    """The ``Layout`` from raw BTF (the bytes of /sys/kernel/btf/vmlinux).
+
+    Raises KernelDataError when the data is not BTF or a record runs past its section, and
+    BpfUnavailable when a name the program needs is not there (a kernel without BPF iterators).
+    """
+    words, strings = btf_sections(data)
 
     def name_offset(name: str) -> int:
         at = strings.find(b"\0" + name.encode() + b"\0")

@@ -9,22 +9,20 @@ program by itself.
 
 from __future__ import annotations
 
-import array
 import errno
 import struct
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from closewait.errors import KernelDataError
 from closewait.sources.bpf import (
-    _BTF_MAGIC,
     _FIXED_WORDS,
     _KNOWN_KINDS,
     _PER_MEMBER_WORDS,
     BpfUnavailable,
     _Bpf,
     _os_error,
+    btf_sections,
 )
 
 # --- BTF ------------------------------------------------------------------------------------------
@@ -52,21 +50,8 @@ class Btf:
     """
 
     def __init__(self, data: bytes) -> None:
-        if len(data) < 24:
-            raise KernelDataError(f"BTF too short: {len(data)} bytes")
-        magic, _v, _f, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from("<HBBIIIII", data)
-        if magic != _BTF_MAGIC:
-            raise KernelDataError(f"not BTF: magic {magic:#06x}")
-        types_start = hdr_len + type_off
-        strings_start = hdr_len + str_off
-        if hdr_len < 24 or type_len % 4 or types_start + type_len > len(data) or strings_start + str_len > len(data):
-            raise KernelDataError("BTF header points outside the data")
-        words = array.array("I")
-        words.frombytes(data[types_start : types_start + type_len])
-        if sys.byteorder != "little":
-            words.byteswap()
+        words, self._strings = btf_sections(data)
         self._words = words
-        self._strings = data[strings_start : strings_start + str_len]
         positions = [0]  # type id 0 is void
         by_name: dict[tuple[int, int], int] = {}
         position = 0

@@ -47,22 +47,8 @@ class _TcpStateProbe:
         self._lock = threading.Lock()
 
     def close_wait_fds(self) -> dict[int, int]:
-        result: dict[int, int] = {}
-        getsockopt, buffer, length, length_ref = self._getsockopt, self._buffer, self._length, self._length_ref
         close_wait = int(TcpState.CLOSE_WAIT)
-        level, option = int(socket.IPPROTO_TCP), int(socket.TCP_INFO)
-        with self._lock:
-            for name in os.listdir("/proc/self/fd"):
-                fd = int(name)
-                length.value = 8
-                if getsockopt(fd, level, option, buffer, length_ref) != 0:
-                    continue
-                if buffer[0] == close_wait:
-                    try:
-                        result[os.fstat(fd).st_ino] = fd
-                    except OSError:
-                        continue  # closed since
-        return result
+        return {inode: fd for inode, (fd, state) in self.tcp_sockets().items() if state == close_wait}
 
     def tcp_sockets(self) -> dict[int, tuple[int, int]]:
         result: dict[int, tuple[int, int]] = {}

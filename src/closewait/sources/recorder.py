@@ -554,16 +554,20 @@ def socket_cookie(sock: socket.socket) -> int:
     return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8), "little")
 
 
-def cgroup_id(pid: int | str = "self", proc_root: str = "/proc") -> int | None:
-    """The cgroup v2 id of a process (what ``bpf_get_current_cgroup_id`` returns in its context):
-    the inode of its cgroup directory under the cgroup2 mount; None without a cgroup2 mount."""
-    mount = None
+def _cgroup2_mount(pid: int | str, proc_root: str) -> str | None:
+    """Where the cgroup v2 hierarchy is mounted, as ``pid`` sees it (its mountinfo); None without one."""
     with open(f"{proc_root}/{pid}/mountinfo") as handle:
         for line in handle:
             fields = line.split()
             if fields[fields.index("-") + 1] == "cgroup2":
-                mount = fields[4]
-                break
+                return fields[4]
+    return None
+
+
+def cgroup_id(pid: int | str = "self", proc_root: str = "/proc") -> int | None:
+    """The cgroup v2 id of a process (what ``bpf_get_current_cgroup_id`` returns in its context):
+    the inode of its cgroup directory under the cgroup2 mount; None without a cgroup2 mount."""
+    mount = _cgroup2_mount(pid, proc_root)
     if mount is None:
         return None
     with open(f"{proc_root}/{pid}/cgroup") as handle:
@@ -576,13 +580,7 @@ def cgroup_id(pid: int | str = "self", proc_root: str = "/proc") -> int | None:
 def cgroup_paths(proc_root: str = "/proc") -> dict[int, str]:
     """cgroup v2 id -> its path (``/system.slice/nginx.service``), for naming histogram keys; empty
     without a cgroup2 mount. One directory walk of the cgroup2 tree."""
-    mount = None
-    with open(f"{proc_root}/self/mountinfo") as handle:
-        for line in handle:
-            fields = line.split()
-            if fields[fields.index("-") + 1] == "cgroup2":
-                mount = fields[4]
-                break
+    mount = _cgroup2_mount("self", proc_root)
     if mount is None:
         return {}
     paths: dict[int, str] = {}
