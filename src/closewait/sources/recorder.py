@@ -616,6 +616,20 @@ def mount_bpffs(path: str = "/sys/fs/bpf") -> bool:
     return True
 
 
+def unmount_bpffs(path: str) -> None:
+    """Unmount the bpffs ``mount_bpffs`` mounted at ``path`` (lazily: MNT_DETACH), and remove the
+    directory if it is empty; RecorderUnavailable if the kernel refuses."""
+    import ctypes
+
+    from closewait.sources import _libc
+
+    if _libc.libc().umount2(path.encode(), 2) != 0:
+        err = ctypes.get_errno()
+        raise RecorderUnavailable(f"cannot unmount the bpffs at {path}: {os.strerror(err)}")
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
 class Recorder:
     """An attached (or pinned and opened) CLOSE_WAIT recorder. See the module docstring.
 
@@ -756,11 +770,12 @@ class Recorder:
         capacity: int = DEFAULT_CAPACITY,
         histogram_capacity: int = DEFAULT_HISTOGRAM_CAPACITY,
         btf_path: str = BTF_PATH,
+        netns: str | None = None,
     ) -> Recorder:
         """The recorder pinned in ``pin_dir``, or a new one attached and pinned there (the
         directory is created on a bpffs: see ``mount_bpffs``). Two processes racing here end up
         sharing one recorder (the directory is flock()ed while deciding). The options apply only
-        when a new recorder is attached."""
+        when a new recorder is attached (``netns``: record only that namespace, as ``open``)."""
         parent = os.path.dirname(os.path.abspath(pin_dir))
         if not (is_bpffs(pin_dir) or is_bpffs(parent)):
             raise RecorderUnavailable(f"{pin_dir} is not on a bpffs (mount one: mount -t bpf bpf {parent})")
@@ -775,7 +790,9 @@ class Recorder:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if os.path.exists(os.path.join(pin_dir, "link")):
                 return cls.open_pinned(pin_dir)
-            return cls.open(pin_dir, capacity=capacity, histogram_capacity=histogram_capacity, btf_path=btf_path)
+            return cls.open(
+                pin_dir, capacity=capacity, histogram_capacity=histogram_capacity, btf_path=btf_path, netns=netns
+            )
         finally:
             os.close(lock)
 
@@ -1161,5 +1178,6 @@ __all__ = [
     "mount_bpffs",
     "program_listing",
     "socket_cookie",
+    "unmount_bpffs",
     "unpin",
 ]
