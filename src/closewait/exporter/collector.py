@@ -592,7 +592,7 @@ class CloseWaitCollector(Collector):
     def _recorder_families(self, *, describe_only: bool) -> list[Metric]:
         """The recorder's families (none when it does not run): the dwell histogram per workload,
         the entered/left counters, and where the per-state counts came from."""
-        if self._recorder is None or self._dwell is None:
+        if not describe_only and (self._recorder is None or self._dwell is None):
             return []
         from closewait.exporter.recording import histogram_buckets
 
@@ -618,8 +618,8 @@ class CloseWaitCollector(Collector):
             " 0: from a sock_diag dump at each scan.",
         )
         families: list[Metric] = [dwell, entered, left, source]
-        if describe_only:
-            return families
+        if describe_only or self._dwell is None:
+            return families  # described whatever the mode: registering never attaches
         source.add_metric([], 1 if self.recorder_counts_states else 0)
         for key, histogram in sorted(self._dwell.totals.totals.items()):
             values = [*key[:5], *([key.pid] if self.pid_label else [])]
