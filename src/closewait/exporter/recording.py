@@ -162,7 +162,13 @@ class DwellReader:
                 previous = self._seen.get(hkey)
                 # Fewer than last time: another reader (a second exporter on the same pin) forgot it.
                 delta = histogram if previous is None or previous.count > histogram.count else histogram - previous
-                key, alive = self._owner(hkey.cgroup_id, hkey.tgid)
+                known = self._owners.get((hkey.cgroup_id, hkey.tgid))
+                if delta.count and known is not None:
+                    # It closed a socket since the last read: it is very likely running still, and
+                    # its labels are known; whether it exited is asked once it closes nothing more.
+                    key, alive = known.key, True
+                else:
+                    key, alive = self._owner(hkey.cgroup_id, hkey.tgid)
                 if delta.count:
                     self.totals.add(key, delta)
                 self._seen[hkey] = histogram
