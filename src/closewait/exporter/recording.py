@@ -206,6 +206,10 @@ class RecorderSetup:
                 mounted = parent
         except OSError as err:
             raise RecorderUnavailable(f"cannot mount a bpffs at {parent}: {err.strerror or err}") from err
+        except RecorderUnavailable as err:
+            if os.geteuid() != 0:
+                raise RecorderUnavailable(f"not root (the recorder needs CAP_SYS_ADMIN or CAP_BPF): {err}") from err
+            raise
         existed = os.path.exists(os.path.join(pin_dir, "link"))
         try:
             recorder = Recorder.attach_or_open_pinned(pin_dir, netns=netns)
