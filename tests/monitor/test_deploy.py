@@ -28,7 +28,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_promtool_check_rules() -> None:
     result = _promtool("check", "rules", "closewait.rules.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout  # + CloseWaitSlowClose
 
 
 def test_promtool_test_rules() -> None:
@@ -41,6 +41,8 @@ def _exported_names() -> set[str]:
     names = set()
     for metric in CloseWaitCollector().describe():
         names.add(metric.name + ("_total" if metric.type == "counter" else ""))
+        if metric.type == "histogram":
+            names.update(metric.name + suffix for suffix in ("_bucket", "_sum", "_count"))
     return names
 
 

@@ -33,7 +33,7 @@ class Exporter:
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [CLOSEWAIT, "exporter", "--listen", "127.0.0.1:0", *args],
+            [CLOSEWAIT, "exporter", "--listen", "127.0.0.1:0", "--recorder", "off", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

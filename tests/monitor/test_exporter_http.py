@@ -619,7 +619,7 @@ class ExporterProcess:
         env = dict(os.environ)
         env[LIMITS_ENV] = limits
         self.proc = subprocess.Popen(
-            [CLOSEWAIT, "exporter", "--listen", "127.0.0.1:0"],
+            [CLOSEWAIT, "exporter", "--listen", "127.0.0.1:0", "--recorder", "off"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

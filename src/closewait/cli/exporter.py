@@ -27,6 +27,7 @@ from closewait.exporter import (
     parse_listen,
 )
 from closewait.exporter.http import HttpLimits
+from closewait.sources.recorder import DEFAULT_PIN_DIR
 
 
 @click.command(
@@ -80,8 +81,32 @@ from closewait.exporter.http import HttpLimits
         " then any client that can connect triggers a full scan of the host (as root: all of /proc) per request."
     ),
 )
+@click.option(
+    "--recorder",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help=(
+        "The CLOSE_WAIT recorder (BPF, root): close-time histograms, entered/left counters, per-state counts"
+        " without a dump. auto: attach if possible, else say why once; on: refuse to start without it."
+    ),
+)
+@click.option(
+    "--recorder-pin-dir",
+    default=DEFAULT_PIN_DIR,
+    show_default=True,
+    metavar="DIR",
+    help="Where the recorder is pinned (a bpffs is mounted on its parent if needed), for `closewait scan`.",
+)
 def exporter_command(
-    listen: str, all_netns: bool, netns: str | None, top_n: int, pid_label: bool, min_interval: float
+    listen: str,
+    all_netns: bool,
+    netns: str | None,
+    top_n: int,
+    pid_label: bool,
+    min_interval: float,
+    recorder: str,
+    recorder_pin_dir: str,
 ) -> None:
     """Serve CLOSE_WAIT metrics (per state; per workload and process; per namespace) for Prometheus."""
     # The collector logs failed scans and skipped namespaces; an operator reads them in the journal.
@@ -89,9 +114,19 @@ def exporter_command(
     host, port = _listen_address(listen)
     limits = HttpLimits.from_environ()  # CLOSEWAIT_EXPORTER_HTTP=name=value,... (docs/monitoring.md)
     collector = CloseWaitCollector(
-        top_n=top_n, min_interval=min_interval, all_netns=all_netns, netns=netns, pid_label=pid_label
+        top_n=top_n,
+        min_interval=min_interval,
+        all_netns=all_netns,
+        netns=netns,
+        pid_label=pid_label,
+        recorder=recorder,
+        recorder_pin_dir=recorder_pin_dir,
     )
-    server = MetricsServer(build_registry(collector), host, port, limits)
+    try:
+        server = MetricsServer(build_registry(collector), host, port, limits)
+    except BaseException:
+        collector.close()
+        raise
     stop = threading.Event()
     stopped_by: list[int] = []
 

@@ -77,12 +77,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from closewait.errors import ClosewaitError, NetnsError, NetnsGone, UsageError
+from closewait.errors import ClosewaitError, NetnsError, NetnsGone, NotSupported, UsageError
 from closewait.model import Snapshot, TcpState
 from closewait.scanning import scan
 from closewait.sources import get_source
@@ -91,11 +91,16 @@ from closewait.sources.attribution import WorkloadResolver
 from closewait.sources.kubernetes import PodApi
 from closewait.workload import Workload
 
+if TYPE_CHECKING:
+    from closewait.exporter.recording import DwellReader, RecorderReading, RecorderSetup
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_N = 20
 DEFAULT_MIN_INTERVAL = 5.0
-ERROR_KINDS = ("scan", "netns", "owners", "owners_bpf", "kubernetes_api")
+ERROR_KINDS = ("scan", "netns", "owners", "owners_bpf", "kubernetes_api", "recorder")
+#: How often the recorder's per-state counts are pinned again to one sock_diag count.
+RECORDER_RESYNC_S = 300.0
 OTHER = "other"
 UNOWNED = "unowned"
 #: The workload labels of the per-process series, in the order they are emitted (docs/monitoring.md).
@@ -266,6 +271,8 @@ class CloseWaitCollector(Collector):
         pid_label: bool = False,
         resolver: WorkloadResolver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        recorder: str = "off",
+        recorder_pin_dir: str | None = None,
     ) -> None:
         if top_n < 0:
             raise UsageError(f"--top must not be negative, got {top_n}")
@@ -301,9 +308,81 @@ class CloseWaitCollector(Collector):
         self._owner_fallback_logged: str | None = None
         self._failure_logged: str | None = None
         self._skipped_logged: set[str] = set()
+        self._recorder: RecorderSetup | None = None
+        self._dwell: DwellReader | None = None
+        self._reading: RecorderReading | None = None
+        self._recorder_logged: str | None = None
+        self._recorder_mode = recorder
+        self._start_recorder(recorder, recorder_pin_dir)
+
+    def _start_recorder(self, mode_name: str, pin_dir: str | None) -> None:
+        """Attach the recorder as ``mode_name`` (auto, on, off) says; see ``closewait.exporter.recording``."""
+        from closewait.exporter.recording import DwellReader, RecorderMode, RecorderSetup
+        from closewait.sources.recorder import DEFAULT_PIN_DIR, RecorderUnavailable
+
+        try:
+            mode = RecorderMode(mode_name)
+        except ValueError:
+            raise UsageError(f"--recorder must be auto, on or off, not {mode_name!r}") from None
+        if mode is RecorderMode.OFF:
+            return
+        try:
+            setup = RecorderSetup.attach(
+                pin_dir or DEFAULT_PIN_DIR, netns=self.netns.path if self.netns is not None else None
+            )
+        except RecorderUnavailable as err:
+            if mode is RecorderMode.ON:
+                self.close()
+                raise RecorderUnavailable(f"--recorder on: the recorder cannot run: {err}") from err
+            self._note_recorder_failure(f"recorder off: {err}")
+            return
+        self._recorder = setup
+        self._dwell = DwellReader(setup.recorder, self.resolver, top_n=self.top_n, pid_label=self.pid_label)
+
+    def _note_recorder_failure(self, reason: str) -> None:
+        self._errors["recorder"] += 1
+        if reason != self._recorder_logged:
+            self._recorder_logged = reason
+            log.warning("%s", reason)
+
+    @property
+    def recorder_counts_states(self) -> bool:
+        """Whether the per-state counts come from the recorder (no per-scrape dump): it runs, it
+        records the namespace this collector scans, and there is one namespace to count."""
+        if self._recorder is None or self.all_netns:
+            return False
+        return self._recorder.recorder.netns == (self.netns.path if self.netns is not None else None)
+
+    def _read_recorder(self) -> None:
+        """One reading of the recorder (counters, histograms, state counts) for the scrape being built."""
+        from closewait.exporter.recording import RecorderReading
+        from closewait.sources.recorder import RecorderUnavailable
+
+        if self._recorder is None or self._dwell is None:
+            return
+        try:
+            self._dwell.read()
+            counters = self._recorder.recorder.counters()
+            states = (
+                self._recorder.recorder.state_counts(resync_every=RECORDER_RESYNC_S)
+                if self.recorder_counts_states
+                else None
+            )
+        except ClosewaitError as err:
+            if not isinstance(err, RecorderUnavailable):
+                err = RecorderUnavailable(str(err))
+            self._note_recorder_failure(f"the recorder cannot be read: {err}")
+            self._reading = None
+            return
+        self._reading = RecorderReading(counters, states)
 
     def close(self) -> None:
-        """Release the namespace this collector pinned (``netns=``); scans after this fail as gone."""
+        """Release the namespace this collector pinned (``netns=``); scans after this fail as gone.
+        Detach the recorder: unpin and unmount what this collector pinned and mounted."""
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
+            self._dwell = None
         if self._pinned and self.netns is not None and self._netns_gone is None:
             netns_mod.unpin(self.netns)
             self._netns_gone = NetnsGone(f"{self.netns.path}: no longer pinned (the collector was closed)")
@@ -328,7 +407,8 @@ class CloseWaitCollector(Collector):
         if self._netns_gone is not None:
             raise self._netns_gone  # a new namespace under the old name is another one: never followed
         namespaces, unreadable = self._namespaces()
-        source = get_source(namespaces=namespaces, count_states=True)
+        from_recorder = self.recorder_counts_states
+        source = get_source(namespaces=namespaces, count_states=not from_recorder)
         try:
             snapshot = scan(_CLOSE_WAIT, backend=source, proc_root=self.proc_root, workloads=self.resolver)
             self._count_api_errors()
@@ -344,8 +424,15 @@ class CloseWaitCollector(Collector):
             self._errors["owners"] += 1
         self._note_owner_fallback(snapshot.owners_fallback_reason)
         folded = fold_rows(rows_from_snapshot(snapshot, source.netns_of_inode, pid_label=self.pid_label), self.top_n)
+        counts = source.counts
+        if from_recorder:
+            if self._reading is None:
+                self._read_recorder()
+            if self._reading is None or self._reading.state_counts is None:
+                raise NotSupported("the recorder's per-state counts cannot be read")
+            counts = {"": self._reading.state_counts}
         return ScanResult(
-            counts=source.counts,
+            counts=counts,
             rows=folded.rows,
             folded=folded.processes,
             duration_s=time.perf_counter() - started,
@@ -411,6 +498,8 @@ class CloseWaitCollector(Collector):
             if self._cached is None or (now - self._cached_at >= self.min_interval and not fresh):
                 self._cached_started = self._clock()
                 result: ScanResult | None
+                self._reading = None
+                self._read_recorder()
                 try:
                     result = self.scan_once()
                 except ClosewaitError as err:
@@ -460,7 +549,8 @@ class CloseWaitCollector(Collector):
         )
         errors = CounterMetricFamily(
             "closewait_scan_errors",
-            "Scan problems by kind: scan (failed), netns (skipped), owners, owners_bpf (BPF lookup unavailable).",
+            "Scan problems by kind: scan (failed), netns (skipped), owners, owners_bpf (BPF lookup unavailable)"
+            + (", recorder (cannot attach or be read)." if self._recorder_mode != "off" else "."),
             labels=["kind"],
         )
         scans = CounterMetricFamily("closewait_scans", "Scans made (scrapes within the minimum interval share one).")
@@ -484,11 +574,14 @@ class CloseWaitCollector(Collector):
             covered,
             skipped,
         ]
+        recorded = self._recorder_families(describe_only=describe_only)
+        families.extend(recorded)
         if describe_only:
             return families
 
         for kind in ERROR_KINDS:
-            errors.add_metric([kind], self._errors[kind])
+            if kind != "recorder" or self._recorder_mode != "off":
+                errors.add_metric([kind], self._errors[kind])
         scans.add_metric([], self._scans)
         success.add_metric([], 0 if result is None else 1)
         if result is None:
@@ -509,6 +602,54 @@ class CloseWaitCollector(Collector):
                 per_role.add_metric([*values, role, diagnosis], n)
             oldest.add_metric(values, row.oldest_idle_s)
             unread.add_metric(values, row.unread_bytes)
+        return families
+
+    def _recorder_families(self, *, describe_only: bool) -> list[Metric]:
+        """The recorder's families (none when it does not run): the dwell histogram per workload,
+        the entered/left counters, and where the per-state counts came from."""
+        if not describe_only and (self._recorder is None or self._dwell is None):
+            return []
+        from closewait.exporter.recording import histogram_buckets
+
+        dwell = HistogramMetricFamily(
+            "closewait_close_wait_duration_seconds",
+            "Time from the peer's FIN (entering CLOSE_WAIT) to the owner's close(), per workload and process"
+            ' of the closer (top workloads and processes; the rest in process="other"). From the recorder.',
+            labels=[*WORKLOAD_LABELS, "process", *(["pid"] if self.pid_label else [])],
+        )
+        entered = CounterMetricFamily(
+            "closewait_close_wait_entered", "Sockets that entered CLOSE_WAIT since the recorder was attached."
+        )
+        left = CounterMetricFamily(
+            "closewait_close_wait_left",
+            "Sockets that left CLOSE_WAIT, by how: closed (by the owner), exited (closed by the kernel at the"
+            " owner's exit), reset (RST, SOCK_DESTROY, timeout), untracked (entered before the recorder).",
+            labels=["how"],
+        )
+        source = GaugeMetricFamily(
+            "closewait_state_counts_source",
+            "1: closewait_tcp_sockets comes from the recorder's event counts (no dump per scrape; TIME_WAIT,"
+            f" NEW_SYN_RECV and CLOSE and any drift are re-counted every {RECORDER_RESYNC_S:g} s);"
+            " 0: from a sock_diag dump at each scan.",
+        )
+        families: list[Metric] = [dwell, entered, left, source]
+        if describe_only or self._dwell is None:
+            return families  # described whatever the mode: registering never attaches
+        source.add_metric([], 1 if self.recorder_counts_states else 0)
+        for key, histogram in sorted(self._dwell.totals.totals.items()):
+            values = [*key[:5], *([key.pid] if self.pid_label else [])]
+            dwell.add_metric(values, histogram_buckets(histogram), histogram.sum_seconds)
+        reading = self._reading
+        if reading is not None:
+            counters = reading.counters
+            entered.add_metric([], counters.entered)
+            for how, n in (
+                ("closed", counters.left_closed),
+                ("exited", counters.left_exited),
+                ("reset", counters.left_reset),
+                ("untracked", counters.left_untracked),
+            ):
+                left.add_metric([how], n)
         return families
 
 

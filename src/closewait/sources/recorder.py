@@ -802,11 +802,12 @@ class Recorder:
         capacity: int = DEFAULT_CAPACITY,
         histogram_capacity: int = DEFAULT_HISTOGRAM_CAPACITY,
         btf_path: str = BTF_PATH,
+        netns: str | None = None,
     ) -> Recorder:
         """The recorder pinned in ``pin_dir``, or a new one attached and pinned there (the
         directory is created on a bpffs: see ``mount_bpffs``). Two processes racing here end up
         sharing one recorder (the directory is flock()ed while deciding). The options apply only
-        when a new recorder is attached."""
+        when a new recorder is attached (``netns``: record only that namespace, as ``open``)."""
         parent = os.path.dirname(os.path.abspath(pin_dir))
         if not (is_bpffs(pin_dir) or is_bpffs(parent)):
             raise RecorderUnavailable(f"{pin_dir} is not on a bpffs (mount one: mount -t bpf bpf {parent})")
@@ -821,7 +822,9 @@ class Recorder:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if os.path.exists(os.path.join(pin_dir, "link")):
                 return cls.open_pinned(pin_dir)
-            return cls.open(pin_dir, capacity=capacity, histogram_capacity=histogram_capacity, btf_path=btf_path)
+            return cls.open(
+                pin_dir, capacity=capacity, histogram_capacity=histogram_capacity, btf_path=btf_path, netns=netns
+            )
         finally:
             os.close(lock)
 
