@@ -356,3 +356,44 @@ def selector_from(
         return WorkloadSelector.parse(container=container, pod=pod, namespace=namespace, unit=unit)
     except ValueError as err:
         raise UsageError(str(err)) from None
+
+
+class StopSignals:
+    """How a long-running command (exporter, record) waits for its end: SIGTERM or SIGINT sets
+    ``stop``; ``interrupted`` says it was Ctrl-C (exit 130, as every command) rather than a service
+    manager's SIGTERM (exit 0). A ``with`` block installs the handlers and restores the old ones."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.stop = threading.Event()
+        self._first: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+
+        def _on_signal(signum: int, _frame: object) -> None:
+            if self._first is None:
+                self._first = signum
+            self.stop.set()
+
+        self._previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def wait(self) -> None:
+        """Until a stop signal arrives."""
+        while not self.stop.wait(3600):
+            pass
+
+    @property
+    def interrupted(self) -> bool:
+        import signal
+
+        return self._first == signal.SIGINT

@@ -8,14 +8,19 @@ closed, in-flight scrapes finish; exit 0 after SIGTERM, 130 after SIGINT (Ctrl-C
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
-from types import FrameType
 
 import click
 
-from closewait.cli._options import DAY_S, Integer, Seconds, examples, netns_option, refuse_non_ascii_digits
+from closewait.cli._options import (
+    DAY_S,
+    Integer,
+    Seconds,
+    StopSignals,
+    examples,
+    netns_option,
+    refuse_non_ascii_digits,
+)
 from closewait.errors import UsageError
 from closewait.exporter import (
     DEFAULT_LISTEN,
@@ -127,26 +132,16 @@ def exporter_command(
     except BaseException:
         collector.close()
         raise
-    stop = threading.Event()
-    stopped_by: list[int] = []
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        stopped_by.append(signum)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    server.start()
-    click.echo(f"closewait exporter: serving {server.url}", err=True)
-    try:
-        while not stop.wait(3600):
-            pass
-    finally:
-        server.stop()
-        collector.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with StopSignals() as signals:
+        server.start()
+        click.echo(f"closewait exporter: serving {server.url}", err=True)
+        try:
+            signals.wait()
+        finally:
+            server.stop()
+            collector.close()
     click.echo("closewait exporter: stopped", err=True)
-    if signal.SIGINT in stopped_by[:1]:
+    if signals.interrupted:
         sys.exit(130)  # Ctrl-C: interrupted, as every command (docs/cli.md); SIGTERM is a normal stop
 
 

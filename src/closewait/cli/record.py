@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
-from types import FrameType
 
 import click
 
-from closewait.cli._options import Integer, examples, pin_dir_option
+from closewait.cli._options import Integer, StopSignals, examples, pin_dir_option
 from closewait.record import remove, start
 from closewait.sources.recorder import DEFAULT_CAPACITY, program_listing
 
@@ -51,15 +48,7 @@ def record_command(pin_dir: str, keep: bool, unpin: bool, ebpf: bool, capacity: 
         click.echo(f"closewait record: {'removed the recorder pinned' if found else 'no recorder pinned'} in {pin_dir}")
         return
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="closewait record: %(message)s")
-    stop = threading.Event()
-    stopped_by: list[int] = []
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        stopped_by.append(signum)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with StopSignals() as signals:
         recording = start(pin_dir, capacity=capacity)
         try:
             after = "it stays attached after that (--keep)" if keep else "that unpins it"
@@ -68,13 +57,9 @@ def record_command(pin_dir: str, keep: bool, unpin: bool, ebpf: bool, capacity: 
                 f"kill {os.getpid()} ({after})",
                 err=True,
             )
-            while not stop.wait(3600):
-                pass
+            signals.wait()
         finally:
             recording.stop(keep=keep)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if signal.SIGINT in stopped_by[:1]:
+    if signals.interrupted:
         click.echo("closewait: interrupted", err=True)
         sys.exit(130)  # Ctrl-C: interrupted, as every command; SIGTERM is a normal stop
