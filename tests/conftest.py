@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,3 +205,18 @@ def nobody() -> Iterator[Nobody]:
     finally:
         if copy_dir is not None:
             shutil.rmtree(copy_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def netns_name() -> Iterator[str]:
+    """A fresh network namespace (``ip netns add``) with loopback up, deleted afterwards: the one
+    fixture every test that needs a namespace of its own uses."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create a network namespace")
+    name = f"cwtest-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 
 import pytest
 
@@ -40,18 +37,8 @@ time.sleep(120)
 """
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"cw-test-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
-
-
-def test_leak_in_a_network_namespace(spawn: Spawn, netns: str) -> None:
+def test_leak_in_a_network_namespace(spawn: Spawn, netns_name: str) -> None:
+    netns = netns_name
     # `ip netns exec` enters the namespace and execs the command: the child's pid is python's.
     leaker = spawn(argv=["ip", "netns", "exec", netns, sys.executable, "-c", textwrap.dedent(NETNS_LEAKER)])
     assert leaker.stdout is not None
@@ -112,9 +99,10 @@ time.sleep(120)
 """
 
 
-def test_fin_counts_in_the_queues_of_last_ack_and_fin_wait_1(spawn: Spawn, netns: str) -> None:
+def test_fin_counts_in_the_queues_of_last_ack_and_fin_wait_1(spawn: Spawn, netns_name: str) -> None:
     """The FIN is one sequence number: Recv-Q 1 in LAST_ACK is the peer's FIN (no unread data),
     Send-Q 1 in FIN_WAIT1 is this side's FIN (not data the peer refuses)."""
+    netns = netns_name
     proc = spawn(argv=["ip", "netns", "exec", netns, sys.executable, "-c", textwrap.dedent(FINS_LOST)])
     assert proc.stdout is not None
     port = int(proc.stdout.readline())

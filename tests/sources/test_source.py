@@ -4,12 +4,7 @@ all read sockets through it (so a backend that falls back does so for every one 
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -28,20 +23,6 @@ CLOSE_WAIT = frozenset({TcpState.CLOSE_WAIT})
 GONE = netns_mod.Netns(path="/run/netns/closewait-test-never-there", inode=1)
 
 
-@pytest.fixture
-def private_netns() -> Iterator[str]:
-    """A fresh network namespace (``ip netns add``) with loopback up, deleted afterwards."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to create a network namespace")
-    name = f"cwsrc-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
 def test_what_a_caller_needs_picks_the_backends() -> None:
     assert get_source().name == "netlink"
     assert get_source(needs=[COOKIE, TCP_INFO]).name == "netlink"
@@ -53,11 +34,11 @@ def test_what_a_caller_needs_picks_the_backends() -> None:
 
 
 @pytest.mark.parametrize("backend", ["netlink", "procfs"])
-def test_namespaces_counts_and_skipped_namespaces(spawn: Spawn, private_netns: str, backend: str) -> None:
+def test_namespaces_counts_and_skipped_namespaces(spawn: Spawn, netns_name: str, backend: str) -> None:
     """Three CLOSE_WAIT sockets in a private namespace, read by label with every state counted; a
     labelled namespace that is gone is skipped with a line, an unlabelled one fails the read."""
-    start_leaker(spawn, initial=3, prefix=("ip", "netns", "exec", private_netns))
-    lab = netns_mod.resolve(f"/run/netns/{private_netns}")
+    start_leaker(spawn, initial=3, prefix=("ip", "netns", "exec", netns_name))
+    lab = netns_mod.resolve(f"/run/netns/{netns_name}")
     source = get_source(backend, namespaces=[(lab, "lab"), (GONE, "gone")], count_states=True)
     sockets = source.sockets(CLOSE_WAIT)
     assert source.name == backend
