@@ -66,7 +66,8 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM by pid, then SIGKILL after 15 s; always reaped (bench_exporter_http uses it too)."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGTERM)
@@ -96,7 +97,7 @@ def closewait_exporter(top: int, src: str | None = None) -> Iterator[tuple[subpr
             raise RuntimeError(f"exporter did not start: {line!r}")
         yield proc, line.split("serving ", 1)[1].strip()
     finally:
-        _stop(proc)
+        stop_process(proc)
         if proc.stderr is not None:
             proc.stderr.close()
 
@@ -127,7 +128,7 @@ def node_exporter() -> Iterator[tuple[subprocess.Popen[str], str] | None]:
                 time.sleep(0.2)
         yield proc, url
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def scrape_times(url: str, n: int) -> tuple[list[float], str]:

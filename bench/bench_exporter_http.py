@@ -35,7 +35,6 @@ import http.client
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench.bench_exporter import stop_process  # noqa: E402
 from bench.scan_fixture import running  # noqa: E402
 from closewait.model import TcpState  # noqa: E402
 from closewait.sources import netlink  # noqa: E402
@@ -108,18 +108,6 @@ stop.wait()
 """
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-
-
 @contextlib.contextmanager
 def exporter(min_interval: float) -> Iterator[tuple[subprocess.Popen[str], str, int]]:
     proc = subprocess.Popen(
@@ -136,7 +124,7 @@ def exporter(min_interval: float) -> Iterator[tuple[subprocess.Popen[str], str, 
         host, port = line.split("serving http://", 1)[1].strip().removesuffix("/metrics").rsplit(":", 1)
         yield proc, host, int(port)
     finally:
-        _stop(proc)
+        stop_process(proc)
         if proc.stderr is not None:
             proc.stderr.close()
 
@@ -159,7 +147,7 @@ def attack(host: str, port: int) -> Iterator[str]:
             raise RuntimeError("the attacker did not start")
         yield "user nobody" if as_nobody else f"uid {os.geteuid()}"
     finally:
-        _stop(proc)
+        stop_process(proc)
         if proc.stdout is not None:
             proc.stdout.close()
 
