@@ -27,6 +27,24 @@ from pathlib import Path
 from tests.util import EOF_LEAKER, wait_for
 
 
+def remove_cgroup_tree(top: str | Path, *, timeout: float, pause: float) -> None:
+    """Remove the cgroup directory ``top`` and everything below it, deepest first; a cgroup a process
+    just left stays busy (EBUSY) for a moment, so each is retried until ``timeout`` seconds."""
+    below = sorted((p for p in Path(top).rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+    for directory in [*below, Path(top)]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                directory.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as err:
+                if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+
+
 @dataclass(frozen=True)
 class Hierarchy:
     """One mounted cgroup hierarchy and where this process sits in it."""
@@ -121,20 +139,8 @@ class CgroupTree:
                     if err.errno != errno.ESRCH:
                         raise
         self.moved.clear()
-        # Deepest first; a process that just exited may keep its cgroup busy for a moment.
-        directories = sorted((p for p in Path(self.base).rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        for directory in [*directories, Path(self.base)]:
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    directory.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as err:
-                    if err.errno != errno.EBUSY or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+        # A process that just exited may keep its cgroup busy for a moment.
+        remove_cgroup_tree(self.base, timeout=5, pause=0.02)
 
 
 @dataclass
@@ -252,19 +258,7 @@ def _remove_created(directories: list[str]) -> None:
     for top in sorted(directories, key=len, reverse=True):
         if not os.path.isdir(top):
             continue
-        below = sorted((p for p in Path(top).rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        for directory in [*below, Path(top)]:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    directory.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as err:
-                    if err.errno != errno.EBUSY or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+        remove_cgroup_tree(top, timeout=10, pause=0.05)
 
 
 @contextlib.contextmanager
