@@ -36,10 +36,9 @@ from closewait.errors import UsageError
 @click.command(
     "reap",
     epilog=examples(
-        ("closewait reap --pid 1234", "the plan only: nothing is changed"),
+        ("closewait reap --pid 1234 --netns 1234", "the plan only (in pid 1234's network namespace)"),
         ("closewait reap --container web --older-than 10m --yes", "one container's, idle over 10 minutes"),
         ("closewait reap --all --port 8080 --yes", "every process's CLOSE_WAIT on port 8080"),
-        ("closewait reap --netns cw-lab --pid 1234 --yes", "a process in a network namespace of its own"),
     ),
 )
 @click.option(
