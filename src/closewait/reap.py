@@ -184,25 +184,13 @@ def plan(
         raise UsageError("nothing was surveyed: give plan() at least one snapshot")
     targets: list[ReapTarget] = []
     excluded: list[Excluded] = []
-    selection = criteria.workload
     for surveyed in snapshots:
-        ns = surveyed.netns
         for finding in surveyed.findings:
-            owners = finding.owners
-            mine = [o for o in owners if _chosen(o.process, criteria.pids, selection)]
-            if (criteria.pids or selection is not None) and not mine:
-                continue
-            sock = finding.socket
-            if not criteria.matches(sock, keep_unknown_age=True):  # _exclusion says why it is kept out
-                continue
-            reason = _exclusion(finding, mine, criteria)
-            if reason is not None:
-                excluded.append(Excluded(sock, owners, reason, ns))
-                continue
-            process = mine[0].process
-            fds = tuple(o.fd for o in mine if o.process.identity == process.identity)
-            others = tuple(o for o in owners if o.process.identity != process.identity)
-            targets.append(ReapTarget(sock, process, fds, others, ns))
+            placed = _place(finding, criteria, surveyed.netns)
+            if isinstance(placed, ReapTarget):
+                targets.append(placed)
+            elif placed is not None:
+                excluded.append(placed)
     targets.sort(key=lambda t: (t.process.pid, t.fd))
     return ReapPlan(
         method=chosen_method,
@@ -213,6 +201,25 @@ def plan(
         errors=tuple(dict.fromkeys(e for s in snapshots for e in s.errors)),
         namespaces=tuple(s.netns for s in snapshots),
     )
+
+
+def _place(finding: Finding, criteria: ReapCriteria, netns: str | None) -> ReapTarget | Excluded | None:
+    """``finding`` as a target, as a socket the filters match but that is kept out (and why), or
+    None when the filters do not match it."""
+    owners = finding.owners
+    mine = [o for o in owners if _chosen(o.process, criteria.pids, criteria.workload)]
+    if (criteria.pids or criteria.workload is not None) and not mine:
+        return None
+    sock = finding.socket
+    if not criteria.matches(sock, keep_unknown_age=True):  # _exclusion says why it is kept out
+        return None
+    reason = _exclusion(finding, mine, criteria)
+    if reason is not None:
+        return Excluded(sock, owners, reason, netns)
+    process = mine[0].process
+    fds = tuple(o.fd for o in mine if o.process.identity == process.identity)
+    others = tuple(o for o in owners if o.process.identity != process.identity)
+    return ReapTarget(sock, process, fds, others, netns)
 
 
 def _chosen(process: Process, pids: frozenset[int], selection: WorkloadSelector | None) -> bool:
