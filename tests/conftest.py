@@ -207,10 +207,8 @@ def nobody() -> Iterator[Nobody]:
             shutil.rmtree(copy_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def netns_name() -> Iterator[str]:
-    """A fresh network namespace (``ip netns add``) with loopback up, deleted afterwards: the one
-    fixture every test that needs a namespace of its own uses."""
+@contextlib.contextmanager
+def _network_namespace() -> Iterator[str]:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 to create a network namespace")
     name = f"cwtest-{uuid.uuid4().hex[:8]}"
@@ -220,3 +218,18 @@ def netns_name() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def netns_name() -> Iterator[str]:
+    """A fresh network namespace (``ip netns add``) with loopback up, deleted afterwards: the one
+    fixture every test that needs a namespace of its own uses."""
+    with _network_namespace() as name:
+        yield name
+
+
+@pytest.fixture
+def other_netns_name() -> Iterator[str]:
+    """A second fresh namespace, for tests that show one namespace's sockets are left alone."""
+    with _network_namespace() as name:
+        yield name

@@ -68,6 +68,12 @@ def _cases() -> Iterator[tuple[list[str], int]]:
             yield [command, "--netns", path], UNKNOWN if command == "check" else USAGE
     for path in PATHS:
         yield ["watch", "--events", "--netns", path], USAGE
+    # reap: a filter that lets the namespace be looked at (--all --port 1), and never --yes.
+    for path in [*PATHS, "cwtest-no-such-namespace", "999999999"]:
+        yield ["reap", "--all", "--port", "1", "--netns", path], USAGE
+    yield ["reap", "--all", "--port", "1", "--all-netns", "--netns", "1"], USAGE
+    yield ["reap", "--all-netns", "--netns", ""], USAGE
+    yield ["reap", "--all-netns"], USAGE  # whose sockets is still required
     yield ["watch", "--events", "--pid", "1"], USAGE
     # An entry into CLOSE_WAIT has no process, hence no workload: --events takes no workload options.
     yield ["watch", "--events", "--container", "web"], USAGE
@@ -176,6 +182,8 @@ OUTPUTS = [
     ["exporter", "--help"],
     ["reap", "--pid", "{me}"],
     ["reap", "--pid", "{me}", "--json"],
+    ["reap", "--pid", "{me}", "--all-netns"],
+    ["reap", "--pid", "{me}", "--netns", "{me}", "--json"],
     ["lab", "--help"],
     ["record", "--help"],
     ["record", "--ebpf"],

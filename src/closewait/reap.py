@@ -18,6 +18,11 @@ Pitfalls this module exists to avoid:
   still in CLOSE_WAIT.
 - a socket shared by several processes (fork, SCM_RIGHTS) is one socket: shutting it down through
   one holder affects every holder. The plan lists the other holders.
+- a socket belongs to the network namespace it was created in, not to its holder's. A container's
+  sockets are found by a dump inside its namespace (``survey(netns=...)``, ``survey_all_netns()``),
+  each target names its namespace, and apply looks each socket up again (and sends SOCK_DESTROY)
+  over a netlink socket opened inside that namespace: from the host's, the exact lookup finds
+  nothing. ``pidfd_getfd`` + ``shutdown`` acts on the descriptor, whatever its namespace.
 
 Only CLOSE_WAIT sockets are ever touched: ``plan()`` drops every other state it is given, and
 ``apply()`` re-checks the live state. Library code logs and never prints; the CLI
@@ -36,10 +41,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from closewait.errors import AccessDenied, ClosewaitError, NetlinkError, NoSuchProcess, NotSupported, UsageError
+from closewait.errors import (
+    AccessDenied,
+    ClosewaitError,
+    NetlinkError,
+    NetnsError,
+    NoSuchProcess,
+    NotSupported,
+    UsageError,
+)
 from closewait.filters import ReapCriteria, RemoteFilter, parse_duration
 from closewait.model import Finding, Owner, Process, Snapshot, Socket, TcpState
 from closewait.sources import COOKIE, get_source, netlink, pidfd
+from closewait.sources import netns as netns_mod
 from closewait.sources.owners import find_owners
 from closewait.sources.process import fd_link, hidepid_option, read_stat, read_uid, socket_inode, validate_pids
 from closewait.workload import WorkloadSelector
@@ -73,12 +87,15 @@ class ReapTarget:
 
     ``fds`` are all of that process's descriptors for the socket (``fd`` is the first);
     ``other_holders`` are descriptors of other processes sharing it, which the release affects too.
+    ``netns`` is the path of the network namespace the socket is in (``Snapshot.netns``), None for
+    the caller's own.
     """
 
     socket: Socket
     process: Process
     fds: tuple[int, ...]
     other_holders: tuple[Owner, ...] = ()
+    netns: str | None = None
 
     @property
     def fd(self) -> int:
@@ -92,6 +109,7 @@ class Excluded:
     socket: Socket
     owners: tuple[Owner, ...]
     reason: str
+    netns: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +123,8 @@ class ReapPlan:
     taken_at: float = 0.0
     #: Problems the scan reported (for example processes whose owners could not be read).
     errors: tuple[str, ...] = ()
+    #: The network namespaces surveyed (their paths; None is the caller's own), in survey order.
+    namespaces: tuple[str | None, ...] = (None,)
 
     @property
     def processes(self) -> tuple[Process, ...]:
@@ -121,7 +141,7 @@ class ReapPlan:
 
 
 def plan(
-    snapshot: Snapshot,
+    snapshot: Snapshot | Iterable[Snapshot],
     *,
     pids: Iterable[int] = (),
     ports: Iterable[int] = (),
@@ -138,9 +158,12 @@ def plan(
     the first holder in a matching container, pod or unit (``Process.workload``: a holder whose
     workload was not looked up never matches); with both, through a holder that is both; with
     ``all_processes`` (which needs a port, remote, age or workload filter), through its first
-    holder. Sockets the filters
-    match but that cannot be acted on safely (no cookie from the procfs backend, unknown idle time
-    with ``older_than_ms``, unknown process identity, no known owner) are listed in ``excluded``.
+    holder. Sockets the filters match but that cannot be acted on safely (no cookie from the procfs
+    backend, unknown idle time with ``older_than_ms``, unknown process identity, no known owner) are
+    listed in ``excluded``.
+
+    Several snapshots (``survey_all_netns()``: one per network namespace) make one plan; each
+    target and exclusion names the namespace of its snapshot (``Snapshot.netns``).
     """
     criteria = ReapCriteria(
         pids=frozenset(pids),
@@ -156,34 +179,47 @@ def plan(
     except ValueError:
         raise UsageError(f"unknown method {method!r}: choose shutdown or destroy") from None
 
+    snapshots = (snapshot,) if isinstance(snapshot, Snapshot) else tuple(snapshot)
+    if not snapshots:
+        raise UsageError("nothing was surveyed: give plan() at least one snapshot")
     targets: list[ReapTarget] = []
     excluded: list[Excluded] = []
-    selection = criteria.workload
-    for finding in snapshot.findings:
-        owners = finding.owners
-        mine = [o for o in owners if _chosen(o.process, criteria.pids, selection)]
-        if (criteria.pids or selection is not None) and not mine:
-            continue
-        sock = finding.socket
-        if not criteria.matches(sock, keep_unknown_age=True):  # _exclusion says why it is kept out
-            continue
-        reason = _exclusion(finding, mine, criteria)
-        if reason is not None:
-            excluded.append(Excluded(sock, owners, reason))
-            continue
-        process = mine[0].process
-        fds = tuple(o.fd for o in mine if o.process.identity == process.identity)
-        others = tuple(o for o in owners if o.process.identity != process.identity)
-        targets.append(ReapTarget(sock, process, fds, others))
+    for surveyed in snapshots:
+        for finding in surveyed.findings:
+            placed = _place(finding, criteria, surveyed.netns)
+            if isinstance(placed, ReapTarget):
+                targets.append(placed)
+            elif placed is not None:
+                excluded.append(placed)
     targets.sort(key=lambda t: (t.process.pid, t.fd))
     return ReapPlan(
         method=chosen_method,
         criteria=criteria,
         targets=tuple(targets),
         excluded=tuple(excluded),
-        taken_at=snapshot.taken_at,
-        errors=snapshot.errors,
+        taken_at=min(s.taken_at for s in snapshots),
+        errors=tuple(dict.fromkeys(e for s in snapshots for e in s.errors)),
+        namespaces=tuple(s.netns for s in snapshots),
     )
+
+
+def _place(finding: Finding, criteria: ReapCriteria, netns: str | None) -> ReapTarget | Excluded | None:
+    """``finding`` as a target, as a socket the filters match but that is kept out (and why), or
+    None when the filters do not match it."""
+    owners = finding.owners
+    mine = [o for o in owners if _chosen(o.process, criteria.pids, criteria.workload)]
+    if (criteria.pids or criteria.workload is not None) and not mine:
+        return None
+    sock = finding.socket
+    if not criteria.matches(sock, keep_unknown_age=True):  # _exclusion says why it is kept out
+        return None
+    reason = _exclusion(finding, mine, criteria)
+    if reason is not None:
+        return Excluded(sock, owners, reason, netns)
+    process = mine[0].process
+    fds = tuple(o.fd for o in mine if o.process.identity == process.identity)
+    others = tuple(o for o in owners if o.process.identity != process.identity)
+    return ReapTarget(sock, process, fds, others, netns)
 
 
 def _chosen(process: Process, pids: frozenset[int], selection: WorkloadSelector | None) -> bool:
@@ -216,11 +252,15 @@ def survey(
     ports: Iterable[int] = (),
     proc_root: str = "/proc",
     workload: WorkloadSelector | None = None,
+    netns: str | netns_mod.Netns | None = None,
 ) -> Snapshot:
     """The Snapshot ``plan()`` needs: CLOSE_WAIT sockets from sock_diag, with every owner.
 
     With ``workload``, only the sockets of those containers, pods or units (a name no process runs
-    in is a ``UsageError``, as in ``scan``).
+    in is a ``UsageError``, as in ``scan``). With ``netns`` (a pid in it, ``/proc/PID/ns/net``,
+    ``/run/netns/NAME``, a bare NAME under /run/netns, or a ``Netns``), the sockets of that network
+    namespace, as ``scan(netns=...)`` reads them: dumped over a netlink socket opened inside it
+    (root: setns), owners looked up among the host's processes, so pids are host pids.
 
     Checks first that each pid's descriptors are readable, so a missing privilege is one clear
     ``AccessDenied`` rather than an empty plan. With ``pids``, the scan walks only those processes;
@@ -230,19 +270,74 @@ def survey(
     """
     from closewait.scanning import CLOSE_WAIT_ONLY, scan
 
+    _check_pids(pids, proc_root)
+    snapshot = scan(
+        CLOSE_WAIT_ONLY,
+        ports=ports,
+        pids=pids,
+        netns=netns,
+        backend=get_source(needs=[COOKIE]),
+        proc_root=proc_root,
+        workload=workload,
+    )
+    return _with_every_holder(snapshot, pids, proc_root)
+
+
+def survey_all_netns(
+    *,
+    pids: Collection[int] = (),
+    ports: Iterable[int] = (),
+    proc_root: str = "/proc",
+    workload: WorkloadSelector | None = None,
+) -> tuple[Snapshot, ...]:
+    """``survey()`` over every network namespace some process is in: one Snapshot per namespace,
+    for ``plan()`` to take together.
+
+    The caller's own namespace comes first (``netns`` None); each other one is named by
+    ``/proc/PID/ns/net`` of the lowest pid in it (``netns.survey()``). Each is dumped over a netlink
+    socket opened inside it, and the owners of all of them are looked up in one pass over the
+    host's processes. A namespace that cannot be read or entered (only other users' processes are
+    in it, or it went away meanwhile) is skipped, one line each in the first snapshot's ``errors``,
+    as a system-wide walk skips what vanished.
+    """
+    from closewait.scanning import CLOSE_WAIT_ONLY, scan
+
+    _check_pids(pids, proc_root)
+    found = netns_mod.survey(proc_root)
+    own = netns_mod.current(proc_root).inode
+    namespaces: list[tuple[netns_mod.Netns | None, str]] = [(None, "")]
+    namespaces += [(ns, ns.path) for ns, _ in found.found if ns.inode != own]
+    source = get_source(namespaces=namespaces, needs=[COOKIE])
+    snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, backend=source, proc_root=proc_root, workload=workload)
+    snapshot = _with_every_holder(snapshot, pids, proc_root)
+    in_ns: dict[str | None, list[Finding]] = {None: []}
+    in_ns.update((label, []) for _, label in namespaces[1:] if label not in source.skipped)
+    for finding in snapshot.findings:
+        in_ns.setdefault(source.netns_of_inode.get(finding.socket.inode), []).append(finding)
+    skipped = [f"network namespace of pid {u.pid} not covered: {u.reason}" for u in found.unreadable]
+    skipped += [f"network namespace {line}" for line in source.failures]
+    return tuple(
+        dataclasses.replace(
+            snapshot,
+            findings=tuple(findings),
+            netns=label,
+            errors=(*snapshot.errors, *skipped) if label is None else (),
+            state_counts={TcpState.CLOSE_WAIT: len(findings)},
+        )
+        for label, findings in in_ns.items()
+    )
+
+
+def _check_pids(pids: Iterable[int], proc_root: str) -> None:
     for pid in sorted(pids):
         try:
             validate_pids([pid], proc_root)  # one fd link read, not all of them: scan() walks them next
         except AccessDenied:
             raise AccessDenied(_ptrace_message(pid, proc_root)) from None
-    snapshot = scan(
-        CLOSE_WAIT_ONLY,
-        ports=ports,
-        pids=pids,
-        backend=get_source(needs=[COOKIE]),
-        proc_root=proc_root,
-        workload=workload,
-    )
+
+
+def _with_every_holder(snapshot: Snapshot, pids: Collection[int], proc_root: str) -> Snapshot:
+    """``snapshot`` with each socket's holders among all processes, not only ``pids``."""
     if not pids or not snapshot.findings:
         return snapshot
     everyone = find_owners({f.socket.inode for f in snapshot.findings}, proc_root=proc_root)
@@ -337,11 +432,11 @@ def apply(reap_plan: ReapPlan, *, proc_root: str = "/proc") -> ReapResult:
     """
     outcomes: list[ReapOutcome] = []
     release = _shutdown_one if reap_plan.method == Method.SHUTDOWN else _destroy_one
-    nl = netlink.open_socket()
+    channels = _Channels()
     try:
         for target in reap_plan.targets:
             try:
-                outcomes.append(ReapOutcome(target, Outcome.DONE, "released", release(target, nl, proc_root)))
+                outcomes.append(ReapOutcome(target, Outcome.DONE, "released", release(target, channels, proc_root)))
             except _Skip as skip:
                 outcomes.append(ReapOutcome(target, skip.outcome, skip.code, skip.reason))
             except (AccessDenied, NotSupported) as err:
@@ -352,8 +447,46 @@ def apply(reap_plan: ReapPlan, *, proc_root: str = "/proc") -> ReapResult:
             last = outcomes[-1]
             log.info("reap pid %d fd %d: %s %s", target.process.pid, target.fd, last.code, last.reason)
     finally:
-        nl.close()
+        channels.close()
     return ReapResult(reap_plan, tuple(outcomes))
+
+
+class _Channels:
+    """A sock_diag socket per network namespace, opened inside it when first needed.
+
+    Pitfall: sock_diag answers about the namespace its netlink socket was opened in. From the
+    host's, the exact lookup of a container's socket finds nothing (reported as gone) and
+    SOCK_DESTROY cannot reach it. The namespace is named again by the path the survey used; if
+    that path now names another namespace, the lookup by cookie finds nothing there and the
+    socket is skipped, never another one touched. A namespace that is gone skips its targets.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[str | None, socket_mod.socket] = {}
+        self._gone: dict[str, str] = {}
+
+    def get(self, path: str | None) -> socket_mod.socket:
+        nl = self._open.get(path)
+        if nl is not None:
+            return nl
+        if path is None:
+            nl = netlink.open_socket()
+        else:
+            if path in self._gone:
+                raise _Skip("netns-gone", self._gone[path])
+            try:
+                with netns_mod.entered(netns_mod.resolve(path)):
+                    nl = netlink.open_socket()
+            except (NetnsError, NoSuchProcess) as err:
+                self._gone[path] = f"its network namespace is gone since the plan ({err})"
+                raise _Skip("netns-gone", self._gone[path]) from err
+        self._open[path] = nl
+        return nl
+
+    def close(self) -> None:
+        for nl in self._open.values():
+            nl.close()
+        self._open.clear()
 
 
 @contextmanager
@@ -399,13 +532,13 @@ def _check_fd(target: ReapTarget, inode: int | None) -> None:
         raise _Skip("fd-reused", f"fd {target.fd} now holds {what}, not the planned {target.socket.inode}")
 
 
-def _shutdown_one(target: ReapTarget, nl: socket_mod.socket, proc_root: str) -> str:
+def _shutdown_one(target: ReapTarget, channels: _Channels, proc_root: str) -> str:
     with _pinned(target, proc_root, required=True) as pin, _about(target, proc_root, "getfd-failed"):
         dup = pidfd.borrow(pin, target.process.pid, target.fd) if pin is not None else None
     try:
         _check_fd(target, None if dup is None else pidfd.socket_inode_of(dup) or 0)
         assert dup is not None
-        _check_still_close_wait(target, nl)
+        _check_still_close_wait(target, channels.get(target.netns))
         state = pidfd.tcp_state(dup)
         if state != TcpState.CLOSE_WAIT:
             raise _Skip("state-changed", f"socket is now {_state_name(state)}, no longer CLOSE_WAIT")
@@ -420,11 +553,12 @@ def _shutdown_one(target: ReapTarget, nl: socket_mod.socket, proc_root: str) -> 
     return f"FIN sent; socket now {_state_name(after)}; fd {target.fd} stays open"
 
 
-def _destroy_one(target: ReapTarget, nl: socket_mod.socket, proc_root: str) -> str:
+def _destroy_one(target: ReapTarget, channels: _Channels, proc_root: str) -> str:
     with _pinned(target, proc_root, required=False):  # pins the pid while it is checked, where the kernel can
         with _about(target, proc_root):
             link = fd_link(target.process.pid, target.fd, proc_root)
         _check_fd(target, None if link is None else socket_inode(link) or 0)
+        nl = channels.get(target.netns)  # SOCK_DESTROY reaches only the namespace nl was opened in
         _check_still_close_wait(target, nl)
         try:
             netlink.destroy(target.socket, nl=nl)
@@ -495,4 +629,5 @@ __all__ = [
     "parse_duration",
     "plan",
     "survey",
+    "survey_all_netns",
 ]

@@ -272,6 +272,7 @@ def _target_dict(target: reap.ReapTarget) -> dict[str, Any]:
         "fd": target.fd,
         "fds": list(target.fds),
         "other_holders": [owner_dict(o) for o in target.other_holders],
+        "netns": target.netns,
     }
 
 
@@ -280,6 +281,7 @@ def _excluded_dict(excluded: reap.Excluded) -> dict[str, Any]:
         **_reap_socket_dict(excluded.socket),
         "owners": [owner_dict(o) for o in excluded.owners],
         "reason": excluded.reason,
+        "netns": excluded.netns,
     }
 
 
@@ -292,6 +294,7 @@ def reap_plan_dict(plan: reap.ReapPlan) -> dict[str, Any]:
         "targets": [_target_dict(t) for t in plan.targets],
         "excluded": [_excluded_dict(e) for e in plan.excluded],
         "errors": list(plan.errors),
+        "namespaces": list(plan.namespaces),
     }
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import closewait
+from closewait.sources import netns
 from tests.conftest import Spawn
 from tests.util import wait_for
 
@@ -19,18 +20,25 @@ C_SERVER = HERE / "leaky_server.c"
 
 
 class LeakyServer:
-    """A running leaky server child: leak connections into CLOSE_WAIT, talk to it, look at its sockets."""
+    """A running leaky server child: leak connections into CLOSE_WAIT, talk to it, look at its sockets.
 
-    def __init__(self, proc: subprocess.Popen[str], host: str) -> None:
+    ``in_netns``: the child runs in a network namespace of its own (``ip netns exec``); clients are
+    then opened inside that namespace (named by the child's /proc/PID/ns/net, so deleting its
+    /run/netns name does not lose it), and its sockets are looked for there.
+    """
+
+    def __init__(self, proc: subprocess.Popen[str], host: str, *, in_netns: bool = False) -> None:
         assert proc.stdout is not None
         self.proc = proc
         self.pid = proc.pid
         self.host = host
         self.port = int(proc.stdout.readline())
+        self.netns = netns.resolve(str(proc.pid)) if in_netns else None
         self.control = self.connect()
 
     def connect(self) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout=10)
+        with netns.entered(self.netns):  # a socket keeps the namespace it was opened in
+            return socket.create_connection((self.host, self.port), timeout=10)
 
     def ask(self, line: str, conn: socket.socket | None = None) -> str:
         """Send one command line and return the reply line (on ``conn``, the control connection by default)."""
@@ -49,7 +57,7 @@ class LeakyServer:
 
     def close_wait(self) -> tuple[closewait.Finding, ...]:
         """This server's CLOSE_WAIT sockets, through sock_diag."""
-        snapshot = closewait.scan(ports=[self.port], pids=[self.pid], backend="netlink")
+        snapshot = closewait.scan(ports=[self.port], pids=[self.pid], backend="netlink", netns=self.netns)
         return tuple(f for f in snapshot.findings if f.socket.local.port == self.port)
 
     def leak(self, count: int) -> tuple[closewait.Finding, ...]:
@@ -71,9 +79,13 @@ class LeakyServer:
         return self.proc.poll() is None
 
 
-def start_python(spawn: Spawn, host: str = "127.0.0.1", device: str | None = None) -> LeakyServer:
-    argv = [sys.executable, str(PY_SERVER), host, *([device] if device else [])]
-    return LeakyServer(spawn(argv=argv), host)
+def start_python(
+    spawn: Spawn, host: str = "127.0.0.1", device: str | None = None, *, netns_name: str | None = None
+) -> LeakyServer:
+    """The Python leaky server, in the network namespace ``netns_name`` (``ip netns add``) if given."""
+    prefix = ["ip", "netns", "exec", netns_name] if netns_name is not None else []
+    argv = [*prefix, sys.executable, str(PY_SERVER), host, *([device] if device else [])]
+    return LeakyServer(spawn(argv=argv), host, in_netns=netns_name is not None)
 
 
 def start_c(spawn: Spawn, binary: Path) -> LeakyServer:

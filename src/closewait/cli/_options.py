@@ -220,8 +220,8 @@ def state_option(f: F) -> F:
     )(f)
 
 
-def netns_option(help: str) -> Callable[[F], F]:
-    return click.option("--netns", type=NETNS, metavar="PID|PATH", help=help)
+def netns_option(help: str, metavar: str = "PID|PATH") -> Callable[[F], F]:
+    return click.option("--netns", type=NETNS, metavar=metavar, help=help)
 
 
 def port_option(f: F) -> F:

@@ -4,9 +4,10 @@ It always plans first; without ``--yes`` it prints the plan and changes nothing.
 decides, then acts, then writes: what is released never depends on whether the output could be
 written (``reap --yes | head -1`` used to release nothing, the plan's print having failed first). An
 output failure after acting is one line on stderr with what was done, and exit 141 (reader gone) or
-74 (stdout not writable). Exit codes (docs/reap.md): 0 everything planned was released, or a dry run,
-or nothing matched; 1 some socket was skipped or failed; 2 bad usage, missing permission, no such
-process, or an unsupported kernel.
+74 (stdout not writable). ``--netns`` and ``--all-netns`` survey other network namespaces
+(``reap.survey``, ``reap.survey_all_netns``); the plan names each socket's. Exit codes
+(docs/reap.md): 0 everything planned was released, or a dry run, or nothing matched; 1 some socket
+was skipped or failed; 2 bad usage, missing permission, no such process, or an unsupported kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from closewait.cli._options import (
     DURATION,
     PID,
     examples,
+    netns_option,
     port_option,
     refuse_non_ascii_digits,
     selector_from,
@@ -34,7 +36,7 @@ from closewait.errors import UsageError
 @click.command(
     "reap",
     epilog=examples(
-        ("closewait reap --pid 1234", "the plan only: nothing is changed"),
+        ("closewait reap --pid 1234 --netns 1234", "the plan only (in pid 1234's network namespace)"),
         ("closewait reap --container web --older-than 10m --yes", "one container's, idle over 10 minutes"),
         ("closewait reap --all --port 8080 --yes", "every process's CLOSE_WAIT on port 8080"),
     ),
@@ -64,6 +66,15 @@ from closewait.errors import UsageError
     help="shutdown: pidfd_getfd + shutdown() (FIN, Linux 5.6+); destroy: SOCK_DESTROY (RST, CAP_NET_ADMIN).",
 )
 @workload_options
+@netns_option(
+    "Reap in this network namespace: its name under /run/netns, a pid in it, or /proc/PID/ns/net (root).",
+    metavar="NAME|PID|PATH",
+)
+@click.option(
+    "--all-netns",
+    is_flag=True,
+    help="Reap in every network namespace some process is in (root); not with --netns.",
+)
 @click.option(
     "--all",
     "all_processes",
@@ -82,6 +93,8 @@ def reap_command(
     pod: str | None,
     namespace: str | None,
     unit: str | None,
+    netns: str | None,
+    all_netns: bool,
     all_processes: bool,
     yes: bool,
     as_json: bool,
@@ -91,15 +104,20 @@ def reap_command(
     Prints the plan (sockets, fds, method) and changes nothing unless --yes is given. With --yes it
     acts first and prints the plan and the outcomes after.
     """
+    if all_netns and netns is not None:
+        raise UsageError("give --all-netns or --netns, not both")
     remote_filter = _remote_filter(remote) if remote is not None else None
     # Validate before touching the kernel, so a bad combination is one line even without privileges.
     selection = selector_from(container, pod, namespace, unit)
     reap.ReapCriteria(
         frozenset(pids), frozenset(ports), remote_filter, older_than_ms, all_processes, selection
     ).validate()
-    snapshot = reap.survey(pids=pids, ports=ports, workload=selection)
+    if all_netns:
+        snapshots = reap.survey_all_netns(pids=pids, ports=ports, workload=selection)
+    else:
+        snapshots = (reap.survey(pids=pids, ports=ports, workload=selection, netns=netns),)
     reap_plan = reap.plan(
-        snapshot,
+        snapshots,
         pids=pids,
         ports=ports,
         remote=remote_filter,

@@ -29,6 +29,24 @@ def _process_line(target: ReapTarget) -> str:
     return f"pid {process.pid} {process.name}{where}  {cmd}"
 
 
+def _where(plan: ReapPlan) -> str:
+    """Which network namespaces the plan covers, for its first line: nothing for the caller's own."""
+    if plan.namespaces == (None,):
+        return ""
+    if len(plan.namespaces) == 1:
+        return f" in network namespace {plan.namespaces[0]}"
+    return f" across {plural(len(plan.namespaces), 'network namespace')}"
+
+
+def _netns_column(plan: ReapPlan) -> bool:
+    """A NETNS column when the plan spans several namespaces (--all-netns): each row says which."""
+    return len(plan.namespaces) > 1
+
+
+def _netns_cell(path: str | None) -> str:
+    return path if path is not None else "host"
+
+
 def _row(target: ReapTarget) -> list[str]:
     sock = target.socket
     also = ", ".join(f"pid {o.process.pid} fd {o.fd}" for o in target.other_holders) or "-"
@@ -44,10 +62,12 @@ def _row(target: ReapTarget) -> list[str]:
     ]
 
 
-def _table() -> Table:
+def _table(*, netns: bool) -> Table:
     table = Table(box=None, padding=(0, 2), pad_edge=False, show_edge=False, header_style="dim")
     for name in ("PID", "FD", "LOCAL", "REMOTE", "IDLE", "RECV-Q", "INODE", "ALSO HELD BY"):
         table.add_column(name, justify="left" if name in ("LOCAL", "REMOTE", "ALSO HELD BY") else "right")
+    if netns:
+        table.add_column("NETNS")
     return table
 
 
@@ -55,14 +75,16 @@ def print_plan(plan: ReapPlan, *, dry_run: bool, out: Console | None = None) -> 
     out = out or console()
     header = Text()
     header.append(f"plan: {plan.method.value} {plural(len(plan.targets), 'CLOSE_WAIT socket')}", style="bold")
-    header.append(f" held by {plural(len(plan.processes), 'process')} ({plan.criteria.describe()})")
+    header.append(f" held by {plural(len(plan.processes), 'process')} ({plan.criteria.describe()}){_where(plan)}")
     out.print(header)
     for process_line in dict.fromkeys(_process_line(t) for t in plan.targets):
         out.print(Text(f"  {process_line}", style="cyan"))
     out.print(Text(f"  method: {_METHOD_WORDS[plan.method]}", style="dim"))
-    table = _table()
+    netns = _netns_column(plan)
+    table = _table(netns=netns)
     for target in plan.targets:
-        table.add_row(*[escape(c) for c in _row(target)])
+        cells = _row(target) + ([_netns_cell(target.netns)] if netns else [])
+        table.add_row(*[escape(c) for c in cells])
     out.print(Padding(table, (0, 0, 0, 2), expand=False))
     _print_excluded(plan, out)
     if dry_run:
@@ -71,7 +93,9 @@ def print_plan(plan: ReapPlan, *, dry_run: bool, out: Console | None = None) -> 
 
 def _print_excluded(plan: ReapPlan, out: Console) -> None:
     for item in plan.excluded:
-        out.print(Text(f"  not touched: {item.socket.local} -> {item.socket.remote}: {item.reason}", style="yellow"))
+        where = f" (network namespace {_netns_cell(item.netns)})" if _netns_column(plan) else ""
+        line = f"  not touched: {item.socket.local} -> {item.socket.remote}{where}: {item.reason}"
+        out.print(Text(line, style="yellow"))
     err = console(stderr=True)
     for message in plan.errors:
         err.print(Text(f"warning: {message}", style="yellow"))
@@ -79,7 +103,7 @@ def _print_excluded(plan: ReapPlan, out: Console) -> None:
 
 def print_nothing(plan: ReapPlan, out: Console | None = None) -> None:
     out = out or console()
-    out.print(f"nothing to reap: no CLOSE_WAIT socket matches {plan.criteria.describe()}")
+    out.print(Text(f"nothing to reap: no CLOSE_WAIT socket matches {plan.criteria.describe()}{_where(plan)}"))
     _print_excluded(plan, out)
 
 
