@@ -61,12 +61,15 @@ def role_of(
         return Role.SERVER
     if not owners:
         return Role.UNKNOWN
+    # The host-wide port test first: one set lookup answers most server ends (it runs once per
+    # socket in a scan), before the owners' pids are gathered for the per-listener test.
+    local = socket.local
+    if local.port in host_listening_ports:
+        return Role.SERVER
     pids = {owner.process.pid for owner in owners}
     for pid, endpoint in listening:
-        if pid in pids and endpoint.port == socket.local.port and _covers(endpoint, socket.local):
+        if pid in pids and endpoint.port == local.port and _covers(endpoint, local):
             return Role.SERVER
-    if socket.local.port in host_listening_ports:
-        return Role.SERVER
     return Role.CLIENT
 
 
