@@ -364,19 +364,29 @@ def _findings(
     host_ports = {s.local.port for s in listeners}
 
     findings: list[Finding] = []
-    append, diagnose, role_of, no_owners = findings.append, rules.diagnose, rules.role_of, ()
-    close_wait, exact = TcpState.CLOSE_WAIT, AgeSource.EXACT
+    keys: list[tuple[int, int, int, int]] = []  # _finding_order's, made here where idle_ms is at hand
+    append, add_key, diagnose, role_of, no_owners = findings.append, keys.append, rules.diagnose, rules.role_of, ()
+    close_wait, lower_bound = TcpState.CLOSE_WAIT, AgeSource.LAST_ACK_LOWER_BOUND
+    recorded = entries.times if entries is not None else None
     for sock in targets:
         found = owner_index.get(sock.inode) if owner_index else None
         sock_owners: tuple[Owner, ...] = tuple(found) if found else no_owners
         if pid_filter and not sock_owners:
             continue
         role = role_of(sock, sock_owners, listening, host_ports) if with_roles else Role.UNKNOWN
-        age = _age(sock, entries, taken_at) if sock.state == close_wait else None
-        exact_ms = age.ms if age is not None and age.source is exact else None
+        idle = sock.idle_ms
+        age: Age | None = None
+        exact_ms: int | None = None
+        if sock.state == close_wait:
+            if recorded:
+                age = _age(sock, entries, taken_at)
+                exact_ms = age.ms if age is not None and age.source is AgeSource.EXACT else None
+            elif idle is not None:  # no recorder (most hosts): _age's lower bound, without the call
+                age = make_age(taken_at - idle / 1000, idle, lower_bound)
         append(make_finding(sock, sock_owners, role, diagnose(sock, sock_owners, role, exact_ms), age))
-    findings.sort(key=_finding_order)
-    return tuple(findings)
+        add_key((sock.state, -(idle or 0), sock.local.port, sock.remote.port))
+    # A stable sort of the keys, as findings.sort(key=_finding_order) would order them.
+    return tuple([findings[i] for i in sorted(range(len(keys)), key=keys.__getitem__)])
 
 
 def _state_counts(wanted_states: frozenset[TcpState], findings: tuple[Finding, ...]) -> dict[TcpState, int]:
@@ -388,5 +398,7 @@ def _state_counts(wanted_states: frozenset[TcpState], findings: tuple[Finding, .
 
 
 def _finding_order(finding: Finding) -> tuple[int, int, int, int]:
+    """Report order: by state, oldest first (``idle_ms``), then by ports. ``_findings`` builds these
+    keys in its loop; tests/scan compare its order with a sort by this function."""
     sock = finding.socket
     return (sock.state, -(sock.idle_ms or 0), sock.local.port, sock.remote.port)
