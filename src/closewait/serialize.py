@@ -4,10 +4,13 @@ Used by ``scan --json``, ``watch --jsonl`` and the pytest plugin's report; the n
 documented in docs/json.md and only ever added to, never renamed.
 
 ``snapshot_dict`` is the definition. ``snapshot_json`` prints exactly ``json.dumps`` of it, but
-writes each finding with one template (``_finding_json``) instead of building ~5 dicts per socket
-and having the encoder walk them: on 5,000 sockets ~40 ms instead of ~100 ms in a fresh process.
-A field added to ``finding_dict`` must be added to ``_finding_json`` too;
-tests/scanperf/test_serialize_fast.py compares the two on generated snapshots.
+writes each finding with two templates (``_socket_json`` for the socket's own fields,
+``_finding_json`` for the rest) instead of building ~5 dicts per socket and having the encoder walk
+them: on 5,000 sockets ~40 ms instead of ~100 ms in a fresh process. The strings findings repeat
+(addresses, codes, remedies) are escaped once per call. The socket's part can be written ahead,
+while the kernel's dump is still arriving (``SocketJson``, used by the console). A field added to
+``finding_dict`` must be added to one of the templates too; tests/scanperf/test_serialize_fast.py
+compares them with json.dumps on generated snapshots, with and without sockets written ahead.
 """
 
 from __future__ import annotations
@@ -204,22 +207,64 @@ def _owners_json(owners: tuple[Owner, ...], cache: _OwnerCache) -> str:
     return f"[{','.join(parts)}]"
 
 
-def _finding_json(finding: Finding, cache: _OwnerCache, strings: _StringCache) -> str:
-    """``json.dumps(finding_dict(finding), separators=(",", ":"))``, written with one template.
+class SocketJson:
+    """Each socket's own fields as JSON, written ahead: while the kernel's dump is still arriving.
 
-    Strings go through json's own C escaper (ensure_ascii, as json.dumps does), the repeated ones
-    once per ``strings``; the enum names and values are plain ASCII words; an ``int`` field formats
-    as json writes it (``str(int)``; the model types them ``int``, never bool; no format spec, which
-    costs a call to ``int.__format__``). Written out in one function, ``utc_text`` included: this
+    The console's ``scan --json`` waits on the kernel for part of its dump (the kernel walks its
+    whole TCP table at the speed it walks it, whatever Python does); ``add`` is what it does with
+    that time: the part of each socket's JSON that only the socket decides (``state`` to
+    ``idle_ms``, about half the template's work), kept by the socket's identity.
+    ``snapshot_json_chunks(snapshot, ahead)`` then uses it for the findings of those very sockets
+    and writes the rest as usual. The sockets are kept too, so an id is never reused while this
+    lives. The bytes are the same either way (tests/scanperf/test_serialize_fast.py).
+    """
+
+    def __init__(self) -> None:
+        self.texts: dict[int, str] = {}
+        self.strings: _StringCache = {}
+        self._kept: list[Socket] = []
+
+    def add(self, sockets: list[Socket]) -> None:
+        texts, strings = self.texts, self.strings
+        for sock in sockets:
+            texts[id(sock)] = _socket_json(sock, strings)
+        self._kept.extend(sockets)
+
+
+def _socket_json(sock: Socket, strings: _StringCache) -> str:
+    """The start of a finding's JSON: the socket's own fields, through ``"idle_ms":...,`` (a comma
+    ends it). Strings go through json's own C escaper (ensure_ascii, as json.dumps does), the
+    repeated ones once per ``strings``; the enum names and values are plain ASCII words; an ``int``
+    field formats as json writes it (``str(int)``; the model types them ``int``, never bool; no
+    format spec, which costs a call to ``int.__format__``)."""
+    local = sock.local
+    remote = sock.remote
+    cookie = sock.cookie
+    idle_ms = sock.idle_ms
+    local_address = local.address
+    remote_address = remote.address
+    return (
+        f'{{"state":"{_STATE_NAMES[sock.state]}","family":"{_FAMILY_VALUES[sock.family]}",'
+        f'"local":{{"address":{strings.get(local_address) or _json_text(local_address, strings)},'
+        f'"port":{local.port}}},'
+        f'"remote":{{"address":{strings.get(remote_address) or _json_text(remote_address, strings)},'
+        f'"port":{remote.port}}},'
+        f'"inode":{sock.inode},"cookie":{"null" if cookie is None else f"{cookie}"},"uid":{sock.uid},'
+        f'"recv_q":{sock.recv_q},"send_q":{sock.send_q},'
+        f'"unread_bytes":{sock.unread_bytes},"eof_read":{"true" if sock.eof_read else "false"},'
+        f'"idle_ms":{"null" if idle_ms is None else f"{idle_ms}"},'
+    )
+
+
+def _finding_json(finding: Finding, cache: _OwnerCache, strings: _StringCache, ahead: dict[int, str]) -> str:
+    """``json.dumps(finding_dict(finding), separators=(",", ":"))``, written with two templates:
+    the socket's (``_socket_json``, or its text from ``ahead``) and this one, for what the scan
+    added (role, owners, diagnosis, age), written out in one function, ``utc_text`` included: this
     runs once per socket.
     """
     sock = finding.socket
-    local = sock.local
-    remote = sock.remote
     owners = finding.owners
     diagnosis = finding.diagnosis
-    cookie = sock.cookie
-    idle_ms = sock.idle_ms
     age = finding.age
     if age is None:
         ages = _NO_AGE
@@ -232,18 +277,8 @@ def _finding_json(finding: Finding, cache: _OwnerCache, strings: _StringCache) -
             f',"close_wait_age_ms":{age.ms}'
             f"{_LOWER_BOUND_TAIL if source is _LOWER_BOUND else _AGE_SOURCE_TAILS[source]}"
         )
-    local_address = local.address
-    remote_address = remote.address
     return (
-        f'{{"state":"{_STATE_NAMES[sock.state]}","family":"{_FAMILY_VALUES[sock.family]}",'
-        f'"local":{{"address":{strings.get(local_address) or _json_text(local_address, strings)},'
-        f'"port":{local.port}}},'
-        f'"remote":{{"address":{strings.get(remote_address) or _json_text(remote_address, strings)},'
-        f'"port":{remote.port}}},'
-        f'"inode":{sock.inode},"cookie":{"null" if cookie is None else f"{cookie}"},"uid":{sock.uid},'
-        f'"recv_q":{sock.recv_q},"send_q":{sock.send_q},'
-        f'"unread_bytes":{sock.unread_bytes},"eof_read":{"true" if sock.eof_read else "false"},'
-        f'"idle_ms":{"null" if idle_ms is None else f"{idle_ms}"},"role":"{_ROLE_VALUES[finding.role]}",'
+        f'{ahead.get(id(sock)) or _socket_json(sock, strings)}"role":"{_ROLE_VALUES[finding.role]}",'
         f'"owners":{_owners_json(owners, cache) if owners else "[]"},"diagnosis":'
         + (
             "null"
@@ -274,19 +309,21 @@ def snapshot_json(snapshot: Snapshot) -> str:
 _CHUNK_FINDINGS = 200
 
 
-def snapshot_json_chunks(snapshot: Snapshot) -> Iterator[str]:
+def snapshot_json_chunks(snapshot: Snapshot, ahead: SocketJson | None = None) -> Iterator[str]:
     """``snapshot_json(snapshot)`` in pieces of ~100 KiB, for writing as they are made.
 
     The console writes these instead of one string: 5,000 sockets make 2.5 MB of JSON, and each
     copy of that much (the joined text, its UTF-8 encoding) is fresh memory from the kernel,
-    a page fault per 4 KiB; chunks reuse the same memory.
+    a page fault per 4 KiB; chunks reuse the same memory. ``ahead`` holds the JSON of some of the
+    findings' sockets, written earlier (``SocketJson``): the same bytes, sooner.
     """
     findings = snapshot.findings
     cache: _OwnerCache = {}
-    strings: _StringCache = {}
+    strings: _StringCache = ahead.strings if ahead is not None else {}
+    texts = ahead.texts if ahead is not None else {}
     yield '{"sockets":['
     for start in range(0, len(findings), _CHUNK_FINDINGS):
-        text = ",".join([_finding_json(f, cache, strings) for f in findings[start : start + _CHUNK_FINDINGS]])
+        text = ",".join([_finding_json(f, cache, strings, texts) for f in findings[start : start + _CHUNK_FINDINGS]])
         yield f",{text}" if start else text
     yield f"],{_compact(_snapshot_fields(snapshot))[1:]}\n"
 
