@@ -218,13 +218,18 @@ def main(argv: list[str] | None = None) -> Any:
 
     try:
         from closewait.scanning import CLOSE_WAIT_ONLY, scan
-        from closewait.serialize import snapshot_json_chunks
+        from closewait.serialize import SocketJson, snapshot_json_chunks
 
+        # While the kernel's walk keeps the dump's next reply waiting, write the JSON of the sockets
+        # already parsed: work taken off the end of the command, the same bytes.
+        ahead = SocketJson()
+        if early is not None:
+            early.while_waiting = ahead.add
         snapshot = scan(
             CLOSE_WAIT_ONLY, owners=owners, backend=early if early is not None else "auto", workloads=workloads
         )
         write = sys.stdout.write
-        for chunk in snapshot_json_chunks(snapshot):
+        for chunk in snapshot_json_chunks(snapshot, ahead):
             write(chunk)
         sys.stdout.flush()
         sys.stderr.flush()
