@@ -366,14 +366,14 @@ def _findings(
     findings: list[Finding] = []
     keys: list[tuple[int, int, int, int]] = []  # _finding_order's, made here where idle_ms is at hand
     append, add_key, diagnose, role_of, no_owners = findings.append, keys.append, rules.diagnose, rules.role_of, ()
-    close_wait, lower_bound = TcpState.CLOSE_WAIT, AgeSource.LAST_ACK_LOWER_BOUND
+    close_wait, lower_bound, unknown = TcpState.CLOSE_WAIT, AgeSource.LAST_ACK_LOWER_BOUND, Role.UNKNOWN
     recorded = entries.times if entries is not None else None
     for sock in targets:
         found = owner_index.get(sock.inode) if owner_index else None
         sock_owners: tuple[Owner, ...] = tuple(found) if found else no_owners
         if pid_filter and not sock_owners:
             continue
-        role = role_of(sock, sock_owners, listening, host_ports) if with_roles else Role.UNKNOWN
+        role = role_of(sock, sock_owners, listening, host_ports) if with_roles else unknown
         idle = sock.idle_ms
         age: Age | None = None
         exact_ms: int | None = None
