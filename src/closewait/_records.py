@@ -1,5 +1,5 @@
 """Fast constructors for the records a scan builds per socket: ``Endpoint``, ``TcpInfo``, ``Socket``,
-``Diagnosis``, ``Age`` and ``Finding``.
+``Owner``, ``Diagnosis``, ``Age`` and ``Finding``.
 
 A frozen dataclass's ``__init__`` stores each field through ``object.__setattr__`` (a generic
 attribute lookup per field): ~1.2 us for a ``TcpInfo``. Each ``make_*`` here fills a draft
@@ -25,7 +25,20 @@ The rules that keep them honest:
 
 from __future__ import annotations
 
-from closewait.model import Age, AgeSource, Diagnosis, Endpoint, Family, Finding, Owner, Role, Socket, TcpInfo, TcpState
+from closewait.model import (
+    Age,
+    AgeSource,
+    Diagnosis,
+    Endpoint,
+    Family,
+    Finding,
+    Owner,
+    Process,
+    Role,
+    Socket,
+    TcpInfo,
+    TcpState,
+)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
@@ -123,6 +136,19 @@ def make_socket(
     self.source = source
     self.__class__ = Socket
     made: Socket = self
+    return made
+
+
+_OwnerDraft = _draft(Owner)
+
+
+def make_owner(process: Process, fd: int) -> Owner:
+    """``Owner(process, fd)``, faster."""
+    self = _new(_OwnerDraft)
+    self.process = process
+    self.fd = fd
+    self.__class__ = Owner
+    made: Owner = self
     return made
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Collection, Iterable
 
 from closewait import diagnosis as rules
-from closewait._records import make_age, make_finding
+from closewait._records import make_age, make_finding, make_owner
 from closewait.errors import AccessDenied, UsageError
 from closewait.model import Age, AgeSource, Endpoint, Finding, Owner, Process, Role, Snapshot, Socket, TcpState
 from closewait.sources import get_source, pinned
@@ -254,7 +254,7 @@ def _attribute(targets: list[Socket], owner_map: OwnerMap, resolver: WorkloadRes
             if named_process is None:
                 workload = resolver.workload_of(process)
                 named_process = named[process.identity] = dataclasses.replace(process, workload=workload)
-            renamed.append(Owner(named_process, owner.fd))
+            renamed.append(make_owner(named_process, owner.fd))
         index[sock.inode] = renamed
     from closewait.sources.attribution import EXITED
 
