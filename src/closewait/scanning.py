@@ -174,7 +174,8 @@ def _dump(
     dump_states = wanted_states | {TcpState.LISTEN} if need_listeners else wanted_states
     with netns_mod.entered(ns):
         raw = list(source.sockets(dump_states))
-    listeners = [s for s in raw if s.state == TcpState.LISTEN]
+    listen = TcpState.LISTEN  # read once: an Enum member read from its class costs ~70 ns, per socket here
+    listeners = [s for s in raw if s.state == listen]
     targets = [s for s in raw if s.state in wanted_states]
     if port_filter:
         targets = [s for s in targets if s.local.port in port_filter or s.remote.port in port_filter]
