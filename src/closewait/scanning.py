@@ -322,8 +322,9 @@ def _ages(targets: list[Socket], wanted_states: frozenset[TcpState], pin_dir: st
     """
     if pin_dir is None or TcpState.CLOSE_WAIT not in wanted_states:
         return None
-    cookies = [s.cookie for s in targets if s.state == TcpState.CLOSE_WAIT and s.cookie is not None]
-    if not cookies and any(s.state == TcpState.CLOSE_WAIT for s in targets):
+    close_wait = TcpState.CLOSE_WAIT  # read once, not per socket (an Enum member read costs ~70 ns)
+    cookies = [s.cookie for s in targets if s.state == close_wait and s.cookie is not None]
+    if not cookies and any(s.state == close_wait for s in targets):
         return pinned.EntryTimes({}, 0, 0.0, "this socket source reports no socket cookies (use --backend netlink)")
     return pinned.entry_times(cookies, pin_dir)
 
