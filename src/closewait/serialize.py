@@ -277,17 +277,16 @@ def _finding_json(finding: Finding, cache: _OwnerCache, strings: _StringCache, a
             f',"close_wait_age_ms":{age.ms}'
             f"{_LOWER_BOUND_TAIL if source is _LOWER_BOUND else _AGE_SOURCE_TAILS[source]}"
         )
-    return (
+    diagnosed = (
+        "null"
+        if diagnosis is None
+        else f'{{"code":{strings.get(diagnosis.code) or _json_text(diagnosis.code, strings)},'
+        f'"summary":{_json_str(diagnosis.summary)},'
+        f'"remedy":{strings.get(diagnosis.remedy) or _json_text(diagnosis.remedy, strings)}}}'
+    )
+    return (  # one f-string: each + of the whole would copy it once more
         f'{ahead.get(id(sock)) or _socket_json(sock, strings)}"role":"{_ROLE_VALUES[finding.role]}",'
-        f'"owners":{_owners_json(owners, cache) if owners else "[]"},"diagnosis":'
-        + (
-            "null"
-            if diagnosis is None
-            else f'{{"code":{strings.get(diagnosis.code) or _json_text(diagnosis.code, strings)},'
-            f'"summary":{_json_str(diagnosis.summary)},'
-            f'"remedy":{strings.get(diagnosis.remedy) or _json_text(diagnosis.remedy, strings)}}}'
-        )
-        + ages
+        f'"owners":{_owners_json(owners, cache) if owners else "[]"},"diagnosis":{diagnosed}{ages}'
     )
 
 
