@@ -1,11 +1,11 @@
 """Time the model's fast constructors (``closewait._records``) against ``Class(...)``.
 
-Each ``make_*`` is a plain typed function that fills the class's slots through its member
-descriptors. Until issue 10 they were generated with ``exec`` from the dataclass's fields; that
-generator is repeated below as the reference, so this benchmark shows the typed functions are no
-slower than the generated ones they replaced. Per call, best of ``--repeat`` runs of ``--number``
-calls each, in nanoseconds; the three variants of a class are timed round-robin so that load from
-elsewhere hits them alike.
+Each ``make_*`` is a plain typed function that fills a draft with the class's slots and then
+assigns the draft's ``__class__`` (see ``closewait._records``). Until issue 10 they were generated
+with ``exec`` from the dataclass's fields, setting each slot through its member descriptor; that
+generator is repeated below as the reference, so this benchmark shows what the drafts gain over
+it. Per call, best of ``--repeat`` runs of ``--number`` calls each, in nanoseconds; the three
+variants of a class are timed round-robin so that load from elsewhere hits them alike.
 
     python bench/bench_records.py
     python bench/bench_records.py --number 200000 --repeat 9

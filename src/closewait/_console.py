@@ -171,23 +171,30 @@ def _defer_inspect() -> None:
     """Load the standard library's ``inspect`` only if something uses it.
 
     The model's dataclasses import ``dataclasses``, which imports ``inspect`` (with ast, dis,
-    tokenize and linecache: ~12 ms) but calls it only to write a docstring for a class that has
-    none; closewait's classes all have one. ``importlib.util.LazyLoader`` puts a module in
-    ``sys.modules`` that runs its code on first attribute access, so nothing changes for code that
-    does use it.
+    tokenize and linecache: ~7-12 ms) but calls it only to write a docstring for a class that has
+    none; closewait's classes all have one. So ``inspect`` starts as a stand-in module: the import
+    statement takes it as it is, and the first attribute anyone reads from it (PEP 562's module
+    ``__getattr__``) imports the real one and fills the stand-in with its names, so nothing changes
+    for code that does use it. (``importlib.util.LazyLoader`` cannot do this: the import statement
+    itself reads a module's ``__spec__``, which loads a lazy module there and then.)
     """
-    import importlib.util
-
     if "inspect" in sys.modules:
         return
-    spec = importlib.util.find_spec("inspect")
-    if spec is None or spec.loader is None:
-        return
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["inspect"] = module
-    loader.exec_module(module)
+    import types
+
+    stand_in = types.ModuleType("inspect", "The standard library's inspect, imported on first use.")
+
+    def load(name: str) -> object:
+        if sys.modules.get("inspect") is stand_in:
+            del sys.modules["inspect"]
+        import importlib
+
+        real = importlib.import_module("inspect")
+        vars(stand_in).update(vars(real))
+        return getattr(real, name)
+
+    vars(stand_in)["__getattr__"] = load
+    sys.modules["inspect"] = stand_in
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -218,13 +225,18 @@ def main(argv: list[str] | None = None) -> Any:
 
     try:
         from closewait.scanning import CLOSE_WAIT_ONLY, scan
-        from closewait.serialize import snapshot_json_chunks
+        from closewait.serialize import SocketJson, snapshot_json_chunks
 
+        # While the kernel's walk keeps the dump's next reply waiting, write the JSON of the sockets
+        # already parsed: work taken off the end of the command, the same bytes.
+        ahead = SocketJson()
+        if early is not None:
+            early.while_waiting = ahead.add
         snapshot = scan(
             CLOSE_WAIT_ONLY, owners=owners, backend=early if early is not None else "auto", workloads=workloads
         )
         write = sys.stdout.write
-        for chunk in snapshot_json_chunks(snapshot):
+        for chunk in snapshot_json_chunks(snapshot, ahead):
             write(chunk)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -4,10 +4,13 @@ Used by ``scan --json``, ``watch --jsonl`` and the pytest plugin's report; the n
 documented in docs/json.md and only ever added to, never renamed.
 
 ``snapshot_dict`` is the definition. ``snapshot_json`` prints exactly ``json.dumps`` of it, but
-writes each finding with one template (``_finding_json``) instead of building ~5 dicts per socket
-and having the encoder walk them: on 5,000 sockets ~40 ms instead of ~100 ms in a fresh process.
-A field added to ``finding_dict`` must be added to ``_finding_json`` too;
-tests/scanperf/test_serialize_fast.py compares the two on generated snapshots.
+writes each finding with two templates (``_socket_json`` for the socket's own fields,
+``_finding_json`` for the rest) instead of building ~5 dicts per socket and having the encoder walk
+them: on 5,000 sockets ~40 ms instead of ~100 ms in a fresh process. The strings findings repeat
+(addresses, codes, remedies) are escaped once per call. The socket's part can be written ahead,
+while the kernel's dump is still arriving (``SocketJson``, used by the console). A field added to
+``finding_dict`` must be added to one of the templates too; tests/scanperf/test_serialize_fast.py
+compares them with json.dumps on generated snapshots, with and without sockets written ahead.
 """
 
 from __future__ import annotations
@@ -47,16 +50,21 @@ _ROLE_VALUES: dict[Role, str] = {role: role.value for role in Role}
 _AGE_SOURCES: dict[AgeSource, str] = {source: source.value for source in AgeSource}
 #: Whole seconds -> their ISO 8601 text: a scan's thousands of ages fall in a few hundred seconds.
 _UTC_SECONDS: dict[int, str] = {}
+#: The millisecond tails of ``utc_text``, ".000Z" to ".999Z": an index instead of a format per age.
+_MILLIS: tuple[str, ...] = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+
+def _utc_second(whole: int) -> str:
+    """``format_utc(whole)`` without ".000Z", remembered in ``_UTC_SECONDS``."""
+    text = _UTC_SECONDS[whole] = format_utc(whole)[:-5]
+    return text
 
 
 def utc_text(seconds: float) -> str:
     """``display.format_utc(seconds)``, with the date and time of each whole second written once."""
     total_ms = round(seconds * 1000)
-    whole, ms = divmod(total_ms, 1000)
-    text = _UTC_SECONDS.get(whole)
-    if text is None:
-        text = _UTC_SECONDS[whole] = format_utc(whole)[:-5]  # without ".000Z"
-    return f"{text}.{ms:03d}Z"
+    whole = total_ms // 1000  # floor, as divmod: the tail is always 0-999
+    return (_UTC_SECONDS.get(whole) or _utc_second(whole)) + _MILLIS[total_ms - whole * 1000]
 
 
 def age_dict(age: Age | None) -> dict[str, Any]:
@@ -151,65 +159,136 @@ def _snapshot_fields(snapshot: Snapshot) -> dict[str, Any]:
 #: encoded once per ``snapshot_json`` call, not once per socket. The process is kept so its id cannot
 #: be reused while the cache lives.
 _OwnerCache = dict[int, tuple[Process, str, str]]
+#: text -> its JSON string, for the strings findings repeat: addresses (a server's own address is in
+#: every connection it holds), diagnosis codes and remedies (a dozen constants of up to 200
+#: characters). A lookup of a string, whose hash the string keeps, is a fraction of escaping it again.
+#: Summaries differ per socket and are escaped each time. One per ``snapshot_json`` call.
+_StringCache = dict[str, str]
+
+_NO_AGE = ',"close_wait_since":null,"close_wait_age_ms":null,"age_source":null}'
+#: The JSON after ``close_wait_age_ms``'s value, by age source (compared by identity: an Enum's hash
+#: is computed in Python).
+_AGE_SOURCE_TAILS: dict[AgeSource, str] = {source: f',"age_source":"{source.value}"}}' for source in AgeSource}
+_LOWER_BOUND = AgeSource.LAST_ACK_LOWER_BOUND
+_LOWER_BOUND_TAIL = _AGE_SOURCE_TAILS[_LOWER_BOUND]
+
+
+def _json_text(value: str, strings: _StringCache) -> str:
+    """``_json_str(value)``, remembered in ``strings``."""
+    text = strings[value] = _json_str(value)
+    return text
+
+
+def _process_json(process: Process, cache: _OwnerCache) -> tuple[Process, str, str]:
+    """The process's owner JSON before and after its fd, encoded once per ``cache``."""
+    cached = cache.get(id(process))
+    if cached is None or cached[0] is not process:
+        workload = process.workload
+        cached = cache[id(process)] = (
+            process,
+            f'{{"pid":{process.pid},"fd":',
+            f',"name":{_json_str(process.name)},"cmdline":{_compact(list(process.cmdline))},'
+            f'"start_time":{process.start_time},'
+            f'"workload":{"null" if workload is None else _compact(workload.as_dict())}}}',
+        )
+    return cached
 
 
 def _owners_json(owners: tuple[Owner, ...], cache: _OwnerCache) -> str:
     """``_compact([owner_dict(o) for o in owners])``, each process's part encoded once."""
+    if len(owners) == 1:  # nearly every socket: one descriptor of one process
+        owner = owners[0]
+        _, head, tail = _process_json(owner.process, cache)
+        return f"[{head}{owner.fd}{tail}]"
     parts = []
     for owner in owners:
-        process = owner.process
-        cached = cache.get(id(process))
-        if cached is None or cached[0] is not process:
-            workload = process.workload
-            cached = cache[id(process)] = (
-                process,
-                f'{{"pid":{process.pid},"fd":',
-                f',"name":{_json_str(process.name)},"cmdline":{_compact(list(process.cmdline))},'
-                f'"start_time":{process.start_time},'
-                f'"workload":{"null" if workload is None else _compact(workload.as_dict())}}}',
-            )
-        parts.append(f"{cached[1]}{owner.fd}{cached[2]}")
+        _, head, tail = _process_json(owner.process, cache)
+        parts.append(f"{head}{owner.fd}{tail}")
     return f"[{','.join(parts)}]"
 
 
-def _finding_json(finding: Finding, cache: _OwnerCache) -> str:
-    """``json.dumps(finding_dict(finding), separators=(",", ":"))``, written with one template.
+class SocketJson:
+    """Each socket's own fields as JSON, written ahead: while the kernel's dump is still arriving.
 
-    Strings go through json's own C escaper (ensure_ascii, as json.dumps does); the enum names and
-    values are plain ASCII words; an ``int`` field formats as json writes it (``str(int)``; the
-    model types them ``int``, never bool; no format spec, which costs a call to ``int.__format__``).
-    Written out in one function: this runs once per socket.
+    The console's ``scan --json`` waits on the kernel for part of its dump (the kernel walks its
+    whole TCP table at the speed it walks it, whatever Python does); ``add`` is what it does with
+    that time: the part of each socket's JSON that only the socket decides (``state`` to
+    ``idle_ms``, about half the template's work), kept by the socket's identity.
+    ``snapshot_json_chunks(snapshot, ahead)`` then uses it for the findings of those very sockets
+    and writes the rest as usual. The sockets are kept too, so an id is never reused while this
+    lives. The bytes are the same either way (tests/scanperf/test_serialize_fast.py). On the
+    5,000-socket fixture the JSON left after the scan went from ~17-22 to ~8-12 ms of CPU
+    (``bench/bench_scan_steps.py``), as much as the kernel's walk left the main thread waiting.
     """
-    sock = finding.socket
+
+    def __init__(self) -> None:
+        self.texts: dict[int, str] = {}
+        self.strings: _StringCache = {}
+        self._kept: list[Socket] = []
+
+    def add(self, sockets: list[Socket]) -> None:
+        texts, strings = self.texts, self.strings
+        for sock in sockets:
+            texts[id(sock)] = _socket_json(sock, strings)
+        self._kept.extend(sockets)
+
+
+def _socket_json(sock: Socket, strings: _StringCache) -> str:
+    """The start of a finding's JSON: the socket's own fields, through ``"idle_ms":...,`` (a comma
+    ends it). Strings go through json's own C escaper (ensure_ascii, as json.dumps does), the
+    repeated ones once per ``strings``; the enum names and values are plain ASCII words; an ``int``
+    field formats as json writes it (``str(int)``; the model types them ``int``, never bool; no
+    format spec, which costs a call to ``int.__format__``)."""
     local = sock.local
     remote = sock.remote
-    owners = finding.owners
-    diagnosis = finding.diagnosis
     cookie = sock.cookie
     idle_ms = sock.idle_ms
-    age = finding.age
-    ages = (
-        ',"close_wait_since":null,"close_wait_age_ms":null,"age_source":null}'
-        if age is None
-        else f',"close_wait_since":"{utc_text(age.since)}","close_wait_age_ms":{age.ms},'
-        f'"age_source":"{_AGE_SOURCES[age.source]}"}}'
-    )
+    local_address = local.address
+    remote_address = remote.address
     return (
         f'{{"state":"{_STATE_NAMES[sock.state]}","family":"{_FAMILY_VALUES[sock.family]}",'
-        f'"local":{{"address":{_json_str(local.address)},"port":{local.port}}},'
-        f'"remote":{{"address":{_json_str(remote.address)},"port":{remote.port}}},'
+        f'"local":{{"address":{strings.get(local_address) or _json_text(local_address, strings)},'
+        f'"port":{local.port}}},'
+        f'"remote":{{"address":{strings.get(remote_address) or _json_text(remote_address, strings)},'
+        f'"port":{remote.port}}},'
         f'"inode":{sock.inode},"cookie":{"null" if cookie is None else f"{cookie}"},"uid":{sock.uid},'
         f'"recv_q":{sock.recv_q},"send_q":{sock.send_q},'
         f'"unread_bytes":{sock.unread_bytes},"eof_read":{"true" if sock.eof_read else "false"},'
-        f'"idle_ms":{"null" if idle_ms is None else f"{idle_ms}"},"role":"{_ROLE_VALUES[finding.role]}",'
-        f'"owners":{_owners_json(owners, cache) if owners else "[]"},"diagnosis":'
-        + (
-            "null"
-            if diagnosis is None
-            else f'{{"code":{_json_str(diagnosis.code)},"summary":{_json_str(diagnosis.summary)},'
-            f'"remedy":{_json_str(diagnosis.remedy)}}}'
+        f'"idle_ms":{"null" if idle_ms is None else f"{idle_ms}"},'
+    )
+
+
+def _finding_json(finding: Finding, cache: _OwnerCache, strings: _StringCache, ahead: dict[int, str]) -> str:
+    """``json.dumps(finding_dict(finding), separators=(",", ":"))``, written with two templates:
+    the socket's (``_socket_json``, or its text from ``ahead``) and this one, for what the scan
+    added (role, owners, diagnosis, age), written out in one function, ``utc_text`` included: this
+    runs once per socket.
+    """
+    sock = finding.socket
+    owners = finding.owners
+    diagnosis = finding.diagnosis
+    age = finding.age
+    if age is None:
+        ages = _NO_AGE
+    else:
+        total_ms = round(age.since * 1000)  # utc_text(age.since), inline
+        whole = total_ms // 1000
+        source = age.source
+        ages = (
+            f',"close_wait_since":"{_UTC_SECONDS.get(whole) or _utc_second(whole)}{_MILLIS[total_ms - whole * 1000]}"'
+            f',"close_wait_age_ms":{age.ms}'
+            f"{_LOWER_BOUND_TAIL if source is _LOWER_BOUND else _AGE_SOURCE_TAILS[source]}"
         )
-        + ages
+    diagnosed = (
+        "null"
+        if diagnosis is None
+        else f'{{"code":{strings.get(diagnosis.code) or _json_text(diagnosis.code, strings)},'
+        f'"summary":{_json_str(diagnosis.summary)},'
+        f'"remedy":{strings.get(diagnosis.remedy) or _json_text(diagnosis.remedy, strings)}}}'
+    )
+    return (  # one f-string: each + of the whole would copy it once more
+        f'{ahead.get(id(sock)) or _socket_json(sock, strings)}"role":"{_ROLE_VALUES[finding.role]}",'
+        f'"owners":{_owners_json(owners, cache) if owners else "[]"},"diagnosis":{diagnosed}{ages}'
     )
 
 
@@ -231,18 +310,21 @@ def snapshot_json(snapshot: Snapshot) -> str:
 _CHUNK_FINDINGS = 200
 
 
-def snapshot_json_chunks(snapshot: Snapshot) -> Iterator[str]:
+def snapshot_json_chunks(snapshot: Snapshot, ahead: SocketJson | None = None) -> Iterator[str]:
     """``snapshot_json(snapshot)`` in pieces of ~100 KiB, for writing as they are made.
 
     The console writes these instead of one string: 5,000 sockets make 2.5 MB of JSON, and each
     copy of that much (the joined text, its UTF-8 encoding) is fresh memory from the kernel,
-    a page fault per 4 KiB; chunks reuse the same memory.
+    a page fault per 4 KiB; chunks reuse the same memory. ``ahead`` holds the JSON of some of the
+    findings' sockets, written earlier (``SocketJson``): the same bytes, sooner.
     """
     findings = snapshot.findings
     cache: _OwnerCache = {}
+    strings: _StringCache = ahead.strings if ahead is not None else {}
+    texts = ahead.texts if ahead is not None else {}
     yield '{"sockets":['
     for start in range(0, len(findings), _CHUNK_FINDINGS):
-        text = ",".join([_finding_json(f, cache) for f in findings[start : start + _CHUNK_FINDINGS]])
+        text = ",".join([_finding_json(f, cache, strings, texts) for f in findings[start : start + _CHUNK_FINDINGS]])
         yield f",{text}" if start else text
     yield f"],{_compact(_snapshot_fields(snapshot))[1:]}\n"
 

@@ -150,3 +150,25 @@ def test_other_command_lines_still_reach_click() -> None:
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1
     assert "70000" in done.stderr
+
+
+DEFERRED_INSPECT = """
+import sys
+from closewait._console import _defer_inspect
+_defer_inspect()
+import closewait.scanning, closewait.serialize
+loaded = sorted(m for m in ("ast", "dis", "tokenize") if m in sys.modules)
+import dataclasses, inspect
+from inspect import isclass
+@dataclasses.dataclass
+class NoDocstring:
+    x: int
+print(loaded, NoDocstring.__doc__, str(inspect.signature(divmod)), isclass(int), "ast" in sys.modules)
+"""
+
+
+def test_inspect_is_imported_only_when_used() -> None:
+    """The console's stand-in for ``inspect``: the scan's imports leave it (and ast, dis, tokenize)
+    unloaded, and the first use loads the real module for every holder of the stand-in."""
+    done = subprocess.run([sys.executable, "-c", DEFERRED_INSPECT], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[0] == "[] NoDocstring(x: int) (x, y, /) True True"

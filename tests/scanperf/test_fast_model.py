@@ -18,7 +18,20 @@ from typing import Any
 import pytest
 
 from closewait import _records
-from closewait.model import Age, AgeSource, Diagnosis, Endpoint, Family, Finding, Role, Socket, TcpInfo, TcpState
+from closewait.model import (
+    Age,
+    AgeSource,
+    Diagnosis,
+    Endpoint,
+    Family,
+    Finding,
+    Owner,
+    Process,
+    Role,
+    Socket,
+    TcpInfo,
+    TcpState,
+)
 from closewait.sources import netlink
 from tests.util import wait_for
 
@@ -28,6 +41,7 @@ REMOTE = Endpoint("::ffff:127.0.0.2", 40000)
 SOCK = Socket(TcpState.CLOSE_WAIT, Family.IPV4, LOCAL, REMOTE, 77, 0, 1, 0, 99, INFO, "netlink")
 DIAG = Diagnosis("not-reading", "summary", "remedy")
 AGE = Age(1_700_000_000.25, 1500, AgeSource.EXACT)
+OWNER = Owner(Process(4321, 99, "python", ("python", "-m", "app")), 7)
 
 
 @pytest.mark.parametrize(
@@ -40,6 +54,7 @@ AGE = Age(1_700_000_000.25, 1500, AgeSource.EXACT)
         (_records.make_finding, Finding(SOCK, (), Role.UNKNOWN, DIAG)),
         (_records.make_finding, Finding(SOCK, (), Role.UNKNOWN, DIAG, AGE)),
         (_records.make_age, AGE),
+        (_records.make_owner, OWNER),
     ],
 )
 def test_fast_constructors_build_the_same_frozen_objects(make: Any, value: Any) -> None:
@@ -65,6 +80,7 @@ CONSTRUCTED: dict[str, type[Any]] = {
     "make_diagnosis": Diagnosis,
     "make_finding": Finding,
     "make_age": Age,
+    "make_owner": Owner,
 }
 
 

@@ -82,3 +82,22 @@ def test_console_fast_path_reports_our_socket() -> None:
     finally:
         accepted.close()
         server.close()
+
+
+def test_while_waiting_is_given_each_parsed_socket_once_in_order() -> None:
+    """The hook the console writes JSON with sees only sockets ``sockets()`` returns, each once, in order."""
+    server, accepted, port = _close_wait_pair()
+    try:
+        wait_for(lambda: any(s.remote.port == port for s in netlink.dump({TcpState.CLOSE_WAIT, TcpState.LISTEN})))
+        early = prefetch.start([prefetch.TCP_CLOSE_WAIT, prefetch.TCP_LISTEN])
+        assert early is not None
+        batches: list[list[Socket]] = []
+        early.while_waiting = batches.append
+        found = early.sockets(frozenset({TcpState.CLOSE_WAIT, TcpState.LISTEN}))
+        given = [sock for batch in batches for sock in batch]
+        assert all(batch for batch in batches)
+        assert [id(s) for s in given] == [id(s) for s in found[: len(given)]]
+        assert any(s.remote.port == port for s in found)
+    finally:
+        accepted.close()
+        server.close()

@@ -27,7 +27,7 @@ from closewait.model import (
     TcpInfo,
     TcpState,
 )
-from closewait.serialize import snapshot_dict, snapshot_json
+from closewait.serialize import SocketJson, snapshot_dict, snapshot_json, snapshot_json_chunks
 from closewait.workload import Workload, WorkloadSelector
 
 u32 = st.integers(0, 2**32 - 1)
@@ -108,6 +108,21 @@ snapshots = st.builds(
 def test_snapshot_json_is_json_dumps_of_snapshot_dict(snapshot: Snapshot) -> None:
     expected = json.dumps(snapshot_dict(snapshot), separators=(",", ":")) + "\n"
     assert snapshot_json(snapshot) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(snapshots, st.data())
+def test_sockets_written_ahead_change_no_byte(snapshot: Snapshot, data: st.DataObject) -> None:
+    """The console writes some sockets' JSON while the dump arrives (SocketJson); any subset of the
+    findings' sockets, in any batches, with sockets that found no finding among them, gives the
+    same bytes."""
+    ahead = SocketJson()
+    found = [f.socket for f in snapshot.findings]
+    for _ in range(data.draw(st.integers(0, 3))):
+        batch = data.draw(st.lists(st.sampled_from(found), max_size=3)) if found else []
+        ahead.add([*batch, *data.draw(st.lists(sockets, max_size=1))])
+    expected = json.dumps(snapshot_dict(snapshot), separators=(",", ":")) + "\n"
+    assert "".join(snapshot_json_chunks(snapshot, ahead)) == expected
 
 
 def test_snapshot_json_of_an_empty_scan() -> None:

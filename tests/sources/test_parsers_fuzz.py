@@ -307,3 +307,54 @@ def test_netlink_truncated_and_corrupted_replies(
         stream[position] = data.draw(st.integers(0, 255))
     _only_netlink_errors(lambda: netlink.parse_messages(bytes(stream), seq=7))
     _only_netlink_errors(lambda: netlink.parse_diag_msg(memoryview(bytes(stream[16:]))))
+
+
+MARK = 15  # INET_DIAG_MARK
+attribute_lists = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [netlink.INET_DIAG_SHUTDOWN, netlink.INET_DIAG_INFO, MARK, 21, 22]  # 21 CGROUP_ID, 22 SOCKOPT
+        ),
+        st.sampled_from([0, 1, 2, 4, 8, 104, 232, 280]),
+    ),
+    max_size=6,
+)
+
+
+def _outcome(payload: bytes) -> tuple[str, object]:
+    try:
+        return ("socket", netlink.parse_diag_msg(memoryview(payload)))
+    except NetlinkError as err:
+        return ("error", str(err))
+
+
+@FUZZ
+@given(attribute_lists, st.permutations(range(6)), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255))))
+def test_remembered_attribute_layouts_parse_as_the_walk(
+    attrs: list[tuple[int, int]], order: list[int], corruptions: list[tuple[int, int]]
+) -> None:
+    """The parser remembers each attribute layout it walked, by length; a message whose attributes
+    have that length but other headers (reordered, another type, corrupted bytes) must still come
+    out as the walk alone makes it, error included."""
+    info = tcp_info_bytes({"last_ack_recv_ms": 77, "rtt_us": 5, "bytes_received": 3}, length=280)
+    local, remote = Endpoint("127.0.0.1", 80), Endpoint("127.0.0.2", 40000)
+
+    def message(attributes: list[tuple[int, int]]) -> bytes:
+        body = [(kind, info[:size] if kind == netlink.INET_DIAG_INFO else bytes(size)) for kind, size in attributes]
+        return diag_msg(Family.IPV4, TcpState.CLOSE_WAIT, local, remote, 1, 0, 0, 9, 5, body)
+
+    reordered = [attrs[i] for i in order if i < len(attrs)]
+    retyped = [(MARK if kind == netlink.INET_DIAG_INFO else kind, size) for kind, size in attrs]
+    messages = [message(attrs), message(reordered), message(retyped)]
+    corrupted = bytearray(messages[0])
+    for at, value in corruptions:
+        if netlink._MSG_SIZE + at < len(corrupted):
+            corrupted[netlink._MSG_SIZE + at] = value
+    messages.append(bytes(corrupted))
+    walked = []
+    for payload in messages:
+        netlink._ATTRIBUTE_LAYOUTS.clear()
+        walked.append(_outcome(payload))
+    netlink._ATTRIBUTE_LAYOUTS.clear()
+    for _ in range(2):
+        assert [_outcome(payload) for payload in messages] == walked

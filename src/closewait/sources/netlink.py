@@ -366,6 +366,7 @@ _unpack_header = NLMSGHDR.struct.unpack_from
 _NLMSGHDR_SIZE = NLMSGHDR.size
 _NLMSGERR_ERROR = NLMSGERR.picking("error")
 _RTATTR_SIZE = RTATTR.size
+_RTATTR_FORMAT = RTATTR.struct.format.lstrip("=")  # "HH"
 _STATES: dict[int, TcpState] = {int(s): s for s in TcpState}
 _ADDRESS_CACHE: dict[tuple[int, bytes], str] = {}
 _ADDRESS_CACHE_MAX = 65536
@@ -451,15 +452,13 @@ def _diag_msg_at(payload: memoryview, start: int, end: int) -> Socket:
     tcp_state = _STATES.get(state)
     if tcp_state is None:
         raise NetlinkError(f"inet_diag_msg with unknown TCP state {state}")
-    info: TcpInfo | None = None
-    offset = start + _MSG_SIZE
-    while offset + _RTATTR_SIZE <= end:
-        rta_len, rta_type = _unpack_rtattr(payload, offset)
-        if rta_len < _RTATTR_SIZE or offset + rta_len > end:
-            raise NetlinkError(f"malformed attribute (length {rta_len}) in inet_diag_msg")
-        if rta_type == INET_DIAG_INFO:
-            info = _tcp_info_at(payload, offset + _RTATTR_SIZE, rta_len - _RTATTR_SIZE)
-        offset += (rta_len + 3) & ~3  # RTA_ALIGN(rta_len), as nlmsg_align, inline
+    attributes = start + _MSG_SIZE
+    layout = _ATTRIBUTE_LAYOUTS.get(end - attributes)
+    if layout is not None and layout[0](payload, attributes) == layout[1]:
+        info_at, info_size = layout[2], layout[3]  # what the walk would find: see _ATTRIBUTE_LAYOUTS
+    else:
+        info_at, info_size = _walk_attributes(payload, attributes, end)
+    info = None if info_at < 0 else _tcp_info_at(payload, attributes + info_at, info_size)
     # make_socket takes Socket's fields in declaration order.
     return make_socket(
         tcp_state,
@@ -474,6 +473,42 @@ def _diag_msg_at(payload: memoryview, start: int, end: int) -> Socket:
         info,
         "netlink",
     )
+
+
+#: The attribute layouts ``_walk_attributes`` has checked, by the length of a message's attributes:
+#: (a Struct's unpack_from reading each rtattr header of that layout, the (rta_len, rta_type) pairs it
+#: read, where the last INET_DIAG_INFO's payload starts from the first attribute (-1: none), its size).
+#: Every message of a dump carries the same attributes (SHUTDOWN, MARK, CGROUP_ID, SOCKOPT, INFO on
+#: 6.x), so one unpack of the headers and one tuple comparison stand for the walk: headers equal
+#: to a walked layout's, over the same length, are exactly what the walk would read, at the same
+#: offsets, and pass the same checks. Anything else is walked (and checked) again. This took the
+#: parse of the 5,000-socket fixture's dump from 12.9 to 10.3 ms.
+_ATTRIBUTE_LAYOUTS: dict[int, tuple[Callable[[memoryview, int], tuple[int, ...]], tuple[int, ...], int, int]] = {}
+_ATTRIBUTE_LAYOUTS_MAX = 64
+
+
+def _walk_attributes(payload: memoryview, offset: int, end: int) -> tuple[int, int]:
+    """Check the rtattrs from ``offset`` to ``end``; where the last INET_DIAG_INFO's payload starts
+    (from ``offset``; -1 when there is none) and its size. Remembers the layout (see above)."""
+    start = offset
+    info_at, info_size = -1, 0
+    headers: list[int] = []
+    formats = ["="]
+    read_to = start  # where the headers read so far end
+    while offset + _RTATTR_SIZE <= end:
+        rta_len, rta_type = _unpack_rtattr(payload, offset)
+        if rta_len < _RTATTR_SIZE or offset + rta_len > end:
+            raise NetlinkError(f"malformed attribute (length {rta_len}) in inet_diag_msg")
+        if rta_type == INET_DIAG_INFO:
+            info_at, info_size = offset + _RTATTR_SIZE - start, rta_len - _RTATTR_SIZE
+        headers += (rta_len, rta_type)
+        formats.append(f"{offset - read_to}x{_RTATTR_FORMAT}")  # step over the payload before it
+        read_to = offset + _RTATTR_SIZE
+        offset += (rta_len + 3) & ~3  # RTA_ALIGN(rta_len), as nlmsg_align, inline
+    if len(_ATTRIBUTE_LAYOUTS) >= _ATTRIBUTE_LAYOUTS_MAX:
+        _ATTRIBUTE_LAYOUTS.clear()
+    _ATTRIBUTE_LAYOUTS[end - start] = (struct.Struct("".join(formats)).unpack_from, tuple(headers), info_at, info_size)
+    return info_at, info_size
 
 
 def walk_messages(

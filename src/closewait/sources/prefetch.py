@@ -25,7 +25,7 @@ import struct
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterator
+    from collections.abc import Callable, Collection, Iterator
 
     from closewait.model import Socket, TcpState
 
@@ -113,6 +113,11 @@ class PrefetchedSource:
     ``sockets()`` returns the prefetched reply when asked for the states ``start`` requested (once);
     any other call, or a kernel that refused the two-family request, reads the kernel again
     through ``netlink.dump``.
+
+    ``while_waiting``, when set, is called with the sockets parsed since its last call each time
+    the main thread has parsed every reply that arrived and would otherwise wait for the kernel's
+    next one: the console writes their JSON then (``serialize.SocketJson.add``), in time the
+    kernel's walk leaves idle. It never delays a reply that is already there.
     """
 
     name = "netlink"
@@ -121,6 +126,7 @@ class PrefetchedSource:
         self._state_numbers = state_numbers
         self._seq = seq
         self._replies: _queue.SimpleQueue[bytes | _Failed] | None = replies
+        self.while_waiting: Callable[[list[Socket]], None] | None = None
 
     def sockets(self, states: frozenset[TcpState]) -> list[Socket]:
         from closewait.errors import NetlinkError
@@ -129,19 +135,36 @@ class PrefetchedSource:
         replies, self._replies = self._replies, None
         if replies is None or frozenset(int(state) for state in states) != self._state_numbers:
             return list(netlink.dump(states))
+        found: list[Socket] = []
+        hook = self.while_waiting
+        given = 0
+
+        def idle() -> None:
+            nonlocal given
+            if hook is not None and given < len(found):
+                batch = found[given:]
+                given = len(found)
+                hook(batch)
+
         try:
-            return list(netlink.parse_reply(_received(replies), self._seq, None, netlink.TCPDIAG_GETSOCK))
+            append = found.append
+            for sock in netlink.parse_reply(_received(replies, idle), self._seq, None, netlink.TCPDIAG_GETSOCK):
+                append(sock)
+            return found
         except NetlinkError as err:
             if not netlink.both_refused(err):
                 raise
         return list(netlink.dump(states))
 
 
-def _received(replies: _queue.SimpleQueue[bytes | _Failed]) -> Iterator[bytes]:
-    """The reader's recv()s in order; its errors raised as ``netlink.dump`` raises them."""
+def _received(replies: _queue.SimpleQueue[bytes | _Failed], idle: Callable[[], None]) -> Iterator[bytes]:
+    """The reader's recv()s in order; its errors raised as ``netlink.dump`` raises them. ``idle()``
+    runs whenever the next one has not arrived yet."""
     from closewait.errors import NetlinkError
 
     while True:
+        if replies.empty():
+            idle()
         item = replies.get()
         if isinstance(item, _Failed):
             err = item.error

@@ -1,0 +1,99 @@
+"""The CPU of each step of one ``closewait scan --json``, in fresh processes, for several source trees.
+
+``bench_scan.py`` times the whole command; this one says where its main thread's time goes. Each run
+is a fresh interpreter that does what ``closewait._console`` does (prefetch started first, inspect
+deferred, no garbage collection, the socket JSON written while the dump arrives when the tree has
+``serialize.SocketJson``), with ``scanning``'s steps wrapped in timers: the main thread's CPU time
+(``time.thread_time``) of the imports, ``_dump`` (the parse of the prefetched reply, and the JSON
+written ahead), ``_owners``, ``_attribute``, ``_ages``, ``_findings`` and the JSON after the scan,
+then the wall time at which the scan and the output ended. The output goes to /dev/null. Trees take
+turns, run after run; the medians are printed side by side. Measure against the host's fixture
+(``bench/scan_fixture.py``), e.g. the tree before a change against this one:
+
+    python bench/bench_scan_steps.py --tree /tmp/before/src --tree src --runs 11
+    python bench/bench_scan_steps.py --tree /tmp/before/src --tree src --no-owners
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ONE_RUN = r"""
+import gc, json, os, sys, time
+cpu, wall = time.thread_time, time.perf_counter
+owners = sys.argv[1] == "owners"
+gc.disable()
+wall0, cpu0 = wall(), cpu()
+from closewait.sources import prefetch
+early = prefetch.start((prefetch.TCP_CLOSE_WAIT, prefetch.TCP_LISTEN) if owners else (prefetch.TCP_CLOSE_WAIT,))
+import closewait._console as console
+console._defer_inspect()
+from closewait import scanning, serialize
+ahead = serialize.SocketJson() if hasattr(serialize, "SocketJson") else None
+if ahead is not None and early is not None:
+    early.while_waiting = ahead.add
+steps = {"imports": (cpu() - cpu0) * 1000}
+def timed(name):
+    step = getattr(scanning, name)
+    def run(*args, **kwargs):
+        start = cpu()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            steps[name] = steps.get(name, 0.0) + (cpu() - start) * 1000
+    setattr(scanning, name, run)
+for name in ("_dump", "_owners", "_attribute", "_ages", "_findings"):
+    timed(name)
+snapshot = scanning.scan(scanning.CLOSE_WAIT_ONLY, owners=owners, backend=early if early is not None else "auto")
+steps["scan ends at (wall)"] = (wall() - wall0) * 1000
+start = cpu()
+with open(os.devnull, "w") as out:
+    for chunk in serialize.snapshot_json_chunks(snapshot, *([ahead] if ahead is not None else [])):
+        out.write(chunk)
+steps["json after the scan"] = (cpu() - start) * 1000
+steps["output ends at (wall)"] = (wall() - wall0) * 1000
+steps["main thread CPU"] = (cpu() - cpu0) * 1000
+steps["process CPU"] = time.process_time() * 1000
+steps["sockets"] = len(snapshot.findings)
+print(json.dumps(steps))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tree", action="append", required=True, help="a src/ directory (repeat to compare)")
+    parser.add_argument("--runs", type=int, default=9, help="runs per tree (default 9)")
+    parser.add_argument("--no-owners", action="store_true", help="time scan --json --no-owners")
+    args = parser.parse_args()
+    mode = "no-owners" if args.no_owners else "owners"
+    results: dict[str, list[dict[str, float]]] = {tree: [] for tree in args.tree}
+    for _ in range(args.runs):
+        for tree in args.tree:
+            done = subprocess.run(
+                [sys.executable, "-c", ONE_RUN, mode],
+                env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)),
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            results[tree].append(json.loads(done.stdout))
+    names = list(dict.fromkeys(name for runs in results.values() for run in runs for name in run))
+    print(f"scan --json{' --no-owners' if args.no_owners else ''}: medians of {args.runs} runs, ms")
+    print(f"{'':24}" + "".join(f"{tree[-28:]:>30}" for tree in args.tree))
+    for name in names:
+        cells = []
+        for tree in args.tree:
+            values = [run[name] for run in results[tree] if name in run]
+            cells.append(f"{statistics.median(values):30.1f}" if values else f"{'-':>30}")
+        print(f"{name:24}" + "".join(cells))
+
+
+if __name__ == "__main__":
+    main()
