@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -55,14 +56,22 @@ def test_a_reader_that_stops_early_is_noticed(spawn: Spawn, extra: list[str]) ->
     holder = spawn(HOLDER)
     assert holder.stdout is not None
     port = holder.stdout.readline().strip()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "closewait", "scan", "--state", "established", "--port", port, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
+    # A pipe of one page: the output (tens of KB) can never fit in it whole, so the command is still
+    # writing when the reader goes away, however fast it runs (with the default 64 KiB pipe the
+    # --wide table of 400 sockets could be written whole before the reader closed, and exit 0).
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "closewait", "scan", "--state", "established", "--port", port, *extra],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
     assert proc.stderr is not None
-    assert len(proc.stdout.read(10)) == 10
-    proc.stdout.close()  # the reader goes away, like head -c 10
+    with os.fdopen(read_end, "rb", buffering=0) as reader:
+        assert len(reader.read(10)) == 10
+    # the reader went away, like head -c 10
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == b""
