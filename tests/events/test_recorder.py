@@ -375,8 +375,10 @@ def test_a_program_that_does_not_see_the_marker_is_refused(monkeypatch: pytest.M
 
     real = module.assemble
 
-    def blind(layout: Any, entries: int, hist: int, counters: int, _netns: int | None, feed: int | None) -> Any:
-        return real(layout, entries, hist, counters, 1, feed)  # records only a netns that does not exist
+    def blind(
+        layout: Any, entries: int, hist: int, counters: int, _netns: int | None, feed: int | None, **options: Any
+    ) -> Any:
+        return real(layout, entries, hist, counters, 1, feed, **options)  # records only a netns that does not exist
 
     monkeypatch.setattr(module, "assemble", blind)
     before = _open_fds()
