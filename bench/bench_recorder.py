@@ -11,22 +11,26 @@ listener each (each reads to EOF, so the server end passes through CLOSE_WAIT, t
 connect() reuses a loopback TIME_WAIT port only once a second, which caps one destination at
 ~14,000 connections/s, below what the machine can do.
 
-Three measurements:
+Four measurements:
 
-1. Throughput: rounds alternate the order (off, on) / (on, off); each mode runs ``--seconds`` and
-   counts completed connections. A fresh recorder (1M-socket capacity) is attached before each "on"
+1. The program against the one before it: today's (the entries table, an open-addressed array)
+   and the preallocated hash it replaced (``bench/recorder_hash.py``), attached in alternating
+   order on the same churn with the kernel's BPF run statistics on (BPF_ENABLE_STATS): per
+   variant, the median over ``--compare-rounds`` of ns per program run and µs per connection.
+   ``--only-compare`` stops after this (the quick loop while changing the program).
+2. Throughput: rounds alternate the order (off, on) / (on, off); each mode runs ``--seconds`` and
+   counts completed connections. A fresh recorder (default capacity) is attached before each "on"
    run, outside the timed window. Reported: median connections/s per mode, and the median of the
    per-round on/off ratios (a shared, busy machine drifts between rounds; the pairs cancel it); the
    same for the churn processes' CPU time per connection.
-2. The program's own cost: with the kernel's BPF run statistics on (BPF_ENABLE_STATS), the average
-   nanoseconds per program run and the runs per connection, so the CPU the recorder adds per
-   connection, and that as a share of the CPU the churn's processes spent per connection (their
-   user + system time, which includes loopback's softirq work done in their context).
-   The same with the feed on (``Recorder.open(feed=True)``, as ``watch --events`` uses it) and a
-   thread reading it.
-3. Memory: ``memlock`` from /proc/self/fdinfo of each map and the program, for 64k and 1M tracked
-   sockets (the LRU map is preallocated, so this is what it costs empty or full; checked by filling
-   100,000 entries from user space).
+3. The program's own cost: with the run statistics on, the average nanoseconds per program run
+   and the runs per connection, so the CPU the recorder adds per connection, and that as a share
+   of the CPU the churn's processes spent per connection (their user + system time, which includes
+   loopback's softirq work done in their context). The same with the feed on
+   (``Recorder.open(feed=True)``, as ``watch --events`` uses it) and a thread reading it.
+4. Memory: ``memlock`` from /proc/self/fdinfo of each map and the program, for 64k slots and the
+   default (2M slots, for 1M sockets), and the old hash's for 1M (the table is an array,
+   allocated whole: checked by writing 100,000 slots from user space).
 """
 
 from __future__ import annotations
@@ -251,11 +255,11 @@ def memory() -> dict[str, Any]:
         entries = bpf_asm.MapAccess(recorder._bpf, recorder._fds["entries"], 4, 16)
         for slot in range(100_000):
             entries.update(slot.to_bytes(4, "little"), struct.pack("<QQ", 1 << 62 | slot, 1))
-        out["1M_after_100k_entries"] = recorder.memory()
+        out[f"{DEFAULT_CAPACITY}_after_100k_slots_written"] = recorder.memory()
     from recorder_hash import HashRecorder
 
-    with HashRecorder(DEFAULT_CAPACITY) as before:
-        out["1M_hash_before"] = before.memory()
+    with HashRecorder(1 << 20) as before:
+        out["hash_before_1048576"] = before.memory()
     return out
 
 
