@@ -55,6 +55,7 @@ from closewait.sources import bpf_asm
 from closewait.sources.recorder import DEFAULT_CAPACITY, Recorder, enable_run_stats
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # recorder_hash, the program before the entries table
 
 
 def build_churn(directory: str) -> str:
