@@ -153,7 +153,6 @@ _SO_COOKIE = 57
 _SO_NETNS_COOKIE = 71
 _BPF_PROG_TYPE_TRACING = 26
 _BPF_TRACE_RAW_TP = 23
-_BPF_ANY = 0
 
 _T = TypeVar("_T")
 
@@ -248,13 +247,19 @@ def assemble(
         if (new < 13 && new != CLOSE) c->state[new]++;
         if (old < 13 && old != CLOSE && !(old == LISTEN && new == SYN_RECV)) c->state[old]--;
         if (new == CLOSE_WAIT) {
-            c->entered++;
-            if (update(entries, cookie(sk), ktime())) c->entries_dropped++;  /* full */
+            c->entered++; cookie = bpf_get_socket_cookie(sk); now = ktime();
+            for (i = 0; i < PROBES; i++) {              /* unrolled; entries[] lookups inlined */
+                s = &entries[(cookie + i) & (SLOTS - 1)];
+                if (cmpxchg(&s->cookie, 0, cookie) == 0) { s->time = now; return 0; }
+            }
+            c->entries_dropped++;  /* its window is full */
             return 0;
         }
         if (old != CLOSE_WAIT) return 0;
-        t = entries[cookie(sk)]; if (!t) { c->left_untracked++; return 0; }
-        dwell = ktime() - *t; delete entries[cookie(sk)];
+        cookie = sk->skc_cookie;   /* made when it entered, if the recorder saw it enter */
+        s = cookie ? first of entries[(cookie + i) & (SLOTS - 1)], i < PROBES, with s->cookie == cookie;
+        if (!s) { c->left_untracked++; return 0; }
+        t = s->time; s->time = 0; xchg(&s->cookie, 0); dwell = ktime() - t;
         if (current->flags & PF_EXITING)                     key = {cgroup, tgid, EXITED};
         else if (new == LAST_ACK || sk->sk_shutdown & SEND_SHUTDOWN) key = {cgroup, tgid, CLOSED};
         else                                                  key = {0, 0, RESET};
@@ -278,7 +283,8 @@ def assemble(
     close, close_wait, last_ack, listen, syn_recv = (int(s) for s in (7, 8, 9, 10, 3))
     probes = min(PROBES, slots)
     # Stack: fp-8 cookie, fp-16 time (entry, then dwell), fp-32 histogram key (cgroup u64, tgid u32,
-    # reason u32), fp-40 array key, fp-48 now, fp-64 comm, from fp-208 zeroes for a new histogram.
+    # reason u32), fp-40 array key (the counters', then an entries slot), fp-48 now, fp-64 comm,
+    # from fp-208 zeroes for a new histogram.
     zeroes_at = -72 - _HIST_VALUE.size
     a.load(8, 6, 1, 0, "r6 = sk")
     a.load(8, 7, 1, 8, "r7 = oldstate")
@@ -327,7 +333,7 @@ def assemble(
     a.label("edges")
     a.jump(JEQ, 8, close_wait, "enter")
     a.jump(JNE, 7, close_wait, "out")
-    # Leaving CLOSE_WAIT: the cookie was made when it entered (0: it entered before we were here).
+    # Leaving CLOSE_WAIT: the cookie was made when it entered at the latest (0: the recorder did not see it).
     a.load(layout.skc_cookie.size, 1, 6, layout.skc_cookie.offset, "sk->skc_cookie")
     a.jump(JEQ, 1, 0, "untracked")
     _probe(a, entries_fd, slots, probes, "untracked")
