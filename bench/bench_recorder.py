@@ -11,22 +11,26 @@ listener each (each reads to EOF, so the server end passes through CLOSE_WAIT, t
 connect() reuses a loopback TIME_WAIT port only once a second, which caps one destination at
 ~14,000 connections/s, below what the machine can do.
 
-Three measurements:
+Four measurements:
 
-1. Throughput: rounds alternate the order (off, on) / (on, off); each mode runs ``--seconds`` and
-   counts completed connections. A fresh recorder (1M-socket capacity) is attached before each "on"
+1. The program against the one before it: today's (the entries table, an open-addressed array)
+   and the preallocated hash it replaced (``bench/recorder_hash.py``), attached in alternating
+   order on the same churn with the kernel's BPF run statistics on (BPF_ENABLE_STATS): per
+   variant, the median over ``--compare-rounds`` of ns per program run and µs per connection.
+   ``--only-compare`` stops after this (the quick loop while changing the program).
+2. Throughput: rounds alternate the order (off, on) / (on, off); each mode runs ``--seconds`` and
+   counts completed connections. A fresh recorder (default capacity) is attached before each "on"
    run, outside the timed window. Reported: median connections/s per mode, and the median of the
    per-round on/off ratios (a shared, busy machine drifts between rounds; the pairs cancel it); the
    same for the churn processes' CPU time per connection.
-2. The program's own cost: with the kernel's BPF run statistics on (BPF_ENABLE_STATS), the average
-   nanoseconds per program run and the runs per connection, so the CPU the recorder adds per
-   connection, and that as a share of the CPU the churn's processes spent per connection (their
-   user + system time, which includes loopback's softirq work done in their context).
-   The same with the feed on (``Recorder.open(feed=True)``, as ``watch --events`` uses it) and a
-   thread reading it.
-3. Memory: ``memlock`` from /proc/self/fdinfo of each map and the program, for 64k and 1M tracked
-   sockets (the LRU map is preallocated, so this is what it costs empty or full; checked by filling
-   100,000 entries from user space).
+3. The program's own cost: with the run statistics on, the average nanoseconds per program run
+   and the runs per connection, so the CPU the recorder adds per connection, and that as a share
+   of the CPU the churn's processes spent per connection (their user + system time, which includes
+   loopback's softirq work done in their context). The same with the feed on
+   (``Recorder.open(feed=True)``, as ``watch --events`` uses it) and a thread reading it.
+4. Memory: ``memlock`` from /proc/self/fdinfo of each map and the program, for 64k slots and the
+   default (2M slots, for 1M sockets), and the old hash's for 1M (the table is an array,
+   allocated whole: checked by writing 100,000 slots from user space).
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ import platform
 import resource
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +55,7 @@ from closewait.sources import bpf_asm
 from closewait.sources.recorder import DEFAULT_CAPACITY, Recorder, enable_run_stats
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # recorder_hash, the program before the entries table
 
 
 def build_churn(directory: str) -> str:
@@ -197,17 +204,63 @@ def program_cost(
     }
 
 
+def compare_programs(binary: str, ports: list[int], workers: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """The program's own time, today's (``table``: the open-addressed array) against the one before
+    it (``hash``: ``recorder_hash.py``), in alternating order on the same churn, with the kernel's run
+    statistics on. Per variant: the median over rounds of ns per run and of µs per connection."""
+    from recorder_hash import HashRecorder
+
+    openers: dict[str, Callable[[], Any]] = {
+        "table": lambda: Recorder.open(capacity=args.capacity),
+        "hash": lambda: HashRecorder(args.capacity),
+    }
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in openers}
+    with enable_run_stats():
+        for round_index in range(args.compare_rounds):
+            order = list(openers) if round_index % 2 == 0 else list(reversed(openers))
+            for name in order:
+                with openers[name]() as recorder:
+                    time_before, runs_before = recorder.program_stats()
+                    done, _failed, churn_cpu = run_clients(binary, ports, args.clients, args.seconds, workers)
+                    time_after, runs_after = recorder.program_stats()
+                count = runs_after - runs_before
+                ns_per_run = (time_after - time_before) / count if count else 0.0
+                per_connection_us = ns_per_run * count / done / 1e3
+                runs[name].append(
+                    {
+                        "ns_per_run": ns_per_run,
+                        "runs_per_connection": count / done,
+                        "recorder_us_per_connection": per_connection_us,
+                        "churn_cpu_us_per_connection": churn_cpu / done * 1e6,
+                        "share_of_cpu": per_connection_us / (churn_cpu / done * 1e6),
+                    }
+                )
+            print(
+                f"compare round {round_index}: "
+                + ", ".join(f"{name} {runs[name][-1]['ns_per_run']:.0f} ns/run" for name in openers),
+                file=sys.stderr,
+            )
+    out: dict[str, Any] = {"rounds": runs}
+    for name, values in runs.items():
+        out[name] = {key: statistics.median(run[key] for run in values) for key in values[0]}
+    return out
+
+
 def memory() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for capacity in (1 << 16, DEFAULT_CAPACITY):
         with Recorder.open(capacity=capacity) as recorder:
             out[str(capacity)] = recorder.memory()
-    # The LRU map is preallocated: filling it does not change what it costs.
+    # The table is an array, allocated whole when the recorder attaches: filling it changes nothing.
     with Recorder.open(capacity=DEFAULT_CAPACITY) as recorder:
-        entries = bpf_asm.MapAccess(recorder._bpf, recorder._fds["entries"], 8, 8)
-        for cookie in range(1, 100_001):
-            entries.update((1 << 62 | cookie).to_bytes(8, "little"), b"\0" * 8)
-        out["1M_after_100k_entries"] = recorder.memory()
+        entries = bpf_asm.MapAccess(recorder._bpf, recorder._fds["entries"], 4, 16)
+        for slot in range(100_000):
+            entries.update(slot.to_bytes(4, "little"), struct.pack("<QQ", 1 << 62 | slot, 1))
+        out[f"{DEFAULT_CAPACITY}_after_100k_slots_written"] = recorder.memory()
+    from recorder_hash import HashRecorder
+
+    with HashRecorder(1 << 20) as before:
+        out["hash_before_1048576"] = before.memory()
     return out
 
 
@@ -218,11 +271,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY)
+    parser.add_argument("--compare-rounds", type=int, default=10, help="rounds of the table/hash comparison")
+    parser.add_argument("--only-compare", action="store_true", help="only the table/hash comparison (no memory)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results" / "recorder.json"))
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.seconds = 4, 1.0
+        args.rounds, args.seconds, args.compare_rounds = 4, 1.0, 2
     result: dict[str, Any] = {
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}",
         "python": platform.python_version(),
@@ -243,13 +298,16 @@ def main() -> None:
             ports = [int(text) for text in port_texts]
             run_clients(binary, ports, args.clients, 1.0)  # warm up
             workers = server_workers(server.pid)
-            result["throughput"] = throughput(binary, ports, workers, args)
-            result["program_cost"] = program_cost(binary, ports, workers, args)
-            result["program_cost_with_feed"] = program_cost(binary, ports, workers, args, feed=True)
+            result["compare"] = compare_programs(binary, ports, workers, args)
+            if not args.only_compare:
+                result["throughput"] = throughput(binary, ports, workers, args)
+                result["program_cost"] = program_cost(binary, ports, workers, args)
+                result["program_cost_with_feed"] = program_cost(binary, ports, workers, args, feed=True)
         finally:
             os.killpg(server.pid, signal.SIGKILL)  # the server and the workers it forked
             server.wait()
-    result["memory"] = memory()
+    if not args.only_compare:
+        result["memory"] = memory()
     result["loadavg_end"] = loadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -69,6 +69,37 @@ class Worker:
     def op_pairs(self, n: int, unread: bool = False) -> list[dict[str, int]]:
         return [self.pair(unread) for _ in range(n)]
 
+    def op_open(self, n: int, modulus: int = 1, residue: int = 0) -> list[dict[str, int]]:
+        """``n`` established pairs (no FIN yet) whose server end's cookie is ``residue`` modulo
+        ``modulus``: pairs are made until that many qualify. The others are reset (SO_LINGER 0), so
+        neither end passes through CLOSE_WAIT."""
+        kept = []
+        while len(kept) < n:
+            client = socket.create_connection(self.address)
+            server, _ = self.listener.accept()
+            cookie = int.from_bytes(server.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+            if cookie % modulus != residue:
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                server.close()
+                client.close()
+                continue
+            self.next_id += 1
+            self.pairs[self.next_id] = (client, server)
+            kept.append({"id": self.next_id, "cookie": cookie})
+        return kept
+
+    def op_fin(self, ids: list[int]) -> list[dict[str, int]]:
+        """The client ends of these open pairs send FIN: their server ends enter CLOSE_WAIT, in this
+        order. Times as ``pair``'s."""
+        out = []
+        for pair_id in ids:
+            client, server = self.pairs[pair_id]
+            c0 = now()
+            client.shutdown(socket.SHUT_WR)
+            c1 = now()
+            out.append({"id": pair_id, "c0": c0, "c1": c1, "fin": wait_state(server, TCP_CLOSE_WAIT)})
+        return out
+
     def op_close(self, ids: list[int]) -> list[dict[str, int]]:
         out = []
         for pair_id in ids:

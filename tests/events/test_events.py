@@ -127,6 +127,24 @@ def test_assembler_resolves_labels_and_lists_them() -> None:
         bad.code()
 
 
+def test_atomics_are_encoded_and_listed_as_the_verifier_writes_them() -> None:
+    a = bpf_asm.Asm()
+    a.atomic_add(1, 8, 2)
+    a.xchg(3, 0, 4)
+    a.cmpxchg(5, 16, 6)
+    code = a.code()
+    assert [struct.unpack_from("<BBhi", code, 8 * i) for i in range(3)] == [
+        (0xDB, 0x21, 8, 0x00),  # BPF_STX | BPF_ATOMIC | BPF_DW, imm BPF_ADD
+        (0xDB, 0x43, 0, 0xE1),  # BPF_XCHG (0xe0 | BPF_FETCH)
+        (0xDB, 0x65, 16, 0xF1),  # BPF_CMPXCHG (0xf0 | BPF_FETCH)
+    ]
+    assert a.listing().splitlines() == [
+        "     0: lock *(u64 *)(r1 +8) += r2",
+        "     1: r4 = atomic64_xchg((u64 *)(r3 +0), r4)",
+        "     2: r0 = atomic64_cmpxchg((u64 *)(r5 +16), r0, r6)",
+    ]
+
+
 def test_program_listing_without_a_kernel_shows_every_edge() -> None:
     text = program_listing(netns_cookie=42)
     for expected in ("call ktime_get_ns", "call get_current_task_btf", "bucket[+Inf]++", "entered++", "0x2a ll"):

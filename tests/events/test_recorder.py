@@ -28,8 +28,9 @@ import pytest
 
 from closewait.events import BUCKET_BOUNDS_NS, N_BUCKETS, Histogram, LeaveReason, Transition, bucket_index
 from closewait.model import TcpState
-from closewait.sources import netlink, netns
+from closewait.sources import bpf_asm, netlink, netns
 from closewait.sources.recorder import (
+    PROBES,
     Recorder,
     RecorderUnavailable,
     cgroup_id,
@@ -111,7 +112,14 @@ def _histogram(recorder: Recorder, tgid: int, reason: LeaveReason = LeaveReason.
 
 def test_listing_shows_the_program(recorder: Recorder) -> None:
     text = recorder.listing()
-    for expected in ("call get_socket_cookie", "map[entries]", "call get_current_pid_tgid", "lock *(u64 *)"):
+    for expected in (
+        "call get_socket_cookie",
+        "map[entries]",
+        "call get_current_pid_tgid",
+        "lock *(u64 *)",
+        "r0 = atomic64_cmpxchg((u64 *)(r3 +0), r0, r2)",
+        "r1 = atomic64_xchg((u64 *)(r0 +0), r1)",
+    ):
         assert expected in text
     assert "net->net_cookie" in text  # this recorder records one namespace
 
@@ -270,6 +278,104 @@ def test_a_full_entries_map_keeps_the_oldest_and_counts_the_rest(worker: Worker)
     assert (changed.left_closed, changed.left_untracked) == (4, 2)
 
 
+def _slots_by_syscall(recorder: Recorder) -> dict[int, tuple[int, int]]:
+    """slot -> (cookie, entry time) of every used slot, read through bpf(BPF_MAP_LOOKUP_ELEM): the
+    kernel's own view of the table, against which the mmap reader is checked."""
+    table = bpf_asm.MapAccess(recorder._bpf, recorder._fds["entries"], 4, 16)
+    used = {}
+    for slot in range(recorder.capacity):
+        value = table.lookup(slot.to_bytes(4, "little"))
+        assert value is not None
+        cookie, entered = struct.unpack("<QQ", value)
+        if cookie:
+            used[slot] = (cookie, entered)
+    return used
+
+
+def _check_entered(recorder: Recorder, fins: list[dict[str, int]], cookies: dict[int, int]) -> None:
+    """Each socket's entry time (mmap reader) lies in the bracket of its peer's FIN."""
+    times = recorder.entry_times(cookies[fin["id"]] for fin in fins)
+    for fin in fins:
+        assert fin["c0"] <= times[cookies[fin["id"]]] <= fin["fin"]
+
+
+def test_cookies_sharing_a_slot_are_probed_past_and_a_freed_slot_is_reused(worker: Worker) -> None:
+    """Three sockets whose cookies are equal modulo the table's size take their home slot and the
+    two after it, each with its own exact time; freeing the home slot hides neither of the others
+    (from the reader or the program), and the next colliding socket takes the freed slot."""
+    with Recorder.open(netns=worker.netns, capacity=16) as small:
+        assert small.capacity == 16
+        opened = worker.call("open", n=4, modulus=16, residue=5)
+        cookies = {pair["id"]: pair["cookie"] for pair in opened}
+        first, second, third, fourth = (pair["id"] for pair in opened)
+        before = small.counters()
+        fins = worker.call("fin", ids=[first, second, third])
+        _check_entered(small, fins, cookies)
+        assert {slot: cookie for slot, (cookie, _) in _slots_by_syscall(small).items()} == {
+            5: cookies[first],
+            6: cookies[second],
+            7: cookies[third],
+        }
+        worker.call("close", ids=[first])
+        assert small.entry_times([cookies[first]]) == {}
+        _check_entered(small, fins[1:], cookies)  # past the free home slot
+        (fin,) = worker.call("fin", ids=[fourth])
+        _check_entered(small, [fin], cookies)
+        assert _slots_by_syscall(small)[5][0] == cookies[fourth]  # the freed slot, reused
+        worker.call("close", ids=[second, third, fourth])
+        changed = small.counters() - before
+        assert small.all_entry_times() == {}
+    assert (changed.entered, changed.left_closed, changed.left_untracked, changed.entries_dropped) == (4, 4, 0, 0)
+
+
+def test_a_full_window_drops_the_entry_and_counts_it(worker: Worker) -> None:
+    """A table of 64 slots looks at most 32 slots (PROBES) from a cookie's home: the 33rd socket
+    whose cookie has the same home finds its window full and is counted in ``entries_dropped``,
+    though half the table is free; the 32 kept keep their exact times, and leave tracked."""
+    assert PROBES == 32
+    with Recorder.open(netns=worker.netns, capacity=64) as small:
+        opened = worker.call("open", n=PROBES + 1, modulus=64, residue=40)
+        cookies = {pair["id"]: pair["cookie"] for pair in opened}
+        before = small.counters()
+        fins = worker.call("fin", ids=[pair["id"] for pair in opened])
+        _check_entered(small, fins[:PROBES], cookies)
+        last = cookies[opened[-1]["id"]]
+        assert small.entry_times([last]) == {}
+        assert set(_slots_by_syscall(small)) == {(40 + i) % 64 for i in range(PROBES)}  # wraps past 63
+        worker.call("close", ids=list(cookies))
+        changed = small.counters() - before
+    assert (changed.entered, changed.entries_dropped) == (PROBES + 1, 1)
+    assert (changed.left_closed, changed.left_untracked) == (PROBES, 1)
+
+
+def test_the_mmap_reader_agrees_with_the_kernel(worker: Worker) -> None:
+    """The same table three ways: the mmap reader, bpf(2) lookups, and the program itself (its
+    feed reports the time it wrote on entry, and on leaving the dwell from the time it found)."""
+    with Recorder.open(netns=worker.netns, capacity=16, feed=True) as small:
+        feed = small.feed()
+        # Eight that share a home slot, then more than the table holds: most away from home, some dropped.
+        opened = worker.call("open", n=8, modulus=16, residue=3) + worker.call("open", n=32)
+        cookies = [pair["cookie"] for pair in opened]
+        worker.call("fin", ids=[pair["id"] for pair in opened])
+        slots = _slots_by_syscall(small)
+        assert len(slots) == 16
+        assert any(slot != cookie % 16 for slot, (cookie, _) in slots.items())
+        by_syscall = dict(slots.values())
+        by_mmap = small.entry_times(cookies)
+        assert by_mmap == by_syscall == small.all_entry_times()
+        assert set(by_mmap) <= set(cookies)
+        entered = {t.cookie: t.time_ns for t in feed.read(1.0) if t.entered}  # dropped ones too
+        assert set(entered) == set(cookies)
+        assert {cookie: entered[cookie] for cookie in by_mmap} == by_mmap
+        dropped = len(cookies) - len(by_mmap)
+        assert small.counters().entries_dropped == dropped
+        worker.call("close", ids=[pair["id"] for pair in opened])
+        seen: list[Transition] = []
+        wait_for(lambda: seen.extend(feed.read(0.1)) or len([t for t in seen if not t.entered]) >= len(by_mmap))
+    for leave in seen:
+        assert leave.dwell_ns == leave.time_ns - by_mmap[leave.cookie]
+
+
 def _diag_counts(worker: Worker) -> dict[TcpState, int]:
     with netns.entered(netns.resolve(worker.netns)):
         return netlink.count_by_state()
@@ -375,8 +481,10 @@ def test_a_program_that_does_not_see_the_marker_is_refused(monkeypatch: pytest.M
 
     real = module.assemble
 
-    def blind(layout: Any, entries: int, hist: int, counters: int, _netns: int | None, feed: int | None) -> Any:
-        return real(layout, entries, hist, counters, 1, feed)  # records only a netns that does not exist
+    def blind(
+        layout: Any, entries: int, hist: int, counters: int, _netns: int | None, feed: int | None, **options: Any
+    ) -> Any:
+        return real(layout, entries, hist, counters, 1, feed, **options)  # records only a netns that does not exist
 
     monkeypatch.setattr(module, "assemble", blind)
     before = _open_fds()

@@ -36,7 +36,8 @@ from closewait.sources.recorder import DEFAULT_CAPACITY, program_listing
     default=DEFAULT_CAPACITY,
     show_default=True,
     metavar="N",
-    help="Sockets in CLOSE_WAIT whose entry time is kept at once (64 B of kernel memory each).",
+    help="Slots for CLOSE_WAIT entry times, 16 B of kernel memory each (rounded up to a power of two): "
+    "at most N sockets at once, N/2 without a drop.",
 )
 def record_command(pin_dir: str, keep: bool, unpin: bool, ebpf: bool, capacity: int) -> None:
     """Record when each socket enters and leaves CLOSE_WAIT (BPF, root), pinned for scan to read."""

@@ -163,6 +163,9 @@ class Btf:
 LDX, STX, ST, ALU64, JMP, JMP32 = 0x01, 0x03, 0x02, 0x07, 0x05, 0x06
 SIZE_W, SIZE_H, SIZE_B, SIZE_DW = 0x00, 0x08, 0x10, 0x18
 MEM, ATOMIC = 0x60, 0xC0
+#: BPF_ATOMIC operations (the instruction's imm): add, and with BPF_FETCH exchange and compare-and-exchange.
+FETCH = 0x01
+XCHG, CMPXCHG = 0xE0 | FETCH, 0xF0 | FETCH
 K, X = 0x00, 0x08
 ADD, SUB, MUL, DIV, OR, AND, LSH, RSH, NEG, MOD, XOR, MOV, ARSH = (
     0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xA0, 0xB0, 0xC0,
@@ -238,6 +241,15 @@ class Asm:
     def atomic_add(self, dst: int, off: int, src: int, note: str = "") -> None:
         """``lock *(u64 *)(dst + off) += src``."""
         self._emit(STX | ATOMIC | SIZE_DW, dst, src, off, ADD, note=note)
+
+    def xchg(self, dst: int, off: int, src: int, note: str = "") -> None:
+        """``src = xchg(*(u64 *)(dst + off), src)``: fully ordered (Linux 5.12+)."""
+        self._emit(STX | ATOMIC | SIZE_DW, dst, src, off, XCHG, note=note)
+
+    def cmpxchg(self, dst: int, off: int, src: int, note: str = "") -> None:
+        """``r0 = cmpxchg((u64 *)(dst + off), r0, src)``: stores ``src`` only if the word equals r0;
+        r0 is the word as it was either way. Fully ordered (Linux 5.12+)."""
+        self._emit(STX | ATOMIC | SIZE_DW, dst, src, off, CMPXCHG, note=note)
 
     def ld_imm64(self, dst: int, value: int, note: str = "") -> None:
         self._emit(LD_IMM64, dst, 0, 0, value & 0xFFFFFFFF, note=note)
@@ -321,7 +333,13 @@ def disassemble(
         elif cls == LDX:
             text = f"r{dst} = *({_SIZE_NAMES[op & 0x18]} *)(r{src} {off:+d})"
         elif cls == STX and op & 0xE0 == ATOMIC:
-            text = f"lock *({_SIZE_NAMES[op & 0x18]} *)(r{dst} {off:+d}) += r{src}"
+            where = f"({_SIZE_NAMES[op & 0x18]} *)(r{dst} {off:+d})"
+            if imm == CMPXCHG:
+                text = f"r0 = atomic64_cmpxchg({where}, r0, r{src})"
+            elif imm == XCHG:
+                text = f"r{src} = atomic64_xchg({where}, r{src})"
+            else:
+                text = f"lock *{where} += r{src}"
         elif cls == STX:
             text = f"*({_SIZE_NAMES[op & 0x18]} *)(r{dst} {off:+d}) = r{src}"
         elif cls == ST:
@@ -370,6 +388,7 @@ MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_LRU_HASH = 9
 MAP_TYPE_RINGBUF = 27
 BPF_F_NO_PREALLOC = 1
+BPF_F_MMAPABLE = 1 << 10
 BPF_NOEXIST = 1
 
 
