@@ -166,7 +166,7 @@ def churn(rounds: int, seconds: float, quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-goals-") as tmp:
         out = os.path.join(tmp, "recorder.json")
         argv = [sys.executable, str(HERE / "bench_recorder.py"), "--out", out]
-        argv += ["--quick"] if quick else ["--rounds", str(rounds), "--seconds", str(seconds)]
+        argv += ["--quick"] if quick else ["--rounds", str(rounds), "--seconds", str(seconds), "--compare-rounds", "6"]
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, timeout=3600)
         with open(out) as handle:
             result: dict[str, Any] = json.load(handle)
