@@ -13,8 +13,9 @@ do. The walk is the expensive part of a scan, so it does the least it can:
 Pitfall: pids are reused. A process's stat and cmdline are read through the descriptor its fd
 directory was walked with (``..`` of it is that process's /proc/PID), which stays bound to the
 process it was opened on: a process that exits between its fd walk and its name is skipped, never
-shown under the name of a new process that got its pid. Owners from the BPF iterator (pid, fd) are
-checked the same way: the fd must still hold the socket in the process whose name is read.
+shown under the name of a new process that got its pid. Owners from the BPF iterator come with the
+start time the kernel saw for their process, and are kept only if the process whose name is read
+through /proc/PID has that start time: one stat read per process instead of a readlink per fd.
 
 Processes that exit mid-walk are skipped (a pid the caller named raises ``NoSuchProcess``).
 Directories it may not read are counted and reported as one line ("owner unknown: permission
@@ -124,7 +125,6 @@ def find_owners(
         from closewait.sources import bpf
 
         try:
-            asked_at = _boot_ticks()
             holders = bpf.socket_holders(wanted)
         except bpf.BpfUnavailable as err:
             if method == "bpf":
@@ -132,11 +132,7 @@ def find_owners(
             result.bpf_unavailable = str(err)
         else:
             result.method = "bpf"
-            by_pid: dict[int, list[tuple[int, int]]] = {}
-            for inode, pairs in holders.items():
-                for pid, fd in pairs:
-                    by_pid.setdefault(pid, []).append((fd, inode))
-            found = _identify_holders(by_pid, proc_root, asked_at)
+            found = _identify_holders(holders, proc_root)
     elif method == "bpf":
         raise UsageError("the BPF owner lookup reads the whole host: it cannot be combined with --pid")
     if result.method == "procfs":
@@ -204,58 +200,34 @@ def _identified(dir_fd: int, pid: int) -> Process | None:
         return Process(pid=pid, start_time=0, name="?", cmdline=())
 
 
-def _boot_ticks() -> int:
-    """Now, in the unit and clock of /proc/PID/stat's start time: clock ticks since boot."""
-    import time
+def _identify_holders(holders: Mapping[int, Iterable[tuple[int, int, int]]], proc_root: str) -> list[_Found]:
+    """The BPF iterator's owners (inode -> [(pid, fd, start time)]), each process read through one
+    descriptor on its /proc/PID and kept only if it has the start time the kernel saw.
 
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
-
-
-def _identify_holders(by_pid: dict[int, list[tuple[int, int]]], proc_root: str, asked_at: int) -> list[_Found]:
-    """The BPF iterator's (pid, fd) pairs, each process read through one descriptor on its /proc/PID,
-    so a pid reused since the iterator ran is not given the old process's sockets.
-
-    Each fd is checked to still hold its socket when this user may read the links (root, or
-    CAP_SYS_PTRACE). When it may not (CAP_BPF and CAP_PERFMON alone), the process's start time is
-    checked instead: a process that started after the iterator was asked to run (``asked_at``, in
-    clock ticks since boot) is not the one it saw. One that started in the same tick is dropped too:
-    its sockets show without an owner for one scan rather than under a process that may not hold them.
+    Pitfall: a pid may be reused between the kernel's pass and this read; the new process must not
+    be given the old one's sockets. Pid and start time identify a process, so one stat read per
+    process decides for all its descriptors. A process whose stat may not be read (start time 0
+    here) cannot be identified: its sockets show without that owner rather than under a process
+    that may not hold them.
     """
+    by_process: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for inode, found_by_kernel in holders.items():
+        for pid, fd, start_time in found_by_kernel:
+            by_process.setdefault((pid, start_time), []).append((fd, inode))
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     found: list[_Found] = []
-    for pid, pairs in sorted(by_pid.items()):
+    for (pid, start_time), hits in sorted(by_process.items()):
         try:
             dir_fd = os.open(f"{proc_root}/{pid}", flags)
         except OSError:
             continue  # exited since the iterator ran
         try:
             process = _identified(dir_fd, pid)
-            if process is None:
-                continue
-            hits = _still_held(dir_fd, sorted(pairs))
-            if hits is None:  # the links may not be read here: go by the start time
-                hits = sorted(pairs) if 0 < process.start_time < asked_at else []
-            if hits:
-                found.append((pid, process, hits))
         finally:
             os.close(dir_fd)
+        if process is not None and process.start_time == start_time:
+            found.append((pid, process, sorted(hits)))
     return found
-
-
-def _still_held(dir_fd: int, pairs: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
-    """The (fd, inode) pairs whose fd still holds that socket in the process of ``dir_fd`` (its
-    /proc/PID); None when this user may not read its links."""
-    held = []
-    for fd, inode in pairs:
-        try:
-            link = os.readlink(f"fd/{fd}", dir_fd=dir_fd)
-        except PermissionError:
-            return None
-        except OSError:
-            continue  # closed, or the process exited
-        if link == f"{SOCKET_LINK_PREFIX}{inode}]":
-            held.append((fd, inode))
-    return held
 
 
 #: Below this many processes a second thread costs more than it saves.
