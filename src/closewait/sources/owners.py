@@ -29,8 +29,9 @@ import os
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from closewait.errors import AccessDenied, NoSuchProcess, UsageError
+from closewait.errors import AccessDenied, ClosewaitError, NoSuchProcess, UsageError
 from closewait.model import Owner, Process
+from closewait.sources.owner_cache import OwnerCache, boot_ticks
 from closewait.sources.process import (
     SOCKET_LINK_PREFIX,
     descriptors_denied,
@@ -67,7 +68,7 @@ class OwnerMap:
 
     owners: dict[int, list[Owner]] = field(default_factory=dict)
     denied_pids: list[int] = field(default_factory=list)
-    #: How the owners were found: "bpf" or "procfs".
+    #: How the owners were found: "bpf", "procfs", or "cache" (a recent full pass, re-checked).
     method: str = "procfs"
     #: Why the BPF iterator was not used, when ``auto`` fell back to procfs (None otherwise).
     bpf_unavailable: str | None = None
@@ -96,6 +97,8 @@ def find_owners(
     proc_root: str = "/proc",
     method: str = "auto",
     start_times: Mapping[int, int] | None = None,
+    cookies: Mapping[int, int] | None = None,
+    cache: OwnerCache | None = None,
 ) -> OwnerMap:
     """Every (process, fd) holding one of ``inodes``.
 
@@ -114,17 +117,34 @@ def find_owners(
     readlink costs the kernel a few microseconds (a dentry lookup, a ptrace access check and a
     d_path). The syscalls release the GIL, so on a machine with two or more usable CPUs the walk
     runs in ``_walk_threads(n)`` threads pulling pids from one shared list.
+
+    ``cache`` (with ``cookies``, inode -> socket cookie from the dump) lets ``auto`` answer from
+    what a full BPF pass found less than ``cache.max_age`` seconds ago, re-checked first
+    (``_from_cache``; ``method`` "cache"), and keeps what a full pass finds. ``bpf`` and ``procfs``
+    always look afresh.
     """
     check_owner_source(method)
     wanted = frozenset(i for i in inodes if i)
     result = OwnerMap()
     if not wanted:
         return result
-    found: list[_Found] = []
-    if method != "procfs" and pids is None and proc_root == "/proc":
+    found: list[_Found] | None = None
+    whole_host = pids is None and proc_root == "/proc"
+    wanted_cookies = {inode: cookies[inode] for inode in wanted if inode in cookies} if cookies else {}
+    if cache is not None and method == "auto" and whole_host and len(wanted_cookies) == len(wanted):
+        cached = cache.holders_of(wanted_cookies)
+        checked = _from_cache(cached, cache.pass_ticks) if cached is not None else None
+        if checked is not None:
+            found, grew = checked
+            result.method = "cache"
+            if grew or len(cache.sockets) != len(wanted_cookies):  # keep only what is asked about now
+                cache.remember(cache.pass_ticks, wanted_cookies, _kept(found))
+                cache.save()
+    if found is None and method != "procfs" and whole_host:
         from closewait.sources import bpf
 
         try:
+            asked_at = boot_ticks()
             holders = bpf.socket_holders(wanted)
         except bpf.BpfUnavailable as err:
             if method == "bpf":
@@ -133,9 +153,13 @@ def find_owners(
         else:
             result.method = "bpf"
             found = _identify_holders(holders, proc_root)
-    elif method == "bpf":
+            if cache is not None and len(wanted_cookies) == len(wanted):
+                cache.remember(asked_at, wanted_cookies, _kept(found))
+                cache.save()
+    elif method == "bpf" and not whole_host:
         raise UsageError("the BPF owner lookup reads the whole host: it cannot be combined with --pid")
-    if result.method == "procfs":
+    if found is None:
+        found = []
         if pids is None:
             pids = list_pids(proc_root)
         pid_list = list(pids)
@@ -228,6 +252,104 @@ def _identify_holders(holders: Mapping[int, Iterable[tuple[int, int, int]]], pro
         if process is not None and process.start_time == start_time:
             found.append((pid, process, sorted(hits)))
     return found
+
+
+def _kept(found: list[_Found]) -> dict[int, list[tuple[int, int, int]]]:
+    """inode -> [(pid, fd, start time)] of identified owners, as the cache keeps them."""
+    holders: dict[int, list[tuple[int, int, int]]] = {}
+    for pid, process, hits in found:
+        for fd, inode in hits:
+            holders.setdefault(inode, []).append((pid, fd, process.start_time))
+    return holders
+
+
+def _from_cache(cached: dict[int, list[tuple[int, int, int]]], pass_ticks: int) -> tuple[list[_Found], bool] | None:
+    """The cached owners (inode -> holders), each re-checked, plus what processes started since the
+    pass that filled the cache (at ``pass_ticks``) hold, and whether those added any; None when a
+    full pass is needed instead.
+
+    Pitfall: a cached answer may be wrong in four ways, and each is checked:
+    - the socket is another one: the caller matched the dump's cookie, unique per boot;
+    - the process is another one (its pid reused): its start time is read, once per process;
+    - the fd no longer holds the socket (closed, or moved with dup2): one readlink per fd, and a
+      failure means a full pass, because someone else must hold the socket now;
+    - another process holds it too: a process started since the pass (a fork inherits every fd) is
+      walked here; one that was running already and was handed the socket (SCM_RIGHTS) is seen by the
+      next full pass, ``cache.max_age`` seconds after the last one at most.
+    A socket whose every cached holder has exited needs a full pass too (someone else holds it now);
+    one the pass found no holder for (a kernel socket) is taken as it was, like any other entry.
+    """
+    by_process: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for inode, holders in cached.items():
+        for pid, fd, start_time in holders:
+            by_process.setdefault((pid, start_time), []).append((fd, inode))
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    readlink = os.readlink
+    found: list[_Found] = []
+    held: set[int] = set()
+    known: set[int] = set()
+    for (pid, start_time), hits in sorted(by_process.items()):
+        known.add(pid)
+        try:
+            dir_fd = os.open(f"/proc/{pid}", flags)
+        except OSError:
+            continue  # exited: its sockets need another holder, checked below
+        try:
+            process = _identified(dir_fd, pid)
+            if process is None or process.start_time != start_time:
+                continue
+            for fd, inode in hits:
+                if readlink(f"fd/{fd}", dir_fd=dir_fd) != f"{SOCKET_LINK_PREFIX}{inode}]":
+                    return None
+                held.add(inode)
+        except OSError:  # the fd was closed, or its links may not be read
+            return None
+        finally:
+            os.close(dir_fd)
+        found.append((pid, process, sorted(hits)))
+    if any(holders and inode not in held for inode, holders in cached.items()):
+        return None
+    born = _started_since(pass_ticks, known)
+    if born is None:
+        return None
+    verified = len(found)
+    if born:
+        wanted_links = {f"{SOCKET_LINK_PREFIX}{inode}]": inode for inode in cached}
+        walk = _Walk("/proc", wanted_links, frozenset(), found, [], [])
+        _walk(iter(born), walk)
+        if walk.denied:
+            return None
+    return found, len(found) > verified
+
+
+def _started_since(ticks: int, known: set[int]) -> list[int] | None:
+    """The pids (other than ``known``) of processes started at or after ``ticks``, or that cannot be
+    told apart; None when /proc cannot be listed."""
+    try:
+        pids = list_pids("/proc")
+    except ClosewaitError:
+        return None
+    born = []
+    for pid in pids:
+        if pid in known:
+            continue
+        try:
+            fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # exited
+        try:
+            text = os.read(fd, 4096)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        try:
+            start = int(text[text.rindex(b")") + 2 :].split()[19])
+        except (ValueError, IndexError):
+            start = ticks  # unreadable: walked, to be safe
+        if start >= ticks:
+            born.append(pid)
+    return born
 
 
 #: Below this many processes a second thread costs more than it saves.
