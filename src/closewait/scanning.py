@@ -18,7 +18,7 @@ from closewait.errors import AccessDenied, UsageError
 from closewait.model import Age, AgeSource, Endpoint, Finding, Owner, Process, Role, Snapshot, Socket, TcpState
 from closewait.sources import get_source, pinned
 from closewait.sources import netns as netns_mod
-from closewait.sources.owners import OwnerMap, check_owner_source, descriptors_denied, find_owners
+from closewait.sources.owners import OwnerMap, check_cache, check_owner_source, descriptors_denied, find_owners
 from closewait.sources.process import identify_pids
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
@@ -101,6 +101,10 @@ def scan(
         raise UsageError(f"selecting by workload ({selection.describe()}) needs workloads; drop --no-workloads")
     ns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
     source = get_source(backend) if isinstance(backend, str) else backend
+    if owner_cache is not None and owners and owner_source == "auto" and not pid_filter and proc_root == "/proc":
+        # The cache's readlinks do not depend on the dump: with a prefetched dump (the console's
+        # scan --json) they run while the kernel is still walking its table.
+        check_cache(owner_cache)
     taken_at = time.time()
     targets, listeners = _dump(source, ns, wanted_states, port_filter, with_listeners=owners)
     owner_map = (

@@ -174,20 +174,21 @@ def test_a_cached_owner_whose_pid_was_reused_is_not_reported(spawn: Spawn) -> No
     _end(first)
     second, second_fd, second_inode = _reuse(first.pid, spawn, "cw-second")
     assert (second.pid, second_fd) == (first.pid, fd)
-    now = owner_cache.boot_ticks()
+    cache = OwnerCache()
+    cache.pass_ticks = owner_cache.boot_ticks()
     # One socket with two cached holders, one of them the exited process.
-    answer = _from_cache({first_inode: [(keeper.pid, keeper_fd, keeper_start), (first.pid, fd, first_start)]}, now)
+    answer = _from_cache({first_inode: [(keeper.pid, keeper_fd, keeper_start), (first.pid, fd, first_start)]}, cache)
     # The keeper's fd does not hold first_inode (it holds its own socket): a full pass is needed.
     assert answer is None
     keeper_inode = os.stat(f"/proc/{keeper.pid}/fd/{keeper_fd}").st_ino
-    answer = _from_cache({keeper_inode: [(keeper.pid, keeper_fd, keeper_start), (first.pid, fd, first_start)]}, now)
+    answer = _from_cache({keeper_inode: [(keeper.pid, keeper_fd, keeper_start), (first.pid, fd, first_start)]}, cache)
     assert answer is not None
     found, _grew = answer
     assert [(pid, process.cmdline[0], hits) for pid, process, hits in found] == [
         (keeper.pid, "cw-keeper", [(keeper_fd, keeper_inode)])
     ]
     # Every cached holder gone (the pid now names another process): a full pass, never the new one.
-    assert _from_cache({second_inode: [(first.pid, fd, first_start)]}, now) is None
+    assert _from_cache({second_inode: [(first.pid, fd, first_start)]}, cache) is None
 
 
 @needs_bpf

@@ -32,7 +32,11 @@ from collections.abc import Iterable, Mapping
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
+    from closewait.model import Process
     from closewait.sources.bpf import Holder
+
+    #: What ``owners.check_cache`` found: the holders still there by process, and the failed inodes.
+    Verified = tuple[list[tuple[int, Process, list[tuple[int, int]]]], set[int]]
 
 #: Where the one-shot CLI keeps the cache (a tmpfs, emptied at boot).
 CACHE_PATH = "/run/closewait/owners.bin"
@@ -75,17 +79,22 @@ class OwnerCache:
         self.sockets: dict[int, tuple[int, tuple[Holder, ...]]] = {}
         self._loaded = path is None
         self._dirty = False
+        #: What ``owners.check_cache`` found when it re-checked every holder: (pass_ticks, result).
+        self.verified: tuple[int, Verified] | None = None
 
-    def holders_of(self, cookies: Mapping[int, int]) -> dict[int, list[Holder]] | None:
-        """inode -> the cached holders, for every (inode -> cookie) in ``cookies``; None when the
-        cache is empty, older than ``max_age`` or has not seen one of these sockets."""
+    def holders_of(self, cookies: Mapping[int, int] | None) -> dict[int, list[Holder]] | None:
+        """inode -> the cached holders, for every (inode -> cookie) in ``cookies`` (None: every
+        socket kept); None when the cache is empty, older than ``max_age`` or has not seen one of
+        these sockets."""
         self._load()
-        if not self.pass_ticks or not cookies:
+        if not self.pass_ticks or cookies == {}:
             return None
         now = boot_ticks()
         if not 0 <= now - self.pass_ticks <= self.max_age * os.sysconf("SC_CLK_TCK"):
             return None
         sockets = self.sockets
+        if cookies is None:
+            return {inode: list(holders) for inode, holders in sockets.values()}
         answer: dict[int, list[Holder]] = {}
         for inode, cookie in cookies.items():
             entry = sockets.get(cookie)

@@ -133,7 +133,7 @@ def find_owners(
     wanted_cookies = {inode: cookies[inode] for inode in wanted if inode in cookies} if cookies else {}
     if cache is not None and method == "auto" and whole_host and len(wanted_cookies) == len(wanted):
         cached = cache.holders_of(wanted_cookies)
-        checked = _from_cache(cached, cache.pass_ticks) if cached is not None else None
+        checked = _from_cache(cached, cache) if cached is not None else None
         if checked is not None:
             found, grew = checked
             result.method = "cache"
@@ -263,10 +263,21 @@ def _kept(found: list[_Found]) -> dict[int, list[tuple[int, int, int]]]:
     return holders
 
 
-def _from_cache(cached: dict[int, list[tuple[int, int, int]]], pass_ticks: int) -> tuple[list[_Found], bool] | None:
+def check_cache(cache: OwnerCache) -> None:
+    """Re-check every holder in ``cache`` now (``_verify_holders``), for ``find_owners`` to use.
+
+    The expensive part of answering from the cache, a readlink per fd, does not depend on the dump,
+    so a one-shot scan runs it while the kernel walks its TCP table (``scan()`` calls this before
+    ``_dump``). Nothing is checked when the cache is empty or too old.
+    """
+    everything = cache.holders_of(None)
+    cache.verified = (cache.pass_ticks, _verify_holders(everything)) if everything else None
+
+
+def _from_cache(cached: dict[int, list[tuple[int, int, int]]], cache: OwnerCache) -> tuple[list[_Found], bool] | None:
     """The cached owners (inode -> holders), each re-checked, plus what processes started since the
-    pass that filled the cache (at ``pass_ticks``) hold, and whether those added any; None when a
-    full pass is needed instead.
+    pass that filled the cache hold, and whether those added any; None when a full pass is needed
+    instead.
 
     Pitfall: a cached answer may be wrong in four ways, and each is checked:
     - the socket is another one: the caller matched the dump's cookie, unique per boot;
@@ -279,6 +290,40 @@ def _from_cache(cached: dict[int, list[tuple[int, int, int]]], pass_ticks: int) 
     A socket whose every cached holder has exited needs a full pass too (someone else holds it now);
     one the pass found no holder for (a kernel socket) is taken as it was, like any other entry.
     """
+    checked = cache.verified
+    cache.verified = None
+    if checked is None or checked[0] != cache.pass_ticks:
+        verified, failed = _verify_holders(cached)
+    else:
+        verified, failed = checked[1]
+    if not failed.isdisjoint(cached):
+        return None
+    found: list[_Found] = []
+    held: set[int] = set()
+    for pid, process, hits in verified:
+        kept = [(fd, inode) for fd, inode in hits if inode in cached]
+        if kept:
+            found.append((pid, process, kept))
+            held.update(inode for _, inode in kept)
+    if any(holders and inode not in held for inode, holders in cached.items()):
+        return None
+    known = {pid for holders in cached.values() for pid, _, _ in holders}
+    born = _started_since(cache.pass_ticks, known)
+    if born is None:
+        return None
+    verified_count = len(found)
+    if born:
+        wanted_links = {f"{SOCKET_LINK_PREFIX}{inode}]": inode for inode in cached}
+        walk = _Walk("/proc", wanted_links, frozenset(), found, [], [])
+        _walk(iter(born), walk)
+        if walk.denied:
+            return None
+    return found, len(found) > verified_count
+
+
+def _verify_holders(cached: Mapping[int, list[tuple[int, int, int]]]) -> tuple[list[_Found], set[int]]:
+    """The cached holders (inode -> [(pid, fd, start time)]) that are still there, by process, and
+    the inodes some fd of which no longer holds them (closed, moved, unreadable)."""
     by_process: dict[tuple[int, int], list[tuple[int, int]]] = {}
     n_fds = 0
     for inode, holders in cached.items():
@@ -286,43 +331,24 @@ def _from_cache(cached: dict[int, list[tuple[int, int, int]]], pass_ticks: int) 
         for pid, fd, start_time in holders:
             by_process.setdefault((pid, start_time), []).append((fd, inode))
     found: list[_Found] = []
-    failed: list[bool] = []
+    failed: set[int] = set()
     checks = iter(sorted(by_process.items()))
     # One readlink per fd is most of the cost (~4 us each): two threads halve it on a big cache.
-    _run_parallel(
-        lambda: _check_cached(checks, found, failed), 1 if n_fds < 1000 else _walk_threads(_PARALLEL_MIN_PIDS)
-    )
-    if failed:
-        return None
-    held = {inode for _, _, hits in found for _, inode in hits}
-    known = {pid for pid, _ in by_process}
-    if any(holders and inode not in held for inode, holders in cached.items()):
-        return None
-    born = _started_since(pass_ticks, known)
-    if born is None:
-        return None
-    verified = len(found)
-    if born:
-        wanted_links = {f"{SOCKET_LINK_PREFIX}{inode}]": inode for inode in cached}
-        walk = _Walk("/proc", wanted_links, frozenset(), found, [], [])
-        _walk(iter(born), walk)
-        if walk.denied:
-            return None
-    return found, len(found) > verified
+    threads = 1 if n_fds < 1000 else _walk_threads(_PARALLEL_MIN_PIDS)
+    _run_parallel(lambda: _check_cached(checks, found, failed), threads)
+    return found, failed
 
 
 def _check_cached(
-    checks: Iterator[tuple[tuple[int, int], list[tuple[int, int]]]], found: list[_Found], failed: list[bool]
+    checks: Iterator[tuple[tuple[int, int], list[tuple[int, int]]]], found: list[_Found], failed: set[int]
 ) -> None:
     """For each ((pid, start time), [(fd, inode)]) from ``checks``: the process, if it is still the
-    one that started then (else it is skipped: that holder has exited) and each fd still holds its
-    socket (else ``failed`` gets an entry and the check stops: a full pass is needed)."""
+    one that started then (else it is skipped: that holder has exited), with the fds that still hold
+    their socket; the inodes of the others go to ``failed`` (set.add is atomic under the GIL)."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     readlink = os.readlink
     prefix = SOCKET_LINK_PREFIX
     for (pid, start_time), hits in checks:
-        if failed:
-            return
         try:
             fd_dir = os.open(f"/proc/{pid}/fd", flags)
         except OSError:
@@ -331,16 +357,19 @@ def _check_cached(
             process = _identified_through(fd_dir, pid)
             if process is None or process.start_time != start_time:
                 continue
+            still = []
             for fd, inode in hits:
-                if readlink(str(fd), dir_fd=fd_dir) != f"{prefix}{inode}]":
-                    failed.append(True)
-                    return
-        except OSError:  # the fd was closed, or its links may not be read
-            failed.append(True)
-            return
+                try:
+                    link = readlink(str(fd), dir_fd=fd_dir)
+                except OSError:  # closed, or its links may not be read
+                    link = ""
+                if link == f"{prefix}{inode}]":
+                    still.append((fd, inode))
+                else:
+                    failed.add(inode)
         finally:
             os.close(fd_dir)
-        found.append((pid, process, sorted(hits)))
+        found.append((pid, process, sorted(still)))
 
 
 def _started_since(ticks: int, known: set[int]) -> list[int] | None:
