@@ -227,7 +227,7 @@ def _written(directory: Path) -> Path:
     return path
 
 
-def _read(path: Path) -> dict[int, list[tuple[int, int, int]]] | None:
+def _read(path: Path) -> dict[int, tuple[tuple[int, int, int], ...]] | None:
     return OwnerCache(path=str(path), max_age=3600).holders_of({11: 101, 12: 102})
 
 
@@ -235,7 +235,7 @@ def _read(path: Path) -> dict[int, list[tuple[int, int, int]]] | None:
 def test_the_file_round_trips_and_is_private(tmp_path: Path) -> None:
     path = _written(tmp_path / "cw")
     assert path.stat().st_mode & 0o777 == 0o600
-    assert _read(path) == {11: [(os.getpid(), 3, 4)], 12: []}
+    assert _read(path) == {11: ((os.getpid(), 3, 4),), 12: ()}
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
     # A directory made by the cache itself is root's alone.
     made = tmp_path / "made" / "owners.bin"

@@ -82,7 +82,7 @@ class OwnerCache:
         #: What ``owners.check_cache`` found when it re-checked every holder: (pass_ticks, result).
         self.verified: tuple[int, Verified] | None = None
 
-    def holders_of(self, cookies: Mapping[int, int] | None) -> dict[int, list[Holder]] | None:
+    def holders_of(self, cookies: Mapping[int, int] | None) -> dict[int, tuple[Holder, ...]] | None:
         """inode -> the cached holders, for every (inode -> cookie) in ``cookies`` (None: every
         socket kept); None when the cache is empty, older than ``max_age`` or has not seen one of
         these sockets."""
@@ -94,13 +94,14 @@ class OwnerCache:
             return None
         sockets = self.sockets
         if cookies is None:
-            return {inode: list(holders) for inode, holders in sockets.values()}
-        answer: dict[int, list[Holder]] = {}
+            return dict(sockets.values())
+        answer: dict[int, tuple[Holder, ...]] = {}
+        get = sockets.get
         for inode, cookie in cookies.items():
-            entry = sockets.get(cookie)
+            entry = get(cookie)
             if entry is None or entry[0] != inode:
                 return None
-            answer[inode] = list(entry[1])
+            answer[inode] = entry[1]
         return answer
 
     def remember(self, pass_ticks: int, cookies: Mapping[int, int], holders: Mapping[int, Iterable[Holder]]) -> None:

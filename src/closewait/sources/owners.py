@@ -26,7 +26,7 @@ denied ..."), never raised. One process's files (stat, cmdline, a single fd dire
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from closewait.errors import AccessDenied, ClosewaitError, NoSuchProcess, UsageError
@@ -274,7 +274,9 @@ def check_cache(cache: OwnerCache) -> None:
     cache.verified = (cache.pass_ticks, _verify_holders(everything)) if everything else None
 
 
-def _from_cache(cached: dict[int, list[tuple[int, int, int]]], cache: OwnerCache) -> tuple[list[_Found], bool] | None:
+def _from_cache(
+    cached: Mapping[int, Sequence[tuple[int, int, int]]], cache: OwnerCache
+) -> tuple[list[_Found], bool] | None:
     """The cached owners (inode -> holders), each re-checked, plus what processes started since the
     pass that filled the cache hold, and whether those added any; None when a full pass is needed
     instead.
@@ -300,14 +302,17 @@ def _from_cache(cached: dict[int, list[tuple[int, int, int]]], cache: OwnerCache
         return None
     found: list[_Found] = []
     held: set[int] = set()
+    # Pids whose process is the cached one: the others (exited, or their pid now names a new
+    # process) are looked at by _started_since like any process started since the pass.
+    known: set[int] = set()
     for pid, process, hits in verified:
-        kept = [(fd, inode) for fd, inode in hits if inode in cached]
+        known.add(pid)
+        kept = [hit for hit in hits if hit[1] in cached]
         if kept:
             found.append((pid, process, kept))
-            held.update(inode for _, inode in kept)
-    if any(holders and inode not in held for inode, holders in cached.items()):
+            held.update([inode for _, inode in kept])
+    if not held.issuperset([inode for inode, holders in cached.items() if holders]):
         return None
-    known = {pid for holders in cached.values() for pid, _, _ in holders}
     born = _started_since(cache.pass_ticks, known)
     if born is None:
         return None
@@ -321,7 +326,7 @@ def _from_cache(cached: dict[int, list[tuple[int, int, int]]], cache: OwnerCache
     return found, len(found) > verified_count
 
 
-def _verify_holders(cached: Mapping[int, list[tuple[int, int, int]]]) -> tuple[list[_Found], set[int]]:
+def _verify_holders(cached: Mapping[int, Sequence[tuple[int, int, int]]]) -> tuple[list[_Found], set[int]]:
     """The cached holders (inode -> [(pid, fd, start time)]) that are still there, by process, and
     the inodes some fd of which no longer holds them (closed, moved, unreadable)."""
     by_process: dict[tuple[int, int], list[tuple[int, int]]] = {}
