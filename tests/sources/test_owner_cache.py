@@ -15,6 +15,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from closewait.sources.owner_cache import OwnerCache
 from closewait.sources.owners import OwnerMap, _from_cache, find_owners
 from closewait.sources.process import read_process
 from tests.conftest import Nobody, Spawn
-from tests.scan.kit import LEAKING_SERVER, REPO, close_wait_of, python_argv
+from tests.scan.kit import LEAKING_SERVER, REPO, close_wait_of, python_argv, run_cli
 from tests.sources.test_bpf_owners import needs_bpf
 from tests.sources.test_identity import _end, _reuse, _start
 from tests.sources.test_owners import FORKING_SERVER
@@ -320,3 +321,38 @@ def test_users_other_than_root_keep_the_walk_and_no_file(spawn: Spawn, nobody: N
     assert document["owners_via"] == "procfs"
     assert "permission denied" in document["owners_fallback_reason"]
     assert REPO.exists()
+
+
+@needs_bpf
+def test_the_console_reuses_a_recent_pass_and_says_so(spawn: Spawn) -> None:
+    """``closewait scan --json`` as root keeps the cache in its file: a later run answers from it
+    (when nothing else on this shared host changed its CLOSE_WAIT sockets meanwhile), with the same
+    owners a fresh pass gives."""
+    server = spawn(argv=python_argv(LEAKING_SERVER, "127.0.0.1", "keep,eof"))
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", port)):
+            pass
+    close_wait_of(server.pid, port, count=2)
+    console = "import sys; sys.argv = ['closewait', 'scan', '--json']; from closewait._console import main; main()"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+
+    def run() -> dict[str, object]:
+        done = subprocess.run([sys.executable, "-c", console], env=env, capture_output=True, text=True, check=True)
+        document: dict[str, object] = json.loads(done.stdout)
+        return document
+
+    def mine(document: dict[str, object]) -> list[tuple[int, list[tuple[int, int]]]]:
+        sockets = document["sockets"]
+        assert isinstance(sockets, list)
+        return sorted(
+            (s["inode"], [(o["pid"], o["fd"]) for o in s["owners"]]) for s in sockets if s["local"]["port"] == port
+        )
+
+    fresh = run()
+    reused = wait_for(lambda: (d := run())["owners_via"] == "cache" and d, timeout=30)
+    assert mine(reused) == mine(fresh) == mine(json.loads(run_cli("scan", "--port", str(port), "--json").stdout))
+    assert len(mine(reused)) == 2
+    assert all(owners == [(server.pid, owners[0][1])] for _, owners in mine(reused))
+    assert os.stat(owner_cache.CACHE_PATH).st_mode & 0o777 == 0o600
