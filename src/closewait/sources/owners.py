@@ -154,7 +154,12 @@ def find_owners(
             result.method = "bpf"
             found = _identify_holders(holders, proc_root)
             if cache is not None and len(wanted_cookies) == len(wanted):
-                cache.remember(asked_at, wanted_cookies, _kept(found))
+                kept = _kept(found)
+                # A socket the kernel saw holders of, none of which could be identified (they
+                # exited, or their stat may not be read), is not kept as "held by nobody".
+                cache.remember(
+                    asked_at, {i: c for i, c in wanted_cookies.items() if i in kept or i not in holders}, kept
+                )
                 cache.save()
     elif method == "bpf" and not whole_host:
         raise UsageError("the BPF owner lookup reads the whole host: it cannot be combined with --pid")
