@@ -122,7 +122,8 @@ def test_the_cached_answer_is_the_walks_answer(spawn: Spawn) -> None:
     in_memory = OwnerCache(max_age=60)
     first = closewait.scan(ports=[plain_port, fork_port], owner_cache=in_memory)
     again = wait_for(
-        lambda: (s := closewait.scan(ports=[plain_port, fork_port], owner_cache=in_memory)).owners_via == "cache" and s
+        lambda: (s := closewait.scan(ports=[plain_port, fork_port], owner_cache=in_memory)).owners_via == "cache" and s,
+        timeout=30,
     )
     assert first.owners_via == "bpf"
     assert [(f.socket.inode, f.owners) for f in first.findings] == [(f.socket.inode, f.owners) for f in again.findings]
