@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -250,7 +251,7 @@ def test_the_file_round_trips_and_is_private(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the file cache is root's")
 def test_hostile_or_corrupt_files_are_ignored(tmp_path: Path) -> None:
     good = _written(tmp_path / "cw").read_bytes()
-    header = struct.calcsize("<16sI16sQQ")
+    header = struct.calcsize("<16sI16sQQQ")
 
     def variant(name: str, data: bytes, mode: int = 0o600, dir_mode: int = 0o700) -> Path:
         directory = tmp_path / name
@@ -362,3 +363,23 @@ def test_the_console_reuses_a_recent_pass_and_says_so(spawn: Spawn) -> None:
     assert len(mine(reused)) == 2
     assert all(owners == [(server.pid, owners[0][1])] for _, owners in mine(reused))
     assert os.stat(owner_cache.CACHE_PATH).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_a_file_from_another_pid_namespace_is_ignored(tmp_path: Path) -> None:
+    """Cached pids are the pid namespace's: in another one the file is not read at all."""
+    path = _written(tmp_path / "cw")
+    assert _read(path) is not None
+    code = (
+        "import sys; from closewait.sources.owner_cache import OwnerCache; "
+        "print(OwnerCache(path=sys.argv[1], max_age=3600).holders_of({11: 101, 12: 102}))"
+    )
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code, str(path)],
+        env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "None"), done.stderr
