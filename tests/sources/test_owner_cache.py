@@ -240,6 +240,12 @@ def test_the_file_round_trips_and_is_private(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     assert _read(path) == {11: ((os.getpid(), 3, 4),), 12: ()}
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    # An answer too big to be worth re-checking fd by fd is not kept: the file says so.
+    big = OwnerCache(path=str(path))
+    big.remember(owner_cache.boot_ticks(), {11: 101}, {11: [(1, fd, 1) for fd in range(owner_cache.MAX_RECORDS + 1)]})
+    big.save()
+    assert _read(path) is None
+    assert OwnerCache(path=str(path)).holders_of(None) is None
     # A directory made by the cache itself is root's alone.
     made = tmp_path / "made" / "owners.bin"
     cache = OwnerCache(path=str(made))

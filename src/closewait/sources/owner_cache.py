@@ -44,8 +44,10 @@ if TYPE_CHECKING:
 CACHE_PATH = "/run/closewait/owners.bin"
 #: How long after a full pass its answer may be re-checked instead of a new pass, in seconds.
 DEFAULT_MAX_AGE = 10.0
-#: The most (socket, holder) records a file may hold: 8 MiB; a bigger answer is not kept.
-MAX_RECORDS = 1 << 18
+#: The most owner fds kept (and records in a file, 640 KB): re-checking each costs a readlink
+#: (~4 us), so beyond this many a full pass (~0.35 us per fd on the host) costs about the same,
+#: and a bigger answer is not kept.
+MAX_RECORDS = 20_000
 
 _MAGIC = b"closewait-owners"
 _VERSION = 1
@@ -108,9 +110,13 @@ class OwnerCache:
         return answer
 
     def remember(self, pass_ticks: int, cookies: Mapping[int, int], holders: Mapping[int, Iterable[Holder]]) -> None:
-        """Keep ``holders`` (inode -> holders) for the sockets in ``cookies`` (inode -> cookie)."""
+        """Keep ``holders`` (inode -> holders) for the sockets in ``cookies`` (inode -> cookie); an
+        answer of more than ``MAX_RECORDS`` owner fds empties the cache instead."""
         self.pass_ticks = pass_ticks
         self.sockets = {cookie: (inode, tuple(holders.get(inode, ()))) for inode, cookie in cookies.items()}
+        if sum(len(found) or 1 for _, found in self.sockets.values()) > MAX_RECORDS:
+            self.pass_ticks = 0
+            self.sockets = {}
         self._loaded = True
         self._dirty = True
 
@@ -126,7 +132,7 @@ class OwnerCache:
         ]
         boot_id = _boot_id()
         pid_ns = _pid_namespace()
-        if boot_id is None or not pid_ns or len(records) > MAX_RECORDS or os.geteuid() != 0:
+        if boot_id is None or not pid_ns or os.geteuid() != 0:
             return
         data = _HEADER.pack(_MAGIC, _VERSION, boot_id, pid_ns, self.pass_ticks, len(records)) + b"".join(records)
         _write_private(self.path, data)
