@@ -272,8 +272,9 @@ def check_cache(cache: OwnerCache) -> None:
     """Re-check every holder in ``cache`` now (``_verify_holders``), for ``find_owners`` to use.
 
     The expensive part of answering from the cache, a readlink per fd, does not depend on the dump,
-    so a one-shot scan runs it while the kernel walks its TCP table (``scan()`` calls this before
-    ``_dump``). Nothing is checked when the cache is empty or too old.
+    so the console's ``scan --json`` calls this while the kernel walks its TCP table for the
+    prefetched dump (then ``find_owners`` uses the result, if the cache was not refilled since).
+    Nothing is checked when the cache is empty or too old.
     """
     everything = cache.holders_of(None)
     cache.verified = (cache.pass_ticks, _verify_holders(everything)) if everything else None
