@@ -227,13 +227,28 @@ def main(argv: list[str] | None = None) -> Any:
         from closewait.scanning import CLOSE_WAIT_ONLY, scan
         from closewait.serialize import SocketJson, snapshot_json_chunks
 
+        # Programs run this command in loops: as root, owners a full pass found a few seconds ago
+        # are re-checked instead of walking every fd table again (sources/owner_cache.py).
+        owner_cache = None
+        if owners:
+            from closewait.sources.owner_cache import file_cache
+            from closewait.sources.owners import check_cache
+
+            owner_cache = file_cache()
+            if owner_cache is not None:
+                # Its readlinks do not depend on the dump: run them while the kernel still walks.
+                check_cache(owner_cache)
         # While the kernel's walk keeps the dump's next reply waiting, write the JSON of the sockets
         # already parsed: work taken off the end of the command, the same bytes.
         ahead = SocketJson()
         if early is not None:
             early.while_waiting = ahead.add
         snapshot = scan(
-            CLOSE_WAIT_ONLY, owners=owners, backend=early if early is not None else "auto", workloads=workloads
+            CLOSE_WAIT_ONLY,
+            owners=owners,
+            backend=early if early is not None else "auto",
+            workloads=workloads,
+            owner_cache=owner_cache,
         )
         write = sys.stdout.write
         for chunk in snapshot_json_chunks(snapshot, ahead):

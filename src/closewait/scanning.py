@@ -25,6 +25,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); 
 if TYPE_CHECKING:
     from closewait.sources import SocketSource
     from closewait.sources.attribution import WorkloadResolver
+    from closewait.sources.owner_cache import OwnerCache
     from closewait.workload import WorkloadSelector
 
 CLOSE_WAIT_ONLY: frozenset[TcpState] = frozenset({TcpState.CLOSE_WAIT})
@@ -52,6 +53,7 @@ def scan(
     workload: WorkloadSelector | None = None,
     require_workload: bool = True,
     recorder_pins: str | None = pinned.DEFAULT_PIN_DIR,
+    owner_cache: OwnerCache | None = None,
 ) -> Snapshot:
     """Every TCP socket in ``states`` (default CLOSE_WAIT), with owners, role and diagnosis.
 
@@ -60,7 +62,10 @@ def scan(
     namespace; owners are still looked up across all of the host's processes. ``owners=False``
     skips the owner lookup (role is then ``unknown``). ``owner_source`` picks how owners are found:
     ``bpf`` (one pass over every fd table in the kernel, root only), ``procfs`` (the /proc/PID/fd
-    walk) or ``auto`` (bpf when the kernel allows it, else procfs).
+    walk) or ``auto`` (bpf when the kernel allows it, else procfs). ``owner_cache`` (an
+    ``OwnerCache`` the caller keeps between scans) lets ``auto`` reuse what a full BPF pass found
+    less than ``max_age`` seconds ago, re-checked socket by socket and process by process
+    (``Snapshot.owners_via`` "cache"; see ``sources/owner_cache.py``).
 
     Processes whose descriptors cannot be read (other users', without root) leave their sockets
     without owners and add one line to ``Snapshot.errors``; a pid named in ``pids`` that cannot be
@@ -98,7 +103,7 @@ def scan(
     source = get_source(backend) if isinstance(backend, str) else backend
     taken_at = time.time()
     targets, listeners = _dump(source, ns, wanted_states, port_filter, with_listeners=owners)
-    owner_map = _owners(targets, listeners, pid_filter, proc_root, owner_source) if owners and targets else None
+    owner_map = _owners(targets, pid_filter, proc_root, owner_source, owner_cache) if owners and targets else None
     warnings = _owner_warnings(targets, owner_map)
     # The resolver (and the modules behind it) only when some owner or a selection needs it: a scan
     # with --no-owners, or that found nothing, never imports them.
@@ -183,21 +188,30 @@ def _dump(
 
 
 def _owners(
-    targets: list[Socket], listeners: list[Socket], pid_filter: dict[int, int], proc_root: str, method: str
+    targets: list[Socket], pid_filter: dict[int, int], proc_root: str, method: str, cache: OwnerCache | None
 ) -> OwnerMap:
-    """Who holds the kept sockets and the listeners: only their inodes are looked up.
+    """Who holds the kept sockets: only their inodes are looked up (their cookies go along, so a
+    cached answer is used only for the very sockets it was about).
+
+    The listeners (dumped for the roles) are not looked up unless they are kept sockets themselves:
+    a connection whose local port any listener on the host uses is the server's end whoever holds
+    that listener (``rules.role_of``), so their owners would change no role, and a listener opened
+    or closed anywhere on the host would make the owner cache miss.
 
     Pitfall: a process the caller named (``pids``) whose descriptors may not be read would leave an
     empty answer that reads as "holds no such socket", a lie; that raises AccessDenied instead.
     Unnamed processes that refuse are only counted (``OwnerMap.denied_pids``).
     """
-    inodes = {s.inode for s in targets} | {s.inode for s in listeners}
+    inodes = {s.inode for s in targets}
+    cookies = {s.inode: s.cookie for s in targets if s.cookie is not None} if cache is not None else None
     owner_map = find_owners(
         inodes,
         pids=sorted(pid_filter) if pid_filter else None,
         proc_root=proc_root,
         method=method,
         start_times=pid_filter,
+        cookies=cookies,
+        cache=cache,
     )
     denied_targets = sorted(set(pid_filter).intersection(owner_map.denied_pids))
     if denied_targets:
