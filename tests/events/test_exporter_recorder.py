@@ -17,16 +17,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from closewait.events import BUCKET_BOUNDS, N_BUCKETS, bucket_index
 from closewait.exporter import CloseWaitCollector, build_registry
+from closewait.model import TcpState
+from closewait.sources import netlink
 from closewait.sources.recorder import cgroup_id, mount_bpffs
 from tests.conftest import Nobody
 from tests.events.test_recorder import _REASON, Worker, start_worker
@@ -175,6 +179,46 @@ def test_per_state_counts_come_from_the_recorder(worker: Worker, collector: Clos
     finally:
         worker.call("close", ids=[pair["id"] for pair in pairs])
     assert _value(_scrape(collector), "closewait_tcp_sockets", state="close_wait") == 0
+
+
+def test_state_counts_are_recounted_after_a_scrape_never_in_it(
+    worker: Worker, bpffs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sock_diag count that re-pins the recorder's per-state counts (a read of every socket)
+    runs at start and then in a thread of its own after a scrape, never in the scrape."""
+    counted_in: list[str] = []
+    real_count = netlink.count_by_state
+
+    def count_by_state(**kwargs: Any) -> dict[TcpState, int]:  # the real count, and which thread asked
+        counted_in.append(threading.current_thread().name)
+        return real_count(**kwargs)
+
+    monkeypatch.setattr(netlink, "count_by_state", count_by_state)
+    made = CloseWaitCollector(
+        netns=worker.netns,
+        recorder="on",
+        recorder_pin_dir=str(bpffs / "closewait"),
+        min_interval=0,
+        recorder_resync_s=0,  # due after every scrape
+    )
+    try:
+        assert counted_in == [threading.current_thread().name]  # once at start, before any scrape
+        pairs = worker.call("pairs", n=4)
+        try:
+            for _ in range(2):
+                samples = _scrape(made)
+                assert _value(samples, "closewait_state_counts_source") == 1.0
+                assert _value(samples, "closewait_tcp_sockets", state="close_wait") == 4
+                assert made._resync is not None
+                made._resync.wait()
+        finally:
+            worker.call("close", ids=[pair["id"] for pair in pairs])
+        assert _value(_scrape(made), "closewait_tcp_sockets", state="close_wait") == 0
+        assert _value(_scrape(made), "closewait_scan_errors_total", kind="recorder") == 0
+    finally:
+        made.close()
+    assert len(counted_in) >= 3
+    assert set(counted_in[1:]) == {"closewait-resync"}
 
 
 def test_a_socket_stuck_3s_and_closed_between_scrapes_is_counted(worker: Worker, collector: CloseWaitCollector) -> None:

@@ -75,6 +75,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -94,7 +95,7 @@ from closewait.sources.kubernetes import PodApi
 from closewait.workload import Workload
 
 if TYPE_CHECKING:
-    from closewait.exporter.recording import DwellReader, RecorderReading, RecorderSetup
+    from closewait.exporter.recording import DwellReader, RecorderReading, RecorderSetup, StateResync
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,7 @@ class CloseWaitCollector(Collector):
         clock: Callable[[], float] = time.monotonic,
         recorder: str = "off",
         recorder_pin_dir: str | None = None,
+        recorder_resync_s: float = RECORDER_RESYNC_S,
     ) -> None:
         if top_n < 0:
             raise UsageError(f"--top must not be negative, got {top_n}")
@@ -336,11 +338,13 @@ class CloseWaitCollector(Collector):
         self._reading: RecorderReading | None = None
         self._recorder_logged: str | None = None
         self._recorder_mode = recorder
+        self.recorder_resync_s = recorder_resync_s
+        self._resync: StateResync | None = None
         self._start_recorder(recorder, recorder_pin_dir)
 
     def _start_recorder(self, mode_name: str, pin_dir: str | None) -> None:
         """Attach the recorder as ``mode_name`` (auto, on, off) says; see ``closewait.exporter.recording``."""
-        from closewait.exporter.recording import DwellReader, RecorderMode, RecorderSetup
+        from closewait.exporter.recording import DwellReader, RecorderMode, RecorderSetup, StateResync
         from closewait.sources.recorder import DEFAULT_PIN_DIR, RecorderUnavailable
 
         try:
@@ -361,6 +365,10 @@ class CloseWaitCollector(Collector):
             return
         self._recorder = setup
         self._dwell = DwellReader(setup.recorder, self.resolver, top_n=self.top_n, pid_label=self.pid_label)
+        if self.recorder_counts_states:
+            # The first count before any scrape, the later ones after a scrape, in the background.
+            self._resync = StateResync(setup.recorder, self.recorder_resync_s, self._note_recorder_failure)
+            self._resync.now()
 
     def _note_recorder_failure(self, reason: str) -> None:
         self._errors["recorder"] += 1
@@ -386,10 +394,9 @@ class CloseWaitCollector(Collector):
         try:
             self._dwell.read()
             counters = self._recorder.recorder.counters()
+            # Never re-counted here (StateResync does it after a scrape), unless never counted yet.
             states = (
-                self._recorder.recorder.state_counts(resync_every=RECORDER_RESYNC_S)
-                if self.recorder_counts_states
-                else None
+                self._recorder.recorder.state_counts(resync_every=math.inf) if self.recorder_counts_states else None
             )
         except ClosewaitError as err:
             if not isinstance(err, RecorderUnavailable):
@@ -402,6 +409,9 @@ class CloseWaitCollector(Collector):
     def close(self) -> None:
         """Release the namespace this collector pinned (``netns=``); scans after this fail as gone.
         Detach the recorder: unpin and unmount what this collector pinned and mounted."""
+        if self._resync is not None:
+            self._resync.wait()
+            self._resync = None
         if self._recorder is not None:
             self._recorder.close()
             self._recorder = None
@@ -542,6 +552,8 @@ class CloseWaitCollector(Collector):
                 self._scans += 1
                 self._cached = self._families(result)
                 self._cached_at = self._clock()
+                if self._resync is not None:
+                    self._resync.start_if_due()
             return list(self._cached)
 
     # -- building the families ---------------------------------------------------------------------
@@ -661,7 +673,7 @@ class CloseWaitCollector(Collector):
         source = GaugeMetricFamily(
             "closewait_state_counts_source",
             "1: closewait_tcp_sockets comes from the recorder's event counts (no dump per scrape; TIME_WAIT,"
-            f" NEW_SYN_RECV and CLOSE and any drift are re-counted every {RECORDER_RESYNC_S:g} s);"
+            f" NEW_SYN_RECV and CLOSE and any drift are re-counted every {self.recorder_resync_s:g} s);"
             " 0: from a sock_diag dump at each scan.",
         )
         families: list[Metric] = [dwell, entered, left, source]
