@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from closewait.events import N_BUCKETS, Histogram
-from closewait.exporter.recording import DwellKey, DwellTotals, histogram_buckets
+from closewait.exporter.recording import DwellTotals, histogram_buckets
+from closewait.exporter.series import RowKey
 
 
 def _one(bucket: int) -> Histogram:
@@ -14,31 +15,31 @@ def _one(bucket: int) -> Histogram:
 
 def test_top_workloads_and_processes_keep_series_the_rest_fold_for_good() -> None:
     totals = DwellTotals(top_n=2)
-    a1, a2, a3 = (DwellKey("", "", "", "a.service", name) for name in ("p1", "p2", "p3"))
-    b1 = DwellKey("shop", "cart", "app", "", "python3")
-    c1 = DwellKey("", "", "c", "", "nginx")
+    a1, a2, a3 = (RowKey("", "", "", "a.service", name) for name in ("p1", "p2", "p3"))
+    b1 = RowKey("shop", "cart", "app", "", "python3")
+    c1 = RowKey("", "", "c", "", "nginx")
     for key in (a1, a2, a3, b1, c1):
         totals.add(key, _one(0))
     assert set(totals.totals) == {
         a1,
         a2,
-        DwellKey("", "", "", "a.service", "other"),  # a's third process name
+        RowKey("", "", "", "a.service", "other"),  # a's third process name
         b1,
-        DwellKey("", "", "", "", "other"),  # a third workload
+        RowKey("", "", "", "", "other"),  # a third workload
     }
     # Later activity of a folded label set stays folded, even if it is now the busiest: no series goes down.
     for _ in range(10):
         totals.add(c1, _one(3))
     assert c1 not in totals.totals
-    other = totals.totals[DwellKey("", "", "", "", "other")]
+    other = totals.totals[RowKey("", "", "", "", "other")]
     assert other.count == 11
     assert totals.totals[a1].count == 1
 
 
 def test_top_zero_folds_everything_into_one_series() -> None:
     totals = DwellTotals(top_n=0)
-    totals.add(DwellKey("", "", "", "x.service", "x"), _one(1))
-    assert list(totals.totals) == [DwellKey("", "", "", "", "other")]
+    totals.add(RowKey("", "", "", "x.service", "x"), _one(1))
+    assert list(totals.totals) == [RowKey("", "", "", "", "other")]
 
 
 def test_buckets_are_cumulative_with_prometheus_le_labels() -> None:

@@ -86,13 +86,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from closewait.errors import ClosewaitError, NetnsError, NetnsGone, NotSupported, UsageError
+from closewait.exporter.series import OTHER, UNOWNED, RowKey, label_names, workload_labels
 from closewait.model import Snapshot, TcpState
 from closewait.scanning import scan
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
 from closewait.sources.attribution import WorkloadResolver
 from closewait.sources.kubernetes import PodApi
-from closewait.workload import Workload
 
 if TYPE_CHECKING:
     from closewait.exporter.recording import DwellReader, RecorderReading, RecorderSetup, StateResync
@@ -104,57 +104,12 @@ DEFAULT_MIN_INTERVAL = 5.0
 ERROR_KINDS = ("scan", "netns", "owners", "owners_bpf", "kubernetes_api", "recorder")
 #: How often the recorder's per-state counts are pinned again to one sock_diag count.
 RECORDER_RESYNC_S = 300.0
-OTHER = "other"
-UNOWNED = "unowned"
-#: The workload labels of the per-process series, in the order they are emitted (docs/monitoring.md).
-WORKLOAD_LABELS = ("namespace", "pod", "container", "unit")
-#: How many characters of a container id name a container no runtime metadata named (as ``podman ps``).
-SHORT_ID = 12
-
 _CLOSE_WAIT = frozenset({TcpState.CLOSE_WAIT})
 
 
 def state_label(state: TcpState) -> str:
     """The ``state`` label value: the kernel's name in lower case (``close_wait``), as node_exporter spells it."""
     return state.name.lower()
-
-
-def workload_labels(workload: Workload | None) -> tuple[str, str, str, str]:
-    """The ``namespace``, ``pod``, ``container`` and ``unit`` label values of ``workload``; ``""`` where
-    one does not apply (the host, a process whose cgroup could not be read, no workload looked up).
-
-    A pod kubelet's log links did not name keeps ``pod="pod<UID>"``, and a container its runtime did
-    not name its id's first 12 characters, so two such workloads never share a series.
-    """
-    if workload is None:
-        return ("", "", "", "")
-    if workload.kind == "pod":
-        container = workload.container
-        if container is None and workload.id and workload.id != workload.pod_uid:
-            container = workload.id[:SHORT_ID]
-        return (workload.namespace or "", workload.pod or workload.name, container or "", workload.unit or "")
-    if workload.kind == "container":
-        return ("", "", workload.container or workload.name, workload.unit or "")
-    if workload.kind == "unit":
-        return ("", "", "", workload.unit or workload.name)
-    return ("", "", "", "")
-
-
-class RowKey(NamedTuple):
-    """The labels of one row of per-process series (``pid`` is ``""`` unless the pid label is on)."""
-
-    netns: str
-    namespace: str
-    pod: str
-    container: str
-    unit: str
-    process: str
-    pid: str = ""
-
-    @property
-    def workload(self) -> tuple[str, str, str, str, str]:
-        """The workload part of the key (netns included: one workload per namespace)."""
-        return (self.netns, self.namespace, self.pod, self.container, self.unit)
 
 
 @dataclass
@@ -182,6 +137,17 @@ class Folded(NamedTuple):
     rows: dict[RowKey, _Row]
     processes: int
     workloads: int
+
+
+class Namespaces(NamedTuple):
+    """The network namespaces one scan reads and those it cannot."""
+
+    #: (namespace, label) pairs to read: None is the collector's own namespace, "" its label when it
+    #: is the only one (no ``netns`` label), else "PID/COMM" of the lowest pid in it.
+    scanned: list[tuple[netns_mod.Netns | None, str]]
+    #: Namespaces known to exist that cannot be read: label -> why (only processes this user may not
+    #: read are in them).
+    unreadable: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -230,7 +196,7 @@ def fold_rows(rows: dict[RowKey, _Row], top_n: int) -> Folded:
             result.setdefault(key._replace(process=OTHER, pid=""), _Row()).add(row)
             folded_processes += 1
     for workload, _total in ranked[top_n:]:
-        other = result.setdefault(RowKey(workload[0], "", "", "", "", OTHER), _Row())
+        other = result.setdefault(RowKey("", "", "", "", OTHER, netns=workload[0]), _Row())
         for row in by_workload[workload].values():
             other.add(row)
             folded_processes += 1
@@ -262,10 +228,10 @@ def rows_from_snapshot(
             key = key_of.get(known)
             if key is None:
                 pid = str(process.pid) if pid_label else ""
-                key = key_of[known] = RowKey(ns_label, *workload_labels(process.workload), process.name, pid)
+                key = key_of[known] = RowKey(*workload_labels(process.workload), process.name, pid, ns_label)
             keys.add(key)
         if not keys:
-            keys.add(RowKey(ns_label, "", "", "", "", UNOWNED))
+            keys.add(RowKey("", "", "", "", UNOWNED, netns=ns_label))
         role_diag = (finding.role.value, finding.diagnosis.code if finding.diagnosis else "")
         idle_ms = sock.idle_ms
         unread = sock.unread_bytes
@@ -384,15 +350,21 @@ class CloseWaitCollector(Collector):
             return False
         return self._recorder.recorder.netns == (self.netns.path if self.netns is not None else None)
 
-    def _read_recorder(self) -> None:
-        """One reading of the recorder (counters, histograms, state counts) for the scrape being built."""
+    def _read_recorder(self, namespaces: Namespaces | None) -> None:
+        """One reading of the recorder (counters, histograms, state counts) for the scrape being built.
+        With ``all_netns``, a closer seen for the first time gets the label of its network namespace
+        among ``namespaces`` (the ones this scrape scans)."""
         from closewait.exporter.recording import RecorderReading
         from closewait.sources.recorder import RecorderUnavailable
 
         if self._recorder is None or self._dwell is None:
             return
+        netns_labels: dict[int, str] | None = None
+        if self.all_netns:
+            scanned = namespaces.scanned if namespaces is not None else []
+            netns_labels = {ns.inode: label for ns, label in scanned if ns is not None}
         try:
-            self._dwell.read()
+            self._dwell.read(netns_labels)
             counters = self._recorder.recorder.counters()
             # Never re-counted here (StateResync does it after a scrape), unless never counted yet.
             states = (
@@ -422,28 +394,28 @@ class CloseWaitCollector(Collector):
 
     # -- scanning ----------------------------------------------------------------------------------
 
-    def _namespaces(self) -> tuple[list[tuple[netns_mod.Netns | None, str]], dict[str, str]]:
-        """The (namespace, label) pairs to scan, and the namespaces known to exist that cannot be
-        (label -> why: only processes this user may not read are in them)."""
+    def _namespaces(self) -> Namespaces:
+        """The namespaces a scan reads, with their labels, and those it cannot."""
         if self.netns is not None:
             # One namespace asked for by name: a failure to read it fails the scan, like the host's own.
-            return [(self.netns, "")], {}
+            return Namespaces([(self.netns, "")], {})
         if not self.all_netns:
-            return [(None, "")], {}
+            return Namespaces([(None, "")], {})
         survey = netns_mod.survey(self.proc_root)
         unreadable = {f"{u.pid}/{_comm(self.proc_root, u.pid)}": u.reason for u in survey.unreadable}
-        return [(ns, f"{pid}/{_comm(self.proc_root, pid)}") for ns, pid in survey.found], unreadable
+        return Namespaces([(ns, f"{pid}/{_comm(self.proc_root, pid)}") for ns, pid in survey.found], unreadable)
 
-    def scan_once(self) -> ScanResult:
-        """One full scan (no caching). Raises ClosewaitError if the host's own tables cannot be read."""
+    def scan_once(self, namespaces: Namespaces | None = None) -> ScanResult:
+        """One full scan (no caching) of ``namespaces`` (default: the ones the collector covers, found
+        now). Raises ClosewaitError if the host's own tables cannot be read."""
         with _gc_paused():
-            return self._scan_once()
+            return self._scan_once(namespaces)
 
-    def _scan_once(self) -> ScanResult:
+    def _scan_once(self, scanning: Namespaces | None) -> ScanResult:
         started = time.perf_counter()
         if self._netns_gone is not None:
             raise self._netns_gone  # a new namespace under the old name is another one: never followed
-        namespaces, unreadable = self._namespaces()
+        namespaces, unreadable = scanning if scanning is not None else self._namespaces()
         from_recorder = self.recorder_counts_states
         source = get_source(namespaces=namespaces, count_states=not from_recorder)
         try:
@@ -469,7 +441,7 @@ class CloseWaitCollector(Collector):
         counts = source.counts
         if from_recorder:
             if self._reading is None:
-                self._read_recorder()
+                self._read_recorder(Namespaces(namespaces, unreadable))
             if self._reading is None or self._reading.state_counts is None:
                 raise NotSupported("the recorder's per-state counts cannot be read")
             counts = {"": self._reading.state_counts}
@@ -539,16 +511,21 @@ class CloseWaitCollector(Collector):
             fresh = self._cached_started > arrived
             if self._cached is None or (now - self._cached_at >= self.min_interval and not fresh):
                 self._cached_started = self._clock()
-                result: ScanResult | None
-                self._reading = None
-                self._read_recorder()
+                result: ScanResult | None = None
+                failure: ClosewaitError | None = None
+                namespaces: Namespaces | None = None
                 try:
-                    result = self.scan_once()
+                    namespaces = self._namespaces()  # one survey for the scan and the recorder's labels
                 except ClosewaitError as err:
-                    self._note_failure(err)
-                    result = None
-                else:
-                    self._note_failure(None)
+                    failure = err
+                self._reading = None
+                self._read_recorder(namespaces)
+                if namespaces is not None:
+                    try:
+                        result = self.scan_once(namespaces)
+                    except ClosewaitError as err:
+                        failure = err
+                self._note_failure(failure)
                 self._scans += 1
                 self._cached = self._families(result)
                 self._cached_at = self._clock()
@@ -560,7 +537,7 @@ class CloseWaitCollector(Collector):
 
     def _families(self, result: ScanResult | None, *, describe_only: bool = False) -> list[Metric]:
         ns = ["netns"] if self.all_netns else []
-        owner = [*ns, *WORKLOAD_LABELS, "process", *(["pid"] if self.pid_label else [])]
+        owner = label_names(netns=self.all_netns, pid=self.pid_label)
         tcp = GaugeMetricFamily(
             "closewait_tcp_sockets", "TCP sockets per state (every state, zeros included).", labels=[*ns, "state"]
         )
@@ -641,7 +618,7 @@ class CloseWaitCollector(Collector):
             for state, n in counts.items():
                 tcp.add_metric([*prefix, state_label(state)], n)
         for key, row in sorted(result.rows.items(), key=_worst_first):
-            values = [*([key.netns] if self.all_netns else []), *key[1:6], *([key.pid] if self.pid_label else [])]
+            values = key.label_values(netns=self.all_netns, pid=self.pid_label)
             for (role, diagnosis), n in sorted(row.by_role_diagnosis.items()):
                 per_role.add_metric([*values, role, diagnosis], n)
             oldest.add_metric(values, row.oldest_idle_s)
@@ -659,7 +636,7 @@ class CloseWaitCollector(Collector):
             "closewait_close_wait_duration_seconds",
             "Time from the peer's FIN (entering CLOSE_WAIT) to the owner's close(), per workload and process"
             ' of the closer (top workloads and processes; the rest in process="other"). From the recorder.',
-            labels=[*WORKLOAD_LABELS, "process", *(["pid"] if self.pid_label else [])],
+            labels=label_names(netns=self.all_netns, pid=self.pid_label),
         )
         entered = CounterMetricFamily(
             "closewait_close_wait_entered", "Sockets that entered CLOSE_WAIT since the recorder was attached."
@@ -681,7 +658,7 @@ class CloseWaitCollector(Collector):
             return families  # described whatever the mode: registering never attaches
         source.add_metric([], 1 if self.recorder_counts_states else 0)
         for key, histogram in sorted(self._dwell.totals.totals.items()):
-            values = [*key[:5], *([key.pid] if self.pid_label else [])]
+            values = key.label_values(netns=self.all_netns, pid=self.pid_label)
             dwell.add_metric(values, histogram_buckets(histogram), histogram.sum_seconds)
         reading = self._reading
         if reading is not None:
@@ -735,14 +712,12 @@ __all__ = [
     "DEFAULT_MIN_INTERVAL",
     "DEFAULT_TOP_N",
     "ERROR_KINDS",
-    "WORKLOAD_LABELS",
     "CloseWaitCollector",
     "Folded",
-    "RowKey",
+    "Namespaces",
     "ScanResult",
     "build_registry",
     "fold_rows",
     "rows_from_snapshot",
     "state_label",
-    "workload_labels",
 ]

@@ -33,22 +33,19 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from closewait.errors import ClosewaitError
 from closewait.events import Counters, Histogram, HistogramKey, LeaveReason
+from closewait.exporter.series import EXITED, OTHER, RowKey, workload_labels
 from closewait.model import TcpState
 from closewait.sources import recorder as recorder_mod
 from closewait.sources.attribution import WorkloadResolver
-from closewait.sources.process import read_comm, read_stat
+from closewait.sources.process import ns_inode, read_comm, read_stat
 from closewait.sources.recorder import DEFAULT_PIN_DIR, Recorder, RecorderUnavailable
 
 log = logging.getLogger(__name__)
-
-OTHER = "other"
-EXITED = "exited"
 
 
 class RecorderMode(enum.Enum):
@@ -57,23 +54,8 @@ class RecorderMode(enum.Enum):
     OFF = "off"
 
 
-class DwellKey(NamedTuple):
-    """The labels of one dwell series: the workload labels, the process name, and the pid (``""``
-    unless the pid label is on)."""
-
-    namespace: str
-    pod: str
-    container: str
-    unit: str
-    process: str
-    pid: str = ""
-
-    @property
-    def workload(self) -> tuple[str, str, str, str]:
-        return (self.namespace, self.pod, self.container, self.unit)
-
-
-_GLOBAL_OTHER = DwellKey("", "", "", "", OTHER)
+#: Where dwells of workloads beyond ``top_n`` go: one series, whatever their namespace.
+_GLOBAL_OTHER = RowKey("", "", "", "", OTHER)
 
 
 class DwellTotals:
@@ -81,10 +63,10 @@ class DwellTotals:
 
     def __init__(self, top_n: int) -> None:
         self.top_n = top_n
-        self.totals: dict[DwellKey, Histogram] = {}
-        self._processes: dict[tuple[str, str, str, str], int] = {}  # kept workload -> process series kept
+        self.totals: dict[RowKey, Histogram] = {}
+        self._processes: dict[tuple[str, str, str, str, str], int] = {}  # kept workload -> process series kept
 
-    def series_of(self, key: DwellKey) -> DwellKey:
+    def series_of(self, key: RowKey) -> RowKey:
         """The series ``key``'s dwells are counted in (itself, or an ``other`` one); decided on first sight."""
         if key in self.totals:
             return key
@@ -99,7 +81,7 @@ class DwellTotals:
         self._processes[workload] = kept + 1
         return key
 
-    def add(self, key: DwellKey, delta: Histogram) -> None:
+    def add(self, key: RowKey, delta: Histogram) -> None:
         series = self.series_of(key)
         self.totals[series] = self.totals.get(series, Histogram.empty()) + delta
 
@@ -111,7 +93,7 @@ class DwellTotals:
 @dataclass(frozen=True, slots=True)
 class _Owner:
     start_time: int | None
-    key: DwellKey
+    key: RowKey
 
 
 class DwellReader:
@@ -133,10 +115,8 @@ class DwellReader:
         except ClosewaitError:
             return None
 
-    def _owner(self, cgroup: int, tgid: int) -> tuple[DwellKey, bool]:
+    def _owner(self, cgroup: int, tgid: int, netns_labels: Mapping[int, str] | None) -> tuple[RowKey, bool]:
         """The labels of (cgroup, tgid), and whether that process is still running."""
-        from closewait.exporter.collector import workload_labels
-
         start = self._start_time(tgid)
         known = self._owners.get((cgroup, tgid))
         if known is not None and (start is None or start == known.start_time):
@@ -144,19 +124,31 @@ class DwellReader:
         alive = start is not None and recorder_mod.cgroup_id(tgid, self.proc_root) == cgroup
         pid = str(tgid) if self.pid_label else ""
         if not alive:
-            return DwellKey("", "", "", "", EXITED, pid), False
+            return RowKey("", "", "", "", EXITED, pid), False
         try:
             name = read_comm(tgid, self.proc_root).strip() or "?"
         except ClosewaitError:
-            return DwellKey("", "", "", "", EXITED, pid), False
+            return RowKey("", "", "", "", EXITED, pid), False
         workload = self.resolver.workload_of_pid(tgid, start)
-        key = DwellKey(*workload_labels(workload), name, pid)
+        netns = self._netns_label(tgid, netns_labels) if netns_labels is not None else ""
+        key = RowKey(*workload_labels(workload), name, pid, netns)
         self._owners[(cgroup, tgid)] = _Owner(start, key)
         return key, True
 
-    def read(self) -> None:
+    def _netns_label(self, tgid: int, netns_labels: Mapping[int, str]) -> str:
+        """The label of the network namespace ``tgid`` is in, ``""`` if it cannot be read or is not
+        one of ``netns_labels`` (namespace inode -> label, the namespaces the scan covers)."""
+        try:
+            return netns_labels.get(ns_inode(tgid, "net", self.proc_root), "")
+        except ClosewaitError:
+            return ""
+
+    def read(self, netns_labels: Mapping[int, str] | None = None) -> None:
         """Add what every kernel histogram gained since the last read; free the slots of processes
-        that exited (their counts stay in the totals). RecorderUnavailable if the maps cannot be read."""
+        that exited (their counts stay in the totals). RecorderUnavailable if the maps cannot be read.
+
+        ``netns_labels`` (network namespace inode -> label; ``--all-netns``) gives each closer's
+        series the ``netns`` label of the namespace it is in, when first seen."""
         items = self.recorder.histogram_items()
         gone: list[HistogramKey] = []
         for hkey, histogram in items.items():
@@ -172,7 +164,7 @@ class DwellReader:
                     # its labels are known; whether it exited is asked once it closes nothing more.
                     key, alive = known.key, True
                 else:
-                    key, alive = self._owner(hkey.cgroup_id, hkey.tgid)
+                    key, alive = self._owner(hkey.cgroup_id, hkey.tgid, netns_labels)
                 if delta.count:
                     self.totals.add(key, delta)
                 self._seen[hkey] = histogram
@@ -313,7 +305,6 @@ def histogram_buckets(histogram: Histogram) -> list[tuple[str, float]]:
 
 __all__ = [
     "EXITED",
-    "DwellKey",
     "DwellReader",
     "DwellTotals",
     "RecorderMode",
