@@ -263,6 +263,31 @@ def test_an_exited_process_keeps_its_series_and_frees_its_slot(worker: Worker, c
     assert all(tgid != second.pid for _cg, tgid in recorder.recorder.histograms())  # its kernel slot freed
 
 
+def test_all_netns_labels_each_closer_with_its_network_namespace(netns_name: str, bpffs: Path) -> None:
+    """With --all-netns the close-time series carry the netns label the CLOSE_WAIT gauges give the
+    closer's namespace: here a worker alone in a namespace the test made (``ip netns add``)."""
+    worker = start_worker(["ip", "netns", "exec", netns_name])
+    made = CloseWaitCollector(
+        all_netns=True, recorder="on", recorder_pin_dir=str(bpffs / "closewait"), pid_label=True, min_interval=0
+    )
+    try:
+        comm = Path(f"/proc/{worker.pid}/comm").read_text().strip()
+        label = f"{worker.pid}/{comm}"  # the lowest (the only) pid in the namespace, and its name
+        held = worker.call("pairs", n=2)
+        before = _scrape(made)
+        assert _value(before, "closewait_close_wait_sockets", pid=str(worker.pid), netns=label) == 2
+        worker.call("close", ids=[pair["id"] for pair in held])
+        worker.call("stress", delays=[0.0] * 5)
+        after = _scrape(made)
+    finally:
+        made.close()
+        worker.end()
+    pid = str(worker.pid)
+    assert _value(after, f"{HIST}_count", pid=pid) == 7
+    assert _value(after, f"{HIST}_count", pid=pid, netns=label) == 7
+    assert _value(after, "closewait_close_wait_sockets", pid=pid, netns=label) == 0
+
+
 def _scrape_http(url: str) -> Samples:
     with urllib.request.urlopen(url, timeout=30) as response:
         text = response.read().decode()
