@@ -42,6 +42,19 @@ def test_top_zero_folds_everything_into_one_series() -> None:
     assert list(totals.totals) == [RowKey("", "", "", "", "other")]
 
 
+def test_a_workload_per_netns_and_one_other_series_whatever_the_namespaces() -> None:
+    """With --all-netns the same workload labels in two namespaces are two workloads; workloads beyond
+    ``top_n`` fold into the one series with no netns, so namespaces that come and go add no series."""
+    totals = DwellTotals(top_n=2)
+    host = RowKey("", "", "", "nginx.service", "nginx", netns="1/systemd")
+    guest = host._replace(netns="4711/nginx")
+    late = [host._replace(netns=f"{pid}/nginx") for pid in range(5000, 5010)]
+    for key in (host, guest, *late):
+        totals.add(key, _one(0))
+    assert set(totals.totals) == {host, guest, RowKey("", "", "", "", "other")}
+    assert totals.totals[RowKey("", "", "", "", "other")].count == len(late)
+
+
 def test_buckets_are_cumulative_with_prometheus_le_labels() -> None:
     buckets = histogram_buckets(_one(1) + _one(N_BUCKETS - 1))
     assert buckets[0] == ("0.001", 0.0)
