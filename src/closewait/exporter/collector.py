@@ -16,10 +16,14 @@ How a scrape is made (docs/monitoring.md has the metric reference):
   dump of all states per family *without* tcp_info and without owners, reading only each message's
   state byte (``netlink.count_by_state``; without sock_diag, counted from /proc/net/tcp). This is
   what node_exporter's tcpstat gives, minus its gap: states with no sockets still emit 0, so
-  ``rate()`` and alerts do not see series vanish.
+  ``rate()`` and alerts do not see series vanish. With the recorder (one namespace) they come from
+  its per-transition counters instead: one map read, no dump (``recording.StateResync`` re-pins them
+  to a count outside the scrapes).
 - **CLOSE_WAIT per process**: ``closewait.scan`` of CLOSE_WAIT (plus listeners, for the role) with
   owners. Only CLOSE_WAIT sockets are dumped with tcp_info and only their inodes are looked for in
   /proc/PID/fd, so 100,000 established connections cost one cheap count, not 100,000 owner lookups.
+  Nothing a scan computes that no series uses: no CLOSE_WAIT ages (the histogram comes from the
+  recorder), and the cyclic garbage collector waits while the scan's short-lived objects are made.
 - **Minimum interval**: a scan younger than ``min_interval`` seconds is reused, and scrapes that
   arrive while a scan runs wait for it, so two Prometheus servers (HA pairs) or a dashboard refresh
   storm cost one scan. ``min_interval=0`` rescans for every scrape that arrives when no scan is

@@ -13,15 +13,19 @@ what the exporter set up.
   closed the socket. ``DwellReader`` names the tgid's process (its comm) and workload (the
   collector's ``WorkloadResolver``) the first time it sees the key, and keeps those labels after the
   process exits (a process that closed its sockets and exited before any scrape saw it is
-  ``process="exited"`` with empty workload labels).
+  ``process="exited"`` with empty workload labels). With ``--all-netns`` it also names the network
+  namespace the process is in (its ``/proc/PID/ns/net`` among the namespaces the scrape scans; ``""``
+  when it cannot), so the series carry the ``netns`` label the CLOSE_WAIT gauges have.
 - **Monotonic series** (``DwellTotals``): each scrape adds what each kernel histogram gained since the
   last one into the per-label totals; a kernel histogram whose process has exited is then deleted
   (``forget_histograms``) to free its slot, and its counts stay in the totals. Label sets get a
   series of their own in the order they first close a socket, up to ``top_n`` workloads and
   ``top_n`` process names within each; later ones are summed into their workload's
   ``process="other"`` series, or, beyond ``top_n`` workloads, into the one ``process="other"``
-  series with empty workload labels. A label set never moves between series, so no series ever
-  goes down.
+  series with empty workload labels (and no netns). A label set never moves between series, so no
+  series ever goes down. The labels are ``series.RowKey``, the type the CLOSE_WAIT rows use.
+- **Per-state counts** (``StateResync``): re-pinned to a sock_diag count at start and then in a
+  thread after a scrape, never inside one.
 """
 
 from __future__ import annotations
