@@ -306,6 +306,7 @@ class CloseWaitCollector(Collector):
         self._recorder: RecorderSetup | None = None
         self._dwell: DwellReader | None = None
         self._reading: RecorderReading | None = None
+        self._recorder_read = False  # tried in this scrape (once, whether it worked or not)
         self._recorder_logged: str | None = None
         self._recorder_mode = recorder
         self.recorder_resync_s = recorder_resync_s
@@ -361,6 +362,7 @@ class CloseWaitCollector(Collector):
         from closewait.exporter.recording import RecorderReading
         from closewait.sources.recorder import RecorderUnavailable
 
+        self._recorder_read = True
         if self._recorder is None or self._dwell is None:
             return
         netns_labels: dict[int, str] | None = None
@@ -409,17 +411,19 @@ class CloseWaitCollector(Collector):
         unreadable = {f"{u.pid}/{_comm(self.proc_root, u.pid)}": u.reason for u in survey.unreadable}
         return Namespaces([(ns, f"{pid}/{_comm(self.proc_root, pid)}") for ns, pid in survey.found], unreadable)
 
-    def scan_once(self, namespaces: Namespaces | None = None) -> ScanResult:
-        """One full scan (no caching) of ``namespaces`` (default: the ones the collector covers, found
-        now). Raises ClosewaitError if the host's own tables cannot be read."""
+    def scan_once(self) -> ScanResult:
+        """One full scan (no caching). Raises ClosewaitError if the host's own tables cannot be read."""
         with _gc_paused():
-            return self._scan_once(namespaces)
+            return self._scan_once()
 
-    def _scan_once(self, scanning: Namespaces | None) -> ScanResult:
+    def _scan_once(self) -> ScanResult:
         started = time.perf_counter()
         if self._netns_gone is not None:
             raise self._netns_gone  # a new namespace under the old name is another one: never followed
-        namespaces, unreadable = scanning if scanning is not None else self._namespaces()
+        namespaces, unreadable = self._namespaces()
+        if not self._recorder_read:
+            # Read here, after the survey: with all_netns the closers are labelled with its namespaces.
+            self._read_recorder(Namespaces(namespaces, unreadable))
         from_recorder = self.recorder_counts_states
         source = get_source(namespaces=namespaces, count_states=not from_recorder)
         try:
@@ -444,8 +448,6 @@ class CloseWaitCollector(Collector):
         folded = fold_rows(rows_from_snapshot(snapshot, source.netns_of_inode, pid_label=self.pid_label), self.top_n)
         counts = source.counts
         if from_recorder:
-            if self._reading is None:
-                self._read_recorder(Namespaces(namespaces, unreadable))
             if self._reading is None or self._reading.state_counts is None:
                 raise NotSupported("the recorder's per-state counts cannot be read")
             counts = {"": self._reading.state_counts}
@@ -515,21 +517,18 @@ class CloseWaitCollector(Collector):
             fresh = self._cached_started > arrived
             if self._cached is None or (now - self._cached_at >= self.min_interval and not fresh):
                 self._cached_started = self._clock()
-                result: ScanResult | None = None
-                failure: ClosewaitError | None = None
-                namespaces: Namespaces | None = None
+                result: ScanResult | None
+                self._reading = None  # read by the scan, after its survey of the namespaces
+                self._recorder_read = False
                 try:
-                    namespaces = self._namespaces()  # one survey for the scan and the recorder's labels
+                    result = self.scan_once()
                 except ClosewaitError as err:
-                    failure = err
-                self._reading = None
-                self._read_recorder(namespaces)
-                if namespaces is not None:
-                    try:
-                        result = self.scan_once(namespaces)
-                    except ClosewaitError as err:
-                        failure = err
-                self._note_failure(failure)
+                    self._note_failure(err)
+                    result = None
+                else:
+                    self._note_failure(None)
+                if not self._recorder_read:
+                    self._read_recorder(None)  # the scan failed before it: the recorder's series are still served
                 self._scans += 1
                 self._cached = self._families(result)
                 self._cached_at = self._clock()
