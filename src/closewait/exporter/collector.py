@@ -91,7 +91,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from closewait.errors import ClosewaitError, NetnsError, NetnsGone, NotSupported, UsageError
 from closewait.exporter.series import OTHER, UNOWNED, RowKey, label_names, workload_labels
-from closewait.model import Snapshot, TcpState
+from closewait.model import Process, Snapshot, TcpState
 from closewait.scanning import scan
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
@@ -220,24 +220,32 @@ def rows_from_snapshot(
     rows: dict[RowKey, _Row] = {}
     key_of: dict[tuple[str, int, int], RowKey] = {}  # (netns, pid, start time) -> its row
     close_wait = TcpState.CLOSE_WAIT
+
+    def key_for(process: Process, ns_label: str) -> RowKey:
+        known = (ns_label, process.pid, process.start_time)
+        key = key_of.get(known)
+        if key is None:
+            pid = str(process.pid) if pid_label else ""
+            key = key_of[known] = RowKey(*workload_labels(process.workload), process.name, pid, ns_label)
+        return key
+
     for finding in snapshot.findings:
         sock = finding.socket
         if sock.state != close_wait:
             continue
         ns_label = netns_of_inode.get(sock.inode, "") if netns_of_inode else ""
-        keys: set[RowKey] = set()
-        for owner in finding.owners:
-            process = owner.process
-            known = (ns_label, process.pid, process.start_time)
-            key = key_of.get(known)
-            if key is None:
-                pid = str(process.pid) if pid_label else ""
-                key = key_of[known] = RowKey(*workload_labels(process.workload), process.name, pid, ns_label)
-            keys.add(key)
-        if not keys:
-            keys.add(RowKey("", "", "", "", UNOWNED, netns=ns_label))
-        role_diag = (finding.role.value, finding.diagnosis.code if finding.diagnosis else "")
+        owners = finding.owners
+        keys: Iterable[RowKey]
+        if len(owners) == 1:  # the common case: one holder, one row
+            keys = (key_for(owners[0].process, ns_label),)
+        elif owners:
+            keys = {key_for(owner.process, ns_label) for owner in owners}  # once per row
+        else:
+            keys = (RowKey("", "", "", "", UNOWNED, netns=ns_label),)
+        diagnosis = finding.diagnosis
+        role_diag = (finding.role.value, diagnosis.code if diagnosis is not None else "")
         idle_ms = sock.idle_ms
+        idle_s = idle_ms / 1000 if idle_ms is not None else None
         unread = sock.unread_bytes
         for key in keys:
             row = rows.get(key)
@@ -245,8 +253,8 @@ def rows_from_snapshot(
                 row = rows[key] = _Row()
             counts = row.by_role_diagnosis
             counts[role_diag] = counts.get(role_diag, 0) + 1
-            if idle_ms is not None and idle_ms / 1000 > row.oldest_idle_s:
-                row.oldest_idle_s = idle_ms / 1000
+            if idle_s is not None and idle_s > row.oldest_idle_s:
+                row.oldest_idle_s = idle_s
             row.unread_bytes += unread
     return rows
 
