@@ -220,8 +220,19 @@ def main(argv: list[str] | None = None) -> Any:
         from closewait.scanning import CLOSE_WAIT_ONLY, scan
         from closewait.serialize import snapshot_json_chunks
 
+        # Programs run this command in loops: as root, owners a full pass found a few seconds ago
+        # are re-checked instead of walking every fd table again (sources/owner_cache.py).
+        owner_cache = None
+        if owners:
+            from closewait.sources.owner_cache import file_cache
+
+            owner_cache = file_cache()
         snapshot = scan(
-            CLOSE_WAIT_ONLY, owners=owners, backend=early if early is not None else "auto", workloads=workloads
+            CLOSE_WAIT_ONLY,
+            owners=owners,
+            backend=early if early is not None else "auto",
+            workloads=workloads,
+            owner_cache=owner_cache,
         )
         write = sys.stdout.write
         for chunk in snapshot_json_chunks(snapshot):

@@ -371,8 +371,9 @@ class Snapshot:
     netns: str | None = None
     owners_resolved: bool = True
     errors: tuple[str, ...] = ()
-    #: How the owners were found: "bpf" (one kernel pass over every fd table) or "procfs" (the
-    #: /proc/PID/fd walk); None when they were not looked up.
+    #: How the owners were found: "bpf" (one kernel pass over every fd table), "procfs" (the
+    #: /proc/PID/fd walk) or "cache" (a recent bpf pass's answer, re-checked owner by owner;
+    #: sources/owner_cache.py); None when they were not looked up.
     owners_via: str | None = None
     #: How many of ``findings`` are in each state asked for (zeros included), after --port/--pid filters.
     state_counts: Mapping[TcpState, int] = field(default_factory=dict)

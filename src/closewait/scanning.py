@@ -18,13 +18,14 @@ from closewait.errors import AccessDenied, UsageError
 from closewait.model import Age, AgeSource, Endpoint, Finding, Owner, Process, Role, Snapshot, Socket, TcpState
 from closewait.sources import get_source, pinned
 from closewait.sources import netns as netns_mod
-from closewait.sources.owners import OwnerMap, check_owner_source, descriptors_denied, find_owners
+from closewait.sources.owners import OwnerMap, check_cache, check_owner_source, descriptors_denied, find_owners
 from closewait.sources.process import identify_pids
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
     from closewait.sources import SocketSource
     from closewait.sources.attribution import WorkloadResolver
+    from closewait.sources.owner_cache import OwnerCache
     from closewait.workload import WorkloadSelector
 
 CLOSE_WAIT_ONLY: frozenset[TcpState] = frozenset({TcpState.CLOSE_WAIT})
@@ -52,6 +53,7 @@ def scan(
     workload: WorkloadSelector | None = None,
     require_workload: bool = True,
     recorder_pins: str | None = pinned.DEFAULT_PIN_DIR,
+    owner_cache: OwnerCache | None = None,
 ) -> Snapshot:
     """Every TCP socket in ``states`` (default CLOSE_WAIT), with owners, role and diagnosis.
 
@@ -60,7 +62,10 @@ def scan(
     namespace; owners are still looked up across all of the host's processes. ``owners=False``
     skips the owner lookup (role is then ``unknown``). ``owner_source`` picks how owners are found:
     ``bpf`` (one pass over every fd table in the kernel, root only), ``procfs`` (the /proc/PID/fd
-    walk) or ``auto`` (bpf when the kernel allows it, else procfs).
+    walk) or ``auto`` (bpf when the kernel allows it, else procfs). ``owner_cache`` (an
+    ``OwnerCache`` the caller keeps between scans) lets ``auto`` reuse what a full BPF pass found
+    less than ``max_age`` seconds ago, re-checked socket by socket and process by process
+    (``Snapshot.owners_via`` "cache"; see ``sources/owner_cache.py``).
 
     Processes whose descriptors cannot be read (other users', without root) leave their sockets
     without owners and add one line to ``Snapshot.errors``; a pid named in ``pids`` that cannot be
@@ -96,9 +101,15 @@ def scan(
         raise UsageError(f"selecting by workload ({selection.describe()}) needs workloads; drop --no-workloads")
     ns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
     source = get_source(backend) if isinstance(backend, str) else backend
+    if owner_cache is not None and owners and owner_source == "auto" and not pid_filter and proc_root == "/proc":
+        # The cache's readlinks do not depend on the dump: with a prefetched dump (the console's
+        # scan --json) they run while the kernel is still walking its table.
+        check_cache(owner_cache)
     taken_at = time.time()
     targets, listeners = _dump(source, ns, wanted_states, port_filter, with_listeners=owners)
-    owner_map = _owners(targets, listeners, pid_filter, proc_root, owner_source) if owners and targets else None
+    owner_map = (
+        _owners(targets, listeners, pid_filter, proc_root, owner_source, owner_cache) if owners and targets else None
+    )
     warnings = _owner_warnings(targets, owner_map)
     # The resolver (and the modules behind it) only when some owner or a selection needs it: a scan
     # with --no-owners, or that found nothing, never imports them.
@@ -182,21 +193,34 @@ def _dump(
 
 
 def _owners(
-    targets: list[Socket], listeners: list[Socket], pid_filter: dict[int, int], proc_root: str, method: str
+    targets: list[Socket],
+    listeners: list[Socket],
+    pid_filter: dict[int, int],
+    proc_root: str,
+    method: str,
+    cache: OwnerCache | None,
 ) -> OwnerMap:
     """Who holds the kept sockets and the listeners: only their inodes are looked up.
+
+    Their cookies go along, so a cached answer is used only for the very sockets it was about.
 
     Pitfall: a process the caller named (``pids``) whose descriptors may not be read would leave an
     empty answer that reads as "holds no such socket", a lie; that raises AccessDenied instead.
     Unnamed processes that refuse are only counted (``OwnerMap.denied_pids``).
     """
     inodes = {s.inode for s in targets} | {s.inode for s in listeners}
+    cookies = None
+    if cache is not None:
+        cookies = {s.inode: s.cookie for s in targets if s.cookie is not None}
+        cookies.update((s.inode, s.cookie) for s in listeners if s.cookie is not None)
     owner_map = find_owners(
         inodes,
         pids=sorted(pid_filter) if pid_filter else None,
         proc_root=proc_root,
         method=method,
         start_times=pid_filter,
+        cookies=cookies,
+        cache=cache,
     )
     denied_targets = sorted(set(pid_filter).intersection(owner_map.denied_pids))
     if denied_targets:

@@ -150,7 +150,8 @@ def test_the_iterator_leaves_nothing_open(spawn: Spawn) -> None:
     before = _open_fds()
     for _ in range(3):
         holders = bpf.socket_holders({finding.socket.inode})
-        assert holders == {finding.socket.inode: [(pid, finding.owners[0].fd)]}
+        start_time = finding.owners[0].process.start_time
+        assert holders == {finding.socket.inode: [(pid, finding.owners[0].fd, start_time)]}
     assert _open_fds() == before
     assert not any("bpf" in link for link in _open_fds())
 
@@ -169,7 +170,8 @@ def test_a_wrong_cached_layout_is_caught_and_replaced(tmp_path: Path, kernel_btf
     assert bpf.cached_layout(cache_path=str(cache)) != right
     with socket.socket() as mine:
         inode = os.fstat(mine.fileno()).st_ino
-        assert bpf.socket_holders({inode}, cache_path=str(cache)) == {inode: [(os.getpid(), mine.fileno())]}
+        holders = bpf.socket_holders({inode}, cache_path=str(cache))
+        assert holders == {inode: [(os.getpid(), mine.fileno(), bpf._own_start_time())]}
     assert bpf.cached_layout(cache_path=str(cache)) == right
     # Another kernel's cache, or a file others may write, is not trusted at all.
     saved = json.loads(cache.read_text())
@@ -281,8 +283,10 @@ def test_parse_btf_finds_what_the_program_needs(kernel_btf: bytes) -> None:
     assert layout.inode_i_mode != layout.inode_i_ino
     assert all(offset % 2 == 0 for offset in (layout.file_f_inode, layout.inode_i_mode, layout.inode_i_ino))
     assert layout.task_tgid % 4 == 0
+    assert layout.task_group_leader % 8 == 0
+    assert layout.task_start_boottime % 8 == 0
     program = bpf.assemble(layout, map_fd=7)
-    assert len(program) == 30 * 8
+    assert len(program) == 33 * 8
     # The map's fd is in the ld_imm64 instruction (src_reg 1 = BPF_PSEUDO_MAP_FD), nowhere else.
     code, regs, _off, imm = struct.unpack_from("<BBhi", program, 12 * 8)
     assert (code, regs, imm) == (0x18, 0x11, 7)
@@ -317,13 +321,19 @@ def test_parse_btf_rejects_noise(noise: bytes) -> None:
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(1, 2**64 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))))
-def test_parse_records_groups_and_deduplicates(records: list[tuple[int, int, int]]) -> None:
-    data = b"".join(struct.pack("<QII", *record) for record in records + records)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 2**64 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)
+        )
+    )
+)
+def test_parse_records_groups_and_deduplicates(records: list[tuple[int, int, int, int]]) -> None:
+    data = b"".join(struct.pack("<QIIQ", *record) for record in records + records)
     holders = bpf.parse_records(data)
-    expected: dict[int, set[tuple[int, int]]] = {}
-    for inode, pid, fd in records:
-        expected.setdefault(inode, set()).add((pid, fd))
+    expected: dict[int, set[tuple[int, int, int]]] = {}
+    for inode, pid, fd, start_ns in records:
+        expected.setdefault(inode, set()).add((pid, fd, start_ns // 10_000_000))  # ns -> 1/100 s ticks
     assert holders == {inode: sorted(pairs) for inode, pairs in expected.items()}
     if data:
         with pytest.raises(KernelDataError, match="whole records"):

@@ -5,12 +5,17 @@ The /proc walk (``owners.py``) costs one ``readlinkat`` per open descriptor on t
 however few sockets are wanted. The kernel can do the same walk itself. A BPF program of type
 ``iter/task_file`` is called once for every (process, fd, file) on the host, inside one
 ``read()``; this one keeps the files that are sockets whose inode is in a hash map of the wanted
-inodes, and writes ``(inode, pid, fd)`` for each. The same 210,000 descriptors take ~80 ms.
+inodes, and writes ``(inode, pid, fd, start time)`` for each. The same 210,000 descriptors take ~80 ms.
 
-Everything here is the standard library: the program is 30 instructions assembled below, the
-``bpf()`` syscall is reached through ``_libc`` (ctypes), and the three struct offsets the program needs
-(``file.f_inode``, ``inode.i_mode``/``i_ino``, ``task_struct.tgid``) and the id of the iterator's
-attach point come from the kernel's own type information, ``/sys/kernel/btf/vmlinux``.
+Everything here is the standard library: the program is 33 instructions assembled below, the
+``bpf()`` syscall is reached through ``_libc`` (ctypes), and the struct offsets the program needs
+(``file.f_inode``, ``inode.i_mode``/``i_ino``, ``task_struct.tgid``/``group_leader``/``start_boottime``)
+and the id of the iterator's attach point come from the kernel's own type information,
+``/sys/kernel/btf/vmlinux``.
+
+The start time is the process's (its thread group leader's ``start_boottime``, the number
+/proc/PID/stat's field 22 shows in clock ticks): the caller tells a pid reused since the pass from
+the process the kernel saw with one read of /proc/PID/stat per process, not a readlink per fd.
 
 It is used only when it can be trusted, and says why not otherwise (``BpfUnavailable``):
 
@@ -19,8 +24,9 @@ It is used only when it can be trusted, and says why not otherwise (``BpfUnavail
 - the kernel's verifier checks every load against the types, so a wrong offset is refused at load
   time, never read;
 - a marker socket this process holds is looked up along with the wanted inodes, and must come back
-  with this process's pid and its fd. That proves the offsets and the pid numbering: in a child pid
-  namespace the kernel's pids are not ours, the marker comes back with another pid, and the caller
+  with this process's pid, its fd and its start time as /proc/self/stat shows it. That proves the
+  offsets, the pid numbering and the clock: in a child pid namespace the kernel's pids are not ours
+  (in a time namespace, its boot time is not ours), the marker comes back wrong, and the caller
   falls back to the /proc walk.
 
 Threads that share their process's fd table are skipped by the kernel, so each (pid, fd) comes
@@ -75,7 +81,7 @@ for _kind, _per in {4: 3, 5: 3, 6: 2, 13: 2, 15: 3, 19: 3}.items():  # STRUCT UN
     _PER_MEMBER_WORDS[_kind] = _per
 _KNOWN_KINDS = frozenset(range(1, 20))
 
-_RECORD = struct.Struct("<QII")  # what the program writes: inode, pid, fd
+_RECORD = struct.Struct("<QIIQ")  # what the program writes: inode, pid, fd, start_boottime (ns)
 _S_IFMT = 0o170000
 _S_IFSOCK = 0o140000
 
@@ -93,6 +99,8 @@ class Layout:
     inode_i_mode: int
     inode_i_ino: int
     task_tgid: int
+    task_group_leader: int
+    task_start_boottime: int
 
 
 def btf_sections(data: bytes) -> tuple[array.array[int], bytes]:
@@ -189,6 +197,8 @@ def parse_btf(data: bytes) -> Layout:
         inode_i_mode=member_offset("inode", "i_mode"),
         inode_i_ino=member_offset("inode", "i_ino"),
         task_tgid=member_offset("task_struct", "tgid"),
+        task_group_leader=member_offset("task_struct", "group_leader"),
+        task_start_boottime=member_offset("task_struct", "start_boottime"),
     )
 
 
@@ -214,13 +224,15 @@ def assemble(layout: Layout, map_fd: int) -> bytes:
         if ((file->f_inode->i_mode & S_IFMT) != S_IFSOCK) return 0;
         u64 ino = file->f_inode->i_ino;
         if (!bpf_map_lookup_elem(&wanted, &ino)) return 0;
-        struct { u64 ino; u32 pid, fd; } rec = { ino, task->tgid, ctx->fd };
+        struct { u64 ino; u32 pid, fd; u64 start; } rec =
+            { ino, task->tgid, ctx->fd, task->group_leader->start_boottime };
         bpf_seq_write(ctx->meta->seq, &rec, sizeof rec);
         return 0;
 
-    ``ctx`` is ``struct bpf_iter__task_file``: meta at 0, task at 8, fd at 16, file at 24.
+    ``ctx`` is ``struct bpf_iter__task_file``: meta at 0, task at 8, fd at 16, file at 24. The
+    record sits at r10 - 24; its first field is also the map lookup's key.
     """
-    exit_at = 28
+    exit_at = 31
     code: list[bytes] = []
 
     def jump_to_exit(op: int, reg: int, imm: int) -> bytes:
@@ -237,21 +249,24 @@ def assemble(layout: Layout, map_fd: int) -> bytes:
     code.append(_insn(_AND64_K, 3, 0, 0, _S_IFMT))
     code.append(jump_to_exit(_JNE_K, 3, _S_IFSOCK))
     code.append(_insn(_LDX_DW, 3, 2, layout.inode_i_ino))  # r3 = inode->i_ino
-    code.append(_insn(_STX_DW, 10, 3, -16))  # rec.ino = r3
+    code.append(_insn(_STX_DW, 10, 3, -24))  # rec.ino = r3
     code.append(_insn(_LD_IMM64, 1, _BPF_PSEUDO_MAP_FD, 0, map_fd))  # r1 = &wanted
     code.append(_insn(0))
     code.append(_insn(_MOV64_X, 2, 10))
-    code.append(_insn(_ADD64_K, 2, 0, 0, -16))  # r2 = &rec.ino
+    code.append(_insn(_ADD64_K, 2, 0, 0, -24))  # r2 = &rec.ino
     code.append(_insn(_CALL, imm=_BPF_FUNC_MAP_LOOKUP_ELEM))
     code.append(jump_to_exit(_JEQ_K, 0, 0))
     code.append(_insn(_LDX_W, 5, 8, layout.task_tgid))  # rec.pid = task->tgid
-    code.append(_insn(_STX_W, 10, 5, -8))
+    code.append(_insn(_STX_W, 10, 5, -16))
     code.append(_insn(_LDX_W, 5, 6, 16))  # rec.fd = ctx->fd
-    code.append(_insn(_STX_W, 10, 5, -4))
+    code.append(_insn(_STX_W, 10, 5, -12))
+    code.append(_insn(_LDX_DW, 5, 8, layout.task_group_leader))  # r5 = task->group_leader
+    code.append(_insn(_LDX_DW, 5, 5, layout.task_start_boottime))  # rec.start = r5->start_boottime
+    code.append(_insn(_STX_DW, 10, 5, -8))
     code.append(_insn(_LDX_DW, 1, 6, 0))  # r1 = ctx->meta
     code.append(_insn(_LDX_DW, 1, 1, 0))  # r1 = meta->seq
     code.append(_insn(_MOV64_X, 2, 10))
-    code.append(_insn(_ADD64_K, 2, 0, 0, -16))  # r2 = &rec
+    code.append(_insn(_ADD64_K, 2, 0, 0, -24))  # r2 = &rec
     code.append(_insn(_MOV64_K, 3, 0, 0, _RECORD.size))
     code.append(_insn(_CALL, imm=_BPF_FUNC_SEQ_WRITE))
     assert len(code) == exit_at
@@ -260,14 +275,23 @@ def assemble(layout: Layout, map_fd: int) -> bytes:
     return b"".join(code)
 
 
-def parse_records(data: bytes) -> dict[int, list[tuple[int, int]]]:
-    """inode -> sorted, distinct [(pid, fd), ...] from the program's output."""
+#: What the iterator reports for one descriptor: (pid, fd, the process's start time in clock ticks).
+Holder = tuple[int, int, int]
+
+
+def parse_records(data: bytes, clock_ticks: int = 100) -> dict[int, list[Holder]]:
+    """inode -> sorted, distinct [(pid, fd, start time), ...] from the program's output.
+
+    The kernel's ``start_boottime`` (ns since boot) becomes /proc/PID/stat's unit, clock ticks
+    (``clock_ticks`` a second, ``SC_CLK_TCK``), as the kernel itself converts it there.
+    """
     if len(data) % _RECORD.size:
         raise KernelDataError(f"BPF iterator output of {len(data)} bytes is not whole records")
-    holders: dict[int, set[tuple[int, int]]] = {}
-    for inode, pid, fd in _RECORD.iter_unpack(data):
-        holders.setdefault(inode, set()).add((pid, fd))
-    return {inode: sorted(pairs) for inode, pairs in holders.items()}
+    per_tick = 1_000_000_000 // clock_ticks
+    holders: dict[int, set[Holder]] = {}
+    for inode, pid, fd, start_ns in _RECORD.iter_unpack(data):
+        holders.setdefault(inode, set()).add((pid, fd, start_ns // per_tick))
+    return {inode: sorted(found) for inode, found in holders.items()}
 
 
 class _Bpf:
@@ -439,8 +463,11 @@ def save_layout(layout: Layout, btf_path: str = BTF_PATH, cache_path: str = CACH
 
 def socket_holders(
     inodes: Collection[int], *, btf_path: str = BTF_PATH, cache_path: str | None = CACHE_PATH
-) -> dict[int, list[tuple[int, int]]]:
-    """Every (pid, fd) holding each of ``inodes``, from one kernel pass over all fd tables.
+) -> dict[int, list[Holder]]:
+    """Every (pid, fd, start time) holding each of ``inodes``, from one kernel pass over all fd tables.
+
+    The start time is the process's, in clock ticks since boot as /proc/PID/stat's field 22 shows
+    it: a pid whose stat shows another start time now names another process.
 
     Inodes nobody holds are absent. Raises BpfUnavailable (with the reason) when the iterator
     cannot be used or cannot be trusted here; the caller then walks /proc instead. ``cache_path``
@@ -478,7 +505,7 @@ def socket_holders(
 
 def _iterate(
     bpf: _Bpf, layout: Layout, map_fd: int, marker: socket.socket, marker_inode: int
-) -> dict[int, list[tuple[int, int]]]:
+) -> dict[int, list[Holder]]:
     """Load the program for ``layout``, run the iterator once, and check the marker came back right."""
     prog_fd = _load_program(bpf, layout, map_fd)
     link_attr = struct.pack("<IIII", prog_fd, 0, _BPF_TRACE_ITER, 0) + bytes(32)
@@ -493,11 +520,23 @@ def _iterate(
         if not chunk:
             break
         chunks.append(chunk)
-    holders = parse_records(b"".join(chunks))
+    holders = parse_records(b"".join(chunks), os.sysconf("SC_CLK_TCK"))
     seen = holders.pop(marker_inode, [])
-    if (os.getpid(), marker.fileno()) not in seen:
+    expected = (os.getpid(), marker.fileno(), _own_start_time())
+    if expected not in seen:
         raise BpfUnavailable(
-            "the BPF iterator did not report this process's own socket as expected "
-            f"(saw {seen or 'nothing'}; another pid namespace?)"
+            "the BPF iterator did not report this process's own socket as expected (another pid namespace, "
+            f"or time namespace?): (pid, fd, start time) {expected}, saw {seen or 'nothing'}"
         )
     return holders
+
+
+def _own_start_time() -> int:
+    """This process's start time as /proc/self/stat shows it (clock ticks since boot)."""
+    from closewait.sources.process import parse_stat
+
+    try:
+        with open("/proc/self/stat", "rb") as handle:
+            return parse_stat(handle.read().decode("utf-8", "replace")).start_time
+    except OSError as err:
+        raise _os_error(err, "reading /proc/self/stat") from None

@@ -13,8 +13,9 @@ do. The walk is the expensive part of a scan, so it does the least it can:
 Pitfall: pids are reused. A process's stat and cmdline are read through the descriptor its fd
 directory was walked with (``..`` of it is that process's /proc/PID), which stays bound to the
 process it was opened on: a process that exits between its fd walk and its name is skipped, never
-shown under the name of a new process that got its pid. Owners from the BPF iterator (pid, fd) are
-checked the same way: the fd must still hold the socket in the process whose name is read.
+shown under the name of a new process that got its pid. Owners from the BPF iterator come with the
+start time the kernel saw for their process, and are kept only if the process whose name is read
+through /proc/PID has that start time: one stat read per process instead of a readlink per fd.
 
 Processes that exit mid-walk are skipped (a pid the caller named raises ``NoSuchProcess``).
 Directories it may not read are counted and reported as one line ("owner unknown: permission
@@ -25,11 +26,12 @@ denied ..."), never raised. One process's files (stat, cmdline, a single fd dire
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from closewait.errors import AccessDenied, NoSuchProcess, UsageError
+from closewait.errors import AccessDenied, ClosewaitError, NoSuchProcess, UsageError
 from closewait.model import Owner, Process
+from closewait.sources.owner_cache import OwnerCache, boot_ticks
 from closewait.sources.process import (
     SOCKET_LINK_PREFIX,
     descriptors_denied,
@@ -66,7 +68,7 @@ class OwnerMap:
 
     owners: dict[int, list[Owner]] = field(default_factory=dict)
     denied_pids: list[int] = field(default_factory=list)
-    #: How the owners were found: "bpf" or "procfs".
+    #: How the owners were found: "bpf", "procfs", or "cache" (a recent full pass, re-checked).
     method: str = "procfs"
     #: Why the BPF iterator was not used, when ``auto`` fell back to procfs (None otherwise).
     bpf_unavailable: str | None = None
@@ -95,6 +97,8 @@ def find_owners(
     proc_root: str = "/proc",
     method: str = "auto",
     start_times: Mapping[int, int] | None = None,
+    cookies: Mapping[int, int] | None = None,
+    cache: OwnerCache | None = None,
 ) -> OwnerMap:
     """Every (process, fd) holding one of ``inodes``.
 
@@ -113,18 +117,34 @@ def find_owners(
     readlink costs the kernel a few microseconds (a dentry lookup, a ptrace access check and a
     d_path). The syscalls release the GIL, so on a machine with two or more usable CPUs the walk
     runs in ``_walk_threads(n)`` threads pulling pids from one shared list.
+
+    ``cache`` (with ``cookies``, inode -> socket cookie from the dump) lets ``auto`` answer from
+    what a full BPF pass found less than ``cache.max_age`` seconds ago, re-checked first
+    (``_from_cache``; ``method`` "cache"), and keeps what a full pass finds. ``bpf`` and ``procfs``
+    always look afresh.
     """
     check_owner_source(method)
     wanted = frozenset(i for i in inodes if i)
     result = OwnerMap()
     if not wanted:
         return result
-    found: list[_Found] = []
-    if method != "procfs" and pids is None and proc_root == "/proc":
+    found: list[_Found] | None = None
+    whole_host = pids is None and proc_root == "/proc"
+    wanted_cookies = {inode: cookies[inode] for inode in wanted if inode in cookies} if cookies else {}
+    if cache is not None and method == "auto" and whole_host and len(wanted_cookies) == len(wanted):
+        cached = cache.holders_of(wanted_cookies)
+        checked = _from_cache(cached, cache) if cached is not None else None
+        if checked is not None:
+            found, grew = checked
+            result.method = "cache"
+            if grew or len(cache.sockets) != len(wanted_cookies):  # keep only what is asked about now
+                cache.remember(cache.pass_ticks, wanted_cookies, _kept(found))
+                cache.save()
+    if found is None and method != "procfs" and whole_host:
         from closewait.sources import bpf
 
         try:
-            asked_at = _boot_ticks()
+            asked_at = boot_ticks()
             holders = bpf.socket_holders(wanted)
         except bpf.BpfUnavailable as err:
             if method == "bpf":
@@ -132,14 +152,14 @@ def find_owners(
             result.bpf_unavailable = str(err)
         else:
             result.method = "bpf"
-            by_pid: dict[int, list[tuple[int, int]]] = {}
-            for inode, pairs in holders.items():
-                for pid, fd in pairs:
-                    by_pid.setdefault(pid, []).append((fd, inode))
-            found = _identify_holders(by_pid, proc_root, asked_at)
-    elif method == "bpf":
+            found = _identify_holders(holders, proc_root)
+            if cache is not None and len(wanted_cookies) == len(wanted):
+                cache.remember(asked_at, wanted_cookies, _kept(found))
+                cache.save()
+    elif method == "bpf" and not whole_host:
         raise UsageError("the BPF owner lookup reads the whole host: it cannot be combined with --pid")
-    if result.method == "procfs":
+    if found is None:
+        found = []
         if pids is None:
             pids = list_pids(proc_root)
         pid_list = list(pids)
@@ -204,58 +224,187 @@ def _identified(dir_fd: int, pid: int) -> Process | None:
         return Process(pid=pid, start_time=0, name="?", cmdline=())
 
 
-def _boot_ticks() -> int:
-    """Now, in the unit and clock of /proc/PID/stat's start time: clock ticks since boot."""
-    import time
+def _identify_holders(holders: Mapping[int, Iterable[tuple[int, int, int]]], proc_root: str) -> list[_Found]:
+    """The BPF iterator's owners (inode -> [(pid, fd, start time)]), each process read through one
+    descriptor on its /proc/PID and kept only if it has the start time the kernel saw.
 
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
-
-
-def _identify_holders(by_pid: dict[int, list[tuple[int, int]]], proc_root: str, asked_at: int) -> list[_Found]:
-    """The BPF iterator's (pid, fd) pairs, each process read through one descriptor on its /proc/PID,
-    so a pid reused since the iterator ran is not given the old process's sockets.
-
-    Each fd is checked to still hold its socket when this user may read the links (root, or
-    CAP_SYS_PTRACE). When it may not (CAP_BPF and CAP_PERFMON alone), the process's start time is
-    checked instead: a process that started after the iterator was asked to run (``asked_at``, in
-    clock ticks since boot) is not the one it saw. One that started in the same tick is dropped too:
-    its sockets show without an owner for one scan rather than under a process that may not hold them.
+    Pitfall: a pid may be reused between the kernel's pass and this read; the new process must not
+    be given the old one's sockets. Pid and start time identify a process, so one stat read per
+    process decides for all its descriptors. A process whose stat may not be read (start time 0
+    here) cannot be identified: its sockets show without that owner rather than under a process
+    that may not hold them.
     """
+    by_process: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for inode, found_by_kernel in holders.items():
+        for pid, fd, start_time in found_by_kernel:
+            by_process.setdefault((pid, start_time), []).append((fd, inode))
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     found: list[_Found] = []
-    for pid, pairs in sorted(by_pid.items()):
+    for (pid, start_time), hits in sorted(by_process.items()):
         try:
             dir_fd = os.open(f"{proc_root}/{pid}", flags)
         except OSError:
             continue  # exited since the iterator ran
         try:
             process = _identified(dir_fd, pid)
-            if process is None:
-                continue
-            hits = _still_held(dir_fd, sorted(pairs))
-            if hits is None:  # the links may not be read here: go by the start time
-                hits = sorted(pairs) if 0 < process.start_time < asked_at else []
-            if hits:
-                found.append((pid, process, hits))
         finally:
             os.close(dir_fd)
+        if process is not None and process.start_time == start_time:
+            found.append((pid, process, sorted(hits)))
     return found
 
 
-def _still_held(dir_fd: int, pairs: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
-    """The (fd, inode) pairs whose fd still holds that socket in the process of ``dir_fd`` (its
-    /proc/PID); None when this user may not read its links."""
-    held = []
-    for fd, inode in pairs:
-        try:
-            link = os.readlink(f"fd/{fd}", dir_fd=dir_fd)
-        except PermissionError:
+def _kept(found: list[_Found]) -> dict[int, list[tuple[int, int, int]]]:
+    """inode -> [(pid, fd, start time)] of identified owners, as the cache keeps them."""
+    holders: dict[int, list[tuple[int, int, int]]] = {}
+    for pid, process, hits in found:
+        for fd, inode in hits:
+            holders.setdefault(inode, []).append((pid, fd, process.start_time))
+    return holders
+
+
+def check_cache(cache: OwnerCache) -> None:
+    """Re-check every holder in ``cache`` now (``_verify_holders``), for ``find_owners`` to use.
+
+    The expensive part of answering from the cache, a readlink per fd, does not depend on the dump,
+    so a one-shot scan runs it while the kernel walks its TCP table (``scan()`` calls this before
+    ``_dump``). Nothing is checked when the cache is empty or too old.
+    """
+    everything = cache.holders_of(None)
+    cache.verified = (cache.pass_ticks, _verify_holders(everything)) if everything else None
+
+
+def _from_cache(
+    cached: Mapping[int, Sequence[tuple[int, int, int]]], cache: OwnerCache
+) -> tuple[list[_Found], bool] | None:
+    """The cached owners (inode -> holders), each re-checked, plus what processes started since the
+    pass that filled the cache hold, and whether those added any; None when a full pass is needed
+    instead.
+
+    Pitfall: a cached answer may be wrong in four ways, and each is checked:
+    - the socket is another one: the caller matched the dump's cookie, unique per boot;
+    - the process is another one (its pid reused): its start time is read, once per process;
+    - the fd no longer holds the socket (closed, or moved with dup2): one readlink per fd, and a
+      failure means a full pass, because someone else must hold the socket now;
+    - another process holds it too: a process started since the pass (a fork inherits every fd) is
+      walked here; one that was running already and was handed the socket (SCM_RIGHTS) is seen by the
+      next full pass, ``cache.max_age`` seconds after the last one at most.
+    A socket whose every cached holder has exited needs a full pass too (someone else holds it now);
+    one the pass found no holder for (a kernel socket) is taken as it was, like any other entry.
+    """
+    checked = cache.verified
+    cache.verified = None
+    if checked is None or checked[0] != cache.pass_ticks:
+        verified, failed = _verify_holders(cached)
+    else:
+        verified, failed = checked[1]
+    if not failed.isdisjoint(cached):
+        return None
+    found: list[_Found] = []
+    held: set[int] = set()
+    # Pids whose process is the cached one: the others (exited, or their pid now names a new
+    # process) are looked at by _started_since like any process started since the pass.
+    known: set[int] = set()
+    for pid, process, hits in verified:
+        known.add(pid)
+        kept = [hit for hit in hits if hit[1] in cached]
+        if kept:
+            found.append((pid, process, kept))
+            held.update([inode for _, inode in kept])
+    if not held.issuperset([inode for inode, holders in cached.items() if holders]):
+        return None
+    born = _started_since(cache.pass_ticks, known)
+    if born is None:
+        return None
+    verified_count = len(found)
+    if born:
+        wanted_links = {f"{SOCKET_LINK_PREFIX}{inode}]": inode for inode in cached}
+        walk = _Walk("/proc", wanted_links, frozenset(), found, [], [])
+        _walk(iter(born), walk)
+        if walk.denied:
             return None
+    return found, len(found) > verified_count
+
+
+def _verify_holders(cached: Mapping[int, Sequence[tuple[int, int, int]]]) -> tuple[list[_Found], set[int]]:
+    """The cached holders (inode -> [(pid, fd, start time)]) that are still there, by process, and
+    the inodes some fd of which no longer holds them (closed, moved, unreadable)."""
+    by_process: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    n_fds = 0
+    for inode, holders in cached.items():
+        n_fds += len(holders)
+        for pid, fd, start_time in holders:
+            by_process.setdefault((pid, start_time), []).append((fd, inode))
+    found: list[_Found] = []
+    failed: set[int] = set()
+    checks = iter(sorted(by_process.items()))
+    # One readlink per fd is most of the cost (~4 us each): two threads halve it on a big cache.
+    threads = 1 if n_fds < 1000 else _walk_threads(_PARALLEL_MIN_PIDS)
+    _run_parallel(lambda: _check_cached(checks, found, failed), threads)
+    return found, failed
+
+
+def _check_cached(
+    checks: Iterator[tuple[tuple[int, int], list[tuple[int, int]]]], found: list[_Found], failed: set[int]
+) -> None:
+    """For each ((pid, start time), [(fd, inode)]) from ``checks``: the process, if it is still the
+    one that started then (else it is skipped: that holder has exited), with the fds that still hold
+    their socket; the inodes of the others go to ``failed`` (set.add is atomic under the GIL)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    readlink = os.readlink
+    prefix = SOCKET_LINK_PREFIX
+    for (pid, start_time), hits in checks:
+        try:
+            fd_dir = os.open(f"/proc/{pid}/fd", flags)
         except OSError:
-            continue  # closed, or the process exited
-        if link == f"{SOCKET_LINK_PREFIX}{inode}]":
-            held.append((fd, inode))
-    return held
+            continue  # exited: its sockets need another holder, which the caller checks
+        try:
+            process = _identified_through(fd_dir, pid)
+            if process is None or process.start_time != start_time:
+                continue
+            still = []
+            for fd, inode in hits:
+                try:
+                    link = readlink(str(fd), dir_fd=fd_dir)
+                except OSError:  # closed, or its links may not be read
+                    link = ""
+                if link == f"{prefix}{inode}]":
+                    still.append((fd, inode))
+                else:
+                    failed.add(inode)
+        finally:
+            os.close(fd_dir)
+        found.append((pid, process, sorted(still)))
+
+
+def _started_since(ticks: int, known: set[int]) -> list[int] | None:
+    """The pids (other than ``known``) of processes started at or after ``ticks``, or that cannot be
+    told apart; None when /proc cannot be listed."""
+    try:
+        pids = list_pids("/proc")
+    except ClosewaitError:
+        return None
+    born = []
+    for pid in pids:
+        if pid in known:
+            continue
+        try:
+            fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # exited
+        try:
+            text = os.read(fd, 4096)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        try:
+            start = int(text[text.rindex(b")") + 2 :].split()[19])
+        except (ValueError, IndexError):
+            start = ticks  # unreadable: walked, to be safe
+        if start >= ticks:
+            born.append(pid)
+    return born
 
 
 #: Below this many processes a second thread costs more than it saves.
@@ -282,16 +431,24 @@ def _walk_parallel(pids: Iterator[int], walk: _Walk, threads: int) -> None:
     if threads <= 1:
         _walk(pids, walk)
         return
-    import threading
-
     # Biggest fd tables first, so no thread is left with one huge process at the end.
     pids = iter(_largest_first(pids, walk.proc_root))
+    _run_parallel(lambda: _walk(pids, walk), threads)
+
+
+def _run_parallel(work: Callable[[], None], threads: int) -> None:
+    """Run ``work`` in ``threads`` threads (the caller's included); the first exception a helper
+    thread raised is re-raised here. ``work`` pulls its items from a shared iterator."""
+    if threads <= 1:
+        work()
+        return
+    import threading
 
     failures: list[BaseException] = []
 
     def run() -> None:
         try:
-            _walk(pids, walk)
+            work()
         except BaseException as err:  # re-raised in the caller's thread below
             failures.append(err)
 
@@ -299,7 +456,7 @@ def _walk_parallel(pids: Iterator[int], walk: _Walk, threads: int) -> None:
     for helper in helpers:
         helper.start()
     try:
-        _walk(pids, walk)
+        work()
     finally:
         for helper in helpers:
             helper.join()

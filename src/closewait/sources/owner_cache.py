@@ -1,0 +1,240 @@
+"""Owners remembered between scans: socket (cookie, inode) -> [(pid, fd, start time)], from the
+last full BPF pass, for ``find_owners`` to re-check instead of walking every fd table again.
+
+A full pass reads every descriptor on the host (210,000 on the benchmark host: ~70 ms in the
+kernel); a scan that runs every few seconds mostly asks about the same CLOSE_WAIT sockets again.
+This module only keeps the answer; ``owners.find_owners`` decides whether it may still be used
+and re-checks every part of it before it does (see ``owners._from_cache``):
+
+- the socket is the same object: the dump's socket cookie (unique per boot, never reused) and
+  inode are the cached ones; a socket the cache has not seen means a full pass;
+- each holder is the same process (pid and start time, one stat read per process) and its fd still
+  holds that socket (one readlink per fd); a failure means a full pass;
+- a process started since the full pass may have inherited a socket (fork) or been handed one:
+  every such process's descriptors are walked (usually a few);
+- what no cheap check can see, a process that was already running and received the socket later
+  (SCM_RIGHTS, pidfd_getfd), is caught by the next full pass: the cache is used for at most
+  ``max_age`` seconds after the pass that filled it.
+
+Only a full BPF pass fills it (it sees every fd table; a /proc walk as a user may not). The
+one-shot ``closewait scan --json`` keeps it in ``CACHE_PATH`` between runs, as root only: a file
+0600 in a root-owned directory nobody else may write, written atomically, bounded in size, and
+ignored (never an error) unless its format version, the boot it was written in
+(``/proc/sys/kernel/random/boot_id``), its owner and its mode are right. A long-running caller
+(the exporter's collector) keeps an ``OwnerCache`` in memory and passes it to every ``scan()``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Mapping
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    from closewait.model import Process
+    from closewait.sources.bpf import Holder
+
+    #: What ``owners.check_cache`` found: the holders still there by process, and the failed inodes.
+    Verified = tuple[list[tuple[int, Process, list[tuple[int, int]]]], set[int]]
+
+#: Where the one-shot CLI keeps the cache (a tmpfs, emptied at boot).
+CACHE_PATH = "/run/closewait/owners.bin"
+#: How long after a full pass its answer may be re-checked instead of a new pass, in seconds.
+DEFAULT_MAX_AGE = 10.0
+#: The most (socket, holder) records a file may hold: 8 MiB; a bigger answer is not kept.
+MAX_RECORDS = 1 << 18
+
+_MAGIC = b"closewait-owners"
+_VERSION = 1
+#: magic, format version, boot id (16 bytes), the pass's start (clock ticks since boot), records.
+_HEADER = struct.Struct("<16sI16sQQ")
+#: cookie, inode, pid, fd, the process's start time (clock ticks since boot). A socket nobody held
+#: (a kernel socket) is one record with pid 0, which no process has.
+_RECORD = struct.Struct("<QQIIQ")
+_NOBODY = (0, 0, 0)
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_ticks() -> int:
+    """Now, in the unit and clock of /proc/PID/stat's start time: clock ticks since boot."""
+    import time
+
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+class OwnerCache:
+    """What the last full pass found, for the sockets it was asked about, and when it started.
+
+    ``path`` None keeps it in memory only (a long-running caller); with a path it is read from
+    there on first use and written back by ``save()`` (the one-shot CLI, as root).
+    """
+
+    def __init__(self, *, max_age: float = DEFAULT_MAX_AGE, path: str | None = None) -> None:
+        self.max_age = max_age
+        self.path = path
+        #: When the full pass that filled it was asked for, in clock ticks since boot (0: never).
+        self.pass_ticks = 0
+        #: cookie -> (inode, holders)
+        self.sockets: dict[int, tuple[int, tuple[Holder, ...]]] = {}
+        self._loaded = path is None
+        self._dirty = False
+        #: What ``owners.check_cache`` found when it re-checked every holder: (pass_ticks, result).
+        self.verified: tuple[int, Verified] | None = None
+
+    def holders_of(self, cookies: Mapping[int, int] | None) -> dict[int, tuple[Holder, ...]] | None:
+        """inode -> the cached holders, for every (inode -> cookie) in ``cookies`` (None: every
+        socket kept); None when the cache is empty, older than ``max_age`` or has not seen one of
+        these sockets."""
+        self._load()
+        if not self.pass_ticks or cookies == {}:
+            return None
+        now = boot_ticks()
+        if not 0 <= now - self.pass_ticks <= self.max_age * os.sysconf("SC_CLK_TCK"):
+            return None
+        sockets = self.sockets
+        if cookies is None:
+            return dict(sockets.values())
+        answer: dict[int, tuple[Holder, ...]] = {}
+        get = sockets.get
+        for inode, cookie in cookies.items():
+            entry = get(cookie)
+            if entry is None or entry[0] != inode:
+                return None
+            answer[inode] = entry[1]
+        return answer
+
+    def remember(self, pass_ticks: int, cookies: Mapping[int, int], holders: Mapping[int, Iterable[Holder]]) -> None:
+        """Keep ``holders`` (inode -> holders) for the sockets in ``cookies`` (inode -> cookie)."""
+        self.pass_ticks = pass_ticks
+        self.sockets = {cookie: (inode, tuple(holders.get(inode, ()))) for inode, cookie in cookies.items()}
+        self._loaded = True
+        self._dirty = True
+
+    def save(self) -> None:
+        """Write the cache to ``path`` if it changed; skipped silently when that cannot be done safely."""
+        if self.path is None or not self._dirty:
+            return
+        self._dirty = False
+        records = [
+            _RECORD.pack(cookie, inode, pid, fd, start)
+            for cookie, (inode, holders) in self.sockets.items()
+            for pid, fd, start in holders or (_NOBODY,)
+        ]
+        boot_id = _boot_id()
+        if boot_id is None or len(records) > MAX_RECORDS or os.geteuid() != 0:
+            return
+        data = _HEADER.pack(_MAGIC, _VERSION, boot_id, self.pass_ticks, len(records)) + b"".join(records)
+        _write_private(self.path, data)
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        assert self.path is not None
+        data = _read_private(self.path)
+        if data is None or len(data) < _HEADER.size:
+            return
+        magic, version, boot_id, pass_ticks, count = _HEADER.unpack_from(data)
+        if magic != _MAGIC or version != _VERSION or boot_id != _boot_id():
+            return
+        if count > MAX_RECORDS or len(data) != _HEADER.size + count * _RECORD.size:
+            return
+        grouped: dict[int, tuple[int, list[Holder]]] = {}
+        for cookie, inode, pid, fd, start in _RECORD.iter_unpack(data[_HEADER.size :]):
+            entry = grouped.setdefault(cookie, (inode, []))
+            if entry[0] != inode:
+                return  # one cookie, two sockets: not a file this module wrote
+            if pid:
+                entry[1].append((pid, fd, start))
+        self.pass_ticks = pass_ticks
+        self.sockets = {cookie: (inode, tuple(holders)) for cookie, (inode, holders) in grouped.items()}
+
+
+def file_cache(path: str = CACHE_PATH, max_age: float = DEFAULT_MAX_AGE) -> OwnerCache | None:
+    """The one-shot CLI's cache at ``path``: root only (None otherwise), read on first use."""
+    if os.geteuid() != 0:
+        return None
+    return OwnerCache(max_age=max_age, path=path)
+
+
+def _boot_id() -> bytes | None:
+    try:
+        with open(_BOOT_ID, "rb") as handle:
+            return bytes.fromhex(handle.read().decode("ascii").strip().replace("-", ""))[:16].ljust(16, b"\0")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _safe_directory(directory: str) -> bool:
+    """Whether ``directory`` is a real directory of this user (root) that nobody else may write."""
+    try:
+        info = os.lstat(directory)
+    except OSError:
+        return False
+    import stat
+
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
+
+
+def _read_private(path: str) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file of this user that only it may read or write,
+    in a directory only it may write, and no bigger than the largest cache; else None."""
+    import stat
+
+    if not _safe_directory(os.path.dirname(path)):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        limit = _HEADER.size + MAX_RECORDS * _RECORD.size
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            return None
+        if info.st_size > limit:
+            return None
+        chunks = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks) if size <= limit else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write ``path`` atomically (a new file renamed over it), 0600 in a 0700 directory made if
+    missing; nothing when the directory is not safe or anything fails."""
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError:
+        return
+    if not _safe_directory(directory):
+        return
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError:
+        try:  # noqa: SIM105 (contextlib is not imported on the fast path)
+            os.unlink(temporary)
+        except OSError:
+            pass

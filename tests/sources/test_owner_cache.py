@@ -1,0 +1,322 @@
+"""The owner cache (sources/owner_cache.py) on the real kernel: a cached answer is the answer a fresh
+lookup gives, or it is not used.
+
+What a full BPF pass found is re-checked before it is reused: the same socket (cookie), the same
+process (pid and start time), the same fd (readlink), and every process started since the pass is
+walked. Whatever fails a check, or a socket the cache has not seen, means a full pass. The file the
+one-shot CLI keeps is root's alone, and anything else found at its path is ignored without an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import closewait
+from closewait.sources import owner_cache
+from closewait.sources.owner_cache import OwnerCache
+from closewait.sources.owners import OwnerMap, _from_cache, find_owners
+from closewait.sources.process import read_process
+from tests.conftest import Nobody, Spawn
+from tests.scan.kit import LEAKING_SERVER, REPO, close_wait_of, python_argv
+from tests.sources.test_bpf_owners import needs_bpf
+from tests.sources.test_identity import _end, _reuse, _start
+from tests.sources.test_owners import FORKING_SERVER
+from tests.util import wait_for
+
+#: Accepts one connection and forks: both hold it. On SIGUSR1 the parent forks once more (a process
+#: born after the cache was filled, holding the socket too) and prints the new child's pid; on
+#: SIGUSR2 it puts another socket on the connection's fd (dup2), so its copy is gone while the
+#: first child keeps the socket in CLOSE_WAIT. Children die with the parent (PR_SET_PDEATHSIG).
+FORKS_ON_SIGNAL = """
+import ctypes, os, signal, socket, time
+def child():
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    while True:
+        time.sleep(60)
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept()
+first = os.fork()
+if first == 0:
+    child()
+print(first, conn.fileno(), flush=True)
+todo = []
+signal.signal(signal.SIGUSR1, lambda *_: todo.append("fork"))
+signal.signal(signal.SIGUSR2, lambda *_: todo.append("dup2"))
+while True:
+    signal.pause()
+    while todo:
+        if todo.pop(0) == "fork":
+            pid = os.fork()
+            if pid == 0:
+                child()
+            print(pid, flush=True)
+        else:
+            other = socket.socket()
+            os.dup2(other.fileno(), conn.fileno())
+            print("moved", flush=True)
+"""
+
+
+def _owners(result: OwnerMap) -> dict[int, list[tuple[int, int, str]]]:
+    return {inode: [(o.process.pid, o.fd, o.process.name) for o in found] for inode, found in result.owners.items()}
+
+
+def _sockets(ports: list[int]) -> dict[int, int]:
+    """inode -> cookie of the CLOSE_WAIT sockets with one of ``ports`` at one end."""
+    snapshot = closewait.scan(ports=ports, owners=False)
+    return {f.socket.inode: f.socket.cookie for f in snapshot.findings if f.socket.cookie is not None}
+
+
+@needs_bpf
+def test_the_cached_answer_is_the_walks_answer(spawn: Spawn) -> None:
+    """Two leaks and a socket shared by a forked parent and child: a fresh pass fills the cache, the
+    next lookup answers from it, and both equal the /proc walk."""
+    plain = spawn(argv=python_argv(LEAKING_SERVER, "127.0.0.1", "keep,eof"))
+    assert plain.stdout is not None
+    plain_port = int(plain.stdout.readline())
+    forking = spawn(argv=python_argv(FORKING_SERVER))
+    assert forking.stdout is not None
+    fork_port = int(forking.stdout.readline())
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", plain_port)):
+            pass
+    shared = socket.create_connection(("127.0.0.1", fork_port))
+    child_pid, shared_fd = map(int, forking.stdout.readline().split())
+    shared.close()
+    close_wait_of(plain.pid, plain_port, count=2)
+    close_wait_of(forking.pid, fork_port)
+    cookies = _sockets([plain_port, fork_port])
+    assert len(cookies) == 3
+
+    cache = OwnerCache(max_age=60)
+    fresh = find_owners(cookies, cookies=cookies, cache=cache)
+    cached = find_owners(cookies, cookies=cookies, cache=cache)
+    walked = find_owners(cookies, method="procfs")
+    assert (fresh.method, cached.method, walked.method) == ("bpf", "cache", "procfs")
+    assert _owners(fresh) == _owners(cached) == _owners(walked)
+    (shared_inode,) = [
+        inode for inode, found in _owners(cached).items() if {pid for pid, _, _ in found} == {forking.pid, child_pid}
+    ]
+    assert [(pid, fd) for pid, fd, _ in _owners(cached)[shared_inode]] == sorted(
+        [(forking.pid, shared_fd), (child_pid, shared_fd)]
+    )
+    # --owners-from bpf and procfs always look afresh; an old cache is not used.
+    assert find_owners(cookies, cookies=cookies, cache=cache, method="bpf").method == "bpf"
+    cache.max_age = 0
+    cache.pass_ticks -= 2
+    assert find_owners(cookies, cookies=cookies, cache=cache).method == "bpf"
+
+    # scan() takes the cache too, and says how the owners were found.
+    in_memory = OwnerCache(max_age=60)
+    first = closewait.scan(ports=[plain_port, fork_port], owner_cache=in_memory)
+    again = wait_for(
+        lambda: (s := closewait.scan(ports=[plain_port, fork_port], owner_cache=in_memory)).owners_via == "cache" and s
+    )
+    assert first.owners_via == "bpf"
+    assert [(f.socket.inode, f.owners) for f in first.findings] == [(f.socket.inode, f.owners) for f in again.findings]
+
+
+@needs_bpf
+def test_a_fork_after_the_pass_is_found_and_a_moved_fd_means_a_new_pass(spawn: Spawn) -> None:
+    holder = spawn(argv=python_argv(FORKS_ON_SIGNAL))
+    assert holder.stdout is not None
+    port = int(holder.stdout.readline())
+    with socket.create_connection(("127.0.0.1", port)):
+        first_child, fd = map(int, holder.stdout.readline().split())
+    close_wait_of(holder.pid, port)
+    cookies = _sockets([port])
+    (inode,) = cookies
+    cache = OwnerCache(max_age=60)
+    assert find_owners(cookies, cookies=cookies, cache=cache).method == "bpf"
+    assert [(pid, fd) for pid, fd, _ in cache.holders_of(cookies)[inode]] == sorted(
+        [(holder.pid, fd), (first_child, fd)]
+    )
+
+    # A process born after the pass inherits the socket: it is walked, and listed.
+    os.kill(holder.pid, signal.SIGUSR1)
+    second_child = int(holder.stdout.readline())
+    after_fork = find_owners(cookies, cookies=cookies, cache=cache)
+    assert after_fork.method == "cache"
+    assert [(o.process.pid, o.fd) for o in after_fork.owners[inode]] == sorted(
+        [(holder.pid, fd), (first_child, fd), (second_child, fd)]
+    )
+    assert after_fork.owners == find_owners(cookies, method="procfs").owners
+
+    # The parent's fd now holds another socket: its cached entry fails the readlink, so a full pass
+    # answers, and the parent is no longer listed.
+    os.kill(holder.pid, signal.SIGUSR2)
+    assert holder.stdout.readline().strip() == "moved"
+    moved = find_owners(cookies, cookies=cookies, cache=cache)
+    assert moved.method == "bpf"
+    assert [(o.process.pid, o.fd) for o in moved.owners[inode]] == sorted([(first_child, fd), (second_child, fd)])
+    assert moved.owners == find_owners(cookies, method="procfs").owners
+
+
+@needs_bpf
+def test_a_cached_owner_whose_pid_was_reused_is_not_reported(spawn: Spawn) -> None:
+    """The cache names a process that has exited; a new process got its pid and holds another socket
+    on the same fd number. It is not listed; the holder that is still there is."""
+    first, fd, first_inode = _start(spawn, "cw-first")
+    first_start = read_process(first.pid).start_time
+    keeper, keeper_fd, _ = _start(spawn, "cw-keeper")
+    keeper_start = read_process(keeper.pid).start_time
+    _end(first)
+    second, second_fd, second_inode = _reuse(first.pid, spawn, "cw-second")
+    assert (second.pid, second_fd) == (first.pid, fd)
+    cache = OwnerCache()
+    cache.pass_ticks = owner_cache.boot_ticks()
+    # One socket with two cached holders, one of them the exited process.
+    answer = _from_cache({first_inode: [(keeper.pid, keeper_fd, keeper_start), (first.pid, fd, first_start)]}, cache)
+    # The keeper's fd does not hold first_inode (it holds its own socket): a full pass is needed.
+    assert answer is None
+    keeper_inode = os.stat(f"/proc/{keeper.pid}/fd/{keeper_fd}").st_ino
+    answer = _from_cache({keeper_inode: [(keeper.pid, keeper_fd, keeper_start), (first.pid, fd, first_start)]}, cache)
+    assert answer is not None
+    found, _grew = answer
+    assert [(pid, process.cmdline[0], hits) for pid, process, hits in found] == [
+        (keeper.pid, "cw-keeper", [(keeper_fd, keeper_inode)])
+    ]
+    # Every cached holder gone (the pid now names another process): a full pass, never the new one.
+    assert _from_cache({second_inode: [(first.pid, fd, first_start)]}, cache) is None
+
+
+@needs_bpf
+def test_a_socket_that_entered_close_wait_since_the_pass_gets_its_owner(spawn: Spawn) -> None:
+    server = spawn(argv=python_argv(LEAKING_SERVER, "127.0.0.1", "keep,keep"))
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    first = socket.create_connection(("127.0.0.1", port))
+    second = socket.create_connection(("127.0.0.1", port))
+    first.close()
+    close_wait_of(server.pid, port)
+    cache = OwnerCache(max_age=60)
+    before = _sockets([port])
+    assert find_owners(before, cookies=before, cache=cache).method == "bpf"
+    assert find_owners(before, cookies=before, cache=cache).method == "cache"
+    second.close()
+    close_wait_of(server.pid, port, count=2)
+    after = _sockets([port])
+    (new_inode,) = set(after) - set(before)
+    found = find_owners(after, cookies=after, cache=cache)
+    assert found.method == "bpf"
+    assert [o.process.pid for o in found.owners[new_inode]] == [server.pid]
+    assert find_owners(after, cookies=after, cache=cache).method == "cache"
+
+
+# --- the file -------------------------------------------------------------------------------------
+
+
+def _written(directory: Path) -> Path:
+    """A cache file as the CLI writes it, for two sockets (one held, one nobody holds)."""
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / "owners.bin"
+    cache = OwnerCache(path=str(path))
+    cache.remember(owner_cache.boot_ticks(), {11: 101, 12: 102}, {11: [(os.getpid(), 3, 4)]})
+    cache.save()
+    return path
+
+
+def _read(path: Path) -> dict[int, tuple[tuple[int, int, int], ...]] | None:
+    return OwnerCache(path=str(path), max_age=3600).holders_of({11: 101, 12: 102})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the file cache is root's")
+def test_the_file_round_trips_and_is_private(tmp_path: Path) -> None:
+    path = _written(tmp_path / "cw")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert _read(path) == {11: ((os.getpid(), 3, 4),), 12: ()}
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    # A directory made by the cache itself is root's alone.
+    made = tmp_path / "made" / "owners.bin"
+    cache = OwnerCache(path=str(made))
+    cache.remember(owner_cache.boot_ticks(), {11: 101}, {})
+    cache.save()
+    assert made.parent.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the file cache is root's")
+def test_hostile_or_corrupt_files_are_ignored(tmp_path: Path) -> None:
+    good = _written(tmp_path / "cw").read_bytes()
+    header = struct.calcsize("<16sI16sQQ")
+
+    def variant(name: str, data: bytes, mode: int = 0o600, dir_mode: int = 0o700) -> Path:
+        directory = tmp_path / name
+        directory.mkdir(mode=dir_mode)
+        os.chmod(directory, dir_mode)
+        path = directory / "owners.bin"
+        path.write_bytes(data)
+        os.chmod(path, mode)
+        return path
+
+    wrong_boot = bytearray(good)
+    wrong_boot[20] ^= 0xFF
+    wrong_version = bytearray(good)
+    wrong_version[16] += 1
+    two_sockets_one_cookie = good + struct.pack("<QQIIQ", 101, 99, 1, 1, 1)
+    two_sockets_one_cookie = bytearray(two_sockets_one_cookie)
+    struct.pack_into("<Q", two_sockets_one_cookie, header - 8, 3)
+    cases = {
+        "readable_by_others": variant("a", good, mode=0o644),
+        "writable_directory": variant("b", good, dir_mode=0o777),
+        "truncated": variant("c", good[:-5]),
+        "header_only": variant("d", good[:header]),
+        "noise": variant("e", os.urandom(300)),
+        "empty": variant("f", b""),
+        "another_boot": variant("g", bytes(wrong_boot)),
+        "another_version": variant("h", bytes(wrong_version)),
+        "cookie_reused": variant("i", bytes(two_sockets_one_cookie)),
+        "too_big": variant("j", good + bytes(owner_cache.MAX_RECORDS * 32)),
+    }
+    owned_by_nobody = variant("k", good)
+    os.chown(owned_by_nobody, 65534, 65534)
+    cases["owned_by_nobody"] = owned_by_nobody
+    link_dir = tmp_path / "l"
+    link_dir.mkdir(mode=0o700)
+    (link_dir / "owners.bin").symlink_to(tmp_path / "cw" / "owners.bin")
+    cases["symlink"] = link_dir / "owners.bin"
+    directory_instead = tmp_path / "m"
+    (directory_instead / "owners.bin").mkdir(parents=True, mode=0o700)
+    os.chmod(directory_instead, 0o700)
+    cases["a_directory"] = directory_instead / "owners.bin"
+    assert _read(tmp_path / "cw" / "owners.bin") is not None
+    for name, path in cases.items():
+        assert _read(path) is None, name
+    # Saving never follows a planted link or writes into a directory others may write.
+    cache = OwnerCache(path=str(tmp_path / "b" / "owners.bin"))
+    cache.remember(owner_cache.boot_ticks(), {11: 101}, {})
+    cache.save()
+    assert (tmp_path / "b" / "owners.bin").read_bytes() == good
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_users_other_than_root_keep_the_walk_and_no_file(spawn: Spawn, nobody: Nobody) -> None:
+    server = spawn(argv=python_argv(LEAKING_SERVER, "127.0.0.1", "keep"))
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    with socket.create_connection(("127.0.0.1", port)):
+        pass
+    close_wait_of(server.pid, port)
+    code = "from closewait.sources.owner_cache import file_cache; print(file_cache())"
+    done = subprocess.run([*nobody.argv, "-c", code], env=nobody.env, capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "None"), done.stderr
+    console = "import sys; sys.argv = ['closewait', 'scan', '--json']; from closewait._console import main; main()"
+    done = subprocess.run(
+        [*nobody.argv, "-c", console], env=nobody.env, capture_output=True, text=True, check=False, cwd="/"
+    )
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["owners_via"] == "procfs"
+    assert "permission denied" in document["owners_fallback_reason"]
+    assert REPO.exists()
