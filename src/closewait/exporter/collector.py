@@ -22,6 +22,9 @@ How a scrape is made (docs/monitoring.md has the metric reference):
 - **CLOSE_WAIT per process**: ``closewait.scan`` of CLOSE_WAIT (plus listeners, for the role) with
   owners. Only CLOSE_WAIT sockets are dumped with tcp_info and only their inodes are looked for in
   /proc/PID/fd, so 100,000 established connections cost one cheap count, not 100,000 owner lookups.
+  The collector keeps the last full owner pass (``OwnerCache``): a scan within
+  ``OWNER_CACHE_MAX_AGE_S`` of it re-checks its answer (cookie, process, fd) instead of reading
+  every fd table again, unless a CLOSE_WAIT socket it has not seen appeared.
   Nothing a scan computes that no series uses: no CLOSE_WAIT ages (the histogram comes from the
   recorder), and the cyclic garbage collector waits while the scan's short-lived objects are made.
 - **Minimum interval**: a scan younger than ``min_interval`` seconds is reused, and scrapes that
@@ -97,6 +100,7 @@ from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
 from closewait.sources.attribution import WorkloadResolver
 from closewait.sources.kubernetes import PodApi
+from closewait.sources.owner_cache import OwnerCache
 
 if TYPE_CHECKING:
     from closewait.exporter.recording import DwellReader, RecorderReading, RecorderSetup, StateResync
@@ -108,6 +112,11 @@ DEFAULT_MIN_INTERVAL = 5.0
 ERROR_KINDS = ("scan", "netns", "owners", "owners_bpf", "kubernetes_api", "recorder")
 #: How often the recorder's per-state counts are pinned again to one sock_diag count.
 RECORDER_RESYNC_S = 300.0
+#: How long after a full owner pass a scan may re-check its answer instead of a new pass
+#: (``sources/owner_cache.py``). The one thing a re-check cannot see, a running process that was
+#: handed a socket another still holds (SCM_RIGHTS), is missing from the rows for at most this long;
+#: longer than the one-shot CLI's 10 s so that scrapes every 15-30 s reuse a pass.
+OWNER_CACHE_MAX_AGE_S = 60.0
 _CLOSE_WAIT = frozenset({TcpState.CLOSE_WAIT})
 
 
@@ -299,6 +308,9 @@ class CloseWaitCollector(Collector):
             # one list call per interval; elsewhere PodApi.from_environment() is None and nothing is asked.
             resolver = WorkloadResolver(proc_root=proc_root, pod_api=PodApi.from_environment())
         self.resolver = resolver
+        # What the last full owner pass found (the BPF iterator over every fd table), kept for the
+        # collector's life: a scan re-checks it (socket cookie, process, fd) instead of a new pass.
+        self.owner_cache = OwnerCache(max_age=OWNER_CACHE_MAX_AGE_S)
         self._api_errors_seen = 0
         self._clock = clock
         self._lock = threading.Lock()
@@ -439,7 +451,12 @@ class CloseWaitCollector(Collector):
             # from the recorder's histograms), and looking up each CLOSE_WAIT cookie in a pinned recorder
             # costs a bpf(2) call per socket (~25 ms for 5,000).
             snapshot = scan(
-                _CLOSE_WAIT, backend=source, proc_root=self.proc_root, workloads=self.resolver, recorder_pins=None
+                _CLOSE_WAIT,
+                backend=source,
+                proc_root=self.proc_root,
+                workloads=self.resolver,
+                recorder_pins=None,
+                owner_cache=self.owner_cache,
             )
             self._count_api_errors()
         except NetnsGone as gone:
