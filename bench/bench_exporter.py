@@ -209,24 +209,40 @@ def _breakdown(top: int, repeat: int) -> None:
     """Where one scrape's time goes, in this process (no HTTP), median of ``repeat``."""
     from prometheus_client.exposition import generate_latest
 
+    from closewait.errors import ClosewaitError
     from closewait.exporter import CloseWaitCollector, build_registry
+    from closewait.exporter.collector import OWNER_CACHE_MAX_AGE_S
+    from closewait.sources.owner_cache import OwnerCache
 
     print(f"\nwhere a scrape's time goes (in this process, median of {repeat}):")
     count_s = _time(netlink.count_by_state, repeat)
-    print(f"  per-state count by sock_diag (recorder off only):    {_ms(count_s):>9}")
+    print(f"  per-state count by sock_diag (recorder off only):      {_ms(count_s):>9}")
     cw_s = _time(lambda: list(netlink.dump({TcpState.CLOSE_WAIT, TcpState.LISTEN})), repeat)
-    print(f"  CLOSE_WAIT + LISTEN dump with tcp_info:              {_ms(cw_s):>9}")
-    scan_s = _time(lambda: scan(recorder_pins=None), repeat)
-    print(f"  closewait.scan() as the exporter calls it:           {_ms(scan_s):>9}")
-    collector = CloseWaitCollector(min_interval=0, top_n=top, recorder="off")
-    try:
-        registry = build_registry(collector)
-        generate_latest(registry)  # the first scan reads the BTF layout and names the workloads
-        scrape_s = _time(lambda: generate_latest(registry), repeat)
-    finally:
-        collector.close()
-    print(f"  a whole scrape, --recorder off, without HTTP:        {_ms(scrape_s):>9}")
-    print(f"    of which outside the count and the scan (rows, render): {_ms(scrape_s - count_s - scan_s)}")
+    print(f"  CLOSE_WAIT + LISTEN dump with tcp_info:                {_ms(cw_s):>9}")
+    no_owners_s = _time(lambda: scan(recorder_pins=None, owners=False), repeat)
+    print(f"  closewait.scan(owners=False): dump, findings:          {_ms(no_owners_s):>9}")
+    full_s = _time(lambda: scan(recorder_pins=None), repeat)
+    print(f"  closewait.scan(), owners by a full BPF pass each time: {_ms(full_s):>9}")
+    cache = OwnerCache(max_age=OWNER_CACHE_MAX_AGE_S)
+    scan(recorder_pins=None, owner_cache=cache)  # fills it
+    cached_s = _time(lambda: scan(recorder_pins=None, owner_cache=cache), repeat)
+    print(f"  closewait.scan() as the exporter calls it (its cache): {_ms(cached_s):>9}")
+    for mode in ("off", "on"):
+        with tempfile.TemporaryDirectory(prefix="closewait-bench-") as pins:
+            try:
+                collector = CloseWaitCollector(
+                    min_interval=0, top_n=top, recorder=mode, recorder_pin_dir=os.path.join(pins, "b", "closewait")
+                )
+            except ClosewaitError as err:  # a recorder that cannot attach here: say so, go on
+                print(f"  a whole scrape, --recorder {mode}: cannot run here: {err}")
+                continue
+            try:
+                registry = build_registry(collector)
+                generate_latest(registry)  # the first scan reads the BTF layout, fills the caches
+                scrape_s = _time(lambda: generate_latest(registry), repeat)  # noqa: B023 (used at once)
+            finally:
+                collector.close()
+        print(f"  a whole scrape, --recorder {mode}, without HTTP:         {_ms(scrape_s):>9}")
 
 
 def main(argv: list[str] | None = None) -> int:
