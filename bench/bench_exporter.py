@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fds", type=int, default=210_000, help="open descriptors on the host to reach")
     parser.add_argument("--no-fixture", action="store_true", help="measure the host as it is (a fixture already runs)")
     parser.add_argument("--scrapes", type=int, default=15, help="rounds: one scrape of each exporter per round")
+    parser.add_argument("--gap", type=float, default=0.5, help="seconds of pause before each scrape")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=5, help="runs of each in-process measurement")
     parser.add_argument(
@@ -322,10 +323,13 @@ def _rounds(args: argparse.Namespace) -> None:
         for round_no in range(args.scrapes):
             shift = round_no % len(contenders)
             for contender in contenders[shift:] + contenders[:shift]:
+                # A pause first, as between Prometheus' scrapes: what the last exporter does after its
+                # answer (Go's garbage collector in node_exporter, say) does not land in this scrape.
+                time.sleep(args.gap)
                 seconds, contender.body = scrape(contender.url)
                 contender.times.append(seconds)
 
-        print(f"\nscrape wall time, GET /metrics, {args.scrapes} rounds (--min-interval 0 --top {args.top}):")
+        print(f"\nscrape wall time, GET /metrics, {args.scrapes} rounds, {args.gap:g} s apart (--min-interval 0):")
         reference = contenders[0] if ne is not None else None
         for contender in contenders:
             ratio_text = ""
