@@ -225,8 +225,12 @@ def main(argv: list[str] | None = None) -> Any:
         owner_cache = None
         if owners:
             from closewait.sources.owner_cache import file_cache
+            from closewait.sources.owners import check_cache
 
             owner_cache = file_cache()
+            if owner_cache is not None:
+                # Its readlinks do not depend on the dump: run them while the kernel still walks.
+                check_cache(owner_cache)
         snapshot = scan(
             CLOSE_WAIT_ONLY,
             owners=owners,

@@ -18,7 +18,7 @@ from closewait.errors import AccessDenied, UsageError
 from closewait.model import Age, AgeSource, Endpoint, Finding, Owner, Process, Role, Snapshot, Socket, TcpState
 from closewait.sources import get_source, pinned
 from closewait.sources import netns as netns_mod
-from closewait.sources.owners import OwnerMap, check_cache, check_owner_source, descriptors_denied, find_owners
+from closewait.sources.owners import OwnerMap, check_owner_source, descriptors_denied, find_owners
 from closewait.sources.process import identify_pids
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
@@ -101,15 +101,9 @@ def scan(
         raise UsageError(f"selecting by workload ({selection.describe()}) needs workloads; drop --no-workloads")
     ns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
     source = get_source(backend) if isinstance(backend, str) else backend
-    if owner_cache is not None and owners and owner_source == "auto" and not pid_filter and proc_root == "/proc":
-        # The cache's readlinks do not depend on the dump: with a prefetched dump (the console's
-        # scan --json) they run while the kernel is still walking its table.
-        check_cache(owner_cache)
     taken_at = time.time()
     targets, listeners = _dump(source, ns, wanted_states, port_filter, with_listeners=owners)
-    owner_map = (
-        _owners(targets, listeners, pid_filter, proc_root, owner_source, owner_cache) if owners and targets else None
-    )
+    owner_map = _owners(targets, pid_filter, proc_root, owner_source, owner_cache) if owners and targets else None
     warnings = _owner_warnings(targets, owner_map)
     # The resolver (and the modules behind it) only when some owner or a selection needs it: a scan
     # with --no-owners, or that found nothing, never imports them.
@@ -193,26 +187,22 @@ def _dump(
 
 
 def _owners(
-    targets: list[Socket],
-    listeners: list[Socket],
-    pid_filter: dict[int, int],
-    proc_root: str,
-    method: str,
-    cache: OwnerCache | None,
+    targets: list[Socket], pid_filter: dict[int, int], proc_root: str, method: str, cache: OwnerCache | None
 ) -> OwnerMap:
-    """Who holds the kept sockets and the listeners: only their inodes are looked up.
+    """Who holds the kept sockets: only their inodes are looked up (their cookies go along, so a
+    cached answer is used only for the very sockets it was about).
 
-    Their cookies go along, so a cached answer is used only for the very sockets it was about.
+    The listeners (dumped for the roles) are not looked up unless they are kept sockets themselves:
+    a connection whose local port any listener on the host uses is the server's end whoever holds
+    that listener (``rules.role_of``), so their owners would change no role, and a listener opened
+    or closed anywhere on the host would make the owner cache miss.
 
     Pitfall: a process the caller named (``pids``) whose descriptors may not be read would leave an
     empty answer that reads as "holds no such socket", a lie; that raises AccessDenied instead.
     Unnamed processes that refuse are only counted (``OwnerMap.denied_pids``).
     """
-    inodes = {s.inode for s in targets} | {s.inode for s in listeners}
-    cookies = None
-    if cache is not None:
-        cookies = {s.inode: s.cookie for s in targets if s.cookie is not None}
-        cookies.update((s.inode, s.cookie) for s in listeners if s.cookie is not None)
+    inodes = {s.inode for s in targets}
+    cookies = {s.inode: s.cookie for s in targets if s.cookie is not None} if cache is not None else None
     owner_map = find_owners(
         inodes,
         pids=sorted(pid_filter) if pid_filter else None,

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from closewait.sources.owner_cache import OwnerCache
 from closewait.sources.owners import OwnerMap, _from_cache, find_owners
 from closewait.sources.process import read_process
 from tests.conftest import Nobody, Spawn
-from tests.scan.kit import LEAKING_SERVER, REPO, close_wait_of, python_argv
+from tests.scan.kit import LEAKING_SERVER, REPO, close_wait_of, python_argv, run_cli
 from tests.sources.test_bpf_owners import needs_bpf
 from tests.sources.test_identity import _end, _reuse, _start
 from tests.sources.test_owners import FORKING_SERVER
@@ -121,7 +123,8 @@ def test_the_cached_answer_is_the_walks_answer(spawn: Spawn) -> None:
     in_memory = OwnerCache(max_age=60)
     first = closewait.scan(ports=[plain_port, fork_port], owner_cache=in_memory)
     again = wait_for(
-        lambda: (s := closewait.scan(ports=[plain_port, fork_port], owner_cache=in_memory)).owners_via == "cache" and s
+        lambda: (s := closewait.scan(ports=[plain_port, fork_port], owner_cache=in_memory)).owners_via == "cache" and s,
+        timeout=30,
     )
     assert first.owners_via == "bpf"
     assert [(f.socket.inode, f.owners) for f in first.findings] == [(f.socket.inode, f.owners) for f in again.findings]
@@ -237,6 +240,12 @@ def test_the_file_round_trips_and_is_private(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     assert _read(path) == {11: ((os.getpid(), 3, 4),), 12: ()}
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    # An answer too big to be worth re-checking fd by fd is not kept: the file says so.
+    big = OwnerCache(path=str(path))
+    big.remember(owner_cache.boot_ticks(), {11: 101}, {11: [(1, fd, 1) for fd in range(owner_cache.MAX_RECORDS + 1)]})
+    big.save()
+    assert _read(path) is None
+    assert OwnerCache(path=str(path)).holders_of(None) is None
     # A directory made by the cache itself is root's alone.
     made = tmp_path / "made" / "owners.bin"
     cache = OwnerCache(path=str(made))
@@ -248,7 +257,7 @@ def test_the_file_round_trips_and_is_private(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the file cache is root's")
 def test_hostile_or_corrupt_files_are_ignored(tmp_path: Path) -> None:
     good = _written(tmp_path / "cw").read_bytes()
-    header = struct.calcsize("<16sI16sQQ")
+    header = struct.calcsize("<16sI16sQQQ")
 
     def variant(name: str, data: bytes, mode: int = 0o600, dir_mode: int = 0o700) -> Path:
         directory = tmp_path / name
@@ -320,3 +329,63 @@ def test_users_other_than_root_keep_the_walk_and_no_file(spawn: Spawn, nobody: N
     assert document["owners_via"] == "procfs"
     assert "permission denied" in document["owners_fallback_reason"]
     assert REPO.exists()
+
+
+@needs_bpf
+def test_the_console_reuses_a_recent_pass_and_says_so(spawn: Spawn) -> None:
+    """``closewait scan --json`` as root keeps the cache in its file: a later run answers from it
+    (when nothing else on this shared host changed its CLOSE_WAIT sockets meanwhile), with the same
+    owners a fresh pass gives."""
+    server = spawn(argv=python_argv(LEAKING_SERVER, "127.0.0.1", "keep,eof"))
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", port)):
+            pass
+    close_wait_of(server.pid, port, count=2)
+    console = "import sys; sys.argv = ['closewait', 'scan', '--json']; from closewait._console import main; main()"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+
+    def run() -> dict[str, object]:
+        done = subprocess.run([sys.executable, "-c", console], env=env, capture_output=True, text=True, check=True)
+        document: dict[str, object] = json.loads(done.stdout)
+        return document
+
+    def mine(document: dict[str, object]) -> list[tuple[int, list[tuple[int, int]]]]:
+        sockets = document["sockets"]
+        assert isinstance(sockets, list)
+        return sorted(
+            (s["inode"], [(o["pid"], o["fd"]) for o in s["owners"]]) for s in sockets if s["local"]["port"] == port
+        )
+
+    fresh = run()
+    for _ in range(20):  # other tests on this host may open CLOSE_WAIT sockets between two runs
+        reused = run()
+        if reused["owners_via"] == "cache":
+            break
+    else:
+        pytest.skip("the host's CLOSE_WAIT sockets changed between every two runs")
+    assert mine(reused) == mine(fresh) == mine(json.loads(run_cli("scan", "--port", str(port), "--json").stdout))
+    assert len(mine(reused)) == 2
+    assert all(owners == [(server.pid, owners[0][1])] for _, owners in mine(reused))
+    assert os.stat(owner_cache.CACHE_PATH).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_a_file_from_another_pid_namespace_is_ignored(tmp_path: Path) -> None:
+    """Cached pids are the pid namespace's: in another one the file is not read at all."""
+    path = _written(tmp_path / "cw")
+    assert _read(path) is not None
+    code = (
+        "import sys; from closewait.sources.owner_cache import OwnerCache; "
+        "print(OwnerCache(path=sys.argv[1], max_age=3600).holders_of({11: 101, 12: 102}))"
+    )
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code, str(path)],
+        env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "None"), done.stderr

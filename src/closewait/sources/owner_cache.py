@@ -20,8 +20,10 @@ Only a full BPF pass fills it (it sees every fd table; a /proc walk as a user ma
 one-shot ``closewait scan --json`` keeps it in ``CACHE_PATH`` between runs, as root only: a file
 0600 in a root-owned directory nobody else may write, written atomically, bounded in size, and
 ignored (never an error) unless its format version, the boot it was written in
-(``/proc/sys/kernel/random/boot_id``), its owner and its mode are right. A long-running caller
-(the exporter's collector) keeps an ``OwnerCache`` in memory and passes it to every ``scan()``.
+(``/proc/sys/kernel/random/boot_id``), the pid namespace it was written in, its owner and its
+mode are right. A long-running caller (the exporter's collector) keeps an ``OwnerCache`` in
+memory and passes it to every ``scan()``, one scan at a time (it is not meant to be shared by
+scans running at once).
 """
 
 from __future__ import annotations
@@ -42,13 +44,16 @@ if TYPE_CHECKING:
 CACHE_PATH = "/run/closewait/owners.bin"
 #: How long after a full pass its answer may be re-checked instead of a new pass, in seconds.
 DEFAULT_MAX_AGE = 10.0
-#: The most (socket, holder) records a file may hold: 8 MiB; a bigger answer is not kept.
-MAX_RECORDS = 1 << 18
+#: The most owner fds kept (and records in a file, 640 KB): re-checking each costs a readlink
+#: (~4 us), so beyond this many a full pass (~0.35 us per fd on the host) costs about the same,
+#: and a bigger answer is not kept.
+MAX_RECORDS = 20_000
 
 _MAGIC = b"closewait-owners"
 _VERSION = 1
-#: magic, format version, boot id (16 bytes), the pass's start (clock ticks since boot), records.
-_HEADER = struct.Struct("<16sI16sQQ")
+#: magic, format version, boot id (16 bytes), pid namespace (its inode), the pass's start (clock
+#: ticks since boot), records.
+_HEADER = struct.Struct("<16sI16sQQQ")
 #: cookie, inode, pid, fd, the process's start time (clock ticks since boot). A socket nobody held
 #: (a kernel socket) is one record with pid 0, which no process has.
 _RECORD = struct.Struct("<QQIIQ")
@@ -105,9 +110,13 @@ class OwnerCache:
         return answer
 
     def remember(self, pass_ticks: int, cookies: Mapping[int, int], holders: Mapping[int, Iterable[Holder]]) -> None:
-        """Keep ``holders`` (inode -> holders) for the sockets in ``cookies`` (inode -> cookie)."""
+        """Keep ``holders`` (inode -> holders) for the sockets in ``cookies`` (inode -> cookie); an
+        answer of more than ``MAX_RECORDS`` owner fds empties the cache instead."""
         self.pass_ticks = pass_ticks
         self.sockets = {cookie: (inode, tuple(holders.get(inode, ()))) for inode, cookie in cookies.items()}
+        if sum(len(found) or 1 for _, found in self.sockets.values()) > MAX_RECORDS:
+            self.pass_ticks = 0
+            self.sockets = {}
         self._loaded = True
         self._dirty = True
 
@@ -122,9 +131,10 @@ class OwnerCache:
             for pid, fd, start in holders or (_NOBODY,)
         ]
         boot_id = _boot_id()
-        if boot_id is None or len(records) > MAX_RECORDS or os.geteuid() != 0:
+        pid_ns = _pid_namespace()
+        if boot_id is None or not pid_ns or os.geteuid() != 0:
             return
-        data = _HEADER.pack(_MAGIC, _VERSION, boot_id, self.pass_ticks, len(records)) + b"".join(records)
+        data = _HEADER.pack(_MAGIC, _VERSION, boot_id, pid_ns, self.pass_ticks, len(records)) + b"".join(records)
         _write_private(self.path, data)
 
     def _load(self) -> None:
@@ -135,8 +145,9 @@ class OwnerCache:
         data = _read_private(self.path)
         if data is None or len(data) < _HEADER.size:
             return
-        magic, version, boot_id, pass_ticks, count = _HEADER.unpack_from(data)
-        if magic != _MAGIC or version != _VERSION or boot_id != _boot_id():
+        magic, version, boot_id, pid_ns, pass_ticks, count = _HEADER.unpack_from(data)
+        # Pids are the pid namespace's, and start times and the pass's time the boot's.
+        if magic != _MAGIC or version != _VERSION or boot_id != _boot_id() or pid_ns != _pid_namespace():
             return
         if count > MAX_RECORDS or len(data) != _HEADER.size + count * _RECORD.size:
             return
@@ -164,6 +175,14 @@ def _boot_id() -> bytes | None:
             return bytes.fromhex(handle.read().decode("ascii").strip().replace("-", ""))[:16].ljust(16, b"\0")
     except (OSError, ValueError, UnicodeDecodeError):
         return None
+
+
+def _pid_namespace() -> int:
+    """The inode of this process's pid namespace (0 if it cannot be read)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _safe_directory(directory: str) -> bool:

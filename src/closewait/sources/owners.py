@@ -154,7 +154,12 @@ def find_owners(
             result.method = "bpf"
             found = _identify_holders(holders, proc_root)
             if cache is not None and len(wanted_cookies) == len(wanted):
-                cache.remember(asked_at, wanted_cookies, _kept(found))
+                kept = _kept(found)
+                # A socket the kernel saw holders of, none of which could be identified (they
+                # exited, or their stat may not be read), is not kept as "held by nobody".
+                cache.remember(
+                    asked_at, {i: c for i, c in wanted_cookies.items() if i in kept or i not in holders}, kept
+                )
                 cache.save()
     elif method == "bpf" and not whole_host:
         raise UsageError("the BPF owner lookup reads the whole host: it cannot be combined with --pid")
@@ -267,8 +272,9 @@ def check_cache(cache: OwnerCache) -> None:
     """Re-check every holder in ``cache`` now (``_verify_holders``), for ``find_owners`` to use.
 
     The expensive part of answering from the cache, a readlink per fd, does not depend on the dump,
-    so a one-shot scan runs it while the kernel walks its TCP table (``scan()`` calls this before
-    ``_dump``). Nothing is checked when the cache is empty or too old.
+    so the console's ``scan --json`` calls this while the kernel walks its TCP table for the
+    prefetched dump (then ``find_owners`` uses the result, if the cache was not refilled since).
+    Nothing is checked when the cache is empty or too old.
     """
     everything = cache.holders_of(None)
     cache.verified = (cache.pass_ticks, _verify_holders(everything)) if everything else None
