@@ -17,16 +17,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from closewait.events import BUCKET_BOUNDS, N_BUCKETS, bucket_index
 from closewait.exporter import CloseWaitCollector, build_registry
+from closewait.model import TcpState
+from closewait.sources import netlink
 from closewait.sources.recorder import cgroup_id, mount_bpffs
 from tests.conftest import Nobody
 from tests.events.test_recorder import _REASON, Worker, start_worker
@@ -177,6 +181,46 @@ def test_per_state_counts_come_from_the_recorder(worker: Worker, collector: Clos
     assert _value(_scrape(collector), "closewait_tcp_sockets", state="close_wait") == 0
 
 
+def test_state_counts_are_recounted_after_a_scrape_never_in_it(
+    worker: Worker, bpffs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sock_diag count that re-pins the recorder's per-state counts (a read of every socket)
+    runs at start and then in a thread of its own after a scrape, never in the scrape."""
+    counted_in: list[str] = []
+    real_count = netlink.count_by_state
+
+    def count_by_state(**kwargs: Any) -> dict[TcpState, int]:  # the real count, and which thread asked
+        counted_in.append(threading.current_thread().name)
+        return real_count(**kwargs)
+
+    monkeypatch.setattr(netlink, "count_by_state", count_by_state)
+    made = CloseWaitCollector(
+        netns=worker.netns,
+        recorder="on",
+        recorder_pin_dir=str(bpffs / "closewait"),
+        min_interval=0,
+        recorder_resync_s=0,  # due after every scrape
+    )
+    try:
+        assert counted_in == [threading.current_thread().name]  # once at start, before any scrape
+        pairs = worker.call("pairs", n=4)
+        try:
+            for _ in range(2):
+                samples = _scrape(made)
+                assert _value(samples, "closewait_state_counts_source") == 1.0
+                assert _value(samples, "closewait_tcp_sockets", state="close_wait") == 4
+                assert made._resync is not None
+                made._resync.wait()
+        finally:
+            worker.call("close", ids=[pair["id"] for pair in pairs])
+        assert _value(_scrape(made), "closewait_tcp_sockets", state="close_wait") == 0
+        assert _value(_scrape(made), "closewait_scan_errors_total", kind="recorder") == 0
+    finally:
+        made.close()
+    assert len(counted_in) >= 3
+    assert set(counted_in[1:]) == {"closewait-resync"}
+
+
 def test_a_socket_stuck_3s_and_closed_between_scrapes_is_counted(worker: Worker, collector: CloseWaitCollector) -> None:
     before = _scrape(collector)
     (pair,) = worker.call("pairs", n=1)
@@ -217,6 +261,31 @@ def test_an_exited_process_keeps_its_series_and_frees_its_slot(worker: Worker, c
     assert {ls for (n, ls), _ in after.items() if n == f"{HIST}_count" and ("pid", str(second.pid)) in ls} == labels
     assert _value(after, f"{HIST}_count", pid=str(second.pid)) == 15  # monotonic after the exit
     assert all(tgid != second.pid for _cg, tgid in recorder.recorder.histograms())  # its kernel slot freed
+
+
+def test_all_netns_labels_each_closer_with_its_network_namespace(netns_name: str, bpffs: Path) -> None:
+    """With --all-netns the close-time series carry the netns label the CLOSE_WAIT gauges give the
+    closer's namespace: here a worker alone in a namespace the test made (``ip netns add``)."""
+    worker = start_worker(["ip", "netns", "exec", netns_name])
+    made = CloseWaitCollector(
+        all_netns=True, recorder="on", recorder_pin_dir=str(bpffs / "closewait"), pid_label=True, min_interval=0
+    )
+    try:
+        comm = Path(f"/proc/{worker.pid}/comm").read_text().strip()
+        label = f"{worker.pid}/{comm}"  # the lowest (the only) pid in the namespace, and its name
+        held = worker.call("pairs", n=2)
+        before = _scrape(made)
+        assert _value(before, "closewait_close_wait_sockets", pid=str(worker.pid), netns=label) == 2
+        worker.call("close", ids=[pair["id"] for pair in held])
+        worker.call("stress", delays=[0.0] * 5)
+        after = _scrape(made)
+    finally:
+        made.close()
+        worker.end()
+    pid = str(worker.pid)
+    assert _value(after, f"{HIST}_count", pid=pid) == 7
+    assert _value(after, f"{HIST}_count", pid=pid, netns=label) == 7
+    assert _value(after, "closewait_close_wait_sockets", pid=pid, netns=label) == 0
 
 
 def _scrape_http(url: str) -> Samples:

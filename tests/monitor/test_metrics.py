@@ -210,6 +210,24 @@ def test_a_bpf_fallback_is_counted_on_every_scan_and_logged_once() -> None:
     assert "pid namespace" in line
 
 
+def test_the_owner_cache_kept_between_scrapes_still_sees_new_leaks(spawn: Spawn) -> None:
+    """The collector keeps the last full owner pass for its next scans; a process that starts leaking
+    after that pass is found on the next scrape all the same (its sockets are new to the cache)."""
+    first_child, _ = start_leaker(spawn, initial=3)
+    collector = CloseWaitCollector(min_interval=0, pid_label=True)
+    first = scrape(build_registry(collector))
+    if not collector.owner_cache.pass_ticks:
+        pytest.skip("no BPF owner lookup here: the cache is filled only by a full BPF pass")
+    ((_, value),) = by_pid(first, "closewait_close_wait_sockets", first_child.pid)
+    assert value == 3
+    second_child, _ = start_leaker(spawn, initial=2)
+    second = scrape(build_registry(collector))
+    assert [v for _, v in by_pid(second, "closewait_close_wait_sockets", first_child.pid)] == [3]
+    assert [v for _, v in by_pid(second, "closewait_close_wait_sockets", second_child.pid)] == [2]
+    third = scrape(build_registry(collector))
+    assert [v for _, v in by_pid(third, "closewait_close_wait_sockets", second_child.pid)] == [2]
+
+
 NODE_SERVER = """
 const net = require('net');
 const held = [];

@@ -17,18 +17,17 @@ from closewait.exporter.collector import (
     DEFAULT_MIN_INTERVAL,
     DEFAULT_TOP_N,
     ERROR_KINDS,
-    WORKLOAD_LABELS,
     CloseWaitCollector,
     Folded,
-    RowKey,
+    Namespaces,
     ScanResult,
     build_registry,
     fold_rows,
     rows_from_snapshot,
     state_label,
-    workload_labels,
 )
 from closewait.exporter.http import DEFAULT_LISTEN, MetricsServer, parse_listen
+from closewait.exporter.series import WORKLOAD_LABELS, RowKey, workload_labels
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -39,6 +38,7 @@ __all__ = [
     "CloseWaitCollector",
     "Folded",
     "MetricsServer",
+    "Namespaces",
     "RowKey",
     "ScanResult",
     "build_registry",

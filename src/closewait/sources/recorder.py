@@ -633,8 +633,12 @@ def _cgroup2_mount(pid: int | str, proc_root: str) -> str | None:
 
 def cgroup_id(pid: int | str = "self", proc_root: str = "/proc") -> int | None:
     """The cgroup v2 id of a process (what ``bpf_get_current_cgroup_id`` returns in its context):
-    the inode of its cgroup directory under the cgroup2 mount; None without a cgroup2 mount."""
-    mount = _cgroup2_mount(pid, proc_root)
+    the inode of its cgroup directory under the cgroup2 mount; None without a cgroup2 mount.
+
+    The mount is looked up as *this* process sees it, not as ``pid`` does: /proc/PID/cgroup names
+    the path relative to the reader's cgroup namespace, and the stat runs in the reader's mount
+    namespace. (``pid``'s own view may have no cgroup2 mount at all: ``ip netns exec`` remounts /sys.)"""
+    mount = _cgroup2_mount("self", proc_root)
     if mount is None:
         return None
     with open(f"{proc_root}/{pid}/cgroup") as handle:
