@@ -190,7 +190,7 @@ def render(result: dict[str, Any]) -> str:
         START_MARK,
         "## Issue 12's speed goals, one run (`bench/bench_events_goals.py`)",
         "",
-        f"Run {result['date']} on {machine['cpu']}, {machine['nproc']} CPUs, {machine['memory']}, "
+        f"Run {result['date']} on {machine['cpu']}, {machine['nproc']} CPUs, {machine['memory']} of memory, "
         f"Linux {machine['kernel']}, Python {machine['python']}, commit {result['commit']}. "
         f"Fixture: {result['fixture']}. Load average at the start of each phase: "
         + ", ".join(f"{phase} {load}" for phase, load in result["loadavg"].items())
@@ -222,10 +222,11 @@ def render(result: dict[str, Any]) -> str:
     cost = rec["program_cost"]
     loss = 1 - tp["median_ratio"]
     lines.append(
-        f"| recorder on a loopback churn: throughput on/off, median of {len(tp['ratios'])} interleaved "
+        f"| recorder on a loopback churn: throughput with/without, median of {len(tp['ratios'])} interleaved "
         f"rounds | {tp['median_on']:.0f} vs {tp['median_off']:.0f} connections/s (per-round ratio median "
-        f"{tp['median_ratio']:.3f}; program {cost['recorder_us_per_connection']:.2f} µs per connection, "
-        f"{cost['share_of_cpu'] * 100:.1f}% of the churn's CPU) | {loss * 100:+.1f}% | 2% | "
+        f"{tp['median_ratio']:.3f}, spread {min(tp['ratios']):.3f}..{max(tp['ratios']):.3f}; the program "
+        f"{cost['recorder_us_per_connection']:.2f} µs per connection by the kernel's run statistics, "
+        f"{cost['share_of_cpu'] * 100:.1f}% of the churn's CPU) | throughput {-loss * 100:+.1f}% | at most -2% | "
         f"{'yes' if loss <= 0.02 else 'no'} |"
     )
     lines.append("")
