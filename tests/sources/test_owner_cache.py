@@ -220,6 +220,64 @@ def test_a_socket_that_entered_close_wait_since_the_pass_gets_its_owner(spawn: S
     assert find_owners(after, cookies=after, cache=cache).method == "cache"
 
 
+#: Holds the descriptors it was given, says it started, and sleeps.
+SLEEPER = "import time; print('up', flush=True); time.sleep(120)"
+
+#: As a user with CAP_BPF and CAP_PERFMON: a fresh pass, a lookup that may use the cache, and what
+#: re-checking the cached holders says (the inodes that need a full pass).
+CACHE_AS_A_USER = """
+import json, sys
+from closewait.sources import owners
+from closewait.sources.owner_cache import OwnerCache
+inode, cookie = map(int, sys.argv[1:])
+cookies = {inode: cookie}
+cache = OwnerCache(max_age=600)
+first = owners.find_owners(cookies, cookies=cookies, cache=cache)
+again = owners.find_owners(cookies, cookies=cookies, cache=cache)
+_, failed = owners._verify_holders(cache.holders_of(cookies) or {})
+print(json.dumps({
+    "methods": [first.method, again.method],
+    "owners": [sorted(o.process.pid for o in found.owners.get(inode, ())) for found in (first, again)],
+    "failed": sorted(failed),
+}))
+"""
+
+
+@pytest.mark.root
+def test_a_holder_the_user_may_not_read_means_a_full_pass(spawn: Spawn, nobody: Nobody) -> None:
+    """The exporter as a user with CAP_BPF and CAP_PERFMON: the pass sees every holder, but the
+    fd directory of root's holder may not be opened. That holder is not taken for exited: another
+    holder that checks out must not answer for the socket without it."""
+    with socket.socket() as shared:
+        shared.bind(("127.0.0.1", 0))
+        inode = os.fstat(shared.fileno()).st_ino
+        (cookie,) = struct.unpack("Q", shared.getsockopt(socket.SOL_SOCKET, 57, 8))  # SO_COOKIE
+        fd = shared.fileno()
+        roots = spawn(argv=python_argv(SLEEPER), pass_fds=(fd,))
+        users = spawn(argv=[*nobody.argv, "-c", SLEEPER], env=nobody.env, pass_fds=(fd,), cwd="/")
+        for holder in (roots, users):
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "up"
+    caps = ["--inh-caps=+bpf,+perfmon", "--ambient-caps=+bpf,+perfmon"]
+    done = subprocess.run(
+        [nobody.argv[0], *caps, *nobody.argv[1:], "-c", CACHE_AS_A_USER, str(inode), str(cookie)],
+        env=nobody.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
+    if done.returncode != 0 and "BpfUnavailable" in done.stderr:
+        pytest.skip(f"no BPF iterator with CAP_BPF and CAP_PERFMON here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    both = sorted([roots.pid, users.pid])
+    # Root's holder cannot be re-checked by this user: its socket needs a full pass, every time.
+    assert result["failed"] == [inode]
+    assert result == {"methods": ["bpf", "bpf"], "owners": [both, both], "failed": [inode]}
+
+
 # --- the file -------------------------------------------------------------------------------------
 
 

@@ -355,19 +355,35 @@ def _check_cached(
 ) -> None:
     """For each ((pid, start time), [(fd, inode)]) from ``checks``: the process, if it is still the
     one that started then (else it is skipped: that holder has exited), with the fds that still hold
-    their socket; the inodes of the others go to ``failed`` (set.add is atomic under the GIL)."""
+    their socket; the inodes of the others go to ``failed`` (set.add and set.update of ints are
+    atomic under the GIL).
+
+    Pitfall: only a process that is gone is skipped. One that may not be read (another user's, to a
+    user with CAP_BPF and CAP_PERFMON; any, to root under an LSM that refuses) is still there and
+    may still hold its sockets: skipping it would let another holder's check answer for the socket
+    without it. Every inode of its holders goes to ``failed`` (a full pass), as a refusal does in
+    the walk of processes started since the pass.
+    """
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     readlink = os.readlink
     prefix = SOCKET_LINK_PREFIX
     for (pid, start_time), hits in checks:
         try:
             fd_dir = os.open(f"/proc/{pid}/fd", flags)
-        except OSError:
+        except (FileNotFoundError, ProcessLookupError):
             continue  # exited: its sockets need another holder, which the caller checks
+        except OSError:  # refused (or out of descriptors): not known to be gone
+            failed.update([inode for _, inode in hits])
+            continue
         try:
             process = _identified_through(fd_dir, pid)
-            if process is None or process.start_time != start_time:
+            if process is None:
+                continue  # exited since its fd directory was opened
+            if not process.start_time:  # its stat may not be read: who it is cannot be told
+                failed.update([inode for _, inode in hits])
                 continue
+            if process.start_time != start_time:
+                continue  # exited, and its pid now names a process started since (walked by the caller)
             still = []
             for fd, inode in hits:
                 try:
