@@ -24,7 +24,7 @@ import pytest
 import closewait
 from closewait.sources import owner_cache
 from closewait.sources.owner_cache import OwnerCache
-from closewait.sources.owners import OwnerMap, _from_cache, find_owners
+from closewait.sources.owners import OwnerMap, _from_cache, check_cache, find_owners
 from closewait.sources.process import read_process
 from tests.conftest import Nobody, Spawn
 from tests.scan.kit import LEAKING_SERVER, REPO, close_wait_of, python_argv, run_cli
@@ -36,13 +36,15 @@ from tests.util import wait_for
 #: Accepts one connection and forks: both hold it. On SIGUSR1 the parent forks once more (a process
 #: born after the cache was filled, holding the socket too) and prints the new child's pid; on
 #: SIGUSR2 it puts another socket on the connection's fd (dup2), so its copy is gone while the
-#: first child keeps the socket in CLOSE_WAIT. Children die with the parent (PR_SET_PDEATHSIG).
+#: first child keeps the socket in CLOSE_WAIT. Children die with the parent (PR_SET_PDEATHSIG), and
+#: a child killed before is reaped at once (SIGCHLD ignored), so its pid may be given again.
 FORKS_ON_SIGNAL = """
 import ctypes, os, signal, socket, time
 def child():
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)
     while True:
         time.sleep(60)
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 server = socket.socket()
 server.bind(("127.0.0.1", 0))
 server.listen()
@@ -167,6 +169,63 @@ def test_a_fork_after_the_pass_is_found_and_a_moved_fd_means_a_new_pass(spawn: S
     assert moved.method == "bpf"
     assert [(o.process.pid, o.fd) for o in moved.owners[inode]] == sorted([(first_child, fd), (second_child, fd)])
     assert moved.owners == find_owners(cookies, method="procfs").owners
+
+
+def _forking_holder(spawn: Spawn) -> tuple[subprocess.Popen[str], int, int, dict[int, int]]:
+    """FORKS_ON_SIGNAL holding one CLOSE_WAIT socket with its first child: (process, the child's pid,
+    the fd, inode -> cookie of the socket)."""
+    holder = spawn(argv=python_argv(FORKS_ON_SIGNAL))
+    assert holder.stdout is not None
+    port = int(holder.stdout.readline())
+    with socket.create_connection(("127.0.0.1", port)):
+        first_child, fd = map(int, holder.stdout.readline().split())
+    close_wait_of(holder.pid, port)
+    return holder, first_child, fd, _sockets([port])
+
+
+def _fork(holder: subprocess.Popen[str]) -> int:
+    """The pid of a new child of FORKS_ON_SIGNAL (it inherits the socket)."""
+    assert holder.stdout is not None
+    os.kill(holder.pid, signal.SIGUSR1)
+    return int(holder.stdout.readline())
+
+
+def _ended(pid: int) -> None:
+    """Kill a child of FORKS_ON_SIGNAL (which reaps it) and wait until its pid is free."""
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"))
+
+
+@needs_bpf
+def test_a_verified_holder_whose_pid_a_fork_took_since_is_the_new_process(spawn: Spawn) -> None:
+    """The console re-checks the cached holders before the dump and looks for processes started
+    since the pass after it. A holder that exits in between, its pid taken by a fork of another
+    holder (which inherits the socket), is listed as the new process, once: not as the one checked."""
+    if not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
+        pytest.skip("needs root to choose the next pid")
+    holder, first_child, fd, cookies = _forking_holder(spawn)
+    (inode,) = cookies
+    cache = OwnerCache(max_age=60)
+    assert find_owners(cookies, cookies=cookies, cache=cache).method == "bpf"
+    first_start = read_process(first_child).start_time
+    check_cache(cache)  # before the dump, as the console does
+    assert cache.verified is not None
+    _ended(first_child)
+    wait_for(lambda: owner_cache.boot_ticks() > first_start)  # the next process has another start time
+    for _ in range(20):  # other processes may take the pid first: retry, bounded
+        with open("/proc/sys/kernel/ns_last_pid", "w") as handle:
+            handle.write(str(first_child - 1))
+        reborn = _fork(holder)
+        if reborn == first_child:
+            break
+        _ended(reborn)
+    else:
+        pytest.skip(f"could not get pid {first_child} again in 20 tries (busy machine)")
+    found = find_owners(cookies, cookies=cookies, cache=cache)
+    assert found.method == "cache"
+    assert [(o.process.pid, o.fd) for o in found.owners[inode]] == sorted([(holder.pid, fd), (reborn, fd)])
+    assert read_process(reborn).start_time != first_start
+    assert found.owners == find_owners(cookies, method="procfs").owners  # the new process, start time and all
 
 
 @needs_bpf

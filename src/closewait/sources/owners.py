@@ -307,21 +307,28 @@ def _from_cache(
     if not failed.isdisjoint(cached):
         return None
     found: list[_Found] = []
-    held: set[int] = set()
-    # Pids whose process is the cached one: the others (exited, or their pid now names a new
-    # process) are looked at by _started_since like any process started since the pass.
-    known: set[int] = set()
+    # The processes that are the cached ones, pid -> start time: the others (exited, or their pid
+    # now names a new process) are looked at by _started_since like any process started since the
+    # pass.
+    known: dict[int, int] = {}
     for pid, process, hits in verified:
-        known.add(pid)
+        known[pid] = process.start_time
         kept = [hit for hit in hits if hit[1] in cached]
         if kept:
             found.append((pid, process, kept))
-            held.update([inode for _, inode in kept])
-    if not held.issuperset([inode for inode, holders in cached.items() if holders]):
+    if not _holds_all(found, cached):
         return None
     born = _started_since(cache.pass_ticks, known)
     if born is None:
         return None
+    # The console verifies before the dump, and this runs 50-130 ms later: a verified holder may
+    # have exited since and its pid now name a new process (a fork of another holder, which holds
+    # the socket too). That one is walked as born, and the exited one is not listed.
+    reborn = known.keys() & born
+    if reborn:
+        found = [entry for entry in found if entry[0] not in reborn]
+        if not _holds_all(found, cached):
+            return None
     verified_count = len(found)
     if born:
         wanted_links = {f"{SOCKET_LINK_PREFIX}{inode}]": inode for inode in cached}
@@ -399,17 +406,25 @@ def _check_cached(
         found.append((pid, process, sorted(still)))
 
 
-def _started_since(ticks: int, known: set[int]) -> list[int] | None:
-    """The pids (other than ``known``) of processes started at or after ``ticks``, or that cannot be
-    told apart; None when /proc cannot be listed."""
+def _holds_all(found: list[_Found], cached: Mapping[int, Sequence[tuple[int, int, int]]]) -> bool:
+    """Whether every socket the pass found a holder for has one in ``found``."""
+    held = {inode for _, _, hits in found for _, inode in hits}
+    return held.issuperset([inode for inode, holders in cached.items() if holders])
+
+
+def _started_since(ticks: int, known: Mapping[int, int]) -> list[int] | None:
+    """The pids of processes started at or after ``ticks``, or that cannot be told apart, other than
+    the ``known`` ones (pid -> start time); None when /proc cannot be listed.
+
+    A known pid is skipped only while it names the process with that start time: one that names
+    another process now (the known one exited and its pid was reused) is in the answer.
+    """
     try:
         pids = list_pids("/proc")
     except ClosewaitError:
         return None
     born = []
     for pid in pids:
-        if pid in known:
-            continue
         try:
             fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -424,7 +439,10 @@ def _started_since(ticks: int, known: set[int]) -> list[int] | None:
             start = int(text[text.rindex(b")") + 2 :].split()[19])
         except (ValueError, IndexError):
             start = ticks  # unreadable: walked, to be safe
-        if start >= ticks:
+        same = known.get(pid)
+        if same is not None and start == same:
+            continue
+        if start >= ticks or same is not None:
             born.append(pid)
     return born
 
