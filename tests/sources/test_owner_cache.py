@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import closewait
-from closewait.sources import owner_cache
+from closewait.sources import owner_cache, owners
 from closewait.sources.owner_cache import OwnerCache
 from closewait.sources.owners import OwnerMap, _from_cache, check_cache, find_owners
 from closewait.sources.process import read_process
@@ -226,6 +226,32 @@ def test_a_verified_holder_whose_pid_a_fork_took_since_is_the_new_process(spawn:
     assert [(o.process.pid, o.fd) for o in found.owners[inode]] == sorted([(holder.pid, fd), (reborn, fd)])
     assert read_process(reborn).start_time != first_start
     assert found.owners == find_owners(cookies, method="procfs").owners  # the new process, start time and all
+
+
+@needs_bpf
+def test_more_processes_started_since_the_pass_than_the_budget_mean_a_full_pass(
+    spawn: Spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each descriptor of a process started since the pass costs a readlink: past a budget (a few
+    thousand) a full pass is cheaper, and answers."""
+    holder, first_child, fd, cookies = _forking_holder(spawn)
+    (inode,) = cookies
+    cache = OwnerCache(max_age=60)
+    assert find_owners(cookies, cookies=cookies, cache=cache).method == "bpf"
+    born = _fork(holder)
+    n_fds = len(os.listdir(f"/proc/{born}/fd"))
+    assert owners._within_budget([born])
+    monkeypatch.setattr(owners, "_BORN_MAX_FDS", n_fds - 1)
+    assert not owners._within_budget([born])
+    over = find_owners(cookies, cookies=cookies, cache=cache)
+    assert over.method == "bpf"
+    assert [(o.process.pid, o.fd) for o in over.owners[inode]] == sorted(
+        [(holder.pid, fd), (first_child, fd), (born, fd)]
+    )
+    monkeypatch.setattr(owners, "_BORN_MAX_FDS", n_fds)
+    assert owners._within_budget([born])
+    monkeypatch.setattr(owners, "_BORN_MAX_PIDS", 0)
+    assert not owners._within_budget([born])
 
 
 @needs_bpf
