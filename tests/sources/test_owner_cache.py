@@ -401,6 +401,29 @@ def test_the_file_round_trips_and_is_private(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the file cache is root's")
+def test_a_write_left_behind_does_not_stop_later_ones_and_a_failed_one_leaves_nothing(tmp_path: Path) -> None:
+    directory = tmp_path / "cw"
+    directory.mkdir(mode=0o700)
+    path = directory / "owners.bin"
+    # What a write interrupted between create and rename left, under the name this pid would use.
+    (directory / f"owners.bin.{os.getpid()}.tmp").write_bytes(b"half")
+    cache = OwnerCache(path=str(path))
+    cache.remember(owner_cache.boot_ticks(), {11: 101, 12: 102}, {11: [(os.getpid(), 3, 4)]})
+    cache.save()
+    assert _read(path) == {11: ((os.getpid(), 3, 4),), 12: ()}
+    assert sorted(p.name for p in directory.iterdir()) == ["owners.bin", f"owners.bin.{os.getpid()}.tmp"]
+    # The rename fails (a directory is in the way): nothing is written, no error, and no file is left.
+    blocked = tmp_path / "blocked"
+    (blocked / "owners.bin" / "inside").mkdir(parents=True, mode=0o700)
+    os.chmod(blocked, 0o700)
+    cache = OwnerCache(path=str(blocked / "owners.bin"))
+    cache.remember(owner_cache.boot_ticks(), {11: 101}, {})
+    cache.save()
+    assert [p.name for p in blocked.iterdir()] == ["owners.bin"]
+    assert [p.name for p in (blocked / "owners.bin").iterdir()] == ["inside"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the file cache is root's")
 def test_hostile_or_corrupt_files_are_ignored(tmp_path: Path) -> None:
     good = _written(tmp_path / "cw").read_bytes()
     header = struct.calcsize("<16sI16sQQQ")
