@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 import closewait
-from closewait.sources import owner_cache
+from closewait.sources import owner_cache, owners
 from closewait.sources.owner_cache import OwnerCache
-from closewait.sources.owners import OwnerMap, _from_cache, find_owners
+from closewait.sources.owners import OwnerMap, _from_cache, check_cache, find_owners
 from closewait.sources.process import read_process
 from tests.conftest import Nobody, Spawn
 from tests.scan.kit import LEAKING_SERVER, REPO, close_wait_of, python_argv, run_cli
@@ -36,13 +36,15 @@ from tests.util import wait_for
 #: Accepts one connection and forks: both hold it. On SIGUSR1 the parent forks once more (a process
 #: born after the cache was filled, holding the socket too) and prints the new child's pid; on
 #: SIGUSR2 it puts another socket on the connection's fd (dup2), so its copy is gone while the
-#: first child keeps the socket in CLOSE_WAIT. Children die with the parent (PR_SET_PDEATHSIG).
+#: first child keeps the socket in CLOSE_WAIT. Children die with the parent (PR_SET_PDEATHSIG), and
+#: a child killed before is reaped at once (SIGCHLD ignored), so its pid may be given again.
 FORKS_ON_SIGNAL = """
 import ctypes, os, signal, socket, time
 def child():
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)
     while True:
         time.sleep(60)
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 server = socket.socket()
 server.bind(("127.0.0.1", 0))
 server.listen()
@@ -127,7 +129,10 @@ def test_the_cached_answer_is_the_walks_answer(spawn: Spawn) -> None:
         timeout=30,
     )
     assert first.owners_via == "bpf"
-    assert [(f.socket.inode, f.owners) for f in first.findings] == [(f.socket.inode, f.owners) for f in again.findings]
+    # Findings come oldest first (idle time), which may differ between two scans: compare by socket.
+    assert sorted((f.socket.inode, f.owners) for f in first.findings) == sorted(
+        (f.socket.inode, f.owners) for f in again.findings
+    )
 
 
 @needs_bpf
@@ -164,6 +169,89 @@ def test_a_fork_after_the_pass_is_found_and_a_moved_fd_means_a_new_pass(spawn: S
     assert moved.method == "bpf"
     assert [(o.process.pid, o.fd) for o in moved.owners[inode]] == sorted([(first_child, fd), (second_child, fd)])
     assert moved.owners == find_owners(cookies, method="procfs").owners
+
+
+def _forking_holder(spawn: Spawn) -> tuple[subprocess.Popen[str], int, int, dict[int, int]]:
+    """FORKS_ON_SIGNAL holding one CLOSE_WAIT socket with its first child: (process, the child's pid,
+    the fd, inode -> cookie of the socket)."""
+    holder = spawn(argv=python_argv(FORKS_ON_SIGNAL))
+    assert holder.stdout is not None
+    port = int(holder.stdout.readline())
+    with socket.create_connection(("127.0.0.1", port)):
+        first_child, fd = map(int, holder.stdout.readline().split())
+    close_wait_of(holder.pid, port)
+    return holder, first_child, fd, _sockets([port])
+
+
+def _fork(holder: subprocess.Popen[str]) -> int:
+    """The pid of a new child of FORKS_ON_SIGNAL (it inherits the socket)."""
+    assert holder.stdout is not None
+    os.kill(holder.pid, signal.SIGUSR1)
+    return int(holder.stdout.readline())
+
+
+def _ended(pid: int) -> None:
+    """Kill a child of FORKS_ON_SIGNAL (which reaps it) and wait until its pid is free."""
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"))
+
+
+@needs_bpf
+def test_a_verified_holder_whose_pid_a_fork_took_since_is_the_new_process(spawn: Spawn) -> None:
+    """The console re-checks the cached holders before the dump and looks for processes started
+    since the pass after it. A holder that exits in between, its pid taken by a fork of another
+    holder (which inherits the socket), is listed as the new process, once: not as the one checked."""
+    if not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
+        pytest.skip("needs root to choose the next pid")
+    holder, first_child, fd, cookies = _forking_holder(spawn)
+    (inode,) = cookies
+    cache = OwnerCache(max_age=60)
+    assert find_owners(cookies, cookies=cookies, cache=cache).method == "bpf"
+    first_start = read_process(first_child).start_time
+    check_cache(cache)  # before the dump, as the console does
+    assert cache.verified is not None
+    _ended(first_child)
+    wait_for(lambda: owner_cache.boot_ticks() > first_start)  # the next process has another start time
+    for _ in range(20):  # other processes may take the pid first: retry, bounded
+        with open("/proc/sys/kernel/ns_last_pid", "w") as handle:
+            handle.write(str(first_child - 1))
+        reborn = _fork(holder)
+        if reborn == first_child:
+            break
+        _ended(reborn)
+    else:
+        pytest.skip(f"could not get pid {first_child} again in 20 tries (busy machine)")
+    found = find_owners(cookies, cookies=cookies, cache=cache)
+    assert found.method == "cache"
+    assert [(o.process.pid, o.fd) for o in found.owners[inode]] == sorted([(holder.pid, fd), (reborn, fd)])
+    assert read_process(reborn).start_time != first_start
+    assert found.owners == find_owners(cookies, method="procfs").owners  # the new process, start time and all
+
+
+@needs_bpf
+def test_more_processes_started_since_the_pass_than_the_budget_mean_a_full_pass(
+    spawn: Spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each descriptor of a process started since the pass costs a readlink: past a budget (a few
+    thousand) a full pass is cheaper, and answers."""
+    holder, first_child, fd, cookies = _forking_holder(spawn)
+    (inode,) = cookies
+    cache = OwnerCache(max_age=60)
+    assert find_owners(cookies, cookies=cookies, cache=cache).method == "bpf"
+    born = _fork(holder)
+    n_fds = len(os.listdir(f"/proc/{born}/fd"))
+    assert owners._within_budget([born])
+    monkeypatch.setattr(owners, "_BORN_MAX_FDS", n_fds - 1)
+    assert not owners._within_budget([born])
+    over = find_owners(cookies, cookies=cookies, cache=cache)
+    assert over.method == "bpf"
+    assert [(o.process.pid, o.fd) for o in over.owners[inode]] == sorted(
+        [(holder.pid, fd), (first_child, fd), (born, fd)]
+    )
+    monkeypatch.setattr(owners, "_BORN_MAX_FDS", n_fds)
+    assert owners._within_budget([born])
+    monkeypatch.setattr(owners, "_BORN_MAX_PIDS", 0)
+    assert not owners._within_budget([born])
 
 
 @needs_bpf
@@ -217,6 +305,64 @@ def test_a_socket_that_entered_close_wait_since_the_pass_gets_its_owner(spawn: S
     assert find_owners(after, cookies=after, cache=cache).method == "cache"
 
 
+#: Holds the descriptors it was given, says it started, and sleeps.
+SLEEPER = "import time; print('up', flush=True); time.sleep(120)"
+
+#: As a user with CAP_BPF and CAP_PERFMON: a fresh pass, a lookup that may use the cache, and what
+#: re-checking the cached holders says (the inodes that need a full pass).
+CACHE_AS_A_USER = """
+import json, sys
+from closewait.sources import owners
+from closewait.sources.owner_cache import OwnerCache
+inode, cookie = map(int, sys.argv[1:])
+cookies = {inode: cookie}
+cache = OwnerCache(max_age=600)
+first = owners.find_owners(cookies, cookies=cookies, cache=cache)
+again = owners.find_owners(cookies, cookies=cookies, cache=cache)
+_, failed = owners._verify_holders(cache.holders_of(cookies) or {})
+print(json.dumps({
+    "methods": [first.method, again.method],
+    "owners": [sorted(o.process.pid for o in found.owners.get(inode, ())) for found in (first, again)],
+    "failed": sorted(failed),
+}))
+"""
+
+
+@pytest.mark.root
+def test_a_holder_the_user_may_not_read_means_a_full_pass(spawn: Spawn, nobody: Nobody) -> None:
+    """The exporter as a user with CAP_BPF and CAP_PERFMON: the pass sees every holder, but the
+    fd directory of root's holder may not be opened. That holder is not taken for exited: another
+    holder that checks out must not answer for the socket without it."""
+    with socket.socket() as shared:
+        shared.bind(("127.0.0.1", 0))
+        inode = os.fstat(shared.fileno()).st_ino
+        (cookie,) = struct.unpack("Q", shared.getsockopt(socket.SOL_SOCKET, 57, 8))  # SO_COOKIE
+        fd = shared.fileno()
+        roots = spawn(argv=python_argv(SLEEPER), pass_fds=(fd,))
+        users = spawn(argv=[*nobody.argv, "-c", SLEEPER], env=nobody.env, pass_fds=(fd,), cwd="/")
+        for holder in (roots, users):
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "up"
+    caps = ["--inh-caps=+bpf,+perfmon", "--ambient-caps=+bpf,+perfmon"]
+    done = subprocess.run(
+        [nobody.argv[0], *caps, *nobody.argv[1:], "-c", CACHE_AS_A_USER, str(inode), str(cookie)],
+        env=nobody.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+    )
+    if done.returncode != 0 and "BpfUnavailable" in done.stderr:
+        pytest.skip(f"no BPF iterator with CAP_BPF and CAP_PERFMON here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    both = sorted([roots.pid, users.pid])
+    # Root's holder cannot be re-checked by this user: its socket needs a full pass, every time.
+    assert result["failed"] == [inode]
+    assert result == {"methods": ["bpf", "bpf"], "owners": [both, both], "failed": [inode]}
+
+
 # --- the file -------------------------------------------------------------------------------------
 
 
@@ -252,6 +398,29 @@ def test_the_file_round_trips_and_is_private(tmp_path: Path) -> None:
     cache.remember(owner_cache.boot_ticks(), {11: 101}, {})
     cache.save()
     assert made.parent.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the file cache is root's")
+def test_a_write_left_behind_does_not_stop_later_ones_and_a_failed_one_leaves_nothing(tmp_path: Path) -> None:
+    directory = tmp_path / "cw"
+    directory.mkdir(mode=0o700)
+    path = directory / "owners.bin"
+    # What a write interrupted between create and rename left, under the name this pid would use.
+    (directory / f"owners.bin.{os.getpid()}.tmp").write_bytes(b"half")
+    cache = OwnerCache(path=str(path))
+    cache.remember(owner_cache.boot_ticks(), {11: 101, 12: 102}, {11: [(os.getpid(), 3, 4)]})
+    cache.save()
+    assert _read(path) == {11: ((os.getpid(), 3, 4),), 12: ()}
+    assert sorted(p.name for p in directory.iterdir()) == ["owners.bin", f"owners.bin.{os.getpid()}.tmp"]
+    # The rename fails (a directory is in the way): nothing is written, no error, and no file is left.
+    blocked = tmp_path / "blocked"
+    (blocked / "owners.bin" / "inside").mkdir(parents=True, mode=0o700)
+    os.chmod(blocked, 0o700)
+    cache = OwnerCache(path=str(blocked / "owners.bin"))
+    cache.remember(owner_cache.boot_ticks(), {11: 101}, {})
+    cache.save()
+    assert [p.name for p in blocked.iterdir()] == ["owners.bin"]
+    assert [p.name for p in (blocked / "owners.bin").iterdir()] == ["inside"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the file cache is root's")

@@ -231,7 +231,13 @@ def _read_private(path: str) -> bytes | None:
 
 def _write_private(path: str, data: bytes) -> None:
     """Write ``path`` atomically (a new file renamed over it), 0600 in a 0700 directory made if
-    missing; nothing when the directory is not safe or anything fails."""
+    missing; nothing when the directory is not safe or anything fails, and no new file left behind.
+
+    Pitfall: the new file's name must be one no earlier write left behind. A name made of the pid
+    alone was taken for good by a write that was interrupted (killed between create and rename): every
+    later process with that pid failed its exclusive create and never saved again. The name has 64
+    random bits too, and the file is removed on any failure or interruption of this function.
+    """
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -239,7 +245,7 @@ def _write_private(path: str, data: bytes) -> None:
         return
     if not _safe_directory(directory):
         return
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = f"{path}.{os.getpid()}.{os.urandom(8).hex()}.tmp"
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
@@ -252,8 +258,10 @@ def _write_private(path: str, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(temporary, path)
-    except OSError:
+    except BaseException as err:  # an OSError, or an interruption (KeyboardInterrupt), re-raised below
         try:  # noqa: SIM105 (contextlib is not imported on the fast path)
             os.unlink(temporary)
         except OSError:
             pass
+        if not isinstance(err, OSError):
+            raise
