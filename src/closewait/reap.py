@@ -313,7 +313,8 @@ def survey_all_netns(
     in_ns: dict[str | None, list[Finding]] = {None: []}
     in_ns.update((label, []) for _, label in namespaces[1:] if label not in source.skipped)
     for finding in snapshot.findings:
-        in_ns.setdefault(source.netns_of_inode.get(finding.socket.inode), []).append(finding)
+        # By cookie, not inode: every socket not accepted yet has inode 0, whatever its namespace.
+        in_ns.setdefault(source.netns_of(finding.socket) or None, []).append(finding)
     skipped = [f"network namespace of pid {u.pid} not covered: {u.reason}" for u in found.unreadable]
     skipped += [f"network namespace {line}" for line in source.failures]
     return tuple(

@@ -10,7 +10,9 @@ for, on the host and in another namespace, are still there.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -175,3 +177,36 @@ def test_a_namespace_nobody_may_not_enter_is_one_line_and_exit_2(netns_name: str
     (line,) = proc.stderr.splitlines()
     assert line.startswith("closewait: error: ")
     assert "permission denied" in line
+
+
+_UNACCEPTED = """
+import socket, sys, time
+listener = socket.socket()
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen(4)
+client = socket.create_connection(listener.getsockname())
+port = client.getsockname()[1]
+client.close()  # its FIN reaches a connection still in the accept queue: CLOSE_WAIT with inode 0
+print(port, flush=True)
+time.sleep(600)
+"""
+
+
+def test_all_netns_keeps_each_unaccepted_socket_in_its_own_namespace(
+    spawn: Spawn, netns_name: str, other_netns_name: str
+) -> None:
+    """Sockets not accepted yet have inode 0 in every namespace: each is grouped with the namespace
+    it was dumped in (by its cookie), not with whichever namespace was read last."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # the same listening port in both namespaces
+    clients: dict[str, int] = {}
+    for name in (netns_name, other_netns_name):
+        proc = spawn(argv=["ip", "netns", "exec", name, sys.executable, "-c", _UNACCEPTED, str(port)])
+        assert proc.stdout is not None
+        clients[f"/proc/{proc.pid}/ns/net"] = int(proc.stdout.readline())
+    snapshots = reap.survey_all_netns(ports=[port])
+    found = {
+        s.netns: sorted((f.socket.inode, f.socket.remote.port) for f in s.findings) for s in snapshots if s.findings
+    }
+    assert found == {path: [(0, client_port)] for path, client_port in clients.items()}

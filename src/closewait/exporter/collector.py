@@ -85,7 +85,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -94,7 +94,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from closewait.errors import ClosewaitError, NetnsError, NetnsGone, NotSupported, UsageError
 from closewait.exporter.series import OTHER, UNOWNED, RowKey, label_names, workload_labels
-from closewait.model import Process, Snapshot, TcpState
+from closewait.model import Process, Snapshot, Socket, TcpState
 from closewait.scanning import scan
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
@@ -217,10 +217,12 @@ def fold_rows(rows: dict[RowKey, _Row], top_n: int) -> Folded:
 
 
 def rows_from_snapshot(
-    snapshot: Snapshot, netns_of_inode: dict[int, str], *, pid_label: bool = False
+    snapshot: Snapshot, netns_of: Mapping[int, str] | Callable[[Socket], str], *, pid_label: bool = False
 ) -> dict[RowKey, _Row]:
     """Per-row sums of one snapshot's CLOSE_WAIT sockets, a row per (netns, workload, process name), or
     per process with ``pid_label``. A shared socket counts under each owner (once per row).
+    ``netns_of``: the source's ``netns_of`` (a socket's namespace label), or a map of inode -> label
+    (the sockets not accepted yet, inode 0, of every namespace then share one label).
 
     Runs once per CLOSE_WAIT socket on every scrape: each process's row key is made once per scan
     (a few hundred processes hold thousands of sockets), and each socket's idle time and unread bytes
@@ -229,6 +231,12 @@ def rows_from_snapshot(
     rows: dict[RowKey, _Row] = {}
     key_of: dict[tuple[str, int, int], RowKey] = {}  # (netns, pid, start time) -> its row
     close_wait = TcpState.CLOSE_WAIT
+    label_of: Callable[[Socket], str]
+    if isinstance(netns_of, Mapping):
+        by_inode = netns_of
+        label_of = lambda sock: by_inode.get(sock.inode, "")  # noqa: E731
+    else:
+        label_of = netns_of
 
     def key_for(process: Process, ns_label: str) -> RowKey:
         known = (ns_label, process.pid, process.start_time)
@@ -242,7 +250,7 @@ def rows_from_snapshot(
         sock = finding.socket
         if sock.state != close_wait:
             continue
-        ns_label = netns_of_inode.get(sock.inode, "") if netns_of_inode else ""
+        ns_label = label_of(sock) if netns_of else ""
         owners = finding.owners
         keys: Iterable[RowKey]
         if len(owners) == 1:  # the common case: one holder, one row
@@ -470,7 +478,7 @@ class CloseWaitCollector(Collector):
         if snapshot.errors:
             self._errors["owners"] += 1
         self._note_owner_fallback(snapshot.owners_fallback_reason)
-        folded = fold_rows(rows_from_snapshot(snapshot, source.netns_of_inode, pid_label=self.pid_label), self.top_n)
+        folded = fold_rows(rows_from_snapshot(snapshot, source.netns_of, pid_label=self.pid_label), self.top_n)
         counts = source.counts
         if from_recorder:
             if self._reading is None or self._reading.state_counts is None:
