@@ -210,3 +210,35 @@ def test_all_netns_keeps_each_unaccepted_socket_in_its_own_namespace(
         s.netns: sorted((f.socket.inode, f.socket.remote.port) for f in s.findings) for s in snapshots if s.findings
     }
     assert found == {path: [(0, client_port)] for path, client_port in clients.items()}
+
+
+def test_all_netns_applies_after_the_pid_naming_the_namespace_exits(spawn: Spawn, netns_name: str) -> None:
+    """--all-netns names a namespace by its lowest pid's /proc/PID/ns/net. That pid exiting between
+    plan and apply does not make the namespace gone: apply enters it through the target holder's
+    /proc/PID/ns/net, whose inode is the one the survey saw."""
+    first = spawn(
+        argv=[
+            "ip",
+            "netns",
+            "exec",
+            netns_name,
+            sys.executable,
+            "-c",
+            "import time; print(1, flush=True); time.sleep(600)",
+        ]
+    )
+    assert first.stdout is not None
+    first.stdout.readline()
+    inside = start_python(spawn, netns_name=netns_name)
+    assert first.pid < inside.pid
+    leaked = inside.leak(1)
+    plan = reap.plan(reap.survey_all_netns(pids=[inside.pid]), pids=[inside.pid])
+    assert [(t.socket.inode, t.netns) for t in plan.targets] == [
+        (f.socket.inode, f"/proc/{first.pid}/ns/net") for f in leaked
+    ]
+    first.kill()
+    first.wait()
+
+    result = reap.apply(plan)
+    assert [o.code for o in result.outcomes] == ["released"]
+    assert inside.close_wait() == ()
