@@ -363,7 +363,9 @@ class CloseWaitCollector(Collector):
             self._note_recorder_failure(f"recorder off: {err}")
             return
         self._recorder = setup
-        self._dwell = DwellReader(setup.recorder, self.resolver, top_n=self.top_n, pid_label=self.pid_label)
+        self._dwell = DwellReader(
+            setup.recorder, self.resolver, top_n=self.top_n, pid_label=self.pid_label, netns_labelled=self.all_netns
+        )
         if self.recorder_counts_states:
             # The first count before any scrape, the later ones after a scrape, in the background.
             self._resync = StateResync(setup.recorder, self.recorder_resync_s, self._note_recorder_failure)
@@ -386,7 +388,8 @@ class CloseWaitCollector(Collector):
     def _read_recorder(self, namespaces: Namespaces | None) -> None:
         """One reading of the recorder (counters, histograms, state counts) for the scrape being built.
         With ``all_netns``, a closer seen for the first time gets the label of its network namespace
-        among ``namespaces`` (the ones this scrape scans)."""
+        among ``namespaces`` (the ones this scrape scans); None (the scan failed before its survey)
+        leaves new closers' labels, and their dwells, to the next scrape that has them."""
         from closewait.exporter.recording import RecorderReading
         from closewait.sources.recorder import RecorderUnavailable
 
@@ -394,9 +397,8 @@ class CloseWaitCollector(Collector):
         if self._recorder is None or self._dwell is None:
             return
         netns_labels: dict[int, str] | None = None
-        if self.all_netns:
-            scanned = namespaces.scanned if namespaces is not None else []
-            netns_labels = {ns.inode: label for ns, label in scanned if ns is not None}
+        if self.all_netns and namespaces is not None:
+            netns_labels = {ns.inode: label for ns, label in namespaces.scanned if ns is not None}
         try:
             self._dwell.read(netns_labels)
             counters = self._recorder.recorder.counters()
