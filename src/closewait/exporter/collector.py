@@ -719,15 +719,33 @@ def _gc_paused() -> Iterator[None]:
     A scan allocates ~20 objects per CLOSE_WAIT socket (records, owners, findings, rows), all freed by
     reference counting when the scan's result is dropped: they hold no cycles. With the collector
     running, 5,000 sockets trigger ~85 young and some full collections that find nothing to free,
-    8-18 ms of a ~100 ms scrape (bench/bench_exporter.py). Re-enabled only if it was enabled.
+    8-18 ms of a ~100 ms scrape (bench/bench_exporter.py).
+
+    The switch is process-wide: every thread of the process (the application the collector is
+    registered in, too) runs without cyclic collection while a scan runs. Only what this changed is
+    restored: if the collector was already disabled when the first of the scans running at once
+    began, it stays disabled; otherwise it is enabled again when the last of them ends (two
+    collectors scanning at once do not re-enable it under each other's feet).
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
+    global _gc_pauses, _gc_reenable
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_reenable = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_reenable:
+                _gc_reenable = False
+                gc.enable()
+
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0  # scans running in _gc_paused()
+_gc_reenable = False  # the first of them found the collector enabled
 
 
 def _comm(proc_root: str, pid: int) -> str:
