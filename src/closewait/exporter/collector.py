@@ -480,7 +480,10 @@ class CloseWaitCollector(Collector):
         if snapshot.errors:
             self._errors["owners"] += 1
         self._note_owner_fallback(snapshot.owners_fallback_reason)
-        folded = fold_rows(rows_from_snapshot(snapshot, source.netns_of, pid_label=self.pid_label), self.top_n)
+        folded = fold_rows(
+            rows_from_snapshot(snapshot, source.netns_of if self.all_netns else {}, pid_label=self.pid_label),
+            self.top_n,
+        )
         counts = source.counts
         if from_recorder:
             if self._reading is None or self._reading.state_counts is None:
