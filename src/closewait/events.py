@@ -244,12 +244,13 @@ class StateCountSync:
     """
 
     def __init__(self) -> None:
-        self._offsets: dict[TcpState, int] | None = None
-        self._untracked: dict[TcpState, int] = {}
+        # One resync's result, replaced by one assignment: ``counts()`` in another thread (a scrape
+        # while the exporter's resync thread runs) reads either the old pin or the new one, whole.
+        self._pin: _Pin | None = None
 
     @property
     def synced(self) -> bool:
-        return self._offsets is not None
+        return self._pin is not None
 
     def resync(
         self, diag_counts: Mapping[TcpState, int], deltas_before: Sequence[int], deltas_after: Sequence[int]
@@ -259,18 +260,27 @@ class StateCountSync:
         for state in TRACKED_STATES:
             middle = (deltas_before[state] + deltas_after[state]) // 2
             offsets[state] = diag_counts.get(state, 0) - middle
-        self._offsets = offsets
-        self._untracked = {state: diag_counts.get(state, 0) for state in TcpState if state not in TRACKED_STATES}
+        untracked = {state: diag_counts.get(state, 0) for state in TcpState if state not in TRACKED_STATES}
+        self._pin = _Pin(offsets, untracked)
         return list(deltas_before) == list(deltas_after)
 
     def counts(self, deltas: Sequence[int]) -> dict[TcpState, int]:
         """Every state's count: the tracked ones from ``deltas``, the others as of the last resync."""
-        if self._offsets is None:
+        pin = self._pin
+        if pin is None:
             raise RuntimeError("resync() first")
         out: dict[TcpState, int] = {}
         for state in sorted(TcpState):
             if state in TRACKED_STATES:
-                out[state] = max(0, deltas[state] + self._offsets[state])
+                out[state] = max(0, deltas[state] + pin.offsets[state])
             else:
-                out[state] = self._untracked[state]
+                out[state] = pin.untracked[state]
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Pin:
+    """What one resync decided: the tracked states' offsets and the untracked states' counts."""
+
+    offsets: dict[TcpState, int]
+    untracked: dict[TcpState, int]

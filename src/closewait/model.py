@@ -387,6 +387,9 @@ class Snapshot:
     recorder_unavailable: str | None = None
     #: The workloads the scan was narrowed to (``--container``, ``--pod``, ...); None for all of them.
     selection: WorkloadSelector | None = None
+    #: The inode of the network namespace ``netns`` named when it was scanned (None with ``netns``):
+    #: what a later step checks a path against before it enters that namespace again.
+    netns_inode: int | None = None
 
     def in_state(self, state: TcpState) -> tuple[Finding, ...]:
         return tuple(f for f in self.findings if f.socket.state == state)

@@ -36,7 +36,7 @@ import enum
 import errno
 import logging
 import os
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +125,9 @@ class ReapPlan:
     errors: tuple[str, ...] = ()
     #: The network namespaces surveyed (their paths; None is the caller's own), in survey order.
     namespaces: tuple[str | None, ...] = (None,)
+    #: Each surveyed namespace's inode, by path: ``apply()`` enters a namespace only through a path
+    #: that still names that inode (the path itself, else a target holder's /proc/PID/ns/net).
+    namespace_inodes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def processes(self) -> tuple[Process, ...]:
@@ -200,6 +203,7 @@ def plan(
         taken_at=min(s.taken_at for s in snapshots),
         errors=tuple(dict.fromkeys(e for s in snapshots for e in s.errors)),
         namespaces=tuple(s.netns for s in snapshots),
+        namespace_inodes={s.netns: s.netns_inode for s in snapshots if s.netns is not None and s.netns_inode},
     )
 
 
@@ -307,13 +311,15 @@ def survey_all_netns(
     own = netns_mod.current(proc_root).inode
     namespaces: list[tuple[netns_mod.Netns | None, str]] = [(None, "")]
     namespaces += [(ns, ns.path) for ns, _ in found.found if ns.inode != own]
+    inode_of = {ns.path: ns.inode for ns, _ in namespaces[1:] if ns is not None}
     source = get_source(namespaces=namespaces, needs=[COOKIE])
     snapshot = scan(CLOSE_WAIT_ONLY, ports=ports, pids=pids, backend=source, proc_root=proc_root, workload=workload)
     snapshot = _with_every_holder(snapshot, pids, proc_root)
     in_ns: dict[str | None, list[Finding]] = {None: []}
     in_ns.update((label, []) for _, label in namespaces[1:] if label not in source.skipped)
     for finding in snapshot.findings:
-        in_ns.setdefault(source.netns_of_inode.get(finding.socket.inode), []).append(finding)
+        # By cookie, not inode: every socket not accepted yet has inode 0, whatever its namespace.
+        in_ns.setdefault(source.netns_of(finding.socket) or None, []).append(finding)
     skipped = [f"network namespace of pid {u.pid} not covered: {u.reason}" for u in found.unreadable]
     skipped += [f"network namespace {line}" for line in source.failures]
     return tuple(
@@ -321,6 +327,7 @@ def survey_all_netns(
             snapshot,
             findings=tuple(findings),
             netns=label,
+            netns_inode=inode_of.get(label) if label is not None else None,
             errors=(*snapshot.errors, *skipped) if label is None else (),
             state_counts={TcpState.CLOSE_WAIT: len(findings)},
         )
@@ -432,7 +439,7 @@ def apply(reap_plan: ReapPlan, *, proc_root: str = "/proc") -> ReapResult:
     """
     outcomes: list[ReapOutcome] = []
     release = _shutdown_one if reap_plan.method == Method.SHUTDOWN else _destroy_one
-    channels = _Channels()
+    channels = _Channels(reap_plan.namespace_inodes, proc_root)
     try:
         for target in reap_plan.targets:
             try:
@@ -456,16 +463,23 @@ class _Channels:
 
     Pitfall: sock_diag answers about the namespace its netlink socket was opened in. From the
     host's, the exact lookup of a container's socket finds nothing (reported as gone) and
-    SOCK_DESTROY cannot reach it. The namespace is named again by the path the survey used; if
-    that path now names another namespace, the lookup by cookie finds nothing there and the
-    socket is skipped, never another one touched. A namespace that is gone skips its targets.
+    SOCK_DESTROY cannot reach it. The namespace is entered again through a path whose inode is
+    the one the survey saw (``ReapPlan.namespace_inodes``): the path the survey used, else, when
+    that was a pid's /proc/PID/ns/net (the pid may have exited while the namespace lives on), the
+    target's holders' /proc/PID/ns/net. A name under /run/netns deleted since is not looked past:
+    the namespace is skipped as gone. Without a recorded inode the path is resolved as it is now; if it names another
+    namespace, the lookup by cookie finds nothing there and the socket is skipped, never another
+    one touched. A namespace that is gone skips its targets.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, inodes: Mapping[str, int] | None = None, proc_root: str = "/proc") -> None:
+        self._inodes = inodes or {}
+        self._proc_root = proc_root
         self._open: dict[str | None, socket_mod.socket] = {}
         self._gone: dict[str, str] = {}
 
-    def get(self, path: str | None) -> socket_mod.socket:
+    def get(self, target: ReapTarget) -> socket_mod.socket:
+        path = target.netns
         nl = self._open.get(path)
         if nl is not None:
             return nl
@@ -475,13 +489,31 @@ class _Channels:
             if path in self._gone:
                 raise _Skip("netns-gone", self._gone[path])
             try:
-                with netns_mod.entered(netns_mod.resolve(path)):
-                    nl = netlink.open_socket()
+                nl = self._open_in(path, target)
             except (NetnsError, NoSuchProcess) as err:
                 self._gone[path] = f"its network namespace is gone since the plan ({err})"
                 raise _Skip("netns-gone", self._gone[path]) from err
         self._open[path] = nl
         return nl
+
+    def _open_in(self, path: str, target: ReapTarget) -> socket_mod.socket:
+        inode = self._inodes.get(path)
+        if inode is None:
+            with netns_mod.entered(netns_mod.resolve(path)):
+                return netlink.open_socket()
+        paths = [path]
+        if path.startswith(f"{self._proc_root}/"):  # a pid's, which may have exited: its holders' too
+            holders = (target.process, *(o.process for o in target.other_holders))
+            paths += [f"{self._proc_root}/{p.pid}/ns/net" for p in holders]
+        first: NetnsError | None = None
+        for candidate in dict.fromkeys(paths):
+            try:
+                with netns_mod.entered(netns_mod.Netns(path=candidate, inode=inode)):
+                    return netlink.open_socket()
+            except NetnsError as err:  # gone, or now another namespace (NetnsGone): try the next
+                first = first or err
+        assert first is not None
+        raise first
 
     def close(self) -> None:
         for nl in self._open.values():
@@ -538,7 +570,7 @@ def _shutdown_one(target: ReapTarget, channels: _Channels, proc_root: str) -> st
     try:
         _check_fd(target, None if dup is None else pidfd.socket_inode_of(dup) or 0)
         assert dup is not None
-        _check_still_close_wait(target, channels.get(target.netns))
+        _check_still_close_wait(target, channels.get(target))
         state = pidfd.tcp_state(dup)
         if state != TcpState.CLOSE_WAIT:
             raise _Skip("state-changed", f"socket is now {_state_name(state)}, no longer CLOSE_WAIT")
@@ -558,7 +590,7 @@ def _destroy_one(target: ReapTarget, channels: _Channels, proc_root: str) -> str
         with _about(target, proc_root):
             link = fd_link(target.process.pid, target.fd, proc_root)
         _check_fd(target, None if link is None else socket_inode(link) or 0)
-        nl = channels.get(target.netns)  # SOCK_DESTROY reaches only the namespace nl was opened in
+        nl = channels.get(target)  # SOCK_DESTROY reaches only the namespace nl was opened in
         _check_still_close_wait(target, nl)
         try:
             netlink.destroy(target.socket, nl=nl)

@@ -132,6 +132,7 @@ def scan(
         recorder_used=entries is not None and entries.unavailable is None,
         recorder_unavailable=entries.unavailable if entries is not None else None,
         selection=selection,
+        netns_inode=ns.inode if ns is not None else None,
     )
 
 

@@ -49,13 +49,18 @@ _FAMILY_VALUES: dict[Family, str] = {family: family.value for family in Family}
 _ROLE_VALUES: dict[Role, str] = {role: role.value for role in Role}
 _AGE_SOURCES: dict[AgeSource, str] = {source: source.value for source in AgeSource}
 #: Whole seconds -> their ISO 8601 text: a scan's thousands of ages fall in a few hundred seconds.
+#: Emptied when it reaches ``_UTC_SECONDS_MAX``: a long-running user (``watch --jsonl``, the
+#: exporter's process) meets new seconds forever.
 _UTC_SECONDS: dict[int, str] = {}
+_UTC_SECONDS_MAX = 4096
 #: The millisecond tails of ``utc_text``, ".000Z" to ".999Z": an index instead of a format per age.
 _MILLIS: tuple[str, ...] = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def _utc_second(whole: int) -> str:
     """``format_utc(whole)`` without ".000Z", remembered in ``_UTC_SECONDS``."""
+    if len(_UTC_SECONDS) >= _UTC_SECONDS_MAX:
+        _UTC_SECONDS.clear()  # cheaper than evicting one by one; a scan refills what it uses
     text = _UTC_SECONDS[whole] = format_utc(whole)[:-5]
     return text
 

@@ -288,6 +288,30 @@ def test_all_netns_labels_each_closer_with_its_network_namespace(netns_name: str
     assert _value(after, "closewait_close_wait_sockets", pid=pid, netns=label) == 0
 
 
+def test_all_netns_a_closer_first_seen_by_a_failed_scan_gets_its_label_later(netns_name: str, bpffs: Path) -> None:
+    """A scan that fails before its survey of the namespaces still reads the recorder (its series
+    are served), without the namespaces: a closer seen then for the first time is not labelled
+    netns="" for good; the next scrape labels it, and counts its closes there."""
+    worker = start_worker(["ip", "netns", "exec", netns_name])
+    made = CloseWaitCollector(
+        all_netns=True, recorder="on", recorder_pin_dir=str(bpffs / "closewait"), pid_label=True, min_interval=0
+    )
+    try:
+        comm = Path(f"/proc/{worker.pid}/comm").read_text().strip()
+        label = f"{worker.pid}/{comm}"
+        worker.call("stress", delays=[0.0] * 3)
+        made._read_recorder(None)  # what collect() does when the scan failed before its survey
+        after = _scrape(made)
+    finally:
+        made.close()
+        worker.end()
+    pid = str(worker.pid)
+    assert {dict(ls).get("netns") for (n, ls), _ in after.items() if n == f"{HIST}_count" and ("pid", pid) in ls} == {
+        label
+    }
+    assert _value(after, f"{HIST}_count", pid=pid, netns=label) == 3
+
+
 def _scrape_http(url: str) -> Samples:
     with urllib.request.urlopen(url, timeout=30) as response:
         text = response.read().decode()

@@ -364,3 +364,31 @@ def test_top_keeps_workloads_then_processes_and_folds_the_rest_into_other(spawn:
     assert rows_of(named, ("unit", "process")) == {("a.service", comm): 7, ("b.service", comm): 3, ("", "other"): 2}
     assert named["closewait_processes_folded"] == [({}, 1.0)]
     assert named["closewait_workloads_folded"] == [({}, 1.0)]
+
+
+def test_a_scan_restores_only_the_garbage_collector_state_it_changed() -> None:
+    """The pause is process-wide: a collector disabled before a scan stays disabled after it; an
+    enabled one is enabled again, only when the last of two overlapping scans ends."""
+    import gc
+
+    from closewait.exporter.collector import _gc_paused
+
+    collector = CloseWaitCollector(min_interval=0)
+    was = gc.isenabled()
+    try:
+        gc.disable()
+        collector.scan_once()
+        assert not gc.isenabled()
+        gc.enable()
+        collector.scan_once()
+        assert gc.isenabled()
+        first, second = _gc_paused(), _gc_paused()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert not gc.isenabled()  # the second scan still runs
+        second.__exit__(None, None, None)
+        assert gc.isenabled()
+    finally:
+        collector.close()
+        (gc.enable if was else gc.disable)()

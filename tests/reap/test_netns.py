@@ -10,7 +10,9 @@ for, on the host and in another namespace, are still there.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -175,3 +177,68 @@ def test_a_namespace_nobody_may_not_enter_is_one_line_and_exit_2(netns_name: str
     (line,) = proc.stderr.splitlines()
     assert line.startswith("closewait: error: ")
     assert "permission denied" in line
+
+
+_UNACCEPTED = """
+import socket, sys, time
+listener = socket.socket()
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen(4)
+client = socket.create_connection(listener.getsockname())
+port = client.getsockname()[1]
+client.close()  # its FIN reaches a connection still in the accept queue: CLOSE_WAIT with inode 0
+print(port, flush=True)
+time.sleep(600)
+"""
+
+
+def test_all_netns_keeps_each_unaccepted_socket_in_its_own_namespace(
+    spawn: Spawn, netns_name: str, other_netns_name: str
+) -> None:
+    """Sockets not accepted yet have inode 0 in every namespace: each is grouped with the namespace
+    it was dumped in (by its cookie), not with whichever namespace was read last."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # the same listening port in both namespaces
+    clients: dict[str, int] = {}
+    for name in (netns_name, other_netns_name):
+        proc = spawn(argv=["ip", "netns", "exec", name, sys.executable, "-c", _UNACCEPTED, str(port)])
+        assert proc.stdout is not None
+        clients[f"/proc/{proc.pid}/ns/net"] = int(proc.stdout.readline())
+    snapshots = reap.survey_all_netns(ports=[port])
+    found = {
+        s.netns: sorted((f.socket.inode, f.socket.remote.port) for f in s.findings) for s in snapshots if s.findings
+    }
+    assert found == {path: [(0, client_port)] for path, client_port in clients.items()}
+
+
+def test_all_netns_applies_after_the_pid_naming_the_namespace_exits(spawn: Spawn, netns_name: str) -> None:
+    """--all-netns names a namespace by its lowest pid's /proc/PID/ns/net. That pid exiting between
+    plan and apply does not make the namespace gone: apply enters it through the target holder's
+    /proc/PID/ns/net, whose inode is the one the survey saw."""
+    first = spawn(
+        argv=[
+            "ip",
+            "netns",
+            "exec",
+            netns_name,
+            sys.executable,
+            "-c",
+            "import time; print(1, flush=True); time.sleep(600)",
+        ]
+    )
+    assert first.stdout is not None
+    first.stdout.readline()
+    inside = start_python(spawn, netns_name=netns_name)
+    assert first.pid < inside.pid
+    leaked = inside.leak(1)
+    plan = reap.plan(reap.survey_all_netns(pids=[inside.pid]), pids=[inside.pid])
+    assert [(t.socket.inode, t.netns) for t in plan.targets] == [
+        (f.socket.inode, f"/proc/{first.pid}/ns/net") for f in leaked
+    ]
+    first.kill()
+    first.wait()
+
+    result = reap.apply(plan)
+    assert [o.code for o in result.outcomes] == ["released"]
+    assert inside.close_wait() == ()

@@ -158,3 +158,15 @@ def test_snapshot_json_across_chunk_boundaries() -> None:
     text = snapshot_json(snapshot)
     assert text == json.dumps(snapshot_dict(snapshot), separators=(",", ":")) + "\n"
     assert [s["remote"]["port"] for s in json.loads(text)["sockets"]] == list(range(1, 452))
+
+
+def test_the_remembered_seconds_stay_bounded_and_correct() -> None:
+    """``utc_text`` remembers each whole second's text; a long-running user (watch --jsonl) meets
+    new seconds forever, so what is remembered is bounded, and every text is format_utc's."""
+    from closewait import serialize
+    from closewait.display import format_utc
+
+    start = 1_700_000_000
+    for second in range(start, start + 3 * serialize._UTC_SECONDS_MAX):
+        assert serialize.utc_text(second + 0.25) == format_utc(second + 0.25)
+        assert len(serialize._UTC_SECONDS) <= serialize._UTC_SECONDS_MAX

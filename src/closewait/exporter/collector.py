@@ -85,7 +85,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -94,7 +94,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from closewait.errors import ClosewaitError, NetnsError, NetnsGone, NotSupported, UsageError
 from closewait.exporter.series import OTHER, UNOWNED, RowKey, label_names, workload_labels
-from closewait.model import Process, Snapshot, TcpState
+from closewait.model import Process, Snapshot, Socket, TcpState
 from closewait.scanning import scan
 from closewait.sources import get_source
 from closewait.sources import netns as netns_mod
@@ -217,10 +217,12 @@ def fold_rows(rows: dict[RowKey, _Row], top_n: int) -> Folded:
 
 
 def rows_from_snapshot(
-    snapshot: Snapshot, netns_of_inode: dict[int, str], *, pid_label: bool = False
+    snapshot: Snapshot, netns_of: Mapping[int, str] | Callable[[Socket], str], *, pid_label: bool = False
 ) -> dict[RowKey, _Row]:
     """Per-row sums of one snapshot's CLOSE_WAIT sockets, a row per (netns, workload, process name), or
     per process with ``pid_label``. A shared socket counts under each owner (once per row).
+    ``netns_of``: the source's ``netns_of`` (a socket's namespace label), or a map of inode -> label
+    (the sockets not accepted yet, inode 0, of every namespace then share one label).
 
     Runs once per CLOSE_WAIT socket on every scrape: each process's row key is made once per scan
     (a few hundred processes hold thousands of sockets), and each socket's idle time and unread bytes
@@ -229,6 +231,12 @@ def rows_from_snapshot(
     rows: dict[RowKey, _Row] = {}
     key_of: dict[tuple[str, int, int], RowKey] = {}  # (netns, pid, start time) -> its row
     close_wait = TcpState.CLOSE_WAIT
+    label_of: Callable[[Socket], str]
+    if isinstance(netns_of, Mapping):
+        by_inode = netns_of
+        label_of = lambda sock: by_inode.get(sock.inode, "")  # noqa: E731
+    else:
+        label_of = netns_of
 
     def key_for(process: Process, ns_label: str) -> RowKey:
         known = (ns_label, process.pid, process.start_time)
@@ -242,7 +250,7 @@ def rows_from_snapshot(
         sock = finding.socket
         if sock.state != close_wait:
             continue
-        ns_label = netns_of_inode.get(sock.inode, "") if netns_of_inode else ""
+        ns_label = label_of(sock) if netns_of else ""
         owners = finding.owners
         keys: Iterable[RowKey]
         if len(owners) == 1:  # the common case: one holder, one row
@@ -355,7 +363,9 @@ class CloseWaitCollector(Collector):
             self._note_recorder_failure(f"recorder off: {err}")
             return
         self._recorder = setup
-        self._dwell = DwellReader(setup.recorder, self.resolver, top_n=self.top_n, pid_label=self.pid_label)
+        self._dwell = DwellReader(
+            setup.recorder, self.resolver, top_n=self.top_n, pid_label=self.pid_label, netns_labelled=self.all_netns
+        )
         if self.recorder_counts_states:
             # The first count before any scrape, the later ones after a scrape, in the background.
             self._resync = StateResync(setup.recorder, self.recorder_resync_s, self._note_recorder_failure)
@@ -378,7 +388,8 @@ class CloseWaitCollector(Collector):
     def _read_recorder(self, namespaces: Namespaces | None) -> None:
         """One reading of the recorder (counters, histograms, state counts) for the scrape being built.
         With ``all_netns``, a closer seen for the first time gets the label of its network namespace
-        among ``namespaces`` (the ones this scrape scans)."""
+        among ``namespaces`` (the ones this scrape scans); None (the scan failed before its survey)
+        leaves new closers' labels, and their dwells, to the next scrape that has them."""
         from closewait.exporter.recording import RecorderReading
         from closewait.sources.recorder import RecorderUnavailable
 
@@ -386,9 +397,8 @@ class CloseWaitCollector(Collector):
         if self._recorder is None or self._dwell is None:
             return
         netns_labels: dict[int, str] | None = None
-        if self.all_netns:
-            scanned = namespaces.scanned if namespaces is not None else []
-            netns_labels = {ns.inode: label for ns, label in scanned if ns is not None}
+        if self.all_netns and namespaces is not None:
+            netns_labels = {ns.inode: label for ns, label in namespaces.scanned if ns is not None}
         try:
             self._dwell.read(netns_labels)
             counters = self._recorder.recorder.counters()
@@ -470,7 +480,10 @@ class CloseWaitCollector(Collector):
         if snapshot.errors:
             self._errors["owners"] += 1
         self._note_owner_fallback(snapshot.owners_fallback_reason)
-        folded = fold_rows(rows_from_snapshot(snapshot, source.netns_of_inode, pid_label=self.pid_label), self.top_n)
+        folded = fold_rows(
+            rows_from_snapshot(snapshot, source.netns_of if self.all_netns else {}, pid_label=self.pid_label),
+            self.top_n,
+        )
         counts = source.counts
         if from_recorder:
             if self._reading is None or self._reading.state_counts is None:
@@ -709,15 +722,33 @@ def _gc_paused() -> Iterator[None]:
     A scan allocates ~20 objects per CLOSE_WAIT socket (records, owners, findings, rows), all freed by
     reference counting when the scan's result is dropped: they hold no cycles. With the collector
     running, 5,000 sockets trigger ~85 young and some full collections that find nothing to free,
-    8-18 ms of a ~100 ms scrape (bench/bench_exporter.py). Re-enabled only if it was enabled.
+    8-18 ms of a ~100 ms scrape (bench/bench_exporter.py).
+
+    The switch is process-wide: every thread of the process (the application the collector is
+    registered in, too) runs without cyclic collection while a scan runs. Only what this changed is
+    restored: if the collector was already disabled when the first of the scans running at once
+    began, it stays disabled; otherwise it is enabled again when the last of them ends (two
+    collectors scanning at once do not re-enable it under each other's feet).
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
+    global _gc_pauses, _gc_reenable
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_reenable = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_reenable:
+                _gc_reenable = False
+                gc.enable()
+
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0  # scans running in _gc_paused()
+_gc_reenable = False  # the first of them found the collector enabled
 
 
 def _comm(proc_root: str, pid: int) -> str:

@@ -103,8 +103,19 @@ class _Owner:
 class DwellReader:
     """Reads a recorder's histograms into ``DwellTotals`` (see the module docstring)."""
 
-    def __init__(self, recorder: Recorder, resolver: WorkloadResolver, *, top_n: int, pid_label: bool) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        resolver: WorkloadResolver,
+        *,
+        top_n: int,
+        pid_label: bool,
+        netns_labelled: bool = False,
+    ) -> None:
         self.recorder = recorder
+        #: Series carry a ``netns`` label (``--all-netns``): a closer is labelled only by a read
+        #: that was given the namespaces.
+        self.netns_labelled = netns_labelled
         self.resolver = resolver
         self.pid_label = pid_label
         self.proc_root = resolver.proc_root
@@ -119,8 +130,10 @@ class DwellReader:
         except ClosewaitError:
             return None
 
-    def _owner(self, cgroup: int, tgid: int, netns_labels: Mapping[int, str] | None) -> tuple[RowKey, bool]:
-        """The labels of (cgroup, tgid), and whether that process is still running."""
+    def _owner(self, cgroup: int, tgid: int, netns_labels: Mapping[int, str] | None) -> tuple[RowKey | None, bool]:
+        """The labels of (cgroup, tgid), and whether that process is still running. The labels are
+        None when they need the namespaces and ``netns_labels`` is None: a key is kept for good (a
+        series never moves), so it is not made without its ``netns``."""
         start = self._start_time(tgid)
         known = self._owners.get((cgroup, tgid))
         if known is not None and (start is None or start == known.start_time):
@@ -133,6 +146,8 @@ class DwellReader:
             name = read_comm(tgid, self.proc_root).strip() or "?"
         except ClosewaitError:
             return RowKey("", "", "", "", EXITED, pid), False
+        if netns_labels is None and self.netns_labelled:
+            return None, True
         workload = self.resolver.workload_of_pid(tgid, start)
         netns = self._netns_label(tgid, netns_labels) if netns_labels is not None else ""
         key = RowKey(*workload_labels(workload), name, pid, netns)
@@ -152,7 +167,9 @@ class DwellReader:
         that exited (their counts stay in the totals). RecorderUnavailable if the maps cannot be read.
 
         ``netns_labels`` (network namespace inode -> label; ``--all-netns``) gives each closer's
-        series the ``netns`` label of the namespace it is in, when first seen."""
+        series the ``netns`` label of the namespace it is in, when first seen. With
+        ``netns_labelled`` and no ``netns_labels`` (the scan failed before its survey), a closer
+        not labelled yet is left for the next read: what it gained is counted then, under its labels."""
         items = self.recorder.histogram_items()
         gone: list[HistogramKey] = []
         for hkey, histogram in items.items():
@@ -168,7 +185,10 @@ class DwellReader:
                     # its labels are known; whether it exited is asked once it closes nothing more.
                     key, alive = known.key, True
                 else:
-                    key, alive = self._owner(hkey.cgroup_id, hkey.tgid, netns_labels)
+                    owner, alive = self._owner(hkey.cgroup_id, hkey.tgid, netns_labels)
+                    if owner is None:
+                        continue  # its labels and this delta wait for a read that has the namespaces
+                    key = owner
                 if delta.count:
                     self.totals.add(key, delta)
                 self._seen[hkey] = histogram

@@ -115,7 +115,10 @@ class KernelSource:
 
     - ``name``: the backend used (the one furthest down the chain that any namespace needed);
     - ``counts``: label -> every TCP state's count (zeros included), when ``count_states``;
-    - ``netns_of_inode``: socket inode -> label, for sockets of labelled namespaces;
+    - ``netns_of(sock)``: the label of the namespace a socket was read in ("" for unlabelled ones),
+      by its cookie (unique per boot) where the backend gives one;
+    - ``netns_of_inode``: socket inode -> label, for sockets of labelled namespaces (every socket
+      not accepted yet has inode 0, in every namespace: ask ``netns_of`` for those);
     - ``failures``: the namespaces skipped, with why, one line each (``skipped``: label -> why).
 
     Each call starts these afresh, so one source can serve a loop (``watch``).
@@ -147,6 +150,7 @@ class KernelSource:
         self._used = 0
         self.counts: dict[str, dict[TcpState, int]] = {}
         self.netns_of_inode: dict[int, str] = {}
+        self._netns_of: dict[object, str] = {}
         self.failures: list[str] = []
         self.skipped: dict[str, str] = {}
 
@@ -155,6 +159,7 @@ class KernelSource:
         self._used = 0
         self.counts = {}
         self.netns_of_inode = {}
+        self._netns_of = {}
         self.failures = []
         self.skipped = {}
         if len(self.namespaces) == 1 and self.namespaces[0] == (None, ""):
@@ -181,7 +186,15 @@ class KernelSource:
         if label:
             for sock in sockets:
                 self.netns_of_inode[sock.inode] = label
+                self._netns_of[_identity(sock)] = label
         return sockets
+
+    def netns_of(self, sock: Socket) -> str:
+        """The label of the namespace ``sock`` was read in by the last ``sockets()``; "" for an
+        unlabelled namespace's (the caller's own). Keyed by the socket's cookie, unique per boot;
+        without one (procfs), by its inode and endpoints, which two namespaces' sockets not
+        accepted yet (inode 0) share only if their addresses and ports are the same too."""
+        return self._netns_of.get(_identity(sock), "") if self._netns_of else ""
 
     def _read(self, states: frozenset[TcpState], label: str) -> list[Socket]:
         position, backend = self._open()
@@ -203,6 +216,11 @@ class KernelSource:
                 if position == last:
                     raise
         raise AssertionError("unreachable: the chain is never empty")
+
+
+def _identity(sock: Socket) -> object:
+    """What tells one socket from every other on the host: its cookie, else its inode and endpoints."""
+    return sock.cookie or (sock.inode, sock.family, sock.local, sock.remote)
 
 
 def _log() -> logging.Logger:

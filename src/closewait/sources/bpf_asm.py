@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -428,7 +429,13 @@ def map_info(bpf: _Bpf, fd: int) -> MapInfo:
 
 
 class MapAccess:
-    """Lookups in one map from user space, reusing one set of buffers (one syscall per call)."""
+    """Lookups in one map from user space, reusing one set of buffers (one syscall per call).
+
+    Safe to share between threads: the bpf(2) call releases the GIL, so two threads using the
+    buffers at once could send each other's key or read a value while the kernel copies another
+    into it (the exporter's resync thread and a scrape both read the recorder's counters). A lock
+    holds the buffers from the key's copy to the value's; a ``keys()`` walk holds it throughout.
+    """
 
     def __init__(self, bpf: _Bpf, fd: int, key_size: int, value_size: int) -> None:
         ctypes = bpf._ctypes
@@ -440,16 +447,18 @@ class MapAccess:
         self._next = ctypes.create_string_buffer(key_size)
         self._value = ctypes.create_string_buffer(value_size)
         self._memmove = ctypes.memmove
+        self._lock = threading.Lock()
         address = ctypes.addressof
         self._lookup_attr = struct.pack("<IIQQQ", fd, 0, address(self._key), address(self._value), 0)
         self._next_attr = struct.pack("<IIQQQ", fd, 0, address(self._key), address(self._next), 0)
         self._first_attr = struct.pack("<IIQQQ", fd, 0, 0, address(self._next), 0)
 
     def lookup(self, key: bytes) -> bytes | None:
-        self._memmove(self._key, key, self.key_size)
-        if not self._call_found(BPF_MAP_LOOKUP_ELEM, self._lookup_attr, "reading a BPF map"):
-            return None
-        return bytes(self._value.raw)
+        with self._lock:
+            self._memmove(self._key, key, self.key_size)
+            if not self._call_found(BPF_MAP_LOOKUP_ELEM, self._lookup_attr, "reading a BPF map"):
+                return None
+            return bytes(self._value.raw)
 
     def _call_found(self, command: int, attr: bytes, what: str) -> bool:
         """Run ``command``; False when the kernel answers ENOENT (no such key, or past the last one)."""
@@ -480,13 +489,14 @@ class MapAccess:
         keys are deduplicated)."""
         found: dict[bytes, None] = {}
         attr = self._first_attr
-        for _ in range(10_000_000):
-            if not self._call_found(BPF_MAP_GET_NEXT_KEY, attr, "walking a BPF map"):
-                break
-            key = bytes(self._next.raw)
-            found[key] = None
-            self._memmove(self._key, key, self.key_size)
-            attr = self._next_attr
+        with self._lock:
+            for _ in range(10_000_000):
+                if not self._call_found(BPF_MAP_GET_NEXT_KEY, attr, "walking a BPF map"):
+                    break
+                key = bytes(self._next.raw)
+                found[key] = None
+                self._memmove(self._key, key, self.key_size)
+                attr = self._next_attr
         return list(found)
 
     def items(self) -> Iterable[tuple[bytes, bytes]]:

@@ -154,6 +154,12 @@ _SO_NETNS_COOKIE = 71
 _BPF_PROG_TYPE_TRACING = 26
 _BPF_TRACE_RAW_TP = 23
 
+#: Whether this CPU keeps loads in program order, as the mmap reader needs (it takes a slot's time
+#: only between two loads of its cookie): x86-64's TSO does. A weakly ordered CPU (arm64, ...) may
+#: perform the time's load before the first cookie load, and Python has no load barrier to stop it,
+#: so elsewhere a slot the mmap reader found is read through bpf(2) (``Recorder._read_slot``).
+LOADS_IN_ORDER = os.uname().machine == "x86_64"
+
 _T = TypeVar("_T")
 
 
@@ -762,6 +768,9 @@ class Recorder:
         self._probes = min(PROBES, self.capacity)
         self._table = mmap.mmap(fds["entries"], self.capacity * _SLOT.size, mmap.MAP_SHARED, mmap.PROT_READ)
         self._words = memoryview(self._table).cast("Q")
+        self._slots_map = MapAccess(bpf, fds["entries"], 4, _SLOT.size)
+        #: Read a found slot's time through the mmap (True) or bpf(2) (see ``LOADS_IN_ORDER``).
+        self.reads_by_mmap = LOADS_IN_ORDER
         self.histogram_capacity = bpf_asm.map_info(bpf, fds["histograms"]).max_entries
 
     # --- construction --------------------------------------------------------------------------------
@@ -945,7 +954,8 @@ class Recorder:
     def _entry_time(self, cookie: int) -> int:
         """The time in the slot holding ``cookie``, 0 if none does. The program writes a slot's time
         after its cookie and clears it before, so a time that is not 0, read between two sightings
-        of the cookie, is this socket's. Every word is read whole (a native 8-byte load)."""
+        of the cookie, is this socket's. Every word is read whole (a native 8-byte load); the time
+        is read through the mmap only where loads stay in order (``LOADS_IN_ORDER``)."""
         words = self._words
         home = 2 * (cookie & (self.capacity - 1))
         if words[home] != cookie:  # not in its home slot (where most are): look along its window
@@ -957,16 +967,37 @@ class Recorder:
                 home = (home + 2 * window.index(cookie)) % len(words)
             except ValueError:
                 return 0
+        if not self.reads_by_mmap:
+            return self._read_slot(home // 2, cookie)
         entered = words[home + 1]
         return entered if words[home] == cookie else 0
+
+    def _read_slot(self, slot: int, cookie: int) -> int:
+        """The time in ``slot`` if it holds ``cookie``, read through bpf(2): the kernel copies the
+        slot's 16 bytes, then a second lookup sees the cookie again (no user-space load order needed)."""
+        key = slot.to_bytes(4, "little")
+        value = self._slots_map.lookup(key)
+        if value is None:
+            return 0
+        held, entered = _SLOT.unpack(value)
+        if held != cookie or not entered:
+            return 0
+        again = self._slots_map.lookup(key)
+        return entered if again is not None and _SLOT.unpack(again)[0] == cookie else 0
 
     def all_entry_times(self) -> dict[int, int]:
         """Every cookie held -> its entry time (reads the whole table: ``capacity`` slots)."""
         found: dict[int, int] = {}
-        for slot, cookie in enumerate(self._words[::2].tolist()):
+        words = self._words
+        for slot, cookie in enumerate(words[::2].tolist()):
             if cookie:
-                entered = self._words[2 * slot + 1]
-                if entered and self._words[2 * slot] == cookie:
+                if not self.reads_by_mmap:
+                    entered = self._read_slot(slot, cookie)
+                else:
+                    entered = words[2 * slot + 1]  # between the two loads of the cookie
+                    if words[2 * slot] != cookie:
+                        entered = 0
+                if entered:
                     found[cookie] = entered
         return found
 
