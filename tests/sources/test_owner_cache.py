@@ -171,6 +171,33 @@ def test_a_fork_after_the_pass_is_found_and_a_moved_fd_means_a_new_pass(spawn: S
     assert moved.owners == find_owners(cookies, method="procfs").owners
 
 
+@needs_bpf
+def test_a_re_check_started_in_a_thread_is_the_one_find_owners_uses(spawn: Spawn) -> None:
+    """The exporter starts the cache's re-check (``start_check``) before its dump; ``find_owners``
+    waits for that thread and uses its result: a cached answer when every fd still holds its socket,
+    a full pass when one does not."""
+    holder, first_child, fd, cookies = _forking_holder(spawn)
+    (inode,) = cookies
+    cache = OwnerCache(max_age=60)
+    assert find_owners(cookies, cookies=cookies, cache=cache).method == "bpf"
+
+    owners.start_check(cache)
+    assert cache.checking is not None
+    reused = find_owners(cookies, cookies=cookies, cache=cache)
+    assert cache.checking is None
+    assert reused.method == "cache"
+    assert reused.owners == find_owners(cookies, method="procfs").owners
+
+    # The parent's fd is moved before the threaded re-check runs: it fails, and a full pass answers.
+    assert holder.stdout is not None
+    os.kill(holder.pid, signal.SIGUSR2)
+    assert holder.stdout.readline().strip() == "moved"
+    owners.start_check(cache)
+    moved = find_owners(cookies, cookies=cookies, cache=cache)
+    assert moved.method == "bpf"
+    assert [(o.process.pid, o.fd) for o in moved.owners[inode]] == [(first_child, fd)]
+
+
 def _forking_holder(spawn: Spawn) -> tuple[subprocess.Popen[str], int, int, dict[int, int]]:
     """FORKS_ON_SIGNAL holding one CLOSE_WAIT socket with its first child: (process, the child's pid,
     the fd, inode -> cookie of the socket)."""

@@ -101,6 +101,7 @@ from closewait.sources import netns as netns_mod
 from closewait.sources.attribution import WorkloadResolver
 from closewait.sources.kubernetes import PodApi
 from closewait.sources.owner_cache import OwnerCache
+from closewait.sources.owners import start_check
 
 if TYPE_CHECKING:
     from closewait.exporter.recording import DwellReader, RecorderReading, RecorderSetup, StateResync
@@ -460,6 +461,9 @@ class CloseWaitCollector(Collector):
             # recorder_pins=None: no series uses a socket's age (oldest idle is tcp_info's, close times come
             # from the recorder's histograms), and looking up each CLOSE_WAIT cookie in a pinned recorder
             # costs a bpf(2) call per socket (~25 ms for 5,000).
+            # The cache's re-check (a readlink per cached fd) does not depend on the dump: it runs in
+            # a thread while this one waits for the kernel's walk of its TCP table.
+            start_check(self.owner_cache)
             snapshot = scan(
                 _CLOSE_WAIT,
                 backend=source,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
@@ -86,6 +87,8 @@ class OwnerCache:
         self._dirty = False
         #: What ``owners.check_cache`` found when it re-checked every holder: (pass_ticks, result).
         self.verified: tuple[int, Verified] | None = None
+        #: A re-check ``owners.start_check`` runs in a thread; ``find_owners`` waits for it.
+        self.checking: threading.Thread | None = None
 
     def holders_of(self, cookies: Mapping[int, int] | None) -> dict[int, tuple[Holder, ...]] | None:
         """inode -> the cached holders, for every (inode -> cookie) in ``cookies`` (None: every

@@ -26,6 +26,7 @@ denied ..."), never raised. One process's files (stat, cmdline, a single fd dire
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -131,6 +132,8 @@ def find_owners(
     found: list[_Found] | None = None
     whole_host = pids is None and proc_root == "/proc"
     wanted_cookies = {inode: cookies[inode] for inode in wanted if inode in cookies} if cookies else {}
+    if cache is not None:
+        _wait_for_check(cache)  # a re-check started by start_check, whatever is used below
     if cache is not None and method == "auto" and whole_host and len(wanted_cookies) == len(wanted):
         cached = cache.holders_of(wanted_cookies)
         checked = _from_cache(cached, cache) if cached is not None else None
@@ -278,6 +281,33 @@ def check_cache(cache: OwnerCache) -> None:
     """
     everything = cache.holders_of(None)
     cache.verified = (cache.pass_ticks, _verify_holders(everything)) if everything else None
+
+
+def start_check(cache: OwnerCache) -> None:
+    """``check_cache`` in a thread of its own, for a caller whose dump runs meanwhile in this one.
+
+    A long-running caller (the exporter) calls this right before ``scan()``: the readlinks of the
+    re-check and the kernel's walk of its TCP table for the dump are both system time, so on two
+    CPUs they overlap. ``find_owners`` waits for the thread before it reads the result; a re-check
+    that failed leaves no result, and ``find_owners`` re-checks itself.
+    """
+    _wait_for_check(cache)  # one re-check at a time
+
+    def run() -> None:
+        try:
+            check_cache(cache)
+        except Exception:  # find_owners re-checks itself; this thread must not die loudly
+            cache.verified = None
+
+    cache.checking = threading.Thread(target=run, name="closewait-owner-check", daemon=True)
+    cache.checking.start()
+
+
+def _wait_for_check(cache: OwnerCache) -> None:
+    checking = cache.checking
+    if checking is not None:
+        checking.join()
+        cache.checking = None
 
 
 def _from_cache(
