@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from closewait.exporter import CloseWaitCollector, build_registry
 from tests.conftest import Nobody, Spawn
+from tests.util import wait_for
 
 # Three scrapes of an --all-netns collector; prints the scan-error counters and coverage gauges.
 SCRAPES = """
@@ -37,12 +39,31 @@ def _values(collector: CloseWaitCollector) -> dict[str, float]:
     return {s.name + s.labels.get("kind", ""): s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
 
+def _sleeper_in(spawn: Spawn, netns_name: str) -> subprocess.Popen[str]:
+    """``sleep`` in the namespace, once it is there: ``ip netns exec`` enters the namespace and then
+    execs the command, so a /proc/PID/ns/net read before that names the host's namespace (a
+    collector that pinned it then saw "the path now names another namespace")."""
+    sleeper = spawn(argv=["ip", "netns", "exec", netns_name, "sleep", "120"])
+    target = os.stat(f"/run/netns/{netns_name}").st_ino
+
+    def there() -> bool:
+        try:
+            with open(f"/proc/{sleeper.pid}/comm") as comm:
+                name = comm.read().strip()
+            return name == "sleep" and os.stat(f"/proc/{sleeper.pid}/ns/net").st_ino == target
+        except OSError:
+            return False
+
+    wait_for(there)
+    return sleeper
+
+
 def test_all_netns_as_nobody_counts_and_logs_the_namespaces_it_cannot_read(
     spawn: Spawn, nobody: Nobody, netns_name: str
 ) -> None:
     """A root process in a second namespace: nobody can neither read its /proc/PID/ns/net nor enter
     it. The exporter covers its own namespace, and says the other one was skipped."""
-    sleeper = spawn(argv=["ip", "netns", "exec", netns_name, "sleep", "120"])
+    sleeper = _sleeper_in(spawn, netns_name)
     label = f"{sleeper.pid}/sleep"
     done = subprocess.run(
         [*nobody.argv, "-c", SCRAPES], env=nobody.env, capture_output=True, text=True, timeout=120, check=False, cwd="/"
@@ -100,7 +121,7 @@ def test_a_namespace_recreated_under_the_same_name_is_gone_not_followed(
 def test_a_namespace_named_by_a_pid_is_gone_when_the_pid_exits(
     spawn: Spawn, netns_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sleeper = spawn(argv=["ip", "netns", "exec", netns_name, "sleep", "120"])
+    sleeper = _sleeper_in(spawn, netns_name)
     collector = CloseWaitCollector(min_interval=0, netns=str(sleeper.pid))
     caplog.set_level(logging.WARNING, logger="closewait.exporter.collector")
     try:
@@ -146,7 +167,7 @@ def test_watch_stops_with_one_line_when_its_namespace_is_recreated(netns_name: s
 
 
 def test_watch_stops_with_one_line_when_the_pid_naming_its_namespace_exits(spawn: Spawn, netns_name: str) -> None:
-    sleeper = spawn(argv=["ip", "netns", "exec", netns_name, "sleep", "120"])
+    sleeper = _sleeper_in(spawn, netns_name)
     done = _watch_until_gone(str(sleeper.pid), [["kill", "-9", str(sleeper.pid)]])
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
