@@ -94,11 +94,7 @@ class OwnerCache:
         """inode -> the cached holders, for every (inode -> cookie) in ``cookies`` (None: every
         socket kept); None when the cache is empty, older than ``max_age`` or has not seen one of
         these sockets."""
-        self._load()
-        if not self.pass_ticks or cookies == {}:
-            return None
-        now = boot_ticks()
-        if not 0 <= now - self.pass_ticks <= self.max_age * os.sysconf("SC_CLK_TCK"):
+        if cookies == {} or not self._fresh():
             return None
         sockets = self.sockets
         if cookies is None:
@@ -111,6 +107,32 @@ class OwnerCache:
                 return None
             answer[inode] = entry[1]
         return answer
+
+    def split(self, cookies: Mapping[int, int]) -> tuple[dict[int, tuple[Holder, ...]], set[int]] | None:
+        """The cached holders of the sockets in ``cookies`` (inode -> cookie) it has seen (inode ->
+        holders), and the inodes of those it has not; None when the cache is empty or older than
+        ``max_age``, or a cookie it knows names another inode now."""
+        if not cookies or not self._fresh():
+            return None
+        known: dict[int, tuple[Holder, ...]] = {}
+        new: set[int] = set()
+        get = self.sockets.get
+        for inode, cookie in cookies.items():
+            entry = get(cookie)
+            if entry is None:
+                new.add(inode)
+            elif entry[0] != inode:
+                return None
+            else:
+                known[inode] = entry[1]
+        return known, new
+
+    def _fresh(self) -> bool:
+        """Whether it holds a pass's answer younger than ``max_age``."""
+        self._load()
+        if not self.pass_ticks:
+            return False
+        return 0 <= boot_ticks() - self.pass_ticks <= self.max_age * os.sysconf("SC_CLK_TCK")
 
     def remember(self, pass_ticks: int, cookies: Mapping[int, int], holders: Mapping[int, Iterable[Holder]]) -> None:
         """Keep ``holders`` (inode -> holders) for the sockets in ``cookies`` (inode -> cookie); an
