@@ -564,6 +564,11 @@ def _own_start_time() -> int:
         raise _os_error(err, "reading /proc/self/stat") from None
 
 
+#: The Layout ``holders_in_processes`` last saw pass the marker check, by BTF path: a long-running
+#: caller that may not write the Layout cache (a user with CAP_BPF) does not parse the BTF each time.
+_checked_layouts: dict[str, Layout] = {}
+
+
 def holders_in_processes(
     inodes: Collection[int], pids: Collection[int], *, btf_path: str = BTF_PATH, cache_path: str | None = CACHE_PATH
 ) -> tuple[dict[int, list[Holder]], set[int]]:
@@ -589,7 +594,9 @@ def holders_in_processes(
         marker_inode = os.fstat(marker.fileno()).st_ino
         map_fd = _create_map(bpf, len(wanted) + 1)
         _fill_map(bpf, map_fd, [*wanted, marker_inode])
-        layout = (cached_layout(btf_path, cache_path) if cache_path else None) or parse_btf(read_btf(btf_path))
+        layout = _checked_layouts.get(btf_path)
+        if layout is None:
+            layout = (cached_layout(btf_path, cache_path) if cache_path else None) or parse_btf(read_btf(btf_path))
         if layout.file_f_ref < 0:
             raise BpfUnavailable("this kernel's struct file has no reference count the program knows")
         prog_fd = _load_program(bpf, layout, map_fd, refs=True)
@@ -618,6 +625,7 @@ def holders_in_processes(
         extra = marker_count - 1
         if not 0 <= extra <= 1:
             raise BpfUnavailable(f"the BPF iterator saw {marker_count} references to a socket held once")
+        _checked_layouts[btf_path] = layout
         elsewhere = {inode for inode, seen_counts in counts.items() if seen_counts != {len(holders[inode]) + extra}}
         return {inode: sorted(found) for inode, found in holders.items()}, elsewhere
     except KernelDataError as err:
