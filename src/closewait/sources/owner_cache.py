@@ -7,7 +7,9 @@ This module only keeps the answer; ``owners.find_owners`` decides whether it may
 and re-checks every part of it before it does (see ``owners._from_cache``):
 
 - the socket is the same object: the dump's socket cookie (unique per boot, never reused) and
-  inode are the cached ones; a socket the cache has not seen means a full pass;
+  inode are the cached ones; a few sockets the cache has not seen are looked for in the fd tables
+  of the processes the answer names, and every reference to each must be found there
+  (``owners._new_holders``), else a full pass;
 - each holder is the same process (pid and start time, one stat read per process) and its fd still
   holds that socket (one readlink per fd); a failure means a full pass;
 - a process started since the full pass may have inherited a socket (fork) or been handed one:

@@ -121,8 +121,9 @@ def find_owners(
 
     ``cache`` (with ``cookies``, inode -> socket cookie from the dump) lets ``auto`` answer from
     what a full BPF pass found less than ``cache.max_age`` seconds ago, re-checked first
-    (``_from_cache``; ``method`` "cache"), and keeps what a full pass finds. ``bpf`` and ``procfs``
-    always look afresh.
+    (``_from_cache``; ``method`` "cache"; a few sockets it has not seen are looked for in the fd
+    tables of the processes it names, ``_new_holders``), and keeps what a full pass finds, and those
+    new sockets. ``bpf`` and ``procfs`` always look afresh.
     """
     check_owner_source(method)
     wanted = frozenset(i for i in inodes if i)
