@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import closewait
-from closewait.sources import owner_cache, owners
+from closewait.sources import bpf, owner_cache, owners
 from closewait.sources.owner_cache import OwnerCache
 from closewait.sources.owners import OwnerMap, _from_cache, check_cache, find_owners
 from closewait.sources.process import read_process
@@ -310,7 +310,12 @@ def test_a_cached_owner_whose_pid_was_reused_is_not_reported(spawn: Spawn) -> No
 
 
 @needs_bpf
-def test_a_socket_that_entered_close_wait_since_the_pass_gets_its_owner(spawn: Spawn) -> None:
+def test_a_socket_that_entered_close_wait_since_the_pass_gets_its_owner(
+    spawn: Spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leak in progress: the cached leaker's new CLOSE_WAIT socket is looked for in the fd tables
+    of the cached holders only (no full pass), found there with every reference to it, and kept in
+    the cache without making the cache any younger."""
     server = spawn(argv=python_argv(LEAKING_SERVER, "127.0.0.1", "keep,keep"))
     assert server.stdout is not None
     port = int(server.stdout.readline())
@@ -322,14 +327,127 @@ def test_a_socket_that_entered_close_wait_since_the_pass_gets_its_owner(spawn: S
     before = _sockets([port])
     assert find_owners(before, cookies=before, cache=cache).method == "bpf"
     assert find_owners(before, cookies=before, cache=cache).method == "cache"
+    pass_ticks = cache.pass_ticks
     second.close()
+    close_wait_of(server.pid, port, count=2)
+    after = _sockets([port])
+    (new_inode,) = set(after) - set(before)
+    looked_in: list[list[int]] = []
+    in_processes = bpf.holders_in_processes
+    monkeypatch.setattr(bpf, "socket_holders", _no_full_pass)
+    monkeypatch.setattr(
+        bpf, "holders_in_processes", lambda inodes, pids: looked_in.append(sorted(pids)) or in_processes(inodes, pids)
+    )
+    found = find_owners(after, cookies=after, cache=cache)
+    assert found.method == "cache"
+    assert looked_in == [[server.pid]]
+    assert [o.process.pid for o in found.owners[new_inode]] == [server.pid]
+    assert found.owners == find_owners(after, method="procfs").owners
+    # The new socket is kept: the next lookup is a plain cached answer, and the age is still the pass's.
+    assert cache.pass_ticks == pass_ticks
+    assert set(cache.holders_of(after) or ()) == set(after)
+    again = find_owners(after, cookies=after, cache=cache)
+    assert again.method == "cache"
+    assert looked_in == [[server.pid]]
+    assert again.owners == found.owners
+
+
+def _no_full_pass(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("a full BPF pass ran")
+
+
+#: Accepts a connection it leaks ("a"), then another it shares with a child forked right away, which
+#: closes its copy of the first: the child holds only the second. Prints the child's pid and the
+#: two fds. The child dies with the parent.
+SHARES_WITH_A_CHILD = """
+import ctypes, os, signal, socket, time
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+print(server.getsockname()[1], flush=True)
+a, _ = server.accept()
+print("a", flush=True)
+b, _ = server.accept()
+child = os.fork()
+if child == 0:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    a.close()
+    while True:
+        time.sleep(60)
+print(child, a.fileno(), b.fileno(), flush=True)
+time.sleep(120)
+"""
+
+
+@needs_bpf
+def test_a_new_socket_a_process_outside_the_cache_holds_too_means_a_full_pass(spawn: Spawn) -> None:
+    """A socket the cache has not seen may be older than the pass: this one was established then and
+    shared with a child forked before the pass, which holds no cached socket. The leaker's fd table
+    has it, but so does the child's: the reference count says a reference is elsewhere, and a full
+    pass answers, with both. A socket held only by a process outside the cache, likewise."""
+    server = spawn(argv=python_argv(SHARES_WITH_A_CHILD))
+    assert server.stdout is not None
+    port = int(server.stdout.readline())
+    # Started before the pass (one started since is walked, and would be looked in).
+    other = spawn(argv=python_argv(LEAKING_SERVER, "127.0.0.1", "keep"))
+    assert other.stdout is not None
+    other_port = int(other.stdout.readline())
+    leaked = socket.create_connection(("127.0.0.1", port))
+    assert server.stdout.readline().strip() == "a"
+    shared = socket.create_connection(("127.0.0.1", port))
+    child, a_fd, b_fd = map(int, server.stdout.readline().split())
+    leaked.close()
+    close_wait_of(server.pid, port)
+    # The pass comes after the clock tick both processes started in (or they count as started since).
+    latest = max(read_process(pid).start_time for pid in (child, other.pid))
+    wait_for(lambda: owner_cache.boot_ticks() > latest)
+    cache = OwnerCache(max_age=60)
+    before = _sockets([port])
+    assert find_owners(before, cookies=before, cache=cache).method == "bpf"
+    shared.close()
     close_wait_of(server.pid, port, count=2)
     after = _sockets([port])
     (new_inode,) = set(after) - set(before)
     found = find_owners(after, cookies=after, cache=cache)
     assert found.method == "bpf"
-    assert [o.process.pid for o in found.owners[new_inode]] == [server.pid]
+    assert [(o.process.pid, o.fd) for o in found.owners[new_inode]] == sorted([(server.pid, b_fd), (child, b_fd)])
+    assert found.owners == find_owners(after, method="procfs").owners
+    assert [(o.process.pid, o.fd) for o in found.owners[(set(before)).pop()]] == [(server.pid, a_fd)]
+
+    # Another server's socket: nobody the cache knows holds it.
+    with socket.create_connection(("127.0.0.1", other_port)):
+        pass
+    close_wait_of(other.pid, other_port)
     assert find_owners(after, cookies=after, cache=cache).method == "cache"
+    both = _sockets([port, other_port])
+    elsewhere = find_owners(both, cookies=both, cache=cache)
+    assert elsewhere.method == "bpf"
+    assert elsewhere.owners == find_owners(both, method="procfs").owners
+
+
+@needs_bpf
+def test_the_iterator_over_named_processes_reads_only_their_fd_tables(spawn: Spawn) -> None:
+    """``holders_in_processes`` reads the fd tables of the pids it is given (and of this process, for
+    its marker), no other; a socket with a reference in a table it did not read is named."""
+    with socket.socket() as shared, socket.socket() as theirs:
+        inode = os.fstat(shared.fileno()).st_ino
+        their_inode = os.fstat(theirs.fileno()).st_ino
+        first = spawn(argv=python_argv(SLEEPER), pass_fds=(shared.fileno(),))
+        second = spawn(argv=python_argv(SLEEPER), pass_fds=(shared.fileno(), theirs.fileno()))
+        for sleeper in (first, second):
+            assert sleeper.stdout is not None
+            assert sleeper.stdout.readline().strip() == "up"
+        theirs.close()  # only the second sleeper holds it now
+        me = (os.getpid(), shared.fileno(), read_process(os.getpid()).start_time)
+        at_first = (first.pid, shared.fileno(), read_process(first.pid).start_time)
+        at_second = (second.pid, shared.fileno(), read_process(second.pid).start_time)
+        held, elsewhere = bpf.holders_in_processes({inode, their_inode}, [first.pid])
+        assert held == {inode: sorted([me, at_first])}
+        assert elsewhere == {inode}
+        held, elsewhere = bpf.holders_in_processes({inode, their_inode}, [first.pid, second.pid, 2**22 + 1])
+        assert held[inode] == sorted([me, at_first, at_second])
+        assert [pid for pid, _, _ in held[their_inode]] == [second.pid]
+        assert elsewhere == set()
 
 
 #: Holds the descriptors it was given, says it started, and sleeps.

@@ -82,6 +82,8 @@ for _kind, _per in {4: 3, 5: 3, 6: 2, 13: 2, 15: 3, 19: 3}.items():  # STRUCT UN
 _KNOWN_KINDS = frozenset(range(1, 20))
 
 _RECORD = struct.Struct("<QIIQ")  # what the program writes: inode, pid, fd, start_boottime (ns)
+#: What it writes with ``refs``: the same, and the file's reference count (``Layout.file_f_ref``).
+_REFS_RECORD = struct.Struct("<QIIQQ")
 _S_IFMT = 0o170000
 _S_IFSOCK = 0o140000
 
@@ -101,6 +103,11 @@ class Layout:
     task_tgid: int
     task_group_leader: int
     task_start_boottime: int
+    #: ``file.f_ref`` (Linux 6.13+, one less than the file's references) or ``file.f_count`` (the
+    #: references); -1 when neither is there (then ``holders_in_processes`` is unavailable).
+    file_f_ref: int = -1
+    #: What to add to the value read there to get the number of references.
+    file_ref_bias: int = 0
 
 
 def btf_sections(data: bytes) -> tuple[array.array[int], bytes]:
@@ -191,7 +198,16 @@ def parse_btf(data: bytes) -> Layout:
         type_id += 1
     if not func_id:
         raise BpfUnavailable(f"this kernel's BTF has no function {ITER_FUNC} (no BPF task_file iterator)")
+    file_f_ref, file_ref_bias = -1, 0
+    for member, bias in (("f_ref", 1), ("f_count", 0)):
+        try:
+            file_f_ref, file_ref_bias = member_offset("file", member), bias
+            break
+        except BpfUnavailable:
+            continue
     return Layout(
+        file_f_ref=file_f_ref,
+        file_ref_bias=file_ref_bias,
         iter_func_id=func_id,
         file_f_inode=member_offset("file", "f_inode"),
         inode_i_mode=member_offset("inode", "i_mode"),
@@ -214,7 +230,7 @@ _JEQ_K, _JNE_K = 0x15, 0x55
 _LD_IMM64, _CALL, _EXIT = 0x18, 0x85, 0x95
 
 
-def assemble(layout: Layout, map_fd: int) -> bytes:
+def assemble(layout: Layout, map_fd: int, *, refs: bool = False) -> bytes:
     """The iterator program, for a hash map of wanted inodes at ``map_fd``.
 
     In C it would read::
@@ -230,9 +246,12 @@ def assemble(layout: Layout, map_fd: int) -> bytes:
         return 0;
 
     ``ctx`` is ``struct bpf_iter__task_file``: meta at 0, task at 8, fd at 16, file at 24. The
-    record sits at r10 - 24; its first field is also the map lookup's key.
+    record sits at r10 - 24; its first field is also the map lookup's key. With ``refs`` the record
+    has a fifth field, the file's reference count as ``layout.file_f_ref`` holds it
+    (``_REFS_RECORD``), and sits at r10 - 32.
     """
-    exit_at = 31
+    base = -_REFS_RECORD.size if refs else -_RECORD.size
+    exit_at = 33 if refs else 31
     code: list[bytes] = []
 
     def jump_to_exit(op: int, reg: int, imm: int) -> bytes:
@@ -249,25 +268,28 @@ def assemble(layout: Layout, map_fd: int) -> bytes:
     code.append(_insn(_AND64_K, 3, 0, 0, _S_IFMT))
     code.append(jump_to_exit(_JNE_K, 3, _S_IFSOCK))
     code.append(_insn(_LDX_DW, 3, 2, layout.inode_i_ino))  # r3 = inode->i_ino
-    code.append(_insn(_STX_DW, 10, 3, -24))  # rec.ino = r3
+    code.append(_insn(_STX_DW, 10, 3, base))  # rec.ino = r3
     code.append(_insn(_LD_IMM64, 1, _BPF_PSEUDO_MAP_FD, 0, map_fd))  # r1 = &wanted
     code.append(_insn(0))
     code.append(_insn(_MOV64_X, 2, 10))
-    code.append(_insn(_ADD64_K, 2, 0, 0, -24))  # r2 = &rec.ino
+    code.append(_insn(_ADD64_K, 2, 0, 0, base))  # r2 = &rec.ino
     code.append(_insn(_CALL, imm=_BPF_FUNC_MAP_LOOKUP_ELEM))
     code.append(jump_to_exit(_JEQ_K, 0, 0))
     code.append(_insn(_LDX_W, 5, 8, layout.task_tgid))  # rec.pid = task->tgid
-    code.append(_insn(_STX_W, 10, 5, -16))
+    code.append(_insn(_STX_W, 10, 5, base + 8))
     code.append(_insn(_LDX_W, 5, 6, 16))  # rec.fd = ctx->fd
-    code.append(_insn(_STX_W, 10, 5, -12))
+    code.append(_insn(_STX_W, 10, 5, base + 12))
     code.append(_insn(_LDX_DW, 5, 8, layout.task_group_leader))  # r5 = task->group_leader
     code.append(_insn(_LDX_DW, 5, 5, layout.task_start_boottime))  # rec.start = r5->start_boottime
-    code.append(_insn(_STX_DW, 10, 5, -8))
+    code.append(_insn(_STX_DW, 10, 5, base + 16))
+    if refs:
+        code.append(_insn(_LDX_DW, 5, 7, layout.file_f_ref))  # rec.refs = file->f_ref
+        code.append(_insn(_STX_DW, 10, 5, base + 24))
     code.append(_insn(_LDX_DW, 1, 6, 0))  # r1 = ctx->meta
     code.append(_insn(_LDX_DW, 1, 1, 0))  # r1 = meta->seq
     code.append(_insn(_MOV64_X, 2, 10))
-    code.append(_insn(_ADD64_K, 2, 0, 0, -24))  # r2 = &rec
-    code.append(_insn(_MOV64_K, 3, 0, 0, _RECORD.size))
+    code.append(_insn(_ADD64_K, 2, 0, 0, base))  # r2 = &rec
+    code.append(_insn(_MOV64_K, 3, 0, 0, -base))
     code.append(_insn(_CALL, imm=_BPF_FUNC_SEQ_WRITE))
     assert len(code) == exit_at
     code.append(_insn(_MOV64_K, 0, 0, 0, 0))
@@ -355,8 +377,8 @@ def _fill_map(bpf: _Bpf, map_fd: int, inodes: list[int]) -> None:
     bpf.call(_BPF_MAP_UPDATE_BATCH, attr, "filling the BPF map")
 
 
-def _load_program(bpf: _Bpf, layout: Layout, map_fd: int) -> int:
-    code = assemble(layout, map_fd)
+def _load_program(bpf: _Bpf, layout: Layout, map_fd: int, *, refs: bool = False) -> int:
+    code = assemble(layout, map_fd, refs=refs)
     license_text = bpf.address(b"GPL\0")  # bpf_seq_write is a GPL-only helper
 
     def attr(log_level: int, log_address: int, log_size: int) -> bytes:
@@ -540,3 +562,105 @@ def _own_start_time() -> int:
             return parse_stat(handle.read().decode("utf-8", "replace")).start_time
     except OSError as err:
         raise _os_error(err, "reading /proc/self/stat") from None
+
+
+#: The Layout ``holders_in_processes`` last saw pass the marker check, by BTF path: a long-running
+#: caller that may not write the Layout cache (a user with CAP_BPF) does not parse the BTF each time.
+_checked_layouts: dict[str, Layout] = {}
+
+
+def holders_in_processes(
+    inodes: Collection[int], pids: Collection[int], *, btf_path: str = BTF_PATH, cache_path: str | None = CACHE_PATH
+) -> tuple[dict[int, list[Holder]], set[int]]:
+    """Every (pid, fd, start time) holding each of ``inodes`` among the processes ``pids`` only, and
+    the inodes some reference to which is not one of those fds.
+
+    The same program as ``socket_holders`` runs over one process's fd table at a time (an iterator
+    link whose ``bpf_iter_link_info.task.pid`` names it, Linux 6.1+), so the cost is those processes'
+    descriptors, not the host's. It also reports each socket file's reference count: one per fd
+    table entry anywhere (another process's, one shared by a fork), one per message in flight
+    (SCM_RIGHTS), one per io_uring registration, and the iterator's own. A socket whose count is not
+    the number of fds found here (plus the iterator's, measured on the marker socket this process
+    holds once) has a reference elsewhere: it is in the second set, and the caller must look at the
+    whole host. A pid that has exited is skipped (it holds nothing).
+
+    Raises BpfUnavailable when this cannot be done or trusted (a kernel that refuses ``iter_info``,
+    no reference count in this kernel's ``struct file``, the marker wrong).
+    """
+    wanted = sorted({inode for inode in inodes if inode})
+    bpf = _Bpf()
+    marker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        marker_inode = os.fstat(marker.fileno()).st_ino
+        map_fd = _create_map(bpf, len(wanted) + 1)
+        _fill_map(bpf, map_fd, [*wanted, marker_inode])
+        layout = _checked_layouts.get(btf_path)
+        if layout is None:
+            layout = (cached_layout(btf_path, cache_path) if cache_path else None) or parse_btf(read_btf(btf_path))
+        if layout.file_f_ref < 0:
+            raise BpfUnavailable("this kernel's struct file has no reference count the program knows")
+        prog_fd = _load_program(bpf, layout, map_fd, refs=True)
+        own_pid = os.getpid()
+        chunks = [_read_process_files(bpf, prog_fd, own_pid)]
+        chunks += [_read_process_files(bpf, prog_fd, pid) for pid in sorted(set(pids)) if pid != own_pid]
+        data = b"".join(chunks)
+        if len(data) % _REFS_RECORD.size:
+            raise KernelDataError(f"BPF iterator output of {len(data)} bytes is not whole records")
+        per_tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+        holders: dict[int, set[Holder]] = {}
+        counts: dict[int, set[int]] = {}
+        for inode, pid, fd, start_ns, count in _REFS_RECORD.iter_unpack(data):
+            holders.setdefault(inode, set()).add((pid, fd, start_ns // per_tick))
+            counts.setdefault(inode, set()).add(count + layout.file_ref_bias)
+        seen = holders.pop(marker_inode, set())
+        marker_counts = counts.pop(marker_inode, set())
+        expected = (own_pid, marker.fileno(), _own_start_time())
+        if seen != {expected} or len(marker_counts) != 1:
+            raise BpfUnavailable(
+                "the BPF iterator did not report this process's own socket as expected: (pid, fd, start time) "
+                f"{expected}, saw {sorted(seen) or 'nothing'}"
+            )
+        # The references the iterator itself holds while the program runs (the marker has one fd).
+        (marker_count,) = marker_counts
+        extra = marker_count - 1
+        if not 0 <= extra <= 1:
+            raise BpfUnavailable(f"the BPF iterator saw {marker_count} references to a socket held once")
+        _checked_layouts[btf_path] = layout
+        elsewhere = {inode for inode, seen_counts in counts.items() if seen_counts != {len(holders[inode]) + extra}}
+        return {inode: sorted(found) for inode, found in holders.items()}, elsewhere
+    except KernelDataError as err:
+        raise BpfUnavailable(str(err)) from err
+    finally:
+        marker.close()
+        bpf.close()
+
+
+def _read_process_files(bpf: _Bpf, prog_fd: int, pid: int) -> bytes:
+    """The program's output over the fd table of process ``pid`` alone (b"" if it has exited)."""
+    import errno
+
+    info = struct.pack("<III", 0, pid, 0)  # union bpf_iter_link_info: task.tid, task.pid, task.pid_fd
+    attr = struct.pack("<IIIIQI", prog_fd, 0, _BPF_TRACE_ITER, 0, bpf.address(info), len(info)) + bytes(20)
+    buffer = bpf._ctypes.create_string_buffer(attr, len(attr))
+    try:
+        link_fd = bpf._syscall(bpf._number, _BPF_LINK_CREATE, buffer, len(attr))
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.ESRCH):
+            return b""  # exited
+        raise _os_error(err, f"attaching the BPF iterator to process {pid}") from None
+    try:
+        iter_fd = bpf.call(_BPF_ITER_CREATE, struct.pack("<II", link_fd, 0), "creating the BPF iterator")
+        try:
+            chunks: list[bytes] = []
+            while True:
+                try:
+                    chunk = os.read(iter_fd, 1 << 16)
+                except OSError as err:
+                    raise _os_error(err, "reading the BPF iterator") from None
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+        finally:
+            os.close(iter_fd)
+    finally:
+        os.close(link_fd)

@@ -7,7 +7,9 @@ This module only keeps the answer; ``owners.find_owners`` decides whether it may
 and re-checks every part of it before it does (see ``owners._from_cache``):
 
 - the socket is the same object: the dump's socket cookie (unique per boot, never reused) and
-  inode are the cached ones; a socket the cache has not seen means a full pass;
+  inode are the cached ones; a few sockets the cache has not seen are looked for in the fd tables
+  of the processes the answer names, and every reference to each must be found there
+  (``owners._new_holders``), else a full pass;
 - each holder is the same process (pid and start time, one stat read per process) and its fd still
   holds that socket (one readlink per fd); a failure means a full pass;
 - a process started since the full pass may have inherited a socket (fork) or been handed one:
@@ -94,11 +96,7 @@ class OwnerCache:
         """inode -> the cached holders, for every (inode -> cookie) in ``cookies`` (None: every
         socket kept); None when the cache is empty, older than ``max_age`` or has not seen one of
         these sockets."""
-        self._load()
-        if not self.pass_ticks or cookies == {}:
-            return None
-        now = boot_ticks()
-        if not 0 <= now - self.pass_ticks <= self.max_age * os.sysconf("SC_CLK_TCK"):
+        if cookies == {} or not self._fresh():
             return None
         sockets = self.sockets
         if cookies is None:
@@ -111,6 +109,32 @@ class OwnerCache:
                 return None
             answer[inode] = entry[1]
         return answer
+
+    def split(self, cookies: Mapping[int, int]) -> tuple[dict[int, tuple[Holder, ...]], set[int]] | None:
+        """The cached holders of the sockets in ``cookies`` (inode -> cookie) it has seen (inode ->
+        holders), and the inodes of those it has not; None when the cache is empty or older than
+        ``max_age``, or a cookie it knows names another inode now."""
+        if not cookies or not self._fresh():
+            return None
+        known: dict[int, tuple[Holder, ...]] = {}
+        new: set[int] = set()
+        get = self.sockets.get
+        for inode, cookie in cookies.items():
+            entry = get(cookie)
+            if entry is None:
+                new.add(inode)
+            elif entry[0] != inode:
+                return None
+            else:
+                known[inode] = entry[1]
+        return known, new
+
+    def _fresh(self) -> bool:
+        """Whether it holds a pass's answer younger than ``max_age``."""
+        self._load()
+        if not self.pass_ticks:
+            return False
+        return 0 <= boot_ticks() - self.pass_ticks <= self.max_age * os.sysconf("SC_CLK_TCK")
 
     def remember(self, pass_ticks: int, cookies: Mapping[int, int], holders: Mapping[int, Iterable[Holder]]) -> None:
         """Keep ``holders`` (inode -> holders) for the sockets in ``cookies`` (inode -> cookie); an
