@@ -255,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scrapes", type=int, default=15, help="rounds: one scrape of each exporter per round")
     parser.add_argument("--gap", type=float, default=0.5, help="seconds of pause before each scrape")
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument(
+        "--leak-every",
+        type=float,
+        default=0.0,
+        help="seconds between new CLOSE_WAIT sockets of a leaking server during the rounds (0: none)",
+    )
     parser.add_argument("--repeat", type=int, default=5, help="runs of each in-process measurement")
     parser.add_argument(
         "--baseline-src",
@@ -282,6 +288,60 @@ def main(argv: list[str] | None = None) -> int:
         _breakdown(args.top, args.repeat)  # after the exporters stopped: they do not compete with it
     print(f"\nload average {os.getloadavg()[0]:.2f} at end")
     return 0
+
+
+#: A server that accepts and never reads nor closes: each connection its client closes stays in
+#: CLOSE_WAIT for as long as the server runs. It prints its port.
+LEAKER = """
+import socket, sys
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(1024)
+print(server.getsockname()[1], flush=True)
+kept = []
+while True:
+    kept.append(server.accept()[0])
+"""
+
+
+@contextlib.contextmanager
+def leaking_server(every: float) -> Iterator[None]:
+    """A leak in progress: a server that starts with 20 CLOSE_WAIT sockets and gains one every
+    ``every`` seconds (a thread connects and closes), so each scrape meets sockets that the
+    exporter's owner cache has not seen. The server is ended by its pid; the thread stops with it."""
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-c", LEAKER], stdout=subprocess.PIPE, text=True)
+    stop = threading.Event()
+    made = 0
+
+    def leak_one(port: int) -> None:
+        nonlocal made
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        made += 1
+
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for _ in range(20):
+            leak_one(port)
+
+        def run() -> None:
+            while not stop.wait(every):
+                leak_one(port)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield
+        stop.set()
+        thread.join(timeout=10)
+        print(f"leaking server: {made} CLOSE_WAIT sockets made ({made - 20} during the rounds)")
+    finally:
+        stop.set()
+        stop_process(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _rounds(args: argparse.Namespace) -> None:
@@ -318,6 +378,8 @@ def _rounds(args: argparse.Namespace) -> None:
             before = stack.enter_context(closewait_exporter(args.top, args.baseline_src, extra_args))
             contenders.append(Contender(f"closewait (before: {args.baseline_src})", *before))
 
+        if args.leak_every > 0:
+            stack.enter_context(leaking_server(args.leak_every))
         for contender in contenders:
             scrape(contender.url)  # warm-up: BTF layout, first workload names, Go's first GC
         for round_no in range(args.scrapes):

@@ -405,17 +405,26 @@ def _new_holders(found: list[_Found], new: frozenset[int]) -> list[_Found] | Non
     full pass. A process that was already running and is handed the socket later is seen by the next
     full pass, as for a cached socket (``max_age``).
     """
-    candidates = sorted({pid for pid, _, _ in found})
-    if not candidates or len(candidates) > _CANDIDATES_MAX_PIDS:
-        return None
-    fds = 0
-    for pid in candidates:
+    # The smallest fd tables first, within the budget: a leaker is often not the biggest holder
+    # (on the benchmark host twelve workers hold 17,500 fds each), and a socket held outside the
+    # tables read shows in its reference count, so reading fewer can cost a full pass, never a
+    # wrong answer.
+    sizes: list[tuple[int, int]] = []
+    for pid in {pid for pid, _, _ in found}:
         try:
-            fds += os.stat(f"/proc/{pid}/fd").st_size
+            sizes.append((os.stat(f"/proc/{pid}/fd").st_size, pid))
         except OSError:
-            continue  # exited: the iterator skips it
-    if fds > _CANDIDATES_MAX_FDS:
+            continue  # exited: nothing to read there
+    candidates: list[int] = []
+    fds = 0
+    for size, pid in sorted(sizes):
+        if fds + size > _CANDIDATES_MAX_FDS or len(candidates) == _CANDIDATES_MAX_PIDS:
+            break
+        fds += size
+        candidates.append(pid)
+    if not candidates:
         return None
+    candidates.sort()
     from closewait.sources import bpf
 
     try:
