@@ -483,6 +483,15 @@ def save_layout(layout: Layout, btf_path: str = BTF_PATH, cache_path: str = CACH
             os.unlink(temporary)
 
 
+def _wanted_map(bpf: _Bpf, inodes: Collection[int], marker: socket.socket) -> tuple[int, int]:
+    """The hash map of the wanted inodes (0 left out) and the marker socket's: (map fd, marker inode)."""
+    wanted = sorted({inode for inode in inodes if inode})
+    marker_inode = os.fstat(marker.fileno()).st_ino
+    map_fd = _create_map(bpf, len(wanted) + 1)
+    _fill_map(bpf, map_fd, [*wanted, marker_inode])
+    return map_fd, marker_inode
+
+
 def socket_holders(
     inodes: Collection[int], *, btf_path: str = BTF_PATH, cache_path: str | None = CACHE_PATH
 ) -> dict[int, list[Holder]]:
@@ -495,14 +504,11 @@ def socket_holders(
     cannot be used or cannot be trusted here; the caller then walks /proc instead. ``cache_path``
     None neither reads nor writes the Layout cache.
     """
-    wanted = sorted({inode for inode in inodes if inode})
     bpf = _Bpf()
     marker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        marker_inode = os.fstat(marker.fileno()).st_ino
         # The map first: it is the cheapest call that tells whether bpf() is allowed at all.
-        map_fd = _create_map(bpf, len(wanted) + 1)
-        _fill_map(bpf, map_fd, [*wanted, marker_inode])
+        map_fd, marker_inode = _wanted_map(bpf, inodes, marker)
         cached = cached_layout(btf_path, cache_path) if cache_path else None
         if cached is not None:
             try:
@@ -587,13 +593,10 @@ def holders_in_processes(
     Raises BpfUnavailable when this cannot be done or trusted (a kernel that refuses ``iter_info``,
     no reference count in this kernel's ``struct file``, the marker wrong).
     """
-    wanted = sorted({inode for inode in inodes if inode})
     bpf = _Bpf()
     marker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        marker_inode = os.fstat(marker.fileno()).st_ino
-        map_fd = _create_map(bpf, len(wanted) + 1)
-        _fill_map(bpf, map_fd, [*wanted, marker_inode])
+        map_fd, marker_inode = _wanted_map(bpf, inodes, marker)
         layout = _checked_layouts.get(btf_path)
         if layout is None:
             layout = (cached_layout(btf_path, cache_path) if cache_path else None) or parse_btf(read_btf(btf_path))
