@@ -30,13 +30,14 @@ import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from closewait.errors import AccessDenied, ClosewaitError, NoSuchProcess, UsageError
+from closewait.errors import AccessDenied, ClosewaitError, KernelDataError, NoSuchProcess, UsageError
 from closewait.model import Owner, Process
 from closewait.sources.owner_cache import OwnerCache, boot_ticks
 from closewait.sources.process import (
     SOCKET_LINK_PREFIX,
     descriptors_denied,
     list_pids,
+    parse_stat,
     read_process_at,
     socket_inode,
 )
@@ -246,13 +247,9 @@ def _identify_holders(holders: Mapping[int, Iterable[tuple[int, int, int]]], pro
     here) cannot be identified: its sockets show without that owner rather than under a process
     that may not hold them.
     """
-    by_process: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for inode, found_by_kernel in holders.items():
-        for pid, fd, start_time in found_by_kernel:
-            by_process.setdefault((pid, start_time), []).append((fd, inode))
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     found: list[_Found] = []
-    for (pid, start_time), hits in sorted(by_process.items()):
+    for (pid, start_time), hits in sorted(_by_process(holders).items()):
         try:
             dir_fd = os.open(f"{proc_root}/{pid}", flags)
         except OSError:
@@ -264,6 +261,15 @@ def _identify_holders(holders: Mapping[int, Iterable[tuple[int, int, int]]], pro
         if process is not None and process.start_time == start_time:
             found.append((pid, process, sorted(hits)))
     return found
+
+
+def _by_process(holders: Mapping[int, Iterable[tuple[int, int, int]]]) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """inode -> [(pid, fd, start time)] turned around: (pid, start time) -> [(fd, inode)]."""
+    by_process: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for inode, found in holders.items():
+        for pid, fd, start_time in found:
+            by_process.setdefault((pid, start_time), []).append((fd, inode))
+    return by_process
 
 
 def _kept(found: list[_Found]) -> dict[int, list[tuple[int, int, int]]]:
@@ -452,12 +458,8 @@ def _new_holders(found: list[_Found], new: frozenset[int]) -> list[_Found] | Non
 def _verify_holders(cached: Mapping[int, Sequence[tuple[int, int, int]]]) -> tuple[list[_Found], set[int]]:
     """The cached holders (inode -> [(pid, fd, start time)]) that are still there, by process, and
     the inodes some fd of which no longer holds them (closed, moved, unreadable)."""
-    by_process: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    n_fds = 0
-    for inode, holders in cached.items():
-        n_fds += len(holders)
-        for pid, fd, start_time in holders:
-            by_process.setdefault((pid, start_time), []).append((fd, inode))
+    by_process = _by_process(cached)
+    n_fds = sum(len(hits) for hits in by_process.values())
     found: list[_Found] = []
     failed: set[int] = set()
     checks = iter(sorted(by_process.items()))
@@ -546,8 +548,8 @@ def _started_since(ticks: int, known: Mapping[int, int]) -> list[int] | None:
         finally:
             os.close(fd)
         try:
-            start = int(text[text.rindex(b")") + 2 :].split()[19])
-        except (ValueError, IndexError):
+            start = parse_stat(text.decode("utf-8", "replace")).start_time
+        except KernelDataError:
             start = ticks  # unreadable: walked, to be safe
         same = known.get(pid)
         if same is not None and start == same:
@@ -619,8 +621,6 @@ def _run_parallel(work: Callable[[], None], threads: int) -> None:
     if threads <= 1:
         work()
         return
-    import threading
-
     failures: list[BaseException] = []
 
     def run() -> None:
