@@ -539,16 +539,7 @@ def _iterate(
     link_attr = struct.pack("<IIII", prog_fd, 0, _BPF_TRACE_ITER, 0) + bytes(32)
     link_fd = bpf.new_fd(_BPF_LINK_CREATE, link_attr, "attaching the BPF iterator")
     iter_fd = bpf.new_fd(_BPF_ITER_CREATE, struct.pack("<II", link_fd, 0), "creating the BPF iterator")
-    chunks: list[bytes] = []
-    while True:
-        try:
-            chunk = os.read(iter_fd, 1 << 16)
-        except OSError as err:
-            raise _os_error(err, "reading the BPF iterator") from None
-        if not chunk:
-            break
-        chunks.append(chunk)
-    holders = parse_records(b"".join(chunks), os.sysconf("SC_CLK_TCK"))
+    holders = parse_records(_read_iterator(iter_fd), os.sysconf("SC_CLK_TCK"))
     seen = holders.pop(marker_inode, [])
     expected = (os.getpid(), marker.fileno(), _own_start_time())
     if expected not in seen:
@@ -557,6 +548,19 @@ def _iterate(
             f"or time namespace?): (pid, fd, start time) {expected}, saw {seen or 'nothing'}"
         )
     return holders
+
+
+def _read_iterator(iter_fd: int) -> bytes:
+    """Everything a BPF iterator writes, read until it ends."""
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(iter_fd, 1 << 16)
+        except OSError as err:
+            raise _os_error(err, "reading the BPF iterator") from None
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _own_start_time() -> int:
@@ -654,15 +658,7 @@ def _read_process_files(bpf: _Bpf, prog_fd: int, pid: int) -> bytes:
     try:
         iter_fd = bpf.call(_BPF_ITER_CREATE, struct.pack("<II", link_fd, 0), "creating the BPF iterator")
         try:
-            chunks: list[bytes] = []
-            while True:
-                try:
-                    chunk = os.read(iter_fd, 1 << 16)
-                except OSError as err:
-                    raise _os_error(err, "reading the BPF iterator") from None
-                if not chunk:
-                    return b"".join(chunks)
-                chunks.append(chunk)
+            return _read_iterator(iter_fd)
         finally:
             os.close(iter_fd)
     finally:
