@@ -96,19 +96,10 @@ class OwnerCache:
         """inode -> the cached holders, for every (inode -> cookie) in ``cookies`` (None: every
         socket kept); None when the cache is empty, older than ``max_age`` or has not seen one of
         these sockets."""
-        if cookies == {} or not self._fresh():
-            return None
-        sockets = self.sockets
-        if cookies is None:
-            return dict(sockets.values())
-        answer: dict[int, tuple[Holder, ...]] = {}
-        get = sockets.get
-        for inode, cookie in cookies.items():
-            entry = get(cookie)
-            if entry is None or entry[0] != inode:
-                return None
-            answer[inode] = entry[1]
-        return answer
+        if cookies is not None:
+            split = self.split(cookies)
+            return split[0] if split is not None and not split[1] else None
+        return dict(self.sockets.values()) if self._fresh() else None
 
     def split(self, cookies: Mapping[int, int]) -> tuple[dict[int, tuple[Holder, ...]], set[int]] | None:
         """The cached holders of the sockets in ``cookies`` (inode -> cookie) it has seen (inode ->
