@@ -97,13 +97,13 @@ def test_all_netns_releases_in_every_namespace_it_is_asked_about(
     planned = json.loads(run_cli(["reap", "--all-netns", *pids, "--json"]).stdout)
     netns_of = {t["inode"]: t["netns"] for t in planned["targets"]}
     assert set(netns_of) == wanted
-    # The host's own namespace is null, as in scan's JSON; the other is named by its lowest pid,
-    # the server (the only process in it).
+    # The host's own namespace is null, as in scan's JSON; the others by the names `ip netns add`
+    # gave them.
     assert {netns_of[i] for i in _inodes(host.close_wait())} == {None}
-    assert {netns_of[i] for i in _inodes(inside.close_wait())} == {f"/proc/{inside.pid}/ns/net"}
+    assert {netns_of[i] for i in _inodes(inside.close_wait())} == {f"/run/netns/{netns_name}"}
     assert planned["namespaces"][0] is None
-    assert f"/proc/{inside.pid}/ns/net" in planned["namespaces"]
-    assert f"/proc/{elsewhere.pid}/ns/net" in planned["namespaces"]
+    assert f"/run/netns/{netns_name}" in planned["namespaces"]
+    assert f"/run/netns/{other_netns_name}" in planned["namespaces"]
 
     done = run_cli(["reap", "--all-netns", *pids, "--method", "shutdown", "--yes", "--json"])
     assert done.returncode == 0, done.stderr
@@ -140,7 +140,7 @@ def test_library_plan_over_survey_all_netns(spawn: Spawn, netns_name: str) -> No
     snapshots = reap.survey_all_netns(pids=[inside.pid])
     assert snapshots[0].netns is None
     (mine,) = [s for s in snapshots if s.findings]
-    assert mine.netns == f"/proc/{inside.pid}/ns/net"
+    assert mine.netns == f"/run/netns/{netns_name}"
     plan = reap.plan(snapshots, pids=[inside.pid])
     assert [(t.socket.inode, t.netns) for t in plan.targets] == [(f.socket.inode, mine.netns) for f in leaked]
     result = reap.apply(plan)
@@ -204,7 +204,7 @@ def test_all_netns_keeps_each_unaccepted_socket_in_its_own_namespace(
     for name in (netns_name, other_netns_name):
         proc = spawn(argv=["ip", "netns", "exec", name, sys.executable, "-c", _UNACCEPTED, str(port)])
         assert proc.stdout is not None
-        clients[f"/proc/{proc.pid}/ns/net"] = int(proc.stdout.readline())
+        clients[f"/run/netns/{name}"] = int(proc.stdout.readline())
     snapshots = reap.survey_all_netns(ports=[port])
     found = {
         s.netns: sorted((f.socket.inode, f.socket.remote.port) for f in s.findings) for s in snapshots if s.findings
@@ -213,9 +213,10 @@ def test_all_netns_keeps_each_unaccepted_socket_in_its_own_namespace(
 
 
 def test_all_netns_applies_after_the_pid_naming_the_namespace_exits(spawn: Spawn, netns_name: str) -> None:
-    """--all-netns names a namespace by its lowest pid's /proc/PID/ns/net. That pid exiting between
-    plan and apply does not make the namespace gone: apply enters it through the target holder's
-    /proc/PID/ns/net, whose inode is the one the survey saw."""
+    """--all-netns names a namespace without a /run/netns name by its lowest pid's /proc/PID/ns/net.
+    That pid exiting between plan and apply does not make the namespace gone: apply enters it
+    through the target holder's /proc/PID/ns/net, whose inode is the one the survey saw. (The name
+    is deleted before the survey: the processes keep the namespace alive, unnamed.)"""
     first = spawn(
         argv=[
             "ip",
@@ -232,6 +233,7 @@ def test_all_netns_applies_after_the_pid_naming_the_namespace_exits(spawn: Spawn
     inside = start_python(spawn, netns_name=netns_name)
     assert first.pid < inside.pid
     leaked = inside.leak(1)
+    subprocess.run(["ip", "netns", "del", netns_name], check=True)
     plan = reap.plan(reap.survey_all_netns(pids=[inside.pid]), pids=[inside.pid])
     assert [(t.socket.inode, t.netns) for t in plan.targets] == [
         (f.socket.inode, f"/proc/{first.pid}/ns/net") for f in leaked

@@ -117,3 +117,34 @@ def test_fin_counts_in_the_queues_of_last_ack_and_fin_wait_1(spawn: Spawn, netns
     fin_wait_1 = by_state[closewait.TcpState.FIN_WAIT1]
     assert fin_wait_1.socket.send_q == 1
     assert fin_wait_1.diagnosis is None  # only the FIN is in flight: the peer is not refusing data
+
+
+_WAIT = "import time; print(1, flush=True); time.sleep(120)"
+
+
+def test_the_survey_names_a_namespace_by_its_ip_netns_name(spawn: Spawn, netns_name: str) -> None:
+    """A namespace ``ip netns add`` named is surveyed as /run/netns/NAME, one without a name as its
+    lowest pid's /proc/PID/ns/net; a stray file under /run/netns (no namespace mounted on it) names
+    nothing."""
+    from closewait.sources import netns
+
+    named = spawn(argv=["ip", "netns", "exec", netns_name, sys.executable, "-c", _WAIT])
+    unnamed = spawn(argv=["unshare", "--net", sys.executable, "-c", _WAIT])  # unshare execs: one process
+    for proc in (named, unnamed):
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "1"
+    stray = f"{netns.NAMED_DIR}/cwtest-stray-{os.getpid()}"
+    with open(stray, "w"):
+        pass
+    try:
+        names = netns.named_namespaces()
+        assert stray not in names.values()
+        inode_named = os.stat(f"/proc/{named.pid}/ns/net").st_ino
+        inode_unnamed = os.stat(f"/proc/{unnamed.pid}/ns/net").st_ino
+        by_inode = {ns.inode: ns.path for ns, _ in netns.survey().found}
+    finally:
+        os.unlink(stray)
+    assert names[inode_named] == f"/run/netns/{netns_name}"
+    assert by_inode[inode_named] == f"/run/netns/{netns_name}"
+    assert by_inode[inode_unnamed] == f"/proc/{unnamed.pid}/ns/net"  # the only process in it
+    assert inode_unnamed not in names

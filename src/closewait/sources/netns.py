@@ -264,11 +264,13 @@ def survey(proc_root: str = "/proc") -> Survey:
     """Every network namespace some process is in: readable ones deduplicated by inode, the others by
     the inode of their /proc/PID/net/dev (one per namespace, and readable without the ptrace check).
 
-    Processes that vanish are skipped.
+    Each is named by its ``/run/netns/NAME`` when ``ip netns add`` gave it one (``named_namespaces``),
+    else by ``/proc/PID/ns/net`` of the lowest pid in it. Processes that vanish are skipped.
     """
     from closewait.sources.process import list_pids, ns_inode
 
     seen: dict[int, tuple[Netns, int]] = {}
+    names: dict[int, str] | None = None  # read when a namespace is first seen
     pids_in: dict[int, list[int]] = {}
     refused: list[tuple[int, str]] = []
     for pid in sorted(list_pids(proc_root)):
@@ -280,7 +282,10 @@ def survey(proc_root: str = "/proc") -> Survey:
         except ClosewaitError:
             continue
         if inode not in seen:
-            seen[inode] = (Netns(path=f"{proc_root}/{pid}/ns/net", inode=inode), pid)
+            if names is None:
+                names = named_namespaces(proc_root)
+            path = names.get(inode) or f"{proc_root}/{pid}/ns/net"
+            seen[inode] = (Netns(path=path, inode=inode), pid)
         pids_in.setdefault(inode, []).append(pid)
     unreadable: list[Unreadable] = []
     if refused:
@@ -292,6 +297,36 @@ def survey(proc_root: str = "/proc") -> Survey:
                 hidden[key] = Unreadable(pid=pid, key=key, reason=why)
         unreadable = sorted(hidden.values(), key=lambda item: item.pid)
     return Survey(found=sorted(seen.values(), key=lambda item: item[1]), unreadable=unreadable)
+
+
+#: Where ``ip netns add NAME`` keeps its names: a bind mount of the namespace's nsfs file each.
+NAMED_DIR = "/run/netns"
+
+
+def named_namespaces(proc_root: str = "/proc") -> dict[int, str]:
+    """inode -> ``/run/netns/NAME`` of each named network namespace (the first name in sort order
+    when one has several).
+
+    A name is taken only when it is on the namespaces' own filesystem (nsfs, the device of this
+    process's ``/proc/self/ns/net``): a file ``ip netns add`` created but failed to mount over, or
+    anything else put there, is a tmpfs file whose inode number means nothing here. Nothing is an
+    error: a host without names (or /run/netns unreadable) gives an empty map.
+    """
+    try:
+        nsfs = os.stat(f"{proc_root}/self/ns/net").st_dev
+        entries = sorted(os.listdir(NAMED_DIR))
+    except OSError:
+        return {}
+    names: dict[int, str] = {}
+    for entry in entries:
+        path = f"{NAMED_DIR}/{entry}"
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue  # deleted meanwhile, or not a namespace we may look at
+        if info.st_dev == nsfs and stat.S_ISREG(info.st_mode):
+            names.setdefault(info.st_ino, path)
+    return names
 
 
 def _net_key(pids: list[int], proc_root: str) -> int | None:
