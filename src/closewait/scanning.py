@@ -370,8 +370,10 @@ def _findings(
     """Each kept socket with its owners, role, age (CLOSE_WAIT only) and diagnosis, in report order.
 
     Pitfall: this loop runs once per socket, 100,000 times on a busy host, so it binds what it
-    calls to locals and reuses one empty owners tuple; keep it that lean. With ``pid_filter``, a
-    socket none of the named processes holds is dropped here (the dump cannot filter by owner).
+    calls to locals, reuses one empty owners tuple and one Age per idle time, and diagnoses a
+    CLOSE_WAIT socket without ``diagnose``'s dispatch on the state; keep it that lean. With
+    ``pid_filter``, a socket none of the named processes holds is dropped here (the dump cannot
+    filter by owner).
     """
     owner_index = owner_map.owners if owner_map is not None else {}
     listening: list[tuple[int, Endpoint]] = []
@@ -382,9 +384,13 @@ def _findings(
 
     findings: list[Finding] = []
     keys: list[tuple[int, int, int, int]] = []  # _finding_order's, made here where idle_ms is at hand
-    append, add_key, diagnose, role_of, no_owners = findings.append, keys.append, rules.diagnose, rules.role_of, ()
+    append, add_key, no_owners = findings.append, keys.append, ()
+    role_of, diagnose, close_wait_diagnosis = rules.role_of, rules.diagnose, rules.diagnose_close_wait
     close_wait, lower_bound, unknown = TcpState.CLOSE_WAIT, AgeSource.LAST_ACK_LOWER_BOUND, Role.UNKNOWN
     recorded = entries.times if entries is not None else None
+    # The lower-bound Age by idle_ms: the sockets of a leak closed in bursts and share a few dozen
+    # idle times, and an Age is an immutable value, so equal ones may be one object.
+    lower_bounds: dict[int, Age] = {}
     for sock in targets:
         found = owner_index.get(sock.inode) if owner_index else None
         sock_owners: tuple[Owner, ...] = tuple(found) if found else no_owners
@@ -392,16 +398,22 @@ def _findings(
             continue
         role = role_of(sock, sock_owners, listening, host_ports) if with_roles else unknown
         idle = sock.idle_ms
-        age: Age | None = None
-        exact_ms: int | None = None
-        if sock.state == close_wait:
+        state = sock.state
+        if state == close_wait:
+            age: Age | None = None
+            ago_ms = idle
             if recorded:
                 age = _age(sock, entries, taken_at)
-                exact_ms = age.ms if age is not None and age.source is AgeSource.EXACT else None
+                if age is not None and age.source is AgeSource.EXACT:
+                    ago_ms = age.ms
             elif idle is not None:  # no recorder (most hosts): _age's lower bound, without the call
-                age = make_age(taken_at - idle / 1000, idle, lower_bound)
-        append(make_finding(sock, sock_owners, role, diagnose(sock, sock_owners, role, exact_ms), age))
-        add_key((sock.state, -(idle or 0), sock.local.port, sock.remote.port))
+                age = lower_bounds.get(idle)
+                if age is None:
+                    age = lower_bounds[idle] = make_age(taken_at - idle / 1000, idle, lower_bound)
+            append(make_finding(sock, sock_owners, role, close_wait_diagnosis(sock, role, ago_ms), age))
+        else:
+            append(make_finding(sock, sock_owners, role, diagnose(sock, sock_owners, role), None))
+        add_key((state, -(idle or 0), sock.local.port, sock.remote.port))
     # A stable sort of the keys, as findings.sort(key=_finding_order) would order them.
     return tuple([findings[i] for i in sorted(range(len(keys)), key=keys.__getitem__)])
 
@@ -416,6 +428,6 @@ def _state_counts(wanted_states: frozenset[TcpState], findings: tuple[Finding, .
 
 def _finding_order(finding: Finding) -> tuple[int, int, int, int]:
     """Report order: by state, oldest first (``idle_ms``), then by ports. ``_findings`` builds these
-    keys in its loop; tests/scan compare its order with a sort by this function."""
+    keys in its loop; tests/scanperf compare its order with a sort by this function."""
     sock = finding.socket
     return (sock.state, -(sock.idle_ms or 0), sock.local.port, sock.remote.port)
