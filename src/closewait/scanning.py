@@ -255,9 +255,13 @@ def _attribute(targets: list[Socket], owner_map: OwnerMap, resolver: WorkloadRes
     unreadable or malformed cgroup file is said once per scan, however many processes it hit.
     """
     named: dict[tuple[int, int], Process] = {}
+    # id(process) -> (that process, named): the sockets of one process share its Process object, so
+    # an identity lookup (a tuple made and hashed) is needed once per process, not per socket.
+    by_object: dict[int, tuple[Process, Process]] = {}
     index = owner_map.owners
     for sock in targets:
-        found = index.get(sock.inode)
+        inode = sock.inode
+        found = index.get(inode)
         if not found:
             continue
         renamed = []
@@ -266,12 +270,15 @@ def _attribute(targets: list[Socket], owner_map: OwnerMap, resolver: WorkloadRes
             if process.workload is not None:
                 renamed.append(owner)
                 continue
-            named_process = named.get(process.identity)
-            if named_process is None:
-                workload = resolver.workload_of(process)
-                named_process = named[process.identity] = dataclasses.replace(process, workload=workload)
-            renamed.append(make_owner(named_process, owner.fd))
-        index[sock.inode] = renamed
+            pair = by_object.get(id(process))
+            if pair is None or pair[0] is not process:
+                named_process = named.get(process.identity)
+                if named_process is None:
+                    workload = resolver.workload_of(process)
+                    named_process = named[process.identity] = dataclasses.replace(process, workload=workload)
+                pair = by_object[id(process)] = (process, named_process)
+            renamed.append(make_owner(pair[1], owner.fd))
+        index[inode] = renamed
     from closewait.sources.attribution import EXITED
 
     failed = [p for p in named.values() if p.workload is not None and p.workload.error not in (None, EXITED)]
