@@ -152,54 +152,49 @@ _RUNTIME_OF_PREFIX: Final = {
     "crio": "cri-o",
 }
 _MONITOR_PREFIXES: Final = frozenset({"libpod-conmon", "crio-conmon"})
-_CONTAINER_SCOPE = re.compile(
+# The patterns are compiled on first use (re's own cache keeps them), and only for a part that could
+# match: every scan that names an owner imports this module, and most hosts' cgroup paths need none
+# of them (compiling them all costs ~0.7 ms).
+_CONTAINER_SCOPE = (
     r"(?P<prefix>libpod-conmon|libpod-payload|libpod|docker|cri-containerd|crio-conmon|crio)"
     r"-(?P<id>[0-9a-f]{12,64})(?:\.scope)?"
 )
-_BARE_ID = re.compile(r"[0-9a-f]{64}")
+_BARE_ID = r"[0-9a-f]{64}"
 # kubelet, systemd driver: [<root>-]kubepods[-<qos>]-pod<uid with _ for ->.slice
-_POD_SLICE = re.compile(r"(?:.+-)?kubepods(?:-(?P<qos>burstable|besteffort))?-pod(?P<uid>[0-9a-fA-F_]{32,36})\.slice")
+_POD_SLICE = r"(?:.+-)?kubepods(?:-(?P<qos>burstable|besteffort))?-pod(?P<uid>[0-9a-fA-F_]{32,36})\.slice"
 # kubelet, cgroupfs driver: pod<uid>, under kubepods or kubepods/<qos>
-_POD_DIR = re.compile(r"pod(?P<uid>[0-9a-fA-F-]{32,36})")
+_POD_DIR = r"pod(?P<uid>[0-9a-fA-F-]{32,36})"
 _UNIT_SUFFIXES: Final = (".service", ".scope")
 
 
-@dataclass(frozen=True, slots=True)
-class _Pod:
-    """A pod found in a cgroup path: where in the path, its UID and QoS class."""
-
-    index: int
-    uid: str
-    qos: str
-
-
-def _find_pod(parts: list[str]) -> _Pod | None:
-    """The innermost pod cgroup among ``parts`` (either kubelet driver)."""
+def _find_pod(parts: list[str]) -> tuple[int, str, str] | None:
+    """The innermost pod cgroup among ``parts`` (either kubelet driver): where in the path, its UID
+    and QoS class."""
     for index in range(len(parts) - 1, -1, -1):
         part = parts[index]
         if part.endswith(".slice"):
-            match = _POD_SLICE.fullmatch(part)
+            match = re.fullmatch(_POD_SLICE, part) if "kubepods" in part else None
             if match:
-                return _Pod(index, match["uid"].replace("_", "-"), match["qos"] or "guaranteed")
+                return index, match["uid"].replace("_", "-"), match["qos"] or "guaranteed"
             continue
-        match = _POD_DIR.fullmatch(part)
+        match = re.fullmatch(_POD_DIR, part) if part.startswith("pod") else None
         if match and index >= 1:
             parent = parts[index - 1]
             if parent == "kubepods":
-                return _Pod(index, match["uid"], "guaranteed")
+                return index, match["uid"], "guaranteed"
             if parent in ("burstable", "besteffort") and index >= 2 and parts[index - 2] == "kubepods":
-                return _Pod(index, match["uid"], parent)
+                return index, match["uid"], parent
     return None
 
 
 def _container_at(parts: list[str], index: int, *, in_pod: bool) -> tuple[str, str | None, bool] | None:
     """(id, runtime, is_monitor) if ``parts[index]`` is a container's cgroup, else None."""
     part = parts[index]
-    match = _CONTAINER_SCOPE.fullmatch(part)
+    match = re.fullmatch(_CONTAINER_SCOPE, part) if "-" in part else None
     if match:
         prefix = match["prefix"]
         return match["id"], _RUNTIME_OF_PREFIX[prefix], prefix in _MONITOR_PREFIXES
-    if _BARE_ID.fullmatch(part):
+    if len(part) == 64 and re.fullmatch(_BARE_ID, part):
         # cgroupfs drivers name the directory by the bare id: docker under /docker, kubelet's
         # runtimes (containerd, docker) under the pod's directory.
         if in_pod:
@@ -233,19 +228,20 @@ def workload_of_cgroup(path: str) -> Workload:
         return replace(HOST, cgroup=path)
     pod = _find_pod(parts)
     if pod is not None:
+        pod_index, pod_uid, qos = pod
         container = None
-        for index in range(len(parts) - 1, pod.index, -1):
+        for index in range(len(parts) - 1, pod_index, -1):
             container = _container_at(parts, index, in_pod=True)
             if container is not None:
                 break
-        container_id, runtime, monitor = container if container is not None else (pod.uid, None, False)
+        container_id, runtime, monitor = container if container is not None else (pod_uid, None, False)
         return Workload(
             "pod",
-            f"pod{pod.uid}",
+            f"pod{pod_uid}",
             container_id,
             runtime=runtime,
-            pod_uid=pod.uid,
-            qos=pod.qos,
+            pod_uid=pod_uid,
+            qos=qos,
             cgroup=path,
             monitor=monitor,
         )
@@ -321,23 +317,24 @@ class PodContainer:
 
 # kubelet's /var/log/containers/<pod>_<namespace>_<container>-<container id>.log, the convention
 # Fluent Bit's kubernetes filter parses (pod names are DNS subdomains, namespaces have no "_").
-_LOG_NAME = re.compile(
+# Compiled on first use, as the cgroup patterns above: only hosts with kubelet's links need them.
+_LOG_NAME = (
     r"(?P<pod>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*)"
     r"_(?P<namespace>[^_]+)_(?P<container>.+)-(?P<id>[0-9a-f]{64})\.log"
 )
 # its target: /var/log/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log
-_POD_LOG_DIR = re.compile(r"[^_/]+_[^_/]+_(?P<uid>[0-9a-fA-F-]{32,36})")
+_POD_LOG_DIR = r"[^_/]+_[^_/]+_(?P<uid>[0-9a-fA-F-]{32,36})"
 
 
 def parse_container_log_name(filename: str, target: str | None = None) -> PodContainer | None:
     """Parse one /var/log/containers entry name (and its link target, for the pod UID); None if not one."""
-    match = _LOG_NAME.fullmatch(filename)
+    match = re.fullmatch(_LOG_NAME, filename)
     if match is None:
         return None
     uid = None
     if target:
         for part in target.split("/"):
-            found = _POD_LOG_DIR.fullmatch(part)
+            found = re.fullmatch(_POD_LOG_DIR, part)
             if found:
                 uid = found["uid"]
                 break
