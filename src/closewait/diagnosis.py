@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from closewait._records import make_diagnosis
-from closewait.display import format_duration, plural
+from closewait.display import format_address, format_duration, plural
 from closewait.model import Diagnosis, Endpoint, Owner, Role, Socket, TcpState
 
 EOF_NOT_CLOSED = "eof-not-closed"
@@ -113,7 +113,8 @@ def diagnose_close_wait(socket: Socket, role: Role, ago_ms: int | None) -> Diagn
     ``ago_ms`` is how long ago the peer closed, as the summary says it: the exact age when the
     recorder knows it, else the socket's ``idle_ms`` (a lower bound), None when neither is known.
     """
-    peer = socket.remote
+    remote = socket.remote
+    peer = format_address(remote.address, remote.port)  # str(remote), without the calls in between
     recv_q = socket.recv_q
     if recv_q == 0:
         summary = f"read() returned 0 (EOF) after {peer} closed{_ago_phrase(ago_ms)}, but it has not been closed"
