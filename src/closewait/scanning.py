@@ -227,7 +227,7 @@ def _owner_warnings(targets: list[Socket], owner_map: OwnerMap | None) -> tuple[
     without holding any of the sockets asked about; warning every time would teach users to ignore
     the line. Only a socket really left without an owner makes the refusals worth saying.
     """
-    if owner_map is None:
+    if owner_map is None or not owner_map.denied_pids:  # nothing refused (root): no line, whatever is unowned
         return ()
     owner_index = owner_map.owners
     if any(s.inode and not owner_index.get(s.inode) for s in targets):
