@@ -227,7 +227,7 @@ def _owner_warnings(targets: list[Socket], owner_map: OwnerMap | None) -> tuple[
     without holding any of the sockets asked about; warning every time would teach users to ignore
     the line. Only a socket really left without an owner makes the refusals worth saying.
     """
-    if owner_map is None:
+    if owner_map is None or not owner_map.denied_pids:  # nothing refused (root): no line, whatever is unowned
         return ()
     owner_index = owner_map.owners
     if any(s.inode and not owner_index.get(s.inode) for s in targets):
@@ -255,9 +255,13 @@ def _attribute(targets: list[Socket], owner_map: OwnerMap, resolver: WorkloadRes
     unreadable or malformed cgroup file is said once per scan, however many processes it hit.
     """
     named: dict[tuple[int, int], Process] = {}
+    # id(process) -> (that process, named): the sockets of one process share its Process object, so
+    # an identity lookup (a tuple made and hashed) is needed once per process, not per socket.
+    by_object: dict[int, tuple[Process, Process]] = {}
     index = owner_map.owners
     for sock in targets:
-        found = index.get(sock.inode)
+        inode = sock.inode
+        found = index.get(inode)
         if not found:
             continue
         renamed = []
@@ -266,12 +270,15 @@ def _attribute(targets: list[Socket], owner_map: OwnerMap, resolver: WorkloadRes
             if process.workload is not None:
                 renamed.append(owner)
                 continue
-            named_process = named.get(process.identity)
-            if named_process is None:
-                workload = resolver.workload_of(process)
-                named_process = named[process.identity] = dataclasses.replace(process, workload=workload)
-            renamed.append(make_owner(named_process, owner.fd))
-        index[sock.inode] = renamed
+            pair = by_object.get(id(process))
+            if pair is None or pair[0] is not process:
+                named_process = named.get(process.identity)
+                if named_process is None:
+                    workload = resolver.workload_of(process)
+                    named_process = named[process.identity] = dataclasses.replace(process, workload=workload)
+                pair = by_object[id(process)] = (process, named_process)
+            renamed.append(make_owner(pair[1], owner.fd))
+        index[inode] = renamed
     from closewait.sources.attribution import EXITED
 
     failed = [p for p in named.values() if p.workload is not None and p.workload.error not in (None, EXITED)]
@@ -370,8 +377,10 @@ def _findings(
     """Each kept socket with its owners, role, age (CLOSE_WAIT only) and diagnosis, in report order.
 
     Pitfall: this loop runs once per socket, 100,000 times on a busy host, so it binds what it
-    calls to locals and reuses one empty owners tuple; keep it that lean. With ``pid_filter``, a
-    socket none of the named processes holds is dropped here (the dump cannot filter by owner).
+    calls to locals, reuses one empty owners tuple and one Age per idle time, and diagnoses a
+    CLOSE_WAIT socket without ``diagnose``'s dispatch on the state; keep it that lean. With
+    ``pid_filter``, a socket none of the named processes holds is dropped here (the dump cannot
+    filter by owner).
     """
     owner_index = owner_map.owners if owner_map is not None else {}
     listening: list[tuple[int, Endpoint]] = []
@@ -382,9 +391,13 @@ def _findings(
 
     findings: list[Finding] = []
     keys: list[tuple[int, int, int, int]] = []  # _finding_order's, made here where idle_ms is at hand
-    append, add_key, diagnose, role_of, no_owners = findings.append, keys.append, rules.diagnose, rules.role_of, ()
+    append, add_key, no_owners = findings.append, keys.append, ()
+    role_of, diagnose, close_wait_diagnosis = rules.role_of, rules.diagnose, rules.diagnose_close_wait
     close_wait, lower_bound, unknown = TcpState.CLOSE_WAIT, AgeSource.LAST_ACK_LOWER_BOUND, Role.UNKNOWN
     recorded = entries.times if entries is not None else None
+    # The lower-bound Age by idle_ms: the sockets of a leak closed in bursts and share a few dozen
+    # idle times, and an Age is an immutable value, so equal ones may be one object.
+    lower_bounds: dict[int, Age] = {}
     for sock in targets:
         found = owner_index.get(sock.inode) if owner_index else None
         sock_owners: tuple[Owner, ...] = tuple(found) if found else no_owners
@@ -392,16 +405,22 @@ def _findings(
             continue
         role = role_of(sock, sock_owners, listening, host_ports) if with_roles else unknown
         idle = sock.idle_ms
-        age: Age | None = None
-        exact_ms: int | None = None
-        if sock.state == close_wait:
+        state = sock.state
+        if state == close_wait:
+            age: Age | None = None
+            ago_ms = idle
             if recorded:
                 age = _age(sock, entries, taken_at)
-                exact_ms = age.ms if age is not None and age.source is AgeSource.EXACT else None
+                if age is not None and age.source is AgeSource.EXACT:
+                    ago_ms = age.ms
             elif idle is not None:  # no recorder (most hosts): _age's lower bound, without the call
-                age = make_age(taken_at - idle / 1000, idle, lower_bound)
-        append(make_finding(sock, sock_owners, role, diagnose(sock, sock_owners, role, exact_ms), age))
-        add_key((sock.state, -(idle or 0), sock.local.port, sock.remote.port))
+                age = lower_bounds.get(idle)
+                if age is None:
+                    age = lower_bounds[idle] = make_age(taken_at - idle / 1000, idle, lower_bound)
+            append(make_finding(sock, sock_owners, role, close_wait_diagnosis(sock, role, ago_ms), age))
+        else:
+            append(make_finding(sock, sock_owners, role, diagnose(sock, sock_owners, role), None))
+        add_key((state, -(idle or 0), sock.local.port, sock.remote.port))
     # A stable sort of the keys, as findings.sort(key=_finding_order) would order them.
     return tuple([findings[i] for i in sorted(range(len(keys)), key=keys.__getitem__)])
 
@@ -416,6 +435,6 @@ def _state_counts(wanted_states: frozenset[TcpState], findings: tuple[Finding, .
 
 def _finding_order(finding: Finding) -> tuple[int, int, int, int]:
     """Report order: by state, oldest first (``idle_ms``), then by ports. ``_findings`` builds these
-    keys in its loop; tests/scan compare its order with a sort by this function."""
+    keys in its loop; tests/scanperf compare its order with a sort by this function."""
     sock = finding.socket
     return (sock.state, -(sock.idle_ms or 0), sock.local.port, sock.remote.port)

@@ -152,54 +152,49 @@ _RUNTIME_OF_PREFIX: Final = {
     "crio": "cri-o",
 }
 _MONITOR_PREFIXES: Final = frozenset({"libpod-conmon", "crio-conmon"})
-_CONTAINER_SCOPE = re.compile(
+# The patterns are compiled on first use (re's own cache keeps them), and only for a part that could
+# match: every scan that names an owner imports this module, and most hosts' cgroup paths need none
+# of them (compiling them all costs ~0.7 ms).
+_CONTAINER_SCOPE = (
     r"(?P<prefix>libpod-conmon|libpod-payload|libpod|docker|cri-containerd|crio-conmon|crio)"
     r"-(?P<id>[0-9a-f]{12,64})(?:\.scope)?"
 )
-_BARE_ID = re.compile(r"[0-9a-f]{64}")
+_BARE_ID = r"[0-9a-f]{64}"
 # kubelet, systemd driver: [<root>-]kubepods[-<qos>]-pod<uid with _ for ->.slice
-_POD_SLICE = re.compile(r"(?:.+-)?kubepods(?:-(?P<qos>burstable|besteffort))?-pod(?P<uid>[0-9a-fA-F_]{32,36})\.slice")
+_POD_SLICE = r"(?:.+-)?kubepods(?:-(?P<qos>burstable|besteffort))?-pod(?P<uid>[0-9a-fA-F_]{32,36})\.slice"
 # kubelet, cgroupfs driver: pod<uid>, under kubepods or kubepods/<qos>
-_POD_DIR = re.compile(r"pod(?P<uid>[0-9a-fA-F-]{32,36})")
+_POD_DIR = r"pod(?P<uid>[0-9a-fA-F-]{32,36})"
 _UNIT_SUFFIXES: Final = (".service", ".scope")
 
 
-@dataclass(frozen=True, slots=True)
-class _Pod:
-    """A pod found in a cgroup path: where in the path, its UID and QoS class."""
-
-    index: int
-    uid: str
-    qos: str
-
-
-def _find_pod(parts: list[str]) -> _Pod | None:
-    """The innermost pod cgroup among ``parts`` (either kubelet driver)."""
+def _find_pod(parts: list[str]) -> tuple[int, str, str] | None:
+    """The innermost pod cgroup among ``parts`` (either kubelet driver): where in the path, its UID
+    and QoS class."""
     for index in range(len(parts) - 1, -1, -1):
         part = parts[index]
         if part.endswith(".slice"):
-            match = _POD_SLICE.fullmatch(part)
+            match = re.fullmatch(_POD_SLICE, part) if "kubepods" in part else None
             if match:
-                return _Pod(index, match["uid"].replace("_", "-"), match["qos"] or "guaranteed")
+                return index, match["uid"].replace("_", "-"), match["qos"] or "guaranteed"
             continue
-        match = _POD_DIR.fullmatch(part)
+        match = re.fullmatch(_POD_DIR, part) if part.startswith("pod") else None
         if match and index >= 1:
             parent = parts[index - 1]
             if parent == "kubepods":
-                return _Pod(index, match["uid"], "guaranteed")
+                return index, match["uid"], "guaranteed"
             if parent in ("burstable", "besteffort") and index >= 2 and parts[index - 2] == "kubepods":
-                return _Pod(index, match["uid"], parent)
+                return index, match["uid"], parent
     return None
 
 
 def _container_at(parts: list[str], index: int, *, in_pod: bool) -> tuple[str, str | None, bool] | None:
     """(id, runtime, is_monitor) if ``parts[index]`` is a container's cgroup, else None."""
     part = parts[index]
-    match = _CONTAINER_SCOPE.fullmatch(part)
+    match = re.fullmatch(_CONTAINER_SCOPE, part) if "-" in part else None
     if match:
         prefix = match["prefix"]
         return match["id"], _RUNTIME_OF_PREFIX[prefix], prefix in _MONITOR_PREFIXES
-    if _BARE_ID.fullmatch(part):
+    if len(part) == 64 and re.fullmatch(_BARE_ID, part):
         # cgroupfs drivers name the directory by the bare id: docker under /docker, kubelet's
         # runtimes (containerd, docker) under the pod's directory.
         if in_pod:
@@ -233,19 +228,20 @@ def workload_of_cgroup(path: str) -> Workload:
         return replace(HOST, cgroup=path)
     pod = _find_pod(parts)
     if pod is not None:
+        pod_index, pod_uid, qos = pod
         container = None
-        for index in range(len(parts) - 1, pod.index, -1):
+        for index in range(len(parts) - 1, pod_index, -1):
             container = _container_at(parts, index, in_pod=True)
             if container is not None:
                 break
-        container_id, runtime, monitor = container if container is not None else (pod.uid, None, False)
+        container_id, runtime, monitor = container if container is not None else (pod_uid, None, False)
         return Workload(
             "pod",
-            f"pod{pod.uid}",
+            f"pod{pod_uid}",
             container_id,
             runtime=runtime,
-            pod_uid=pod.uid,
-            qos=pod.qos,
+            pod_uid=pod_uid,
+            qos=qos,
             cgroup=path,
             monitor=monitor,
         )
@@ -305,102 +301,7 @@ def pick_workload(paths: Iterable[tuple[str, str]]) -> Workload:
     return best if best is not None else unknown("no cgroup lines")
 
 
-# ---- names from the outside: runtimes, kubelet, the API server --------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PodContainer:
-    """One container of a pod as kubelet's log links or the API server name it."""
-
-    namespace: str
-    pod: str
-    container: str
-    container_id: str
-    pod_uid: str | None = None
-
-
-# kubelet's /var/log/containers/<pod>_<namespace>_<container>-<container id>.log, the convention
-# Fluent Bit's kubernetes filter parses (pod names are DNS subdomains, namespaces have no "_").
-_LOG_NAME = re.compile(
-    r"(?P<pod>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*)"
-    r"_(?P<namespace>[^_]+)_(?P<container>.+)-(?P<id>[0-9a-f]{64})\.log"
-)
-# its target: /var/log/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log
-_POD_LOG_DIR = re.compile(r"[^_/]+_[^_/]+_(?P<uid>[0-9a-fA-F-]{32,36})")
-
-
-def parse_container_log_name(filename: str, target: str | None = None) -> PodContainer | None:
-    """Parse one /var/log/containers entry name (and its link target, for the pod UID); None if not one."""
-    match = _LOG_NAME.fullmatch(filename)
-    if match is None:
-        return None
-    uid = None
-    if target:
-        for part in target.split("/"):
-            found = _POD_LOG_DIR.fullmatch(part)
-            if found:
-                uid = found["uid"]
-                break
-    return PodContainer(match["namespace"], match["pod"], match["container"], match["id"], uid)
-
-
-@dataclass(frozen=True, slots=True)
-class PodMeta:
-    """A pod as the API server describes it (the parts closewait uses)."""
-
-    uid: str
-    namespace: str
-    name: str
-    labels: tuple[tuple[str, str], ...] = ()
-    #: container id (without the ``containerd://`` scheme) -> container name
-    containers: tuple[tuple[str, str], ...] = ()
-
-
-def parse_pod_list(document: object) -> dict[str, PodMeta]:
-    """Pods by UID from a decoded ``/api/v1/pods`` reply (a ``PodList``). ValueError if it is not one."""
-    if not isinstance(document, dict) or document.get("kind") not in ("PodList", None):
-        raise ValueError("not a PodList")
-    items = document.get("items")
-    if not isinstance(items, list):
-        raise ValueError("PodList without items")
-    pods: dict[str, PodMeta] = {}
-    for item in items:
-        meta = item.get("metadata") if isinstance(item, dict) else None
-        if not isinstance(meta, dict):
-            raise ValueError("pod without metadata")
-        uid, namespace, name = meta.get("uid"), meta.get("namespace"), meta.get("name")
-        if not (isinstance(uid, str) and isinstance(namespace, str) and isinstance(name, str)):
-            raise ValueError("pod metadata without uid, namespace or name")
-        raw_labels = meta.get("labels") or {}
-        labels = tuple(sorted((str(k), str(v)) for k, v in raw_labels.items())) if isinstance(raw_labels, dict) else ()
-        containers: list[tuple[str, str]] = []
-        status = item.get("status")
-        if isinstance(status, dict):
-            for key in ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses"):
-                for entry in status.get(key) or ():
-                    if isinstance(entry, dict) and isinstance(entry.get("containerID"), str):
-                        containers.append((entry["containerID"].partition("://")[2], str(entry.get("name", ""))))
-        pods[uid] = PodMeta(uid, namespace, name, labels, tuple(containers))
-    return pods
-
-
-def with_pod(workload: Workload, entry: PodContainer | None, meta: PodMeta | None) -> Workload:
-    """``workload`` (kind pod) with what kubelet's log links and the API server say about it."""
-    if workload.kind != "pod":
-        return workload
-    namespace, pod, container = workload.namespace, workload.pod, workload.container
-    labels = workload.labels
-    if entry is not None:
-        namespace, pod = entry.namespace, entry.pod
-        if entry.container_id == workload.id:  # else another container of the same pod
-            container = entry.container
-    if meta is not None:
-        namespace, pod, labels = meta.namespace, meta.name, meta.labels
-        if container is None:
-            container = dict(meta.containers).get(workload.id)
-    if pod is None:
-        return workload
-    return replace(workload, name=pod, pod=pod, namespace=namespace, container=container, labels=labels)
+# ---- names from the outside: the runtimes' metadata (sources/runtimes.py) -------------------
 
 
 def with_container_name(workload: Workload, name: str | None) -> Workload:

@@ -117,3 +117,41 @@ def test_role_of(listener: Endpoint, local: Endpoint, role: Role) -> None:
     # serve in another).
     assert diagnosis.role_of(socket, OWNER, [], host_listening_ports={local.port}) == Role.SERVER
     assert diagnosis.role_of(socket, (), [(PROC.pid, listener)]) == Role.UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("recv_q", "idle_ms", "age_ms", "remote", "summary"),
+    [
+        (
+            0,
+            65000,
+            None,
+            CLIENT_END,
+            "read() returned 0 (EOF) after 127.0.0.1:50000 closed 1 min ago, but it has not been closed",
+        ),
+        (0, None, None, CLIENT_END, "read() returned 0 (EOF) after 127.0.0.1:50000 closed, but it has not been closed"),
+        (1, 500, None, Endpoint("::1", 4000), "[::1]:4000 closed 500 ms ago and nothing has read this socket since"),
+        (1, 500, 90000, Endpoint("::1", 4000), "[::1]:4000 closed 2 min ago and nothing has read this socket since"),
+        (
+            0,
+            7_200_000,
+            1200,
+            Endpoint("::ffff:10.0.0.1", 443),
+            "read() returned 0 (EOF) after [::ffff:10.0.0.1]:443 closed 1.2 s ago, but it has not been closed",
+        ),
+        (5, 500, None, CLIENT_END, "4 bytes sent by 127.0.0.1:50000 before it closed were never read"),
+        (2, 500, None, Endpoint("::1", 1), "1 byte sent by [::1]:1 before it closed were never read"),
+    ],
+)
+def test_close_wait_summaries_word_for_word(
+    recv_q: int, idle_ms: int | None, age_ms: int | None, remote: Endpoint, summary: str
+) -> None:
+    """The exact texts (programs and people read them), the same from ``diagnose`` and from the scan's
+    ``diagnose_close_wait`` (given the exact age, else the idle time), the same again when its
+    phrase for the age was made before."""
+    socket = sock(recv_q=recv_q, remote=remote, idle_ms=idle_ms)
+    for _ in range(2):
+        assert (found := diagnosis.diagnose(socket, OWNER, Role.SERVER, age_ms)) is not None
+        assert found.summary == summary
+        direct = diagnosis.diagnose_close_wait(socket, Role.SERVER, age_ms if age_ms is not None else idle_ms)
+        assert direct == found

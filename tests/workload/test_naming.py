@@ -1,22 +1,12 @@
-"""Every cgroup naming form the managers write, named from the path alone (pure, no kernel)."""
+"""Every cgroup naming form the managers write, named from the path alone (pure, no kernel), and the
+kubelet link names and pod lists that name a pod (sources/kubernetes.py's pure parsers)."""
 
 from __future__ import annotations
 
 import pytest
 
-from closewait.workload import (
-    HOST,
-    PodContainer,
-    PodMeta,
-    Workload,
-    WorkloadSelector,
-    parse_container_log_name,
-    parse_pod_list,
-    pick_workload,
-    with_container_name,
-    with_pod,
-    workload_of_cgroup,
-)
+from closewait.sources.kubernetes import PodContainer, PodMeta, parse_container_log_name, parse_pod_list, with_pod
+from closewait.workload import HOST, Workload, WorkloadSelector, pick_workload, with_container_name, workload_of_cgroup
 
 CID = "3f2a" + "0123456789abcdef" * 3 + "0123456789ab"  # 64 hex
 CID2 = "b" * 64

@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from closewait.errors import ClosewaitError, KernelDataError
 from closewait.model import Process
 from closewait.sources.cgroup import parse_cgroup_lines, read_proc_file
-from closewait.sources.kubernetes import CONTAINER_LOG_DIR, PodApi, PodLogIndex
 from closewait.sources.process import list_pids, read_stat
 from closewait.sources.runtimes import ContainerNames
-from closewait.workload import Workload, pick_workload, unknown, with_container_name, with_pod
+from closewait.workload import Workload, pick_workload, unknown, with_container_name
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    from closewait.sources.kubernetes import PodApi, PodLogIndex
 
 #: ``Workload.error`` of a process that was gone (or its pid reused) when its cgroup was read.
 EXITED = "process exited"
@@ -81,15 +84,30 @@ class WorkloadResolver:
         self.max_entries = max_entries
         self._clock = clock
         self.container_names = ContainerNames(host_root)
-        if container_log_dir is None:
-            container_log_dir = host_root.rstrip("/") + CONTAINER_LOG_DIR
-        self.pod_logs = PodLogIndex(container_log_dir, clock=clock)
+        self._host_root = host_root
+        self._container_log_dir = container_log_dir
+        self._pod_logs: PodLogIndex | None = None
         self.pod_api = pod_api
         self._cache: dict[tuple[int, int], tuple[Workload, float]] = {}
         # The cgroup file's text -> its workload before names: most processes share a few texts.
         self._by_text: dict[bytes, Workload] = {}
         self._lock = _thread.allocate_lock()
         self._lookups = self._hits = self._reads = self._unknown = 0
+
+    @property
+    def pod_logs(self) -> PodLogIndex:
+        """kubelet's log links (``container_log_dir``), made on first use: only a pod's process needs
+        them, and until then ``sources/kubernetes.py`` is not imported (most hosts run no pod)."""
+        if self._pod_logs is None:
+            from closewait.sources.kubernetes import CONTAINER_LOG_DIR, PodLogIndex
+
+            directory = self._container_log_dir
+            if directory is None:
+                directory = self._host_root.rstrip("/") + CONTAINER_LOG_DIR
+            with self._lock:  # one index, however many threads meet their first pod at once
+                if self._pod_logs is None:
+                    self._pod_logs = PodLogIndex(directory, clock=self._clock)
+        return self._pod_logs
 
     def workload_of(self, process: Process) -> Workload:
         """The workload ``process`` runs in. Never raises for a process that vanished or is unreadable."""
@@ -192,6 +210,8 @@ class WorkloadResolver:
         if workload.kind == "container":
             return with_container_name(workload, self.container_names.name(workload.runtime, workload.id))
         if workload.kind == "pod":
+            from closewait.sources.kubernetes import with_pod
+
             entry = self.pod_logs.lookup(workload.id) if workload.id != workload.pod_uid else None
             if entry is None and workload.pod_uid:
                 entry = self.pod_logs.lookup_pod(workload.pod_uid)

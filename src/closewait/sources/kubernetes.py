@@ -10,6 +10,12 @@
   at most once per ``interval`` seconds, with the standard library's ssl and http.client. A failure
   (refused, slow, garbage) is logged once as a warning until the next success, counted in
   ``errors``, and the last good list (or none) is used: it never raises into a scan.
+
+What they say is parsed by pure functions (``parse_container_log_name``, ``parse_pod_list``) into
+``PodContainer`` and ``PodMeta`` records, which ``with_pod`` applies to a pod's ``Workload``. All of
+it is here, not in ``closewait.workload``, so that a scan imports it only when it meets a pod's
+process (``WorkloadResolver`` imports this module then): most hosts run none, and making these
+records' classes is most of what importing the module costs.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from __future__ import annotations
 import _thread  # its Lock is threading.Lock; importing threading itself costs a few ms per scan
 import json
 import os
+import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
-from closewait.workload import PodContainer, PodMeta, parse_container_log_name, parse_pod_list
+from closewait.workload import Workload
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
@@ -34,6 +42,108 @@ def _log() -> logging.Logger:
 
     return logging.getLogger(__name__)
 
+
+# ---- kubelet's links and the API server's pod list, parsed (pure) ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PodContainer:
+    """One container of a pod as kubelet's log links or the API server name it."""
+
+    namespace: str
+    pod: str
+    container: str
+    container_id: str
+    pod_uid: str | None = None
+
+
+# kubelet's /var/log/containers/<pod>_<namespace>_<container>-<container id>.log, the convention
+# Fluent Bit's kubernetes filter parses (pod names are DNS subdomains, namespaces have no "_").
+# Compiled on first use (re's own cache keeps them), as closewait.workload's cgroup patterns.
+# Compiled on first use, as the cgroup patterns above: only hosts with kubelet's links need them.
+_LOG_NAME = (
+    r"(?P<pod>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*)"
+    r"_(?P<namespace>[^_]+)_(?P<container>.+)-(?P<id>[0-9a-f]{64})\.log"
+)
+# its target: /var/log/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log
+_POD_LOG_DIR = r"[^_/]+_[^_/]+_(?P<uid>[0-9a-fA-F-]{32,36})"
+
+
+def parse_container_log_name(filename: str, target: str | None = None) -> PodContainer | None:
+    """Parse one /var/log/containers entry name (and its link target, for the pod UID); None if not one."""
+    match = re.fullmatch(_LOG_NAME, filename)
+    if match is None:
+        return None
+    uid = None
+    if target:
+        for part in target.split("/"):
+            found = re.fullmatch(_POD_LOG_DIR, part)
+            if found:
+                uid = found["uid"]
+                break
+    return PodContainer(match["namespace"], match["pod"], match["container"], match["id"], uid)
+
+
+@dataclass(frozen=True, slots=True)
+class PodMeta:
+    """A pod as the API server describes it (the parts closewait uses)."""
+
+    uid: str
+    namespace: str
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
+    #: container id (without the ``containerd://`` scheme) -> container name
+    containers: tuple[tuple[str, str], ...] = ()
+
+
+def parse_pod_list(document: object) -> dict[str, PodMeta]:
+    """Pods by UID from a decoded ``/api/v1/pods`` reply (a ``PodList``). ValueError if it is not one."""
+    if not isinstance(document, dict) or document.get("kind") not in ("PodList", None):
+        raise ValueError("not a PodList")
+    items = document.get("items")
+    if not isinstance(items, list):
+        raise ValueError("PodList without items")
+    pods: dict[str, PodMeta] = {}
+    for item in items:
+        meta = item.get("metadata") if isinstance(item, dict) else None
+        if not isinstance(meta, dict):
+            raise ValueError("pod without metadata")
+        uid, namespace, name = meta.get("uid"), meta.get("namespace"), meta.get("name")
+        if not (isinstance(uid, str) and isinstance(namespace, str) and isinstance(name, str)):
+            raise ValueError("pod metadata without uid, namespace or name")
+        raw_labels = meta.get("labels") or {}
+        labels = tuple(sorted((str(k), str(v)) for k, v in raw_labels.items())) if isinstance(raw_labels, dict) else ()
+        containers: list[tuple[str, str]] = []
+        status = item.get("status")
+        if isinstance(status, dict):
+            for key in ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses"):
+                for entry in status.get(key) or ():
+                    if isinstance(entry, dict) and isinstance(entry.get("containerID"), str):
+                        containers.append((entry["containerID"].partition("://")[2], str(entry.get("name", ""))))
+        pods[uid] = PodMeta(uid, namespace, name, labels, tuple(containers))
+    return pods
+
+
+def with_pod(workload: Workload, entry: PodContainer | None, meta: PodMeta | None) -> Workload:
+    """``workload`` (kind pod) with what kubelet's log links and the API server say about it."""
+    if workload.kind != "pod":
+        return workload
+    namespace, pod, container = workload.namespace, workload.pod, workload.container
+    labels = workload.labels
+    if entry is not None:
+        namespace, pod = entry.namespace, entry.pod
+        if entry.container_id == workload.id:  # else another container of the same pod
+            container = entry.container
+    if meta is not None:
+        namespace, pod, labels = meta.namespace, meta.name, meta.labels
+        if container is None:
+            container = dict(meta.containers).get(workload.id)
+    if pod is None:
+        return workload
+    return replace(workload, name=pod, pod=pod, namespace=namespace, container=container, labels=labels)
+
+
+# ---- reading them ------------------------------------------------------------------------------
 
 CONTAINER_LOG_DIR = "/var/log/containers"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"

@@ -23,7 +23,6 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
@@ -51,16 +50,21 @@ def _file_key(path: str) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-@dataclass
 class _CachedFile:
-    """A file parsed again only when it changes, checked (stat) at most once per ``recheck`` seconds."""
+    """A file parsed again only when it changes, checked (stat) at most once per ``recheck`` seconds.
 
-    path: str
-    parse: Callable[[bytes], dict[str, str]]
-    recheck: float
-    key: tuple[int, int, int] | None = None
-    value: dict[str, str] = field(default_factory=dict)
-    checked_at: float | None = None
+    A plain class, not a dataclass: every scan that names owners makes seven of these, and making
+    the dataclass (its generated methods compiled at import) cost more than all of their work."""
+
+    __slots__ = ("checked_at", "key", "parse", "path", "recheck", "value")
+
+    def __init__(self, path: str, parse: Callable[[bytes], dict[str, str]], recheck: float) -> None:
+        self.path = path
+        self.parse = parse
+        self.recheck = recheck
+        self.key: tuple[int, int, int] | None = None
+        self.value: dict[str, str] = {}
+        self.checked_at: float | None = None
 
     def get(self) -> dict[str, str]:
         now = time.monotonic()
