@@ -307,8 +307,8 @@ def check_cache(cache: OwnerCache) -> None:
     prefetched dump (then ``find_owners`` uses the result, if the cache was not refilled since).
     Nothing is checked when the cache is empty or too old.
     """
-    everything = cache.holders_of(None)
-    cache.verified = (cache.pass_ticks, _verify_holders(everything)) if everything else None
+    everything = cache.by_process()
+    cache.verified = (cache.pass_ticks, _verify_processes(everything)) if everything else None
 
 
 def start_check(cache: OwnerCache) -> None:
@@ -476,11 +476,15 @@ def _new_holders(found: list[_Found], new: frozenset[int]) -> list[_Found] | Non
 def _verify_holders(cached: Mapping[int, Sequence[tuple[int, int, int]]]) -> tuple[list[_Found], set[int]]:
     """The cached holders (inode -> [(pid, fd, start time)]) that are still there, by process, and
     the inodes some fd of which no longer holds them (closed, moved, unreadable)."""
-    by_process = _by_process(cached)
-    n_fds = sum(len(hits) for hits in by_process.values())
+    return _verify_processes(sorted(_by_process(cached).items()))
+
+
+def _verify_processes(by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]]) -> tuple[list[_Found], set[int]]:
+    """``_verify_holders`` of holders already by process: [((pid, start time), [(fd, inode), ...])]."""
+    n_fds = sum(len(hits) for _, hits in by_process)
     found: list[_Found] = []
     failed: set[int] = set()
-    checks = iter(sorted(by_process.items()))
+    checks = iter(by_process)
     # One readlink per fd is most of the cost (~4 us each): two threads halve it on a big cache.
     threads = 1 if n_fds < 1000 else _walk_threads(_PARALLEL_MIN_PIDS)
     _run_parallel(lambda: _check_cached(checks, found, failed), threads)
