@@ -229,8 +229,12 @@ class OwnerCache:
         fds = struct.unpack_from(f"<{n}I", data, offset + 16 * n)
         sockets: dict[int, tuple[int, tuple[Holder, ...]]] = {}
         by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]] = []
+        inode_of = dict(zip(cookies, inodes, strict=True))
+        # One cookie, one socket: a file with two inodes for a cookie is not one this module wrote.
+        if len(inode_of) != n and len(set(zip(cookies, inodes, strict=True))) != len(inode_of):
+            return
         # Each socket held by one fd (a leak's usual case): its entry made without a Python loop.
-        one_each = len(set(cookies)) == n
+        one_each = len(inode_of) == n
         start = 0
         table = data[_HEADER.size : _HEADER.size + n_processes * _PROCESS.size]
         for pid, count, started in _PROCESS.iter_unpack(table):
@@ -256,9 +260,6 @@ class OwnerCache:
         if start != n:
             return
         cookie_of = dict(zip(inodes, cookies, strict=True))
-        # One cookie, one socket: a file with two inodes for a cookie is not one this module wrote.
-        if len(set(zip(cookies, inodes, strict=True))) != len(sockets):
-            return
         self.pass_ticks = pass_ticks
         self.sockets = sockets
         self._cookie_of = cookie_of if len(cookie_of) == len(sockets) else None
