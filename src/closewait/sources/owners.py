@@ -128,13 +128,19 @@ def find_owners(
     new sockets. ``bpf`` and ``procfs`` always look afresh.
     """
     check_owner_source(method)
-    wanted = frozenset(i for i in inodes if i)
+    wanted = frozenset(inodes)
+    if 0 in wanted:
+        wanted = wanted - {0}
     result = OwnerMap()
     if not wanted:
         return result
     found: list[_Found] | None = None
     whole_host = pids is None and proc_root == "/proc"
-    wanted_cookies = {inode: cookies[inode] for inode in wanted if inode in cookies} if cookies else {}
+    wanted_cookies: Mapping[int, int] = {}
+    if cookies and cookies.keys() == wanted:
+        wanted_cookies = cookies  # the usual case, without a copy
+    elif cookies:
+        wanted_cookies = {inode: cookies[inode] for inode in wanted if inode in cookies}
     if cache is not None:
         _wait_for_check(cache)  # a re-check started by start_check, whatever is used below
     if cache is not None and method == "auto" and whole_host and len(wanted_cookies) == len(wanted):
@@ -371,14 +377,23 @@ def _from_cache(
     # The processes that are the cached ones, pid -> start time: the others (exited, or their pid
     # now names a new process) are looked at by _started_since like any process started since the
     # pass.
-    known: dict[int, int] = {}
-    for pid, process, hits in verified:
-        known[pid] = process.start_time
-        kept = [hit for hit in hits if hit[1] in cached]
-        if kept:
-            found.append((pid, process, kept))
-    if not _holds_all(found, cached):
-        return None
+    known = {pid: process.start_time for pid, process, _ in verified}
+    held: set[int] = set()
+    for _, _, hits in verified:
+        held.update(map(_inode_of, hits))
+    if held <= cached.keys():
+        # Every fd re-checked holds a socket asked about (the usual case: the same sockets as the
+        # pass's), so none is dropped; and a holder for each cached socket shows in the counts.
+        found = [entry for entry in verified if entry[2]]
+        if len(held) != len(cached) and not held.issuperset([inode for inode, holders in cached.items() if holders]):
+            return None
+    else:
+        for pid, process, hits in verified:
+            kept = [hit for hit in hits if hit[1] in cached]
+            if kept:
+                found.append((pid, process, kept))
+        if not _holds_all(found, cached):
+            return None
     born = _started_since(cache.pass_ticks, known)
     if born is None or not _within_budget(born):
         return None
@@ -538,6 +553,10 @@ def _check_cached(
         finally:
             os.close(fd_dir)
         found.append((pid, process, sorted(still)))
+
+
+def _inode_of(hit: tuple[int, int]) -> int:
+    return hit[1]
 
 
 def _holds_all(found: list[_Found], cached: Mapping[int, Sequence[tuple[int, int, int]]]) -> bool:
