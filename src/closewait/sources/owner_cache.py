@@ -48,9 +48,9 @@ if TYPE_CHECKING:
 CACHE_PATH = "/run/closewait/owners.bin"
 #: How long after a full pass its answer may be re-checked instead of a new pass, in seconds.
 DEFAULT_MAX_AGE = 10.0
-#: The most owner fds kept (and records in a file, 640 KB): re-checking each costs a readlink
-#: (~4 us), so beyond this many a full pass (~0.35 us per fd on the host) costs about the same,
-#: and a bigger answer is not kept.
+#: The most owner fds kept (and records in a file: 400 KB, and 16 bytes per process): re-checking
+#: each costs a readlink (~4 us), so beyond this many a full pass (~0.35 us per fd on the host)
+#: costs about the same, and a bigger answer is not kept.
 MAX_RECORDS = 20_000
 
 _MAGIC = b"closewait-owners"
