@@ -546,6 +546,36 @@ def test_the_file_round_trips_and_is_private(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the file cache is root's")
+@pytest.mark.parametrize("shared", [True, False], ids=["sockets-with-several-holders", "one-holder-each"])
+def test_the_file_keeps_every_holder_by_process(tmp_path: Path, shared: bool) -> None:
+    """The file lays the holders out by process: read back, every socket has the holders it was
+    given, and the re-check's by-process view is the one the cache made in memory."""
+    directory = tmp_path / "cw"
+    directory.mkdir(mode=0o700)
+    path = directory / "owners.bin"
+    cookies = {11: 101, 12: 102, 13: 103, 14: 104}  # 14: held by nobody
+    holders = {11: [(7, 5, 70)], 12: [(7, 4, 70)], 13: [(9, 8, 90)]}
+    if shared:
+        holders[11].append((9, 3, 90))
+        holders[13].append((9, 6, 90))
+    cache = OwnerCache(path=str(path))
+    cache.remember(owner_cache.boot_ticks(), cookies, holders)
+    cache.save()
+    read = OwnerCache(path=str(path), max_age=3600)
+    kept = read.holders_of(None)
+    assert kept is not None
+    assert {inode: sorted(found) for inode, found in kept.items()} == {
+        inode: sorted(holders.get(inode, ())) for inode in cookies
+    }
+    assert read.holders_of(cookies) == kept
+    assert read.by_process() == cache.by_process()
+    expected = [((7, 70), [(4, 12), (5, 11)]), ((9, 90), [(8, 13)])]
+    if shared:
+        expected[1] = ((9, 90), [(3, 11), (6, 13), (8, 13)])
+    assert read.by_process() == expected
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the file cache is root's")
 def test_a_write_left_behind_does_not_stop_later_ones_and_a_failed_one_leaves_nothing(tmp_path: Path) -> None:
     directory = tmp_path / "cw"
     directory.mkdir(mode=0o700)
@@ -571,7 +601,24 @@ def test_a_write_left_behind_does_not_stop_later_ones_and_a_failed_one_leaves_no
 @pytest.mark.skipif(os.geteuid() != 0, reason="the file cache is root's")
 def test_hostile_or_corrupt_files_are_ignored(tmp_path: Path) -> None:
     good = _written(tmp_path / "cw").read_bytes()
-    header = struct.calcsize("<16sI16sQQQ")
+    header_format = "<16sI16sQQII"  # magic, version, boot id, pid namespace, pass, processes, records
+    header = struct.calcsize(header_format)
+    magic, version, boot_id, pid_ns, pass_ticks, _, _ = struct.unpack_from(header_format, good)
+
+    def file_of(cookies: tuple[int, int], inodes: tuple[int, int]) -> bytes:
+        """Two records as owner_cache lays them out: one socket nobody holds, one fd 3 of this process."""
+        return b"".join(
+            [
+                struct.pack(header_format, magic, version, boot_id, pid_ns, pass_ticks, 2, 2),
+                struct.pack("<IIQ", 0, 1, 0),
+                struct.pack("<IIQ", os.getpid(), 1, 4),
+                struct.pack("<2Q", *cookies),
+                struct.pack("<2Q", *inodes),
+                struct.pack("<2I", 0, 3),
+            ]
+        )
+
+    assert file_of((102, 101), (12, 11)) == good
 
     def variant(name: str, data: bytes, mode: int = 0o600, dir_mode: int = 0o700) -> Path:
         directory = tmp_path / name
@@ -586,9 +633,7 @@ def test_hostile_or_corrupt_files_are_ignored(tmp_path: Path) -> None:
     wrong_boot[20] ^= 0xFF
     wrong_version = bytearray(good)
     wrong_version[16] += 1
-    two_sockets_one_cookie = good + struct.pack("<QQIIQ", 101, 99, 1, 1, 1)
-    two_sockets_one_cookie = bytearray(two_sockets_one_cookie)
-    struct.pack_into("<Q", two_sockets_one_cookie, header - 8, 3)
+    two_sockets_one_cookie = file_of((101, 101), (99, 11))
     cases = {
         "readable_by_others": variant("a", good, mode=0o644),
         "writable_directory": variant("b", good, dir_mode=0o777),
@@ -598,8 +643,8 @@ def test_hostile_or_corrupt_files_are_ignored(tmp_path: Path) -> None:
         "empty": variant("f", b""),
         "another_boot": variant("g", bytes(wrong_boot)),
         "another_version": variant("h", bytes(wrong_version)),
-        "cookie_reused": variant("i", bytes(two_sockets_one_cookie)),
-        "too_big": variant("j", good + bytes(owner_cache.MAX_RECORDS * 32)),
+        "cookie_reused": variant("i", two_sockets_one_cookie),
+        "too_big": variant("j", good + bytes(owner_cache.MAX_RECORDS * 64)),
     }
     owned_by_nobody = variant("k", good)
     os.chown(owned_by_nobody, 65534, 65534)

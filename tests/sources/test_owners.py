@@ -13,7 +13,7 @@ import closewait
 from closewait.errors import KernelDataError
 from closewait.model import Role
 from closewait.sources.owners import find_owners
-from closewait.sources.process import parse_stat, read_process
+from closewait.sources.process import parse_start_time, parse_stat, read_process
 from tests.conftest import Spawn
 from tests.scan.kit import close_wait_of, python_argv
 from tests.util import wait_for
@@ -101,6 +101,7 @@ def test_parse_stat_takes_comm_up_to_the_last_paren(comm: str) -> None:
     assert (stat.state, stat.ppid) == ("S", 1)
     assert name == comm
     assert start == 424242
+    assert parse_start_time(f"1234 ({comm}){STAT_TAIL}\n".encode()) == 424242
 
 
 @pytest.mark.parametrize(
@@ -109,6 +110,7 @@ def test_parse_stat_takes_comm_up_to_the_last_paren(comm: str) -> None:
 def test_parse_stat_rejects_malformed(text: str) -> None:
     with pytest.raises(KernelDataError):
         parse_stat(text)
+    assert parse_start_time(text.encode()) is None
 
 
 def test_find_owners_skips_vanished_processes_and_unknown_inodes(spawn: Spawn) -> None:

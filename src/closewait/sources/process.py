@@ -72,6 +72,21 @@ def parse_stat(text: str) -> ProcStat:
         raise KernelDataError(f"malformed /proc/PID/stat: {' '.join(rest[:20])[:80]!r}") from None
 
 
+def parse_start_time(stat: bytes) -> int | None:
+    """Only the start time (field 22) of a /proc/PID/stat line, read as ``parse_stat`` reads it;
+    None when the line is malformed. For a caller that reads every process's stat for it alone
+    (``owners._started_since``): a fifth of ``parse_stat``'s cost."""
+    open_paren = stat.find(b"(")
+    close_paren = stat.rfind(b")")
+    if open_paren < 0 or close_paren < open_paren:
+        return None
+    rest = stat[close_paren + 2 :].split(None, 20)
+    try:
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
 def _read(pid: int, name: str, proc_root: str) -> bytes:
     path = f"{proc_root}/{pid}/{name}"
     try:
