@@ -12,12 +12,16 @@ turns, run after run; the medians are printed side by side. Measure against the 
 
     python bench/bench_scan_steps.py --tree /tmp/before/src --tree src --runs 11
     python bench/bench_scan_steps.py --tree /tmp/before/src --tree src --no-owners
-    python bench/bench_scan_steps.py --tree src --owner-cache /tmp/owners.bin   # answered from the cache
+    python bench/bench_scan_steps.py --tree /tmp/before/src --tree src --owner-cache   # cache hits
 
-With ``--owner-cache PATH`` (as root) each run re-checks the owner cache at PATH first, as the console
-does, and answers from it: a full pass fills it before each tree's turn, so every timed run is a cache
-hit (``answered from the cache`` says so, 1.0). Each tree gets a path of its own (PATH plus the tree's
-index), so trees whose cache files differ do not empty each other's.
+With ``--owner-cache`` (as root) each run re-checks an owner cache first, as the console does, and
+answers from it: a full pass fills it before each tree's turn, so every timed run is a cache hit
+(``answered from the cache`` says so, 1.0). The files are in a directory of this run's own, mode 0700
+(the cache ignores a file in a directory others may write, such as /tmp), one per tree, so trees
+whose cache formats differ do not empty each other's; the directory is removed at the end.
+
+Each tree is imported once untimed first, with bytecode writing allowed: a worktree made with
+``PYTHONDONTWRITEBYTECODE`` set has no ``.pyc`` files, and its imports would cost twice main's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 ONE_RUN = r"""
 import gc, json, os, sys, time
@@ -99,28 +104,29 @@ def main() -> None:
     parser.add_argument("--tree", action="append", required=True, help="a src/ directory (repeat to compare)")
     parser.add_argument("--runs", type=int, default=9, help="runs per tree (default 9)")
     parser.add_argument("--no-owners", action="store_true", help="time scan --json --no-owners")
-    parser.add_argument("--owner-cache", default="", help="re-check and answer from an owner cache at this path")
+    parser.add_argument("--owner-cache", action="store_true", help="re-check and answer from an owner cache")
     args = parser.parse_args()
     mode = "no-owners" if args.no_owners else "owners"
     results: dict[str, list[dict[str, float]]] = {tree: [] for tree in args.tree}
-    for _ in range(args.runs):
-        for index, tree in enumerate(args.tree):
-            cache = f"{args.owner_cache}.{index}" if args.owner_cache and not args.no_owners else ""
-            if cache:  # a full pass fills it, untimed: the timed run is then a cache hit
-                subprocess.run(
-                    [sys.executable, "-c", FILL, cache],
-                    env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)),
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    envs = [dict(base, PYTHONPATH=os.path.abspath(tree)) for tree in args.tree]
+    for env in envs:  # untimed: writes the tree's .pyc files
+        subprocess.run([sys.executable, "-c", "import closewait._console, closewait.scanning"], env=env, check=True)
+    with tempfile.TemporaryDirectory(prefix="bench-steps-") as private:  # mode 0700
+        for _ in range(args.runs):
+            for index, tree in enumerate(args.tree):
+                cache = os.path.join(private, f"owners-{index}.bin") if args.owner_cache and not args.no_owners else ""
+                if cache:  # a full pass fills it, untimed: the timed run is then a cache hit
+                    fill = [sys.executable, "-c", FILL, cache]
+                    subprocess.run(fill, env=envs[index], capture_output=True, check=True)
+                done = subprocess.run(
+                    [sys.executable, "-c", ONE_RUN, mode, cache],
+                    env=envs[index],
                     capture_output=True,
+                    text=True,
                     check=True,
                 )
-            done = subprocess.run(
-                [sys.executable, "-c", ONE_RUN, mode, cache],
-                env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)),
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            results[tree].append(json.loads(done.stdout))
+                results[tree].append(json.loads(done.stdout))
     names = list(dict.fromkeys(name for runs in results.values() for run in runs for name in run))
     print(f"scan --json{' --no-owners' if args.no_owners else ''}: medians of {args.runs} runs, ms")
     print(f"{'':24}" + "".join(f"{tree[-28:]:>30}" for tree in args.tree))
