@@ -51,13 +51,17 @@ if ahead is not None and early is not None:
     early.while_waiting = ahead.add
 steps = {"imports": (cpu() - cpu0) * 1000}
 owner_cache = None
-if cache_path:
+if cache_path:  # as the console does: the re-check forked before the imports when the tree can
     from closewait.sources.owner_cache import file_cache
-    from closewait.sources.owners import check_cache
     start = cpu()
     owner_cache = file_cache(cache_path)
-    if owner_cache is not None:
+    try:
+        from closewait.sources.owner_check import fork_check
+    except ImportError:
+        from closewait.sources.owners import check_cache
         check_cache(owner_cache)
+    else:
+        owner_cache.checking = fork_check(owner_cache)
     steps["check_cache"] = (cpu() - start) * 1000
 def timed(name):
     step = getattr(scanning, name)

@@ -220,6 +220,18 @@ def main(argv: list[str] | None = None) -> Any:
     from closewait.sources import prefetch
 
     early = prefetch.start((prefetch.TCP_CLOSE_WAIT, prefetch.TCP_LISTEN) if owners else (prefetch.TCP_CLOSE_WAIT,))
+    # Programs run this command in loops: as root, owners a full pass found a few seconds ago are
+    # re-checked instead of walking every fd table again (sources/owner_cache.py). The re-check's
+    # readlinks depend on neither the dump nor the model: a child process does them now, on the CPU
+    # the kernel's walk leaves free, while this one imports and parses (sources/owner_check.py).
+    owner_cache = None
+    if owners:
+        from closewait.sources.owner_cache import file_cache
+        from closewait.sources.owner_check import fork_check
+
+        owner_cache = file_cache()
+        if owner_cache is not None:
+            owner_cache.checking = fork_check(owner_cache)
     _defer_inspect()
     from closewait.errors import ClosewaitError
 
@@ -227,17 +239,6 @@ def main(argv: list[str] | None = None) -> Any:
         from closewait.scanning import CLOSE_WAIT_ONLY, scan
         from closewait.serialize import SocketJson, snapshot_json_chunks
 
-        # Programs run this command in loops: as root, owners a full pass found a few seconds ago
-        # are re-checked instead of walking every fd table again (sources/owner_cache.py).
-        owner_cache = None
-        if owners:
-            from closewait.sources.owner_cache import file_cache
-            from closewait.sources.owners import check_cache
-
-            owner_cache = file_cache()
-            if owner_cache is not None:
-                # Its readlinks do not depend on the dump: run them while the kernel still walks.
-                check_cache(owner_cache)
         # While the kernel's walk keeps the dump's next reply waiting, write the JSON of the sockets
         # already parsed: work taken off the end of the command, the same bytes.
         ahead = SocketJson()

@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 
 import closewait
-from closewait.sources import bpf, owner_cache, owners
+from closewait.model import Process
+from closewait.sources import bpf, owner_cache, owner_check, owners
 from closewait.sources.owner_cache import OwnerCache
+from closewait.sources.owner_check import fork_check
 from closewait.sources.owners import OwnerMap, _from_cache, check_cache, find_owners
 from closewait.sources.process import read_process
 from tests.conftest import Nobody, Spawn
@@ -196,6 +198,84 @@ def test_a_re_check_started_in_a_thread_is_the_one_find_owners_uses(spawn: Spawn
     moved = find_owners(cookies, cookies=cookies, cache=cache)
     assert moved.method == "bpf"
     assert [(o.process.pid, o.fd) for o in moved.owners[inode]] == [(first_child, fd)]
+
+
+def _fails(*_args: object) -> object:
+    raise RuntimeError("the child's reads fail")
+
+
+def _checked_both_ways(cache: OwnerCache) -> tuple[object, object]:
+    """``check_cache``'s answer (in this process) and ``owner_check``'s (in a child it forks), as
+    comparable values: [(pid, start time, name, [(fd, inode)])] and the failed inodes. The child is
+    reaped by ``join()``: its pid is no child of this process afterwards."""
+    check_cache(cache)
+    assert cache.verified is not None
+    here = cache.verified[1]
+    cache.verified = None
+    forked = fork_check(cache)
+    assert forked is not None
+    cache.checking = forked
+    forked.join()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(forked.pid, os.WNOHANG)
+    assert cache.verified is not None
+    there = cache.verified[1]
+
+    def comparable(verified: tuple[list[tuple[int, Process, list[tuple[int, int]]]], set[int]]) -> object:
+        found, failed = verified
+        return sorted((pid, p.start_time, p.name, p.cmdline, p.uid, hits) for pid, p, hits in found), sorted(failed)
+
+    return comparable(here), comparable(there)
+
+
+@needs_bpf
+def test_the_re_check_in_a_child_process_answers_as_the_one_in_process(
+    spawn: Spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console forks its re-check (``owner_check.fork_check``) before importing the model. The
+    child only reads; what it read is judged by the same rules as the in-process re-check: the same
+    holders and the same failures, with every holder there, with an fd moved, and with a holder
+    gone. A child that dies before answering is replaced by the re-check in-process."""
+    holder, first_child, _, cookies = _forking_holder(spawn)
+    (inode,) = cookies
+    cache = OwnerCache(max_age=60)
+    assert find_owners(cookies, cookies=cookies, cache=cache).method == "bpf"
+
+    here, there = _checked_both_ways(cache)
+    assert here == there
+    assert here[1] == []
+    assert {entry[0] for entry in here[0]} == {holder.pid, first_child}
+
+    # A child that fails before it answers (here its reader raises: the child has the parent's
+    # memory, patch included) exits 1: join() re-checks in this process instead.
+    with monkeypatch.context() as patched:
+        patched.setattr(owner_check, "read_process", _fails)
+        forked = fork_check(cache)
+    assert forked is not None
+    cache.checking = forked
+    forked.join()
+    assert cache.verified is not None
+    assert cache.verified[1][1] == set()
+    assert {entry[0] for entry in cache.verified[1][0]} == {holder.pid, first_child}
+    with pytest.raises(ChildProcessError):
+        os.waitpid(forked.pid, os.WNOHANG)
+    reused = find_owners(cookies, cookies=cookies, cache=cache)
+    assert reused.method == "cache"
+    assert reused.owners == find_owners(cookies, method="procfs").owners
+
+    # The first child is gone: skipped both ways (the parent still holds the socket).
+    _ended(first_child)
+    here, there = _checked_both_ways(cache)
+    assert here == there
+    assert {entry[0] for entry in here[0]} == {holder.pid}
+
+    # The parent's fd now holds another socket: the same failure both ways.
+    assert holder.stdout is not None
+    os.kill(holder.pid, signal.SIGUSR2)
+    assert holder.stdout.readline().strip() == "moved"
+    here, there = _checked_both_ways(cache)
+    assert here == there
+    assert here[1] == [inode]
 
 
 def _forking_holder(spawn: Spawn) -> tuple[subprocess.Popen[str], int, int, dict[int, int]]:
@@ -465,10 +545,14 @@ cache = OwnerCache(max_age=600)
 first = owners.find_owners(cookies, cookies=cookies, cache=cache)
 again = owners.find_owners(cookies, cookies=cookies, cache=cache)
 _, failed = owners._verify_holders(cache.holders_of(cookies) or {})
+from closewait.sources.owner_check import fork_check
+cache.checking = fork_check(cache)
+cache.checking.join()
 print(json.dumps({
     "methods": [first.method, again.method],
     "owners": [sorted(o.process.pid for o in found.owners.get(inode, ())) for found in (first, again)],
     "failed": sorted(failed),
+    "failed in a child": sorted(cache.verified[1][1]),
 }))
 """
 
@@ -505,7 +589,12 @@ def test_a_holder_the_user_may_not_read_means_a_full_pass(spawn: Spawn, nobody: 
     both = sorted([roots.pid, users.pid])
     # Root's holder cannot be re-checked by this user: its socket needs a full pass, every time.
     assert result["failed"] == [inode]
-    assert result == {"methods": ["bpf", "bpf"], "owners": [both, both], "failed": [inode]}
+    assert result == {
+        "methods": ["bpf", "bpf"],
+        "owners": [both, both],
+        "failed": [inode],
+        "failed in a child": [inode],
+    }
 
 
 # --- the file -------------------------------------------------------------------------------------

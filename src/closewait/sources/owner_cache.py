@@ -32,14 +32,20 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from collections.abc import Iterable, Mapping
 from itertools import repeat
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from closewait.model import Process
     from closewait.sources.bpf import Holder
+
+    class Joinable(Protocol):
+        """A re-check running meanwhile: ``join()`` waits for it to end."""
+
+        def join(self) -> None: ...
 
     #: What ``owners.check_cache`` found: the holders still there by process, and the failed inodes.
     Verified = tuple[list[tuple[int, Process, list[tuple[int, int]]]], set[int]]
@@ -99,8 +105,9 @@ class OwnerCache:
         self._dirty = False
         #: What ``owners.check_cache`` found when it re-checked every holder: (pass_ticks, result).
         self.verified: tuple[int, Verified] | None = None
-        #: A re-check ``owners.start_check`` runs in a thread; ``find_owners`` waits for it.
-        self.checking: threading.Thread | None = None
+        #: A re-check running meanwhile (``owners.start_check``'s thread, ``owner_check.fork_check``'s
+        #: child); ``find_owners`` joins it, which sets ``verified``.
+        self.checking: Joinable | None = None
 
     def holders_of(self, cookies: Mapping[int, int] | None) -> dict[int, tuple[Holder, ...]] | None:
         """inode -> the cached holders, for every (inode -> cookie) in ``cookies`` (None: every

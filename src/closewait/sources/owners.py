@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, field
 
 from closewait._records import make_owner
-from closewait.errors import AccessDenied, ClosewaitError, NoSuchProcess, UsageError
+from closewait.errors import AccessDenied, ClosewaitError, KernelDataError, NoSuchProcess, UsageError
 from closewait.model import Owner, Process
 from closewait.sources.owner_cache import OwnerCache, boot_ticks
 from closewait.sources.process import (
@@ -39,9 +39,15 @@ from closewait.sources.process import (
     descriptors_denied,
     list_pids,
     parse_start_time,
+    process_from,
     read_process_at,
     socket_inode,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    from closewait.sources.owner_cache import Verified
+    from closewait.sources.owner_check import Reads
 
 # descriptors_denied and socket_inode are imported by callers from here too.
 __all__ = [
@@ -503,6 +509,50 @@ def _verify_processes(by_process: list[tuple[tuple[int, int], list[tuple[int, in
     # One readlink per fd is most of the cost (~4 us each): two threads halve it on a big cache.
     threads = 1 if n_fds < 1000 else _walk_threads(_PARALLEL_MIN_PIDS)
     _run_parallel(lambda: _check_cached(checks, found, failed), threads)
+    return found, failed
+
+
+def verify_in_process(by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]]) -> Verified:
+    """``check_cache``'s answer for holders already by process, made in this process."""
+    return _verify_processes(by_process)
+
+
+def verified_from_reads(
+    by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]], reads: Sequence[Reads]
+) -> Verified | None:
+    """``_check_cached``'s answer from what ``owner_check``'s child read of each process (one
+    ``Reads`` per entry of ``by_process``, in order), by the same rules; None when the child met
+    something the in-process check would raise on (an unreadable process file, a stat line that
+    cannot be parsed): the caller then re-checks in-process."""
+    from closewait.sources import owner_check as child
+
+    found: list[_Found] = []
+    failed: set[int] = set()
+    for ((pid, start_time), hits), read in zip(by_process, reads, strict=True):
+        kind, stat, cmdline, uid, moved = read
+        if kind == child.GONE:
+            continue  # exited: its sockets need another holder, which the caller checks
+        if kind == child.REFUSED:
+            failed.update([inode for _, inode in hits])
+            continue
+        if kind != child.READ:
+            return None
+        try:
+            process = process_from(pid, stat, cmdline, uid if uid >= 0 else None)
+        except KernelDataError:
+            return None
+        if not process.start_time:  # who it is cannot be told
+            failed.update([inode for _, inode in hits])
+            continue
+        if process.start_time != start_time:
+            continue  # exited, and its pid now names a process started since (walked by the caller)
+        if moved:
+            gone_fds = set(moved)
+            failed.update([inode for fd, inode in hits if fd in gone_fds])
+            still = [hit for hit in hits if hit[0] not in gone_fds]
+        else:
+            still = list(hits)
+        found.append((pid, process, still))
     return found, failed
 
 

@@ -160,14 +160,22 @@ def _read_at(dir_fd: int, pid: int, name: str) -> bytes:
 def read_process_at(dir_fd: int, pid: int) -> Process:
     """``read_process`` through ``open_process``'s descriptor: the process it was opened on, or
     NoSuchProcess if that one has exited (whatever process has its pid now)."""
-    stat = parse_stat(_read_at(dir_fd, pid, "stat").decode("utf-8", "replace"))
-    raw = _read_at(dir_fd, pid, "cmdline")
-    cmdline = tuple(part.decode("utf-8", "replace") for part in raw.split(b"\0") if part)
+    stat = _read_at(dir_fd, pid, "stat")
+    cmdline = _read_at(dir_fd, pid, "cmdline")
     try:
         uid: int | None = os.fstat(dir_fd).st_uid
     except OSError:
         uid = None
-    return Process(pid=pid, start_time=stat.start_time, name=stat.comm, cmdline=cmdline, uid=uid)
+    return process_from(pid, stat, cmdline, uid)
+
+
+def process_from(pid: int, stat: bytes, cmdline: bytes, uid: int | None) -> Process:
+    """The Process whose /proc/PID/stat and cmdline are these bytes, owned by ``uid``: what
+    ``read_process_at`` read, or what a child process read for ``owner_check``. KernelDataError when
+    the stat line cannot be parsed."""
+    parsed = parse_stat(stat.decode("utf-8", "replace"))
+    args = tuple(part.decode("utf-8", "replace") for part in cmdline.split(b"\0") if part)
+    return Process(pid=pid, start_time=parsed.start_time, name=parsed.comm, cmdline=args, uid=uid)
 
 
 def read_process(pid: int, proc_root: str = "/proc") -> Process:
