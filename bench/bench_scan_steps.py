@@ -5,10 +5,10 @@ is a fresh interpreter that does what ``closewait._console`` does (prefetch star
 deferred, no garbage collection, the socket JSON written while the dump arrives when the tree has
 ``serialize.SocketJson``), with ``scanning``'s steps wrapped in timers: the main thread's CPU time
 (``time.thread_time``) of the imports, ``_dump`` (the parse of the prefetched reply, and the JSON
-written ahead), ``_owners``, ``_attribute``, ``_ages``, ``_findings`` and the JSON after the scan,
-then the wall time at which the scan and the output ended. The output goes to /dev/null. Trees take
-turns, run after run; the medians are printed side by side. Measure against the host's fixture
-(``bench/scan_fixture.py``), e.g. the tree before a change against this one:
+written ahead), ``_owners`` (workloads named), ``_attribute`` (older trees), ``_ages``, ``_findings``
+and the JSON after the scan, then the wall time at which the scan and the output ended. The output
+goes to /dev/null. Trees take turns, run after run; the medians are printed side by side. Measure
+against the host's fixture (``bench/scan_fixture.py``), e.g. the tree before a change against this one:
 
     python bench/bench_scan_steps.py --tree /tmp/before/src --tree src --runs 11
     python bench/bench_scan_steps.py --tree /tmp/before/src --tree src --no-owners
@@ -73,7 +73,8 @@ def timed(name):
             steps[name] = steps.get(name, 0.0) + (cpu() - start) * 1000
     setattr(scanning, name, run)
 for name in ("_dump", "_owners", "_resolver", "_attribute", "_ages", "_findings"):
-    timed(name)
+    if hasattr(scanning, name):  # _attribute: trees before its work moved into _owners
+        timed(name)
 kwargs = {"owner_cache": owner_cache} if owner_cache is not None else {}
 backend = early if early is not None else "auto"
 snapshot = scanning.scan(scanning.CLOSE_WAIT_ONLY, owners=owners, backend=backend, **kwargs)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Collection, Iterable
 
 from closewait import diagnosis as rules
-from closewait._records import make_age, make_finding, make_owner
+from closewait._records import make_age, make_finding
 from closewait.errors import AccessDenied, UsageError
 from closewait.model import Age, AgeSource, Endpoint, Finding, Owner, Process, Role, Snapshot, Socket, TcpState
 from closewait.sources import get_source, pinned
@@ -89,7 +89,7 @@ def scan(
     goes away later is zero sockets, not an error.
 
     The steps: ``_validate`` the arguments, ``_dump`` the socket table, find the ``_owners`` of the
-    sockets kept and ``_attribute`` them to workloads, ``_select`` those of the asked workloads,
+    sockets kept, naming their workloads (``_Namer``), ``_select`` those of the asked workloads,
     read the CLOSE_WAIT entry times of the sockets left (``_ages``), turn each into a Finding
     (``_findings``), and count them into a Snapshot.
     """
@@ -103,15 +103,19 @@ def scan(
     source = get_source(backend) if isinstance(backend, str) else backend
     taken_at = time.time()
     targets, listeners = _dump(source, ns, wanted_states, port_filter, with_listeners=owners)
-    owner_map = _owners(targets, pid_filter, proc_root, owner_source, owner_cache) if owners and targets else None
+    owner_map: OwnerMap | None = None
+    namer: _Namer | None = None
+    if owners and targets:
+        namer = _Namer(workloads, proc_root) if workloads is not False else None
+        owner_map = _owners(targets, pid_filter, proc_root, owner_source, owner_cache, namer)
     warnings = _owner_warnings(targets, owner_map)
+    if namer is not None:
+        warnings += namer.warnings()
     # The resolver (and the modules behind it) only when some owner or a selection needs it: a scan
     # with --no-owners, or that found nothing, never imports them.
-    resolver: WorkloadResolver | None = None
-    if workloads is not False and ((owner_map is not None and owner_map.owners) or selection is not None):
+    resolver = namer.resolver if namer is not None else None
+    if resolver is None and workloads is not False and selection is not None:
         resolver = _resolver(workloads, proc_root)
-    if owner_map is not None and resolver is not None:
-        warnings += _attribute(targets, owner_map, resolver)
     if selection is not None:
         targets = _select(targets, owner_map, selection)
     entries = _ages(targets, wanted_states, recorder_pins)
@@ -189,7 +193,12 @@ def _dump(
 
 
 def _owners(
-    targets: list[Socket], pid_filter: dict[int, int], proc_root: str, method: str, cache: OwnerCache | None
+    targets: list[Socket],
+    pid_filter: dict[int, int],
+    proc_root: str,
+    method: str,
+    cache: OwnerCache | None,
+    namer: _Namer | None,
 ) -> OwnerMap:
     """Who holds the kept sockets: only their inodes are looked up (their cookies go along, so a
     cached answer is used only for the very sockets it was about).
@@ -213,6 +222,7 @@ def _owners(
         start_times=pid_filter,
         cookies=cookies,
         cache=cache,
+        name=namer,
     )
     denied_targets = sorted(set(pid_filter).intersection(owner_map.denied_pids))
     if denied_targets:
@@ -244,50 +254,50 @@ def _resolver(workloads: bool | WorkloadResolver, proc_root: str) -> WorkloadRes
     return workloads
 
 
-def _attribute(targets: list[Socket], owner_map: OwnerMap, resolver: WorkloadResolver) -> tuple[str, ...]:
-    """Name the workload of every process that holds a kept socket, in ``owner_map`` itself; the
-    warning line for ``Snapshot.errors`` when some cgroup could not be read or parsed.
+class _Namer:
+    """Names the workload of every process that holds a kept socket, as ``find_owners`` makes its
+    owners (``find_owners(name=...)``); ``warnings()`` is the line for ``Snapshot.errors`` when some
+    cgroup could not be read or parsed.
 
     Pitfall: per socket this would be 100,000 cgroup reads on a busy host; per process it is a few
     hundred, and the resolver caches each by (pid, start time), so a reused pid is never given the
-    old process's workload. Listeners' owners are left as they are: only the findings show it.
-    A process that exited meanwhile is ``unknown`` without a warning (exits are ordinary); an
+    old process's workload. Naming each process before its owners are made (not renaming 5,000
+    owners afterwards) makes one Owner per socket, not two. The resolver, and the modules behind
+    it, is made on the first process named: a scan that found no owner never imports them. A
+    process that exited meanwhile is ``unknown`` without a warning (exits are ordinary); an
     unreadable or malformed cgroup file is said once per scan, however many processes it hit.
     """
-    named: dict[tuple[int, int], Process] = {}
-    # id(process) -> (that process, named): the sockets of one process share its Process object, so
-    # an identity lookup (a tuple made and hashed) is needed once per process, not per socket.
-    by_object: dict[int, tuple[Process, Process]] = {}
-    index = owner_map.owners
-    for sock in targets:
-        inode = sock.inode
-        found = index.get(inode)
-        if not found:
-            continue
-        renamed = []
-        for owner in found:
-            process = owner.process
-            if process.workload is not None:
-                renamed.append(owner)
-                continue
-            pair = by_object.get(id(process))
-            if pair is None or pair[0] is not process:
-                named_process = named.get(process.identity)
-                if named_process is None:
-                    workload = resolver.workload_of(process)
-                    named_process = named[process.identity] = dataclasses.replace(process, workload=workload)
-                pair = by_object[id(process)] = (process, named_process)
-            renamed.append(make_owner(pair[1], owner.fd))
-        index[inode] = renamed
-    from closewait.sources.attribution import EXITED
 
-    failed = [p for p in named.values() if p.workload is not None and p.workload.error not in (None, EXITED)]
-    if not failed:
-        return ()
-    first = min(failed, key=lambda p: p.pid)
-    assert first.workload is not None
-    more = f" (and {len(failed) - 1} more processes)" if len(failed) > 1 else ""
-    return (f"workload unknown for pid {first.pid} {first.name}{more}: {first.workload.error}",)
+    def __init__(self, workloads: bool | WorkloadResolver, proc_root: str) -> None:
+        self._workloads = workloads
+        self._proc_root = proc_root
+        self.resolver: WorkloadResolver | None = None
+        self._named: dict[tuple[int, int], Process] = {}
+
+    def __call__(self, process: Process) -> Process:
+        if process.workload is not None:
+            return process
+        identity = process.identity
+        named = self._named.get(identity)
+        if named is None:
+            if self.resolver is None:
+                self.resolver = _resolver(self._workloads, self._proc_root)
+            named = self._named[identity] = dataclasses.replace(process, workload=self.resolver.workload_of(process))
+        return named
+
+    def warnings(self) -> tuple[str, ...]:
+        if not self._named:
+            return ()
+        from closewait.sources.attribution import EXITED
+
+        named = self._named.values()
+        failed = [p for p in named if p.workload is not None and p.workload.error not in (None, EXITED)]
+        if not failed:
+            return ()
+        first = min(failed, key=lambda p: p.pid)
+        assert first.workload is not None
+        more = f" (and {len(failed) - 1} more processes)" if len(failed) > 1 else ""
+        return (f"workload unknown for pid {first.pid} {first.name}{more}: {first.workload.error}",)
 
 
 def _select(targets: list[Socket], owner_map: OwnerMap | None, selection: WorkloadSelector) -> list[Socket]:

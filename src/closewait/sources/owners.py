@@ -108,8 +108,13 @@ def find_owners(
     start_times: Mapping[int, int] | None = None,
     cookies: Mapping[int, int] | None = None,
     cache: OwnerCache | None = None,
+    name: Callable[[Process], Process] | None = None,
 ) -> OwnerMap:
     """Every (process, fd) holding one of ``inodes``.
+
+    ``name``, when given, is called once per holding process found and its answer is the
+    ``Owner.process`` of that process's owners (``scan`` names each process's workload this way,
+    once per process instead of once per socket).
 
     ``pids`` restricts the lookup to those processes (a /proc walk of just them: much faster when
     the caller knows them). ``method`` is one of ``OWNER_SOURCES``: ``auto`` asks the kernel
@@ -196,19 +201,21 @@ def find_owners(
         _walk_parallel(iter(pid_list), walk, _walk_threads(len(pid_list)))
         result.denied_pids.sort()
         _check_named(start_times or {}, walk)
-    result.owners = _owners_by_inode(found)
+    result.owners = _owners_by_inode(found, name)
     return result
 
 
-def _owners_by_inode(found: list[_Found]) -> dict[int, list[Owner]]:
-    """inode -> its owners in (pid, fd) order, from what a walk, the pass or the cache found.
+def _owners_by_inode(found: list[_Found], name: Callable[[Process], Process] | None) -> dict[int, list[Owner]]:
+    """inode -> its owners in (pid, fd) order, from what a walk, the pass or the cache found, each
+    process passed through ``name`` once first.
 
     This runs once per owner fd (5,000 on the benchmark host): the Owners come from the fast
     constructor, and only a socket with several owners is sorted (one owner is in order already).
     """
     owners: dict[int, list[Owner]] = {}
     get = owners.get
-    for _pid, process, hits in sorted(found, key=lambda item: item[0]):
+    for _pid, found_process, hits in sorted(found, key=lambda item: item[0]):
+        process = name(found_process) if name is not None and hits else found_process
         for fd, inode in hits:
             owner_list = get(inode)
             if owner_list is None:
