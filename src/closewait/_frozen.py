@@ -1,0 +1,195 @@
+"""The model's frozen, slotted dataclasses, with the code ``dataclasses`` generates made only when used.
+
+``@dataclasses.dataclass(frozen=True, slots=True)`` writes each class's ``__init__``, ``__repr__``,
+``__eq__``, ``__hash__``, ``__setattr__`` and ``__delattr__`` (and four comparisons for
+``order=True``) as source text and compiles it: ~0.5 ms per class, ~6 ms for the model's eleven,
+a third of the imports of every ``closewait scan --json``, which calls few of them. ``dataclass``
+here makes the same class without compiling anything (``import closewait.model``: 7.3 ms of CPU
+with the plain decorator, 1.1 ms with this one; ``bench/bench_model_import.py``):
+
+- ``__eq__``, ``__hash__``, ``__repr__``, the comparisons, the frozen ``__setattr__`` and
+  ``__delattr__``, ``__getstate__`` and ``__setstate__`` (pickle, copy) are written once below for
+  every class, from its field names; they return what the generated ones return (the same tuple
+  comparisons and hash, the same text, the same ``FrozenInstanceError``);
+- ``__init__``, ``__dataclass_fields__`` and ``__dataclass_params__`` (what ``dataclasses.fields``,
+  ``replace``, ``asdict`` and ``is_dataclass`` read) stand in as ``_Generated`` until first read:
+  then ``dataclasses.dataclass`` itself runs on a copy of the class as written (same fields,
+  defaults, name, docstring and options) and its ``__init__`` and metadata are taken over. So
+  ``Endpoint("::1", 80)``, ``inspect.signature(Endpoint)`` and ``dataclasses.replace`` behave as
+  with the plain decorator; a class only ever built by ``closewait._records``' constructors never
+  compiles anything.
+
+The model imports ``dataclass`` from here at run time and from ``dataclasses`` for type checkers, so
+mypy checks the classes as the dataclasses they are. Only ``frozen=True, slots=True`` (and
+``order``) is supported; tests/scanperf/test_frozen.py compares each model class with one the plain
+decorator makes.
+"""
+
+from __future__ import annotations
+
+import _thread
+import sys
+from operator import attrgetter
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+#: What ``dataclasses`` adds that is taken from it on first use (``__replace__``: Python 3.13's
+#: ``copy.replace``).
+_GENERATED = ("__init__", "__dataclass_fields__", "__dataclass_params__") + (
+    ("__replace__",) if sys.version_info >= (3, 13) else ()
+)
+
+
+def dataclass(cls: type | None = None, /, *, frozen: bool = False, slots: bool = False, order: bool = False) -> Any:
+    """``dataclasses.dataclass(frozen=True, slots=True, order=order)``, compiled on first use."""
+    if not (frozen and slots):
+        raise TypeError("closewait._frozen.dataclass makes frozen, slotted dataclasses only")
+
+    def wrap(cls: type) -> type:
+        return _make(cls, order)
+
+    return wrap if cls is None else wrap(cls)
+
+
+class _Generated:
+    """What ``dataclasses`` generates for one class, made when this attribute is first read."""
+
+    def __init__(self, name: str, generate: Callable[[], type]) -> None:
+        self.name = name
+        self.generate = generate
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        cls = self.generate()  # replaces every _Generated of the class, this one included
+        value = vars(cls)[self.name]
+        getter = getattr(type(value), "__get__", None)
+        return getter(value, instance, owner) if getter is not None else value
+
+
+def _make(written: type, order: bool) -> type:
+    body = dict(vars(written))
+    own = sorted(name for name in (*_GENERATED, *_METHODS, *_ORDER) if name in body)
+    if own or written.__doc__ is None:
+        # dataclasses keeps a method the class defines (and writes a docstring with inspect's help):
+        # rules this module does not follow, for classes that do not need them.
+        raise TypeError(f"{written.__qualname__}: define no {', '.join(own) or 'method it makes'}, write a docstring")
+    names = tuple(body.get("__annotations__", {}))
+    defaults = {name: body.pop(name) for name in names if name in body}
+    body.pop("__dict__", None)
+    body.pop("__weakref__", None)
+    body["__slots__"] = names
+    body["__match_args__"] = names
+    cls: type = type(written)(written.__name__, written.__bases__, body)
+    cls.__qualname__ = written.__qualname__
+
+    def generate() -> type:
+        import dataclasses
+
+        if isinstance(vars(cls).get("__init__"), _Generated):
+            copy = dict(vars(written))
+            copy.pop("__dict__", None)
+            copy.pop("__weakref__", None)
+            copy.update(defaults)
+            twin = type(written)(written.__name__, written.__bases__, copy)
+            twin.__qualname__ = written.__qualname__
+            made: type = dataclasses.dataclass(frozen=True, slots=True, order=order)(twin)
+            for name in _GENERATED:
+                setattr(cls, name, vars(made)[name])
+        return cls
+
+    for name in _GENERATED:
+        setattr(cls, name, _Generated(name, generate))
+    for name, method in _methods(cls, names, order).items():
+        setattr(cls, name, method)
+    return cls
+
+
+_METHODS = ("__eq__", "__hash__", "__repr__", "__setattr__", "__delattr__", "__getstate__", "__setstate__")
+_ORDER = ("__lt__", "__le__", "__gt__", "__ge__")
+
+
+def _methods(cls: type[Any], names: tuple[str, ...], order: bool) -> dict[str, Callable[..., Any]]:
+    """The methods ``dataclasses`` would generate for a frozen class with fields ``names``, written
+    once: the values are compared and hashed as one tuple, in field order, as its code does."""
+    values: Callable[[Any], tuple[Any, ...]] = (
+        attrgetter(*names) if len(names) > 1 else lambda self: tuple(getattr(self, name) for name in names)
+    )
+    running: set[tuple[int, int]] = set()
+
+    def __eq__(self: Any, other: object) -> Any:
+        if other.__class__ is self.__class__:
+            return values(self) == values(other)
+        return NotImplemented
+
+    def __hash__(self: Any) -> int:
+        return hash(values(self))
+
+    def __repr__(self: Any) -> str:
+        key = (id(self), _thread.get_ident())
+        if key in running:  # the object is in its own fields: as dataclasses' recursive repr
+            return "..."
+        running.add(key)
+        try:
+            shown = ", ".join([f"{name}={value!r}" for name, value in zip(names, values(self), strict=True)])
+            return f"{self.__class__.__qualname__}({shown})"
+        finally:
+            running.discard(key)
+
+    def __setattr__(self: Any, name: str, value: object) -> None:
+        if type(self) is cls or name in names:
+            from dataclasses import FrozenInstanceError
+
+            raise FrozenInstanceError(f"cannot assign to field {name!r}")
+        super(cls, self).__setattr__(name, value)
+
+    def __delattr__(self: Any, name: str) -> None:
+        if type(self) is cls or name in names:
+            from dataclasses import FrozenInstanceError
+
+            raise FrozenInstanceError(f"cannot delete field {name!r}")
+        super(cls, self).__delattr__(name)
+
+    def __getstate__(self: Any) -> list[Any]:
+        return [getattr(self, name) for name in names]
+
+    def __setstate__(self: Any, state: list[Any]) -> None:
+        for name, value in zip(names, state):  # noqa: B905 (as dataclasses: a short state sets fewer)
+            object.__setattr__(self, name, value)  # frozen: as dataclasses' own __setstate__
+
+    methods: dict[str, Callable[..., Any]] = {
+        "__eq__": __eq__,
+        "__hash__": __hash__,
+        "__repr__": __repr__,
+        "__setattr__": __setattr__,
+        "__delattr__": __delattr__,
+        "__getstate__": __getstate__,
+        "__setstate__": __setstate__,
+    }
+    if order:
+
+        def __lt__(self: Any, other: object) -> Any:
+            if other.__class__ is self.__class__:
+                return values(self) < values(other)
+            return NotImplemented
+
+        def __le__(self: Any, other: object) -> Any:
+            if other.__class__ is self.__class__:
+                return values(self) <= values(other)
+            return NotImplemented
+
+        def __gt__(self: Any, other: object) -> Any:
+            if other.__class__ is self.__class__:
+                return values(self) > values(other)
+            return NotImplemented
+
+        def __ge__(self: Any, other: object) -> Any:
+            if other.__class__ is self.__class__:
+                return values(self) >= values(other)
+            return NotImplemented
+
+        methods.update(__lt__=__lt__, __le__=__le__, __gt__=__gt__, __ge__=__ge__)
+    for name, method in methods.items():
+        method.__qualname__ = f"{cls.__qualname__}.{name}"
+    return methods
