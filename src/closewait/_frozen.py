@@ -20,9 +20,11 @@ with the plain decorator, 1.1 ms with this one; ``bench/bench_model_import.py``)
   compiles anything.
 
 The model imports ``dataclass`` from here at run time and from ``dataclasses`` for type checkers, so
-mypy checks the classes as the dataclasses they are. Only ``frozen=True, slots=True`` (and
-``order``) is supported; tests/scanperf/test_frozen.py compares each model class with one the plain
-decorator makes.
+mypy checks the classes as the dataclasses they are (``sources/netns.py`` does the same). Only
+``frozen=True, slots=True`` (and ``order``) is supported, with a docstring, no method of those above
+defined by the class, and ``field()`` given only ``default``, ``default_factory``, ``compare`` or
+``repr``; anything else is a TypeError at import. tests/scanperf/test_frozen.py compares each class
+made here with the one the plain decorator makes.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def _make(written: type, order: bool) -> type:
         raise TypeError(f"{written.__qualname__}: define no {', '.join(own) or 'method it makes'}, write a docstring")
     names = tuple(body.get("__annotations__", {}))
     defaults = {name: body.pop(name) for name in names if name in body}
+    compared = tuple(name for name in names if _option(written, name, defaults.get(name), "compare"))
+    shown = tuple(name for name in names if _option(written, name, defaults.get(name), "repr"))
     body.pop("__dict__", None)
     body.pop("__weakref__", None)
     body["__slots__"] = names
@@ -101,21 +105,50 @@ def _make(written: type, order: bool) -> type:
 
     for name in _GENERATED:
         setattr(cls, name, _Generated(name, generate))
-    for name, method in _methods(cls, names, order).items():
+    for name, method in _methods(cls, names, compared, shown, order).items():
         setattr(cls, name, method)
     return cls
+
+
+def _option(written: type, name: str, default: object, option: str) -> bool:
+    """Whether field ``name`` takes part in comparisons (``option`` "compare") or the repr ("repr"):
+    a ``dataclasses.field(...)`` default may say it does not. Any other option of ``field`` but
+    ``default`` and ``default_factory`` is refused: the methods here do not follow it."""
+    if type(default).__name__ != "Field" or type(default).__module__ != "dataclasses":
+        return True
+    field: Any = default
+    if not field.init or field.hash is not None or field.metadata or field.kw_only not in (False, _missing()):
+        raise TypeError(
+            f"{written.__qualname__}.{name}: field() takes only default, default_factory, compare, repr here"
+        )
+    return bool(getattr(field, option))
+
+
+def _missing() -> object:
+    import dataclasses  # already imported: the class called dataclasses.field
+
+    return dataclasses.MISSING
 
 
 _METHODS = ("__eq__", "__hash__", "__repr__", "__setattr__", "__delattr__", "__getstate__", "__setstate__")
 _ORDER = ("__lt__", "__le__", "__gt__", "__ge__")
 
 
-def _methods(cls: type[Any], names: tuple[str, ...], order: bool) -> dict[str, Callable[..., Any]]:
-    """The methods ``dataclasses`` would generate for a frozen class with fields ``names``, written
-    once: the values are compared and hashed as one tuple, in field order, as its code does."""
-    values: Callable[[Any], tuple[Any, ...]] = (
-        attrgetter(*names) if len(names) > 1 else lambda self: tuple(getattr(self, name) for name in names)
-    )
+def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """The values of fields ``names`` of an object, as one tuple."""
+    if len(names) > 1:
+        return attrgetter(*names)
+    return lambda self: tuple([getattr(self, name) for name in names])
+
+
+def _methods(
+    cls: type[Any], names: tuple[str, ...], compared: tuple[str, ...], shown: tuple[str, ...], order: bool
+) -> dict[str, Callable[..., Any]]:
+    """The methods ``dataclasses`` would generate for a frozen class with fields ``names``, of which
+    ``compared`` take part in equality, hash and order and ``shown`` in the repr, written once: the
+    values are compared and hashed as one tuple, in field order, as its code does."""
+    values = _getter(compared)
+    shown_values = _getter(shown)
     running: set[tuple[int, int]] = set()
 
     def __eq__(self: Any, other: object) -> Any:
@@ -132,8 +165,8 @@ def _methods(cls: type[Any], names: tuple[str, ...], order: bool) -> dict[str, C
             return "..."
         running.add(key)
         try:
-            shown = ", ".join([f"{name}={value!r}" for name, value in zip(names, values(self), strict=True)])
-            return f"{self.__class__.__qualname__}({shown})"
+            text = ", ".join([f"{name}={value!r}" for name, value in zip(shown, shown_values(self), strict=True)])
+            return f"{self.__class__.__qualname__}({text})"
         finally:
             running.discard(key)
 

@@ -19,16 +19,22 @@ from typing import Any
 import pytest
 
 from closewait import _frozen, model
+from closewait.sources import netns
 
 MODEL_CLASSES = [
-    value for value in vars(model).values() if isinstance(value, type) and "__dataclass_fields__" in vars(value)
+    value
+    for module in (model, netns)
+    for value in vars(module).values()
+    if isinstance(value, type) and "__dataclass_fields__" in vars(value)
 ]
 
 
 def test_every_model_dataclass_is_made_here() -> None:
     names = {cls.__name__ for cls in MODEL_CLASSES}
     assert {"Endpoint", "TcpInfo", "Socket", "Process", "Owner", "Diagnosis", "Age", "Finding", "Snapshot"} <= names
-    assert len(MODEL_CLASSES) == 11
+    assert {"Netns", "Unreadable", "Survey"} <= names
+    assert len(MODEL_CLASSES) == 14
+    assert all(cls.__setattr__.__module__ == "closewait._frozen" for cls in MODEL_CLASSES)
 
 
 def _twin(cls: type) -> Any:
@@ -36,10 +42,13 @@ def _twin(cls: type) -> Any:
     namespace: dict[str, Any] = {"__annotations__": {}, "__module__": cls.__module__, "__doc__": cls.__doc__}
     for f in dataclasses.fields(cls):
         namespace["__annotations__"][f.name] = f.type
+        options = {"compare": f.compare, "repr": f.repr}
         if f.default is not dataclasses.MISSING:
-            namespace[f.name] = f.default
+            namespace[f.name] = dataclasses.field(default=f.default, **options)
         elif f.default_factory is not dataclasses.MISSING:
-            namespace[f.name] = dataclasses.field(default_factory=f.default_factory)
+            namespace[f.name] = dataclasses.field(default_factory=f.default_factory, **options)
+        elif not (f.compare and f.repr):
+            namespace[f.name] = dataclasses.field(**options)
     twin = type(cls.__name__, (), namespace)
     twin.__qualname__ = cls.__qualname__
     order = cls.__dataclass_params__.order  # type: ignore[attr-defined]
@@ -153,6 +162,35 @@ def test_only_frozen_slotted_classes_without_their_own_methods() -> None:
         @_frozen.dataclass(frozen=True, slots=True)
         class Undocumented:
             value: int
+
+    with pytest.raises(TypeError):
+
+        @_frozen.dataclass(frozen=True, slots=True)
+        class Hashed:
+            """A field with an option the methods here do not follow."""
+
+            value: int = dataclasses.field(default=0, hash=False)
+
+
+def test_fields_left_out_of_comparisons_and_repr() -> None:
+    """``field(compare=False, repr=False)`` (Netns.fd): equal and hashed without it, not shown."""
+
+    @_frozen.dataclass(frozen=True, slots=True)
+    class Named:
+        """A name and a handle that does not count."""
+
+        name: str
+        handle: int | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    twin = _twin(Named)
+    assert Named("a", 1) == Named("a", 2)
+    assert hash(Named("a", 1)) == hash(Named("a", 2)) == hash(twin("a", 3))
+    assert (
+        repr(Named("a", 1))
+        == repr(twin("a", 1))
+        == "test_fields_left_out_of_comparisons_and_repr.<locals>.Named(name='a')"
+    )
+    assert Named("a").handle is None
 
 
 def test_nothing_is_compiled_until_used() -> None:
