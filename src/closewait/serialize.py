@@ -200,11 +200,8 @@ def _process_json(process: Process, cache: _OwnerCache) -> tuple[Process, str, s
 
 
 def _owners_json(owners: tuple[Owner, ...], cache: _OwnerCache) -> str:
-    """``_compact([owner_dict(o) for o in owners])``, each process's part encoded once."""
-    if len(owners) == 1:  # nearly every socket: one descriptor of one process
-        owner = owners[0]
-        _, head, tail = _process_json(owner.process, cache)
-        return f"[{head}{owner.fd}{tail}]"
+    """``_compact([owner_dict(o) for o in owners])``, each process's part encoded once. (A socket's
+    one owner, nearly every socket's, is written by ``_finding_json`` itself.)"""
     parts = []
     for owner in owners:
         _, head, tail = _process_json(owner.process, cache)
@@ -291,7 +288,17 @@ def _finding_json(finding: Finding, cache: _OwnerCache, strings: _StringCache, a
         f'"summary":{_json_str(diagnosis.summary)},'
         f'"remedy":{strings.get(diagnosis.remedy) or _json_text(diagnosis.remedy, strings)}}}'
     )
-    return (  # one f-string: each + of the whole would copy it once more
+    if len(owners) == 1:  # nearly every socket: _owners_json's first case, without its two calls
+        owner = owners[0]
+        process = owner.process
+        known = cache.get(id(process))
+        if known is None or known[0] is not process:
+            known = _process_json(process, cache)
+        return (  # one f-string: each + of the whole would copy it once more
+            f'{ahead.get(id(sock)) or _socket_json(sock, strings)}"role":"{_ROLE_VALUES[finding.role]}",'
+            f'"owners":[{known[1]}{owner.fd}{known[2]}],"diagnosis":{diagnosed}{ages}'
+        )
+    return (
         f'{ahead.get(id(sock)) or _socket_json(sock, strings)}"role":"{_ROLE_VALUES[finding.role]}",'
         f'"owners":{_owners_json(owners, cache) if owners else "[]"},"diagnosis":{diagnosed}{ages}'
     )
