@@ -235,6 +235,25 @@ class SocketJson:
         self._kept.extend(sockets)
 
 
+#: (state, recv_q, send_q) -> the JSON of the two queues, ``unread_bytes`` and ``eof_read``: both
+#: properties are functions of the state and Recv-Q alone (``model.Socket``; tests/scanperf's
+#: test_serialize_fast checks sockets alike in these three and in nothing else), and a scan's thousands
+#: of sockets have a few such triples. Written from the properties themselves, once per triple.
+#: Emptied at ``_QUEUES_MAX`` (``watch --jsonl`` meets new queue lengths forever).
+_QUEUES: dict[tuple[TcpState, int, int], str] = {}
+_QUEUES_MAX = 4096
+
+
+def _queues_json(sock: Socket) -> str:
+    if len(_QUEUES) >= _QUEUES_MAX:
+        _QUEUES.clear()
+    text = _QUEUES[(sock.state, sock.recv_q, sock.send_q)] = (
+        f'"recv_q":{sock.recv_q},"send_q":{sock.send_q},'
+        f'"unread_bytes":{sock.unread_bytes},"eof_read":{"true" if sock.eof_read else "false"},'
+    )
+    return text
+
+
 def _socket_json(sock: Socket, strings: _StringCache) -> str:
     """The start of a finding's JSON: the socket's own fields, through ``"idle_ms":...,`` (a comma
     ends it). Strings go through json's own C escaper (ensure_ascii, as json.dumps does), the
@@ -254,8 +273,7 @@ def _socket_json(sock: Socket, strings: _StringCache) -> str:
         f'"remote":{{"address":{strings.get(remote_address) or _json_text(remote_address, strings)},'
         f'"port":{remote.port}}},'
         f'"inode":{sock.inode},"cookie":{"null" if cookie is None else f"{cookie}"},"uid":{sock.uid},'
-        f'"recv_q":{sock.recv_q},"send_q":{sock.send_q},'
-        f'"unread_bytes":{sock.unread_bytes},"eof_read":{"true" if sock.eof_read else "false"},'
+        f"{_QUEUES.get((sock.state, sock.recv_q, sock.send_q)) or _queues_json(sock)}"
         f'"idle_ms":{"null" if idle_ms is None else f"{idle_ms}"},'
     )
 

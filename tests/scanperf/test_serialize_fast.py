@@ -170,3 +170,27 @@ def test_the_remembered_seconds_stay_bounded_and_correct() -> None:
     for second in range(start, start + 3 * serialize._UTC_SECONDS_MAX):
         assert serialize.utc_text(second + 0.25) == format_utc(second + 0.25)
         assert len(serialize._UTC_SECONDS) <= serialize._UTC_SECONDS_MAX
+
+
+def test_sockets_alike_in_state_and_queues_only() -> None:
+    """``_socket_json`` writes the queues, ``unread_bytes`` and ``eof_read`` once per (state, Recv-Q,
+    Send-Q): sockets alike in those and different in everything else still print as json.dumps says."""
+    info = TcpInfo(8, 0, 0, 0, 200000, 5, 6, 7, 30, 0, 0, None, None)
+    findings = tuple(
+        Finding(
+            Socket(
+                state, family, Endpoint(address, 80), Endpoint(address, 40000 + n), n, n, recv_q, 3, cookie, tcp_info
+            ),
+            (),
+            Role.UNKNOWN,
+            None,
+        )
+        for n, (state, recv_q) in enumerate((s, q) for s in TcpState for q in (0, 1, 2, 7))
+        for family, address, cookie, tcp_info in (
+            (Family.IPV4, "127.0.0.1", None, None),
+            (Family.IPV6, "::1", 99, info),
+        )
+    )
+    snapshot = Snapshot(findings, frozenset(TcpState), 2.0, "netlink", owners_resolved=False)
+    for _ in range(2):  # the second time, every triple is remembered
+        assert snapshot_json(snapshot) == json.dumps(snapshot_dict(snapshot), separators=(",", ":")) + "\n"
