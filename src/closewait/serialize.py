@@ -15,9 +15,9 @@ compares them with json.dumps on generated snapshots, with and without sockets w
 
 from __future__ import annotations
 
-import json
+from _json import encode_basestring_ascii as _json_str
+from _json import make_encoder as _make_encoder
 from collections.abc import Iterator
-from json.encoder import encode_basestring_ascii as _json_str
 
 from closewait.display import format_utc
 from closewait.model import (
@@ -323,15 +323,29 @@ def _finding_json(finding: Finding, cache: _OwnerCache, strings: _StringCache, a
 
 
 def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    """``json.dumps(value, separators=(",", ":"))`` of a dict or list, by the very encoder it uses.
+
+    For these options json.dumps runs the C encoder of ``_json`` (``json.encoder.c_make_encoder``):
+    made here from ``_json`` directly, because ``import json`` also imports its decoder and scanner,
+    ~1 ms of every ``scan --json`` that nothing here uses. The arguments are JSONEncoder's for
+    ``separators=(",", ":")`` and every other option at its default; tests/scanperf/test_serialize_fast
+    compares the output with json.dumps.
+    """
+    encode = _make_encoder({}, _not_serializable, _json_str, None, ":", ",", False, False, True)
+    return "".join(encode(value, 0))
+
+
+def _not_serializable(value: object) -> object:
+    """``JSONEncoder.default``: what json.dumps raises for a value it cannot write."""
+    raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
 
 
 def snapshot_json(snapshot: Snapshot) -> str:
     """``snapshot_dict`` as one compact JSON line (what ``scan --json`` prints), newline included.
 
     The bytes of ``json.dumps(snapshot_dict(snapshot), separators=(",", ":"))``: the findings are
-    written by ``_finding_json``, everything after them by json.dumps (never json.dump, whose
-    pure-Python encoder is ~10x slower).
+    written by ``_finding_json``, everything after them by json.dumps' C encoder (``_compact``;
+    never json.dump, whose pure-Python encoder is ~10x slower).
     """
     return "".join(snapshot_json_chunks(snapshot))
 
