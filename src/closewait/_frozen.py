@@ -87,8 +87,8 @@ def _make(written: type, order: bool) -> type:
     body.pop("__weakref__", None)
     body["__slots__"] = names
     body["__match_args__"] = names
-    cls: type = type(written)(written.__name__, written.__bases__, body)
-    cls.__qualname__ = written.__qualname__
+    made_class: list[type] = []  # the class, for __setattr__ and __delattr__: made below, after them
+    body.update(_methods(written.__qualname__, made_class, names, compared, shown, order))
 
     def take(names: tuple[str, ...], **options: bool) -> type:
         """Set ``names`` on the class from a copy of it as written, made by ``dataclasses``."""
@@ -113,12 +113,11 @@ def _make(written: type, order: bool) -> type:
     def with_params() -> type:
         return take(_FROM_PARAMS, order=order)
 
-    for name in _FROM_INIT:
-        setattr(cls, name, _Generated(name, with_init))
-    for name in _FROM_PARAMS:
-        setattr(cls, name, _Generated(name, with_params))
-    for name, method in _methods(cls, names, compared, shown, order).items():
-        setattr(cls, name, method)
+    body.update({name: _Generated(name, with_init) for name in _FROM_INIT})
+    body.update({name: _Generated(name, with_params) for name in _FROM_PARAMS})
+    cls: type = type(written)(written.__name__, written.__bases__, body)
+    cls.__qualname__ = written.__qualname__
+    made_class.append(cls)
     return cls
 
 
@@ -154,11 +153,17 @@ def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
 
 
 def _methods(
-    cls: type[Any], names: tuple[str, ...], compared: tuple[str, ...], shown: tuple[str, ...], order: bool
+    qualname: str,
+    made_class: list[type[Any]],
+    names: tuple[str, ...],
+    compared: tuple[str, ...],
+    shown: tuple[str, ...],
+    order: bool,
 ) -> dict[str, Callable[..., Any]]:
-    """The methods ``dataclasses`` would generate for a frozen class with fields ``names``, of which
-    ``compared`` take part in equality, hash and order and ``shown`` in the repr, written once: the
-    values are compared and hashed as one tuple, in field order, as its code does."""
+    """The methods ``dataclasses`` would generate for a frozen class (``made_class[0]``, once made)
+    with fields ``names``, of which ``compared`` take part in equality, hash and order and ``shown``
+    in the repr, written once: the values are compared and hashed as one tuple, in field order, as
+    its code does."""
     values = _getter(compared)
     shown_values = _getter(shown)
     running: set[tuple[int, int]] = set()
@@ -183,6 +188,7 @@ def _methods(
             running.discard(key)
 
     def __setattr__(self: Any, name: str, value: object) -> None:
+        cls = made_class[0]
         if type(self) is cls or name in names:
             from dataclasses import FrozenInstanceError
 
@@ -190,6 +196,7 @@ def _methods(
         super(cls, self).__setattr__(name, value)
 
     def __delattr__(self: Any, name: str) -> None:
+        cls = made_class[0]
         if type(self) is cls or name in names:
             from dataclasses import FrozenInstanceError
 
@@ -236,5 +243,5 @@ def _methods(
 
         methods.update(__lt__=__lt__, __le__=__le__, __gt__=__gt__, __ge__=__ge__)
     for name, method in methods.items():
-        method.__qualname__ = f"{cls.__qualname__}.{name}"
+        method.__qualname__ = f"{qualname}.{name}"
     return methods
