@@ -595,9 +595,10 @@ def parse_messages(
         message_end = offset + length
         offset += (length + 3) & ~3  # nlmsg_align(length), inline
         # _diag_msg_at written out, for what every message of a dump is: attributes of a layout
-        # already walked (see _ATTRIBUTE_LAYOUTS) ending in an INET_DIAG_INFO with the byte counts
-        # (every kernel since 4.1), a known family and state. Anything else goes to _diag_msg_at,
-        # which walks, checks and raises as ever. Four calls fewer per socket (~15% of the parse).
+        # already walked (see _ATTRIBUTE_LAYOUTS) whose INET_DIAG_INFO has the byte counts (every
+        # kernel since 4.1), a known family and state. Anything else goes to _diag_msg_at, which
+        # walks, checks and raises as ever. Four calls fewer per socket: ~1 of the ~13 ms the
+        # 5,000-socket fixture's parse takes.
         attributes = start + _MSG_SIZE
         layout = layouts.get(message_end - attributes)
         if layout is None or layout[3] < _TCP_INFO_LONG_SIZE or layout[0](view, attributes) != layout[1]:
