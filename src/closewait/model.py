@@ -6,22 +6,30 @@ library, and nothing here touches the kernel.
 
 Numbers and names follow the kernel (``include/net/tcp_states.h``, ``uapi/linux/tcp.h``) so code can
 be grepped against it. The scan's per-socket loop builds ``Endpoint``, ``TcpInfo``, ``Socket``,
-``Diagnosis`` and ``Finding`` through the typed fast constructors of ``closewait._records``; every
-dataclass here keeps a docstring (``dataclasses`` calls ``inspect`` for one without, which the
-console does not import).
+``Diagnosis`` and ``Finding`` through the typed fast constructors of ``closewait._records``. The
+classes are ``dataclasses.dataclass(frozen=True, slots=True)`` to type checkers and readers; at run
+time ``closewait._frozen.dataclass`` makes the same classes without compiling ``dataclasses``'
+generated code until it is used. Every dataclass here keeps a docstring (``dataclasses`` calls
+``inspect`` for one without, which the console does not import; ``_frozen`` requires one).
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from closewait.display import format_address
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~5 ms); mypy knows the name
 if TYPE_CHECKING:
+    from dataclasses import dataclass
+
     from closewait.workload import Workload, WorkloadSelector
+else:
+    # The same frozen, slotted dataclasses, without compiling their generated code at import
+    # (~6 ms of every scan --json): see closewait/_frozen.py. Type checkers see dataclasses'.
+    from closewait._frozen import dataclass
 
 
 class TcpState(enum.IntEnum):

@@ -15,9 +15,9 @@ compares them with json.dumps on generated snapshots, with and without sockets w
 
 from __future__ import annotations
 
-import json
+from _json import encode_basestring_ascii as _json_str
+from _json import make_encoder as _make_encoder
 from collections.abc import Iterator
-from json.encoder import encode_basestring_ascii as _json_str
 
 from closewait.display import format_utc
 from closewait.model import (
@@ -200,11 +200,8 @@ def _process_json(process: Process, cache: _OwnerCache) -> tuple[Process, str, s
 
 
 def _owners_json(owners: tuple[Owner, ...], cache: _OwnerCache) -> str:
-    """``_compact([owner_dict(o) for o in owners])``, each process's part encoded once."""
-    if len(owners) == 1:  # nearly every socket: one descriptor of one process
-        owner = owners[0]
-        _, head, tail = _process_json(owner.process, cache)
-        return f"[{head}{owner.fd}{tail}]"
+    """``_compact([owner_dict(o) for o in owners])``, each process's part encoded once. (A socket's
+    one owner, nearly every socket's, is written by ``_finding_json`` itself.)"""
     parts = []
     for owner in owners:
         _, head, tail = _process_json(owner.process, cache)
@@ -238,6 +235,25 @@ class SocketJson:
         self._kept.extend(sockets)
 
 
+#: (state, recv_q, send_q) -> the JSON of the two queues, ``unread_bytes`` and ``eof_read``: both
+#: properties are functions of the state and Recv-Q alone (``model.Socket``; tests/scanperf's
+#: test_serialize_fast checks sockets alike in these three and in nothing else), and a scan's thousands
+#: of sockets have a few such triples. Written from the properties themselves, once per triple.
+#: Emptied at ``_QUEUES_MAX`` (``watch --jsonl`` meets new queue lengths forever).
+_QUEUES: dict[tuple[TcpState, int, int], str] = {}
+_QUEUES_MAX = 4096
+
+
+def _queues_json(sock: Socket) -> str:
+    if len(_QUEUES) >= _QUEUES_MAX:
+        _QUEUES.clear()
+    text = _QUEUES[(sock.state, sock.recv_q, sock.send_q)] = (
+        f'"recv_q":{sock.recv_q},"send_q":{sock.send_q},'
+        f'"unread_bytes":{sock.unread_bytes},"eof_read":{"true" if sock.eof_read else "false"},'
+    )
+    return text
+
+
 def _socket_json(sock: Socket, strings: _StringCache) -> str:
     """The start of a finding's JSON: the socket's own fields, through ``"idle_ms":...,`` (a comma
     ends it). Strings go through json's own C escaper (ensure_ascii, as json.dumps does), the
@@ -257,8 +273,7 @@ def _socket_json(sock: Socket, strings: _StringCache) -> str:
         f'"remote":{{"address":{strings.get(remote_address) or _json_text(remote_address, strings)},'
         f'"port":{remote.port}}},'
         f'"inode":{sock.inode},"cookie":{"null" if cookie is None else f"{cookie}"},"uid":{sock.uid},'
-        f'"recv_q":{sock.recv_q},"send_q":{sock.send_q},'
-        f'"unread_bytes":{sock.unread_bytes},"eof_read":{"true" if sock.eof_read else "false"},'
+        f"{_QUEUES.get((sock.state, sock.recv_q, sock.send_q)) or _queues_json(sock)}"
         f'"idle_ms":{"null" if idle_ms is None else f"{idle_ms}"},'
     )
 
@@ -291,22 +306,46 @@ def _finding_json(finding: Finding, cache: _OwnerCache, strings: _StringCache, a
         f'"summary":{_json_str(diagnosis.summary)},'
         f'"remedy":{strings.get(diagnosis.remedy) or _json_text(diagnosis.remedy, strings)}}}'
     )
-    return (  # one f-string: each + of the whole would copy it once more
+    if len(owners) == 1:  # nearly every socket: _owners_json's first case, without its two calls
+        owner = owners[0]
+        process = owner.process
+        known = cache.get(id(process))
+        if known is None or known[0] is not process:
+            known = _process_json(process, cache)
+        return (  # one f-string: each + of the whole would copy it once more
+            f'{ahead.get(id(sock)) or _socket_json(sock, strings)}"role":"{_ROLE_VALUES[finding.role]}",'
+            f'"owners":[{known[1]}{owner.fd}{known[2]}],"diagnosis":{diagnosed}{ages}'
+        )
+    return (
         f'{ahead.get(id(sock)) or _socket_json(sock, strings)}"role":"{_ROLE_VALUES[finding.role]}",'
         f'"owners":{_owners_json(owners, cache) if owners else "[]"},"diagnosis":{diagnosed}{ages}'
     )
 
 
 def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    """``json.dumps(value, separators=(",", ":"))`` of a dict or list, by the very encoder it uses.
+
+    For these options json.dumps runs the C encoder of ``_json`` (``json.encoder.c_make_encoder``):
+    made here from ``_json`` directly, because ``import json`` also imports its decoder and scanner,
+    ~1 ms of every ``scan --json`` that nothing here uses. The arguments are JSONEncoder's for
+    ``separators=(",", ":")`` and every other option at its default; tests/scanperf/test_serialize_fast
+    compares the output with json.dumps.
+    """
+    encode = _make_encoder({}, _not_serializable, _json_str, None, ":", ",", False, False, True)
+    return "".join(encode(value, 0))
+
+
+def _not_serializable(value: object) -> object:
+    """``JSONEncoder.default``: what json.dumps raises for a value it cannot write."""
+    raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
 
 
 def snapshot_json(snapshot: Snapshot) -> str:
     """``snapshot_dict`` as one compact JSON line (what ``scan --json`` prints), newline included.
 
     The bytes of ``json.dumps(snapshot_dict(snapshot), separators=(",", ":"))``: the findings are
-    written by ``_finding_json``, everything after them by json.dumps (never json.dump, whose
-    pure-Python encoder is ~10x slower).
+    written by ``_finding_json``, everything after them by json.dumps' C encoder (``_compact``;
+    never json.dump, whose pure-Python encoder is ~10x slower).
     """
     return "".join(snapshot_json_chunks(snapshot))
 

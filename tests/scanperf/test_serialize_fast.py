@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -170,3 +171,52 @@ def test_the_remembered_seconds_stay_bounded_and_correct() -> None:
     for second in range(start, start + 3 * serialize._UTC_SECONDS_MAX):
         assert serialize.utc_text(second + 0.25) == format_utc(second + 0.25)
         assert len(serialize._UTC_SECONDS) <= serialize._UTC_SECONDS_MAX
+
+
+def test_sockets_alike_in_state_and_queues_only() -> None:
+    """``_socket_json`` writes the queues, ``unread_bytes`` and ``eof_read`` once per (state, Recv-Q,
+    Send-Q): sockets alike in those and different in everything else still print as json.dumps says."""
+    info = TcpInfo(8, 0, 0, 0, 200000, 5, 6, 7, 30, 0, 0, None, None)
+    findings = tuple(
+        Finding(
+            Socket(
+                state, family, Endpoint(address, 80), Endpoint(address, 40000 + n), n, n, recv_q, 3, cookie, tcp_info
+            ),
+            (),
+            Role.UNKNOWN,
+            None,
+        )
+        for n, (state, recv_q) in enumerate((s, q) for s in TcpState for q in (0, 1, 2, 7))
+        for family, address, cookie, tcp_info in (
+            (Family.IPV4, "127.0.0.1", None, None),
+            (Family.IPV6, "::1", 99, info),
+        )
+    )
+    snapshot = Snapshot(findings, frozenset(TcpState), 2.0, "netlink", owners_resolved=False)
+    for _ in range(2):  # the second time, every triple is remembered
+        assert snapshot_json(snapshot) == json.dumps(snapshot_dict(snapshot), separators=(",", ":")) + "\n"
+
+
+def test_compact_is_json_dumps() -> None:
+    """``serialize._compact`` makes json.dumps' own C encoder from ``_json``: the same text for what
+    json.dumps takes, and the same error for what it refuses."""
+    from closewait import serialize
+
+    values: list[object] = [
+        {"a": [1, 2.5, None, True, False, 'é\n"\\', float("nan"), float("inf"), -float("inf")]},
+        {1: "int key", 2.5: "float key", False: "bool key", None: "none key"},
+        ["nested", {"list": [[], {}], "tuple": (1, 2)}, 10**30, -0.0, 1e-300],
+        {"huge": 2**64, "text": "\u2028\U0001f600\x00"},
+    ]
+    for value in values:
+        assert serialize._compact(value) == json.dumps(value, separators=(",", ":"))
+    for refused in ({"set": {1}}, [object()], {(1, 2): "tuple key"}):
+        with pytest.raises(TypeError) as ours:
+            serialize._compact(refused)
+        with pytest.raises(TypeError) as theirs:
+            json.dumps(refused, separators=(",", ":"))
+        assert str(ours.value) == str(theirs.value)
+    looped: list[object] = []
+    looped.append(looped)
+    with pytest.raises(ValueError, match="Circular reference"):
+        serialize._compact(looped)

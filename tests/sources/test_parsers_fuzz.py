@@ -358,3 +358,58 @@ def test_remembered_attribute_layouts_parse_as_the_walk(
     netlink._ATTRIBUTE_LAYOUTS.clear()
     for _ in range(2):
         assert [_outcome(payload) for payload in messages] == walked
+
+
+def _in_place(payload: bytes) -> tuple[str, object]:
+    """What ``parse_messages`` makes of ``payload`` as one message of a dump (its inner loop)."""
+    try:
+        sockets_, _done = netlink.parse_messages(nlmsg(netlink.SOCK_DIAG_BY_FAMILY, payload), seq=7)
+    except NetlinkError as err:
+        return ("error", str(err))
+    assert len(sockets_) == 1
+    return ("socket", sockets_[0])
+
+
+@FUZZ
+@given(
+    attribute_lists,
+    st.permutations(range(6)),
+    st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255))),
+    st.sampled_from([0, 1, 2, 3, 40]),
+)
+def test_messages_parsed_in_place_come_out_as_the_walk(
+    attrs: list[tuple[int, int]], order: list[int], corruptions: list[tuple[int, int]], spot: int
+) -> None:
+    """``parse_messages`` writes ``_diag_msg_at`` out for messages of an attribute layout it has
+    walked: after a message of that layout, one with the same length but other attributes, another
+    family, state or bytes must come out exactly as ``parse_diag_msg`` alone makes it, error included.
+    ``spot`` corrupts the inet_diag_msg itself (family, state, timer, retransmits, the interface)."""
+    info = tcp_info_bytes({"last_ack_recv_ms": 77, "rtt_us": 5, "bytes_received": 3}, length=280)
+    local, remote = Endpoint("127.0.0.1", 80), Endpoint("127.0.0.2", 40000)
+
+    def message(attributes: list[tuple[int, int]]) -> bytes:
+        body = [(kind, info[:size] if kind == netlink.INET_DIAG_INFO else bytes(size)) for kind, size in attributes]
+        return diag_msg(Family.IPV4, TcpState.CLOSE_WAIT, local, remote, 1, 0, 0, 9, 5, body)
+
+    reordered = [attrs[i] for i in order if i < len(attrs)]
+    retyped = [(MARK if kind == netlink.INET_DIAG_INFO else kind, size) for kind, size in attrs]
+    first = message(attrs)
+    messages = [first, message(reordered), message(retyped)]
+    corrupted = bytearray(first)
+    for at, value in corruptions:
+        if netlink._MSG_SIZE + at < len(corrupted):
+            corrupted[netlink._MSG_SIZE + at] = value
+    messages.append(bytes(corrupted))
+    for value in (0, 3, 99, 255):
+        header = bytearray(first)
+        header[spot] = value
+        messages.append(bytes(header))
+    walked = []
+    for payload in messages:
+        netlink._ATTRIBUTE_LAYOUTS.clear()
+        walked.append(_outcome(payload))
+    for payload, expected in zip(messages, walked, strict=True):
+        netlink._ATTRIBUTE_LAYOUTS.clear()
+        _in_place(first)  # remembers first's layout (or fails as the walk does)
+        assert _in_place(payload) == expected
+    netlink._ATTRIBUTE_LAYOUTS.clear()

@@ -368,7 +368,8 @@ _NLMSGERR_ERROR = NLMSGERR.picking("error")
 _RTATTR_SIZE = RTATTR.size
 _RTATTR_FORMAT = RTATTR.struct.format.lstrip("=")  # "HH"
 _STATES: dict[int, TcpState] = {int(s): s for s in TcpState}
-_ADDRESS_CACHE: dict[tuple[int, bytes], str] = {}
+#: Address text by raw address (the 16 bytes of idiag_src/idiag_dst), one dict per address family.
+_ADDRESS_CACHES: dict[int, dict[bytes, str]] = {_socket.AF_INET: {}, _socket.AF_INET6: {}}
 _ADDRESS_CACHE_MAX = 65536
 #: Endpoint objects by (raw address, port), one dict per address family: a server's local endpoint
 #: is shared by all its connections, and an Endpoint is immutable, so one object serves them all.
@@ -377,25 +378,29 @@ _ENDPOINT_CACHE_MAX = 65536
 
 
 def _address(af: int, raw: bytes) -> str:
-    key = (af, raw)
-    text = _ADDRESS_CACHE.get(key)
+    addresses = _ADDRESS_CACHES[af]
+    text = addresses.get(raw)
     if text is None:
         text = _socket.inet_ntop(_socket.AF_INET, raw[:4]) if af == _socket.AF_INET else _socket.inet_ntop(af, raw)
-        if len(_ADDRESS_CACHE) >= _ADDRESS_CACHE_MAX:
-            _ADDRESS_CACHE.clear()
-        _ADDRESS_CACHE[key] = text
+        if len(addresses) >= _ADDRESS_CACHE_MAX:
+            addresses.clear()
+        addresses[raw] = text
     return text
 
 
 def _endpoint(af: int, raw: bytes, port: int) -> Endpoint:
+    """The Endpoint of ``raw`` and ``port`` in family ``af``, shared through ``_ENDPOINT_CACHES``."""
+    return _ENDPOINT_CACHES[af].get((raw, port)) or _new_endpoint(af, raw, port)
+
+
+def _new_endpoint(af: int, raw: bytes, port: int) -> Endpoint:
+    """``_endpoint`` when the cache has none: made and remembered. Each connection's peer end (a
+    client's ephemeral port) is a new endpoint, one per socket: this is kept to one call."""
     cache = _ENDPOINT_CACHES[af]
-    key = (raw, port)
-    endpoint = cache.get(key)
-    if endpoint is None:
-        endpoint = make_endpoint(_address(af, raw), port)
-        if len(cache) >= _ENDPOINT_CACHE_MAX:
-            cache.clear()
-        cache[key] = endpoint
+    endpoint = make_endpoint(_ADDRESS_CACHES[af].get(raw) or _address(af, raw), port)
+    if len(cache) >= _ENDPOINT_CACHE_MAX:
+        cache.clear()
+    cache[(raw, port)] = endpoint
     return endpoint
 
 
@@ -575,6 +580,7 @@ def parse_messages(
     append = sockets.append
     offset = 0
     end = len(view)
+    layouts, families, states, endpoints = _ATTRIBUTE_LAYOUTS, _AF_FAMILY, _STATES, _ENDPOINT_CACHES
     while end - offset >= _NLMSGHDR_SIZE:
         length, msg_type, flags, msg_seq, _pid = _unpack_header(view, offset)
         if (
@@ -585,8 +591,93 @@ def parse_messages(
             or offset + length > end
         ):
             break
-        append(_diag_msg_at(view, offset + _NLMSGHDR_SIZE, offset + length))
+        start = offset + _NLMSGHDR_SIZE
+        message_end = offset + length
         offset += (length + 3) & ~3  # nlmsg_align(length), inline
+        # _diag_msg_at written out, for what every message of a dump is: attributes of a layout
+        # already walked (see _ATTRIBUTE_LAYOUTS) whose INET_DIAG_INFO has the byte counts (every
+        # kernel since 4.1), a known family and state. Anything else goes to _diag_msg_at, which
+        # walks, checks and raises as ever. Four calls fewer per socket: ~1 of the ~13 ms the
+        # 5,000-socket fixture's parse takes.
+        attributes = start + _MSG_SIZE
+        layout = layouts.get(message_end - attributes)
+        if layout is None or layout[3] < _TCP_INFO_LONG_SIZE or layout[0](view, attributes) != layout[1]:
+            append(_diag_msg_at(view, start, message_end))
+            continue
+        (
+            af,  # idiag_family
+            state,  # idiag_state
+            _timer,
+            _retrans,
+            sport_high,
+            sport_low,
+            dport_high,
+            dport_low,
+            src,
+            dst,
+            _if,
+            cookie_low,
+            cookie_high,
+            _expires,
+            rqueue,
+            wqueue,
+            uid,
+            inode,
+        ) = _unpack_msg(view, start)
+        family = families.get(af)
+        tcp_state = states.get(state)
+        if family is None or tcp_state is None:
+            append(_diag_msg_at(view, start, message_end))
+            continue
+        # The names are _TCP_INFO_READ's + _TCP_INFO_COUNTS', in that order.
+        (
+            info_state,
+            retransmits,
+            probes,
+            backoff,
+            rto,
+            unacked,
+            data_sent,
+            data_recv,
+            ack_recv,
+            rtt,
+            total,
+            acked,
+            received,
+        ) = _unpack_tcp_info_long(view, attributes + layout[2])
+        cache = endpoints[af]
+        sport = sport_high << 8 | sport_low
+        dport = dport_high << 8 | dport_low
+        # make_* take their class's fields in declaration order; _new_endpoint is a cache miss.
+        append(
+            make_socket(
+                tcp_state,
+                family,
+                cache.get((src, sport)) or _new_endpoint(af, src, sport),
+                cache.get((dst, dport)) or _new_endpoint(af, dst, dport),
+                inode,
+                uid,
+                rqueue,
+                wqueue,
+                cookie_high << 32 | cookie_low,
+                make_tcp_info(
+                    info_state,
+                    retransmits,
+                    probes,
+                    backoff,
+                    rto,
+                    data_sent,
+                    ack_recv,
+                    data_recv,
+                    rtt,
+                    unacked,
+                    total,
+                    acked,
+                    received,
+                ),
+                "netlink",
+            )
+        )
     if offset >= end:
         return sockets, False
     done = walk_messages(view[offset:], seq, lambda payload: append(parse_diag_msg(payload)), data_type)

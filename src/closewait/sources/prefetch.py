@@ -8,8 +8,9 @@ two-family TCPDIAG_GETSOCK dump request (one walk of the kernel's table for IPv4
 imports the rest of closewait and parses each reply as it arrives. The Python work hides behind
 the kernel's instead of following it.
 
-This module only moves bytes. ``PrefetchedSource.sockets`` hands them to
-``netlink.parse_reply``: the same checks, errors and IPv6-disabled rule as ``netlink.dump``. It
+This module only moves bytes. ``PrefetchedSource.sockets`` hands each recv() to
+``netlink.parse_messages``, as ``netlink.parse_reply`` does: the same checks and errors as
+``netlink.dump`` (the IPv6-disabled rule is for one-family requests; this one asks for both). It
 imports only C modules and struct, so it runs before the model is imported, and duplicates the
 few numbers of the dump request (tests/scanperf/test_prefetch.py checks its requests are the bytes
 ``netlink.build_request`` sends). It is meant for a process that scans once: its threads end with
@@ -147,10 +148,12 @@ class PrefetchedSource:
                 hook(batch)
 
         try:
-            append = found.append
-            for sock in netlink.parse_reply(_received(replies, idle), self._seq, None, netlink.TCPDIAG_GETSOCK):
-                append(sock)
-            return found
+            # parse_reply's steps, a recv()'s sockets at a time: no generator hop per socket.
+            for data in _received(replies, idle):
+                batch, done = netlink.parse_messages(data, self._seq, netlink.TCPDIAG_GETSOCK)
+                found += batch
+                if done:
+                    return found
         except NetlinkError as err:
             if not netlink.both_refused(err):
                 raise
