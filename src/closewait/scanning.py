@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from closewait import diagnosis as rules
 from closewait._records import make_age, make_finding
 from closewait.errors import AccessDenied, UsageError
-from closewait.model import Age, AgeSource, Endpoint, Finding, Owner, Process, Role, Snapshot, Socket, TcpState
+from closewait.model import (
+    Age,
+    AgeSource,
+    Diagnosis,
+    Endpoint,
+    Finding,
+    Owner,
+    Process,
+    Role,
+    Snapshot,
+    Socket,
+    TcpState,
+)
 from closewait.sources import get_source, pinned
 from closewait.sources import netns as netns_mod
 from closewait.sources.owners import OwnerMap, check_owner_source, descriptors_denied, find_owners
@@ -102,7 +114,12 @@ def scan(
     ns = netns_mod.resolve(netns, proc_root=proc_root) if isinstance(netns, str) else netns
     source = get_source(backend) if isinstance(backend, str) else backend
     taken_at = time.time()
-    targets, listeners = _dump(source, ns, wanted_states, port_filter, with_listeners=owners)
+    prepared = _Prepared.install(source, taken_at) if owners and TcpState.CLOSE_WAIT in wanted_states else None
+    try:
+        targets, listeners = _dump(source, ns, wanted_states, port_filter, with_listeners=owners)
+    finally:
+        if prepared is not None:
+            prepared.uninstall(source)
     owner_map: OwnerMap | None = None
     namer: _Namer | None = None
     if owners and targets:
@@ -119,7 +136,9 @@ def scan(
     if selection is not None:
         targets = _select(targets, owner_map, selection)
     entries = _ages(targets, wanted_states, recorder_pins)
-    findings = _findings(targets, listeners, owner_map, pid_filter, entries, taken_at, with_roles=owners)
+    findings = _findings(
+        targets, listeners, owner_map, pid_filter, entries, taken_at, with_roles=owners, prepared=prepared
+    )
     if selection is not None and not findings and require_workload and resolver is not None:
         _require_workload(selection, resolver)
     return Snapshot(
@@ -374,6 +393,70 @@ def _age(sock: Socket, entries: pinned.EntryTimes | None, taken_at: float) -> Ag
     return make_age(taken_at - idle / 1000, idle, AgeSource.LAST_ACK_LOWER_BOUND)
 
 
+class _Prepared:
+    """The role, age and diagnosis of each CLOSE_WAIT socket of the dump, made while the kernel's
+    walk keeps the dump's next reply waiting (a source with ``while_waiting``, the console's
+    prefetched one), for ``_findings`` to take instead of making them after the dump.
+
+    They are made as they would be for a socket with owners, no recorder and no listener owned by a
+    holder (``rules.role_of``: a server's end when a listener on the host has its local port, else a
+    client's), from the listeners seen so far: in one walk of the kernel's table every listener
+    comes before the connections, so they are all seen first. ``_findings`` takes one only when all
+    of that held in the end: the socket has owners, no recorder times it, no listener's owner is
+    known, the listeners' ports are the ones seen, and no listener came after a socket was
+    prepared (``spoiled``). Anything else is made afresh, so the findings are the same either way.
+    """
+
+    def __init__(self, taken_at: float) -> None:
+        self.taken_at = taken_at
+        self.host_ports: set[int] = set()
+        #: id(socket) -> (the socket, its role, its diagnosis, its age); the socket is kept so its
+        #: id cannot be reused while this lives.
+        self.ready: dict[int, tuple[Socket, Role, Diagnosis, Age | None]] = {}
+        self.spoiled = False
+        self._previous: Callable[[list[Socket]], None] | None = None
+        self._lower_bounds: dict[int, Age] = {}
+
+    @classmethod
+    def install(cls, source: SocketSource, taken_at: float) -> _Prepared | None:
+        """A _Prepared fed by ``source``'s idle time, or None when the source has none to give."""
+        if not hasattr(source, "while_waiting"):
+            return None
+        prepared = cls(taken_at)
+        prepared._previous = source.while_waiting
+        source.while_waiting = prepared._idle
+        return prepared
+
+    def uninstall(self, source: SocketSource) -> None:
+        if hasattr(source, "while_waiting"):
+            source.while_waiting = self._previous
+
+    def _idle(self, batch: list[Socket]) -> None:
+        if self._previous is not None:
+            self._previous(batch)
+        self.add(batch)
+
+    def add(self, batch: list[Socket]) -> None:
+        listen, close_wait, lower_bound = TcpState.LISTEN, TcpState.CLOSE_WAIT, AgeSource.LAST_ACK_LOWER_BOUND
+        server, client, diagnose = Role.SERVER, Role.CLIENT, rules.diagnose_close_wait
+        host_ports, ready, lower_bounds, taken_at = self.host_ports, self.ready, self._lower_bounds, self.taken_at
+        for sock in batch:
+            state = sock.state
+            if state == close_wait:
+                role = server if sock.local.port in host_ports else client
+                idle = sock.idle_ms
+                age = None
+                if idle is not None:
+                    age = lower_bounds.get(idle)
+                    if age is None:
+                        age = lower_bounds[idle] = make_age(taken_at - idle / 1000, idle, lower_bound)
+                ready[id(sock)] = (sock, role, diagnose(sock, role, idle), age)
+            elif state == listen:
+                if ready:
+                    self.spoiled = True
+                host_ports.add(sock.local.port)
+
+
 def _findings(
     targets: list[Socket],
     listeners: list[Socket],
@@ -383,6 +466,7 @@ def _findings(
     taken_at: float,
     *,
     with_roles: bool,
+    prepared: _Prepared | None = None,
 ) -> tuple[Finding, ...]:
     """Each kept socket with its owners, role, age (CLOSE_WAIT only) and diagnosis, in report order.
 
@@ -408,11 +492,30 @@ def _findings(
     # The lower-bound Age by idle_ms: the sockets of a leak closed in bursts and share a few dozen
     # idle times, and an Age is an immutable value, so equal ones may be one object.
     lower_bounds: dict[int, Age] = {}
+    ready: dict[int, tuple[Socket, Role, Diagnosis, Age | None]] = {}
+    if (
+        prepared is not None
+        and with_roles
+        and not recorded
+        and not listening
+        and not prepared.spoiled
+        and prepared.taken_at == taken_at
+        and prepared.host_ports == host_ports
+    ):
+        ready = prepared.ready
+    get_ready = ready.get
     for sock in targets:
         found = owner_index.get(sock.inode) if owner_index else None
         sock_owners: tuple[Owner, ...] = tuple(found) if found else no_owners
         if pid_filter and not sock_owners:
             continue
+        if sock_owners:
+            made = get_ready(id(sock))
+            if made is not None and made[0] is sock:
+                idle = sock.idle_ms
+                append(make_finding(sock, sock_owners, made[1], made[2], made[3]))
+                add_key((sock.state, -(idle or 0), sock.local.port, sock.remote.port))
+                continue
         role = role_of(sock, sock_owners, listening, host_ports) if with_roles else unknown
         idle = sock.idle_ms
         state = sock.state
