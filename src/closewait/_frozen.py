@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 _FROM_INIT = ("__init__", "__dataclass_fields__") + (("__replace__",) if sys.version_info >= (3, 13) else ())
 _FROM_PARAMS = ("__dataclass_params__",)
 _GENERATED = _FROM_INIT + _FROM_PARAMS
+#: Held while a class's generated names are set (``_make``'s ``take``).
+_LOCK = _thread.RLock()
 
 
 def dataclass(cls: type | None = None, /, *, frozen: bool = False, slots: bool = False, order: bool = False) -> Any:
@@ -68,6 +70,8 @@ class _Generated:
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         cls = self.generate()  # replaces this _Generated (and those made with it) on the class
         value = vars(cls)[self.name]
+        if isinstance(value, _Generated):  # never expected: say so rather than recurse
+            raise RuntimeError(f"{cls.__qualname__}.{self.name} could not be generated")
         getter = getattr(type(value), "__get__", None)
         return getter(value, instance, owner) if getter is not None else value
 
@@ -91,18 +95,23 @@ def _make(written: type, order: bool) -> type:
     body.update(_methods(written.__qualname__, made_class, names, compared, shown, order))
 
     def take(names: tuple[str, ...], **options: bool) -> type:
-        """Set ``names`` on the class from a copy of it as written, made by ``dataclasses``."""
-        if isinstance(vars(cls).get(names[0]), _Generated):
-            import dataclasses
+        """Set ``names`` on the class from a copy of it as written, made by ``dataclasses``.
 
-            copy = dict(vars(written))
-            copy.pop("__dict__", None)
-            copy.pop("__weakref__", None)
-            twin = type(written)(written.__name__, written.__bases__, copy)
-            twin.__qualname__ = written.__qualname__
-            made = vars(dataclasses.dataclass(frozen=True, slots=True, **options)(twin))
-            for name in names:
-                setattr(cls, name, made[name])
+        Under ``_LOCK``: the names are set one by one, and a thread that reads one still standing
+        in meanwhile (the exporter's scrapes run scans in threads) waits here for all of them,
+        instead of finding ``__init__`` made and taking the others' stand-ins for the real ones."""
+        with _LOCK:
+            if any(isinstance(vars(cls).get(name), _Generated) for name in names):
+                import dataclasses
+
+                copy = dict(vars(written))
+                copy.pop("__dict__", None)
+                copy.pop("__weakref__", None)
+                twin = type(written)(written.__name__, written.__bases__, copy)
+                twin.__qualname__ = written.__qualname__
+                made = vars(dataclasses.dataclass(frozen=True, slots=True, **options)(twin))
+                for name in names:
+                    setattr(cls, name, made[name])
         return cls
 
     def with_init() -> type:

@@ -14,6 +14,7 @@ import inspect
 import pickle
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -210,3 +211,39 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_class_read_while_its_generated_names_are_being_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generated names are set one by one: another thread that reads the class in between (the
+    exporter's scrapes run scans in threads) waits, and then gets the real fields, never a stand-in
+    or a recursion. The interleaving is made here: right after ``__init__`` is set, a ``setattr``
+    starts a thread that reads the fields, and gives it time to run before the rest is set."""
+
+    @_frozen.dataclass(frozen=True, slots=True)
+    class Point:
+        """A point."""
+
+        x: int
+        y: int = 0
+
+    read: list[object] = []
+    readers: list[threading.Thread] = []
+    real_setattr = setattr
+
+    def reader() -> None:
+        try:
+            read.append([f.name for f in dataclasses.fields(Point)])
+        except BaseException as err:  # reported by the assertion below
+            read.append(err)
+
+    def interleaved(obj: object, name: str, value: object) -> None:
+        real_setattr(obj, name, value)
+        if obj is Point and name == "__init__" and not readers:
+            readers.append(threading.Thread(target=reader))
+            readers[0].start()
+            readers[0].join(0.2)  # the reader runs now, with the fields not set yet
+
+    monkeypatch.setattr(_frozen, "setattr", interleaved, raising=False)
+    assert Point(1) == Point(1, 0)
+    readers[0].join(10)
+    assert read == [["x", "y"]]
