@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from closewait.model import Socket
     from closewait.serialize import SocketJson
+    from closewait.sources.owner_check import ForkedCheck
 
 _FAST_FLAGS = frozenset({"--json", "--no-owners", "--no-workloads"})
 
@@ -240,22 +241,23 @@ def main(argv: list[str] | None = None) -> Any:
     from closewait.sources import prefetch
 
     early = prefetch.start((prefetch.TCP_CLOSE_WAIT, prefetch.TCP_LISTEN) if owners else (prefetch.TCP_CLOSE_WAIT,))
-    # Programs run this command in loops: as root, owners a full pass found a few seconds ago are
-    # re-checked instead of walking every fd table again (sources/owner_cache.py). The re-check's
-    # readlinks depend on neither the dump nor the model: a child process does them now, on the CPU
-    # the kernel's walk leaves free, while this one imports and parses (sources/owner_check.py).
-    owner_cache = None
-    if owners:
-        from closewait.sources.owner_cache import file_cache
-        from closewait.sources.owner_check import fork_check
-
-        owner_cache = file_cache()
-        if owner_cache is not None:
-            owner_cache.checking = fork_check(owner_cache)
     _defer_inspect()
     from closewait.errors import ClosewaitError
 
+    forked: ForkedCheck | None = None
     try:
+        # Programs run this command in loops: as root, owners a full pass found a few seconds ago
+        # are re-checked instead of walking every fd table again (sources/owner_cache.py). The
+        # re-check's readlinks depend on neither the dump nor the model: a child process does them
+        # now, while this one imports and parses (sources/owner_check.py).
+        owner_cache = None
+        if owners:
+            from closewait.sources.owner_cache import file_cache
+            from closewait.sources.owner_check import fork_check
+
+            owner_cache = file_cache()
+            if owner_cache is not None:
+                owner_cache.checking = forked = fork_check(owner_cache)
         from closewait.scanning import CLOSE_WAIT_ONLY, scan
         from closewait.serialize import SocketJson, snapshot_json_chunks
 
@@ -276,6 +278,8 @@ def main(argv: list[str] | None = None) -> Any:
             write(chunk)
         sys.stdout.flush()
         sys.stderr.flush()
+        if forked is not None:
+            forked.cancel()  # joined by the owner lookup, unless the scan found nothing to look up
         # Everything is written: leave without the interpreter's teardown, which would free the
         # ~100,000 objects of a big scan one by one (15-30 ms on the benchmark host) for nothing.
         # No atexit handler matters here, and the prefetch thread ended with the kernel's reply.
@@ -291,4 +295,7 @@ def main(argv: list[str] | None = None) -> Any:
     except OutputFailed as err:
         sys.stderr.write(f"closewait: error: {err}\n")
         sys.exit(OUTPUT_FAILED)
+    finally:
+        if forked is not None:
+            forked.cancel()
     sys.exit(0)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from closewait import diagnosis
+from closewait.model import TcpState
+from closewait.sources import netlink
 from tests.conftest import Spawn
 from tests.scan.kit import LEAKING_SERVER, REPO, close_wait_of, python_argv, run_cli
 
@@ -96,11 +98,25 @@ def test_table_grouped_by_process_worst_first(leakers: Leakers) -> None:
     assert "role server" in lines[big + 1]
 
 
-def test_nothing_found_says_so(spawn: Spawn) -> None:
-    # The port stays bound (not listening: no TCP table entry) while the scans run, so no other
-    # program's connect() can take it as its ephemeral port meanwhile, and no listener can open on it.
-    with socket.socket() as probe:
+def _unused_port() -> socket.socket:
+    """A socket bound (not listening: no TCP table entry) to a port no socket in any state uses at
+    either end. While it stays bound no other program's connect() can take the port as its
+    ephemeral port, and no listener can open on it; but a port free to bind may still be the remote
+    port of an earlier connection's TIME_WAIT (a test server that listened there before), which
+    ``--port`` matches too: such a port is passed over (bounded tries)."""
+    every_state = frozenset(TcpState)
+    for _ in range(50):
+        probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        if not any(port in (s.local.port, s.remote.port) for s in netlink.dump(every_state)):
+            return probe
+        probe.close()
+    pytest.fail("no port free of every TCP socket in 50 tries")
+
+
+def test_nothing_found_says_so(spawn: Spawn) -> None:
+    with _unused_port() as probe:
         unused = probe.getsockname()[1]
         result = run_cli("scan", "--port", str(unused))
         assert (result.returncode, result.stdout, result.stderr) == (0, "no sockets in CLOSE_WAIT\n", "")

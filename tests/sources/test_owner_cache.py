@@ -837,3 +837,52 @@ def test_a_file_from_another_pid_namespace_is_ignored(tmp_path: Path) -> None:
         check=False,
     )
     assert (done.returncode, done.stdout.strip()) == (0, "None"), done.stderr
+
+
+def test_the_forked_re_checks_link_prefix_is_the_process_modules() -> None:
+    """owner_check may not import sources.process (the model comes with it): its copy must agree."""
+    from closewait.sources import process
+
+    assert owner_check._SOCKET_LINK_PREFIX == process.SOCKET_LINK_PREFIX
+
+
+#: Runs a command as a child subreaper (PR_SET_CHILD_SUBREAPER): a process the command leaves behind
+#: becomes this one's child. Prints the command's exit code and output, and the pids it was left.
+SUBREAPER = """
+import ctypes, json, os, signal, subprocess, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=120)
+with open(f"/proc/self/task/{os.getpid()}/children") as handle:
+    left = [int(pid) for pid in handle.read().split()]
+for pid in left:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+print(json.dumps({"rc": done.returncode, "stdout": done.stdout, "stderr": done.stderr, "left": left}))
+"""
+
+
+@needs_bpf
+def test_the_console_ends_its_forked_re_check_when_there_is_nothing_to_look_up(spawn: Spawn) -> None:
+    """A scan that finds no CLOSE_WAIT socket to look up never joins the re-check it forked: the
+    console ends it anyway (SIGKILL, reaped by pid), so no child outlives it. The scan runs in a new
+    network namespace, empty, while the cache holds the host's answer of a moment ago; under a child
+    subreaper, anything it left behind would be found."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    _, _, _, cookies = _forking_holder(spawn)
+    filled = run_cli("scan", "--json")  # as root: a full pass fills the console's cache file
+    assert filled.returncode == 0, filled.stderr
+    assert set(cookies) <= {s["inode"] for s in json.loads(filled.stdout)["sockets"]}
+    console = [sys.executable, "-c", "import sys; from closewait._console import main; main(sys.argv[1:])"]
+    done = subprocess.run(
+        [sys.executable, "-c", SUBREAPER, "unshare", "--net", *console, "scan", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+    )
+    result = json.loads(done.stdout)
+    assert result["rc"] == 0, result["stderr"]
+    assert json.loads(result["stdout"])["sockets"] == []
+    assert result["left"] == []

@@ -24,17 +24,21 @@ Pitfalls:
   atexit handler, no flush of the parent's buffered stdout).
 - Ctrl+C reaches the child too (same process group): its SIGINT is the default action, so it
   dies without a traceback; the parent reads EOF and re-checks in-process (or is itself exiting).
-- The child is always reaped by its pid in ``join()``; a parent that exits first (an error) leaves
-  it to exit on its own within milliseconds (a write to a pipe nobody reads fails with EPIPE).
+- The child is always reaped by its pid: by ``join()`` when its answer is used, else by ``cancel()``
+  (SIGKILL first), which the console calls on every way out (a scan that found no socket to look
+  up never joins it).
 """
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal without its enum (not loaded yet here)
 import marshal
 import os
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
+    from typing import NoReturn
+
     from closewait.sources.owner_cache import OwnerCache
 
 #: How opening a cached process went: it could be read; it has exited; it refused (another user's,
@@ -51,17 +55,38 @@ _SOCKET_LINK_PREFIX = "socket:["  # owners.SOCKET_LINK_PREFIX, which this module
 class ForkedCheck:
     """A re-check running in a child process; ``join()`` (by ``owners.find_owners``) collects it."""
 
-    def __init__(self, cache: OwnerCache, pid: int, read_fd: int) -> None:
+    def __init__(
+        self,
+        cache: OwnerCache,
+        by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]],
+        pid: int,
+        read_fd: int,
+    ) -> None:
         self._cache = cache
         self._pid = pid
         self._read_fd: int | None = read_fd
         #: The pass whose holders the child re-checks: a cache refilled meanwhile is not answered.
         self._pass_ticks = cache.pass_ticks
-        self._by_process = cache.by_process() or []
+        #: What the child re-checks, in its order.
+        self._by_process = by_process
 
     @property
     def pid(self) -> int:
         return self._pid
+
+    def cancel(self) -> None:
+        """End the child if it was not joined (its answer is not needed: the scan found no socket to
+        look up, or failed): SIGKILL by its pid, then reap it. Nothing when it was joined."""
+        read_fd, self._read_fd = self._read_fd, None
+        if read_fd is None:
+            return
+        try:
+            os.kill(self._pid, _signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # a zombie already: reaped below
+        finally:
+            os.close(read_fd)
+            _reap(self._pid)
 
     def join(self) -> None:
         """Wait for the child, reap it, and set ``cache.verified`` from what it read (re-checking
@@ -113,16 +138,15 @@ def fork_check(cache: OwnerCache) -> ForkedCheck | None:
     if pid == 0:  # the child: never returns
         _child(by_process, read_fd, write_fd)
     os.close(write_fd)
-    return ForkedCheck(cache, pid, read_fd)
+    return ForkedCheck(cache, by_process, pid, read_fd)
 
 
-def _child(by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]], read_fd: int, write_fd: int) -> None:
+def _child(by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]], read_fd: int, write_fd: int) -> NoReturn:
     code = 1
     try:
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        # The built-in module the parent has loaded already: nothing is imported in the child.
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+        _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
         os.close(read_fd)
         view = memoryview(marshal.dumps([read_process(pid, hits) for (pid, _), hits in by_process]))
         while view:

@@ -143,6 +143,8 @@ def find_owners(
     if 0 in wanted:
         wanted = wanted - {0}
     result = OwnerMap()
+    if cache is not None:
+        _wait_for_check(cache)  # a re-check started meanwhile (a thread, a child): ended, whatever is used
     if not wanted:
         return result
     found: list[_Found] | None = None
@@ -152,8 +154,6 @@ def find_owners(
         wanted_cookies = cookies  # the usual case, without a copy
     elif cookies:
         wanted_cookies = {inode: cookies[inode] for inode in wanted if inode in cookies}
-    if cache is not None:
-        _wait_for_check(cache)  # a re-check started by start_check, whatever is used below
     if cache is not None and method == "auto" and whole_host and len(wanted_cookies) == len(wanted):
         split = cache.split(wanted_cookies)
         checked = None
