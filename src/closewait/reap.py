@@ -297,8 +297,9 @@ def survey_all_netns(
     """``survey()`` over every network namespace some process is in: one Snapshot per namespace,
     for ``plan()`` to take together.
 
-    The caller's own namespace comes first (``netns`` None); each other one is named by
-    ``/proc/PID/ns/net`` of the lowest pid in it (``netns.survey()``). Each is dumped over a netlink
+    The caller's own namespace comes first (``netns`` None); each other one is named by its
+    ``/run/netns/NAME`` when it has one, else by ``/proc/PID/ns/net`` of the lowest pid in it
+    (``netns.survey()``). Each is dumped over a netlink
     socket opened inside it, and the owners of all of them are looked up in one pass over the
     host's processes. A namespace that cannot be read or entered (only other users' processes are
     in it, or it went away meanwhile) is skipped, one line each in the first snapshot's ``errors``,
@@ -439,7 +440,9 @@ def apply(reap_plan: ReapPlan, *, proc_root: str = "/proc") -> ReapResult:
     """
     outcomes: list[ReapOutcome] = []
     release = _shutdown_one if reap_plan.method == Method.SHUTDOWN else _destroy_one
-    channels = _Channels(reap_plan.namespace_inodes, proc_root)
+    # A plan over the caller's own namespace and others came from survey_all_netns(), whose names
+    # (/run/netns/NAME) the user did not type: a name deleted since is looked past (below).
+    channels = _Channels(reap_plan.namespace_inodes, proc_root, names_looked_past=None in reap_plan.namespaces)
     try:
         for target in reap_plan.targets:
             try:
@@ -466,15 +469,20 @@ class _Channels:
     SOCK_DESTROY cannot reach it. The namespace is entered again through a path whose inode is
     the one the survey saw (``ReapPlan.namespace_inodes``): the path the survey used, else, when
     that was a pid's /proc/PID/ns/net (the pid may have exited while the namespace lives on), the
-    target's holders' /proc/PID/ns/net. A name under /run/netns deleted since is not looked past:
-    the namespace is skipped as gone. Without a recorded inode the path is resolved as it is now; if it names another
-    namespace, the lookup by cookie finds nothing there and the socket is skipped, never another
-    one touched. A namespace that is gone skips its targets.
+    target's holders' /proc/PID/ns/net. A name under /run/netns the user gave (``--netns NAME``)
+    deleted since is not looked past: the namespace is skipped as gone; one ``survey_all_netns()``
+    named it by (``names_looked_past``) is, through the holders' paths, like a pid's. Without a
+    recorded inode the path is resolved as it is now; if it names another namespace, the lookup by
+    cookie finds nothing there and the socket is skipped, never another one touched. A namespace
+    that is gone skips its targets.
     """
 
-    def __init__(self, inodes: Mapping[str, int] | None = None, proc_root: str = "/proc") -> None:
+    def __init__(
+        self, inodes: Mapping[str, int] | None = None, proc_root: str = "/proc", *, names_looked_past: bool = False
+    ) -> None:
         self._inodes = inodes or {}
         self._proc_root = proc_root
+        self._names_looked_past = names_looked_past
         self._open: dict[str | None, socket_mod.socket] = {}
         self._gone: dict[str, str] = {}
 
@@ -502,7 +510,11 @@ class _Channels:
             with netns_mod.entered(netns_mod.resolve(path)):
                 return netlink.open_socket()
         paths = [path]
-        if path.startswith(f"{self._proc_root}/"):  # a pid's, which may have exited: its holders' too
+        # A pid's, which may have exited, or a name the survey gave, which may have been deleted:
+        # the holders' too (entered only if still the surveyed inode).
+        if path.startswith(f"{self._proc_root}/") or (
+            self._names_looked_past and path.startswith(f"{netns_mod.NAMED_DIR}/")
+        ):
             holders = (target.process, *(o.process for o in target.other_holders))
             paths += [f"{self._proc_root}/{p.pid}/ns/net" for p in holders]
         first: NetnsError | None = None

@@ -244,3 +244,21 @@ def test_all_netns_applies_after_the_pid_naming_the_namespace_exits(spawn: Spawn
     result = reap.apply(plan)
     assert [o.code for o in result.outcomes] == ["released"]
     assert inside.close_wait() == ()
+
+
+def test_all_netns_applies_after_the_name_it_gave_is_deleted(spawn: Spawn, netns_name: str) -> None:
+    """--all-netns names a namespace by its /run/netns name, which the user did not type: that name
+    deleted between plan and apply, while the server keeps the namespace alive, does not make it
+    gone (unlike a name given with --netns): apply enters it through the holder's /proc/PID/ns/net,
+    whose inode is the one the survey saw."""
+    inside = start_python(spawn, netns_name=netns_name)
+    leaked = inside.leak(1)
+    plan = reap.plan(reap.survey_all_netns(pids=[inside.pid]), pids=[inside.pid])
+    assert [(t.socket.inode, t.netns) for t in plan.targets] == [
+        (f.socket.inode, f"/run/netns/{netns_name}") for f in leaked
+    ]
+    subprocess.run(["ip", "netns", "del", netns_name], check=True)
+
+    result = reap.apply(plan)
+    assert [o.code for o in result.outcomes] == ["released"]
+    assert inside.close_wait() == ()
