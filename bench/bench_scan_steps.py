@@ -1,13 +1,14 @@
 """The CPU of each step of one ``closewait scan --json``, in fresh processes, for several source trees.
 
 ``bench_scan.py`` times the whole command; this one says where its main thread's time goes. Each run
-is a fresh interpreter that does what ``closewait._console`` does (prefetch started first, inspect
-deferred, no garbage collection, the socket JSON written while the dump arrives when the tree has
-``serialize.SocketJson``), with ``scanning``'s steps wrapped in timers: the main thread's CPU time
-(``time.thread_time``) of the imports, ``_dump`` (the parse of the prefetched reply, and the JSON
-written ahead), ``_owners`` (workloads named), ``_attribute`` (older trees), ``_ages``, ``_findings``
-and the JSON after the scan, then the wall time at which the scan and the output ended. The output
-goes to /dev/null. Trees take turns, run after run; the medians are printed side by side. Measure
+is a fresh interpreter that does what ``closewait._console`` does, as far as the tree can (prefetch
+started first, the owner cache's re-check forked right after, inspect deferred, no garbage
+collection, the console's work while the dump arrives: the socket JSON, the resolver's import), with
+``scanning``'s steps wrapped in timers: the main thread's CPU time (``time.thread_time``) of the
+imports, ``_dump`` (the parse of the prefetched reply, and what is done while waiting for it),
+``_owners`` (workloads named), ``_attribute`` (older trees), ``_ages``, ``_findings`` and the JSON
+after the scan, then the wall time at which the scan and the output ended. The output goes to
+/dev/null. Trees take turns, run after run; the medians are printed side by side. Measure
 against the host's fixture (``bench/scan_fixture.py``), e.g. the tree before a change against this one:
 
     python bench/bench_scan_steps.py --tree /tmp/before/src --tree src --runs 11
@@ -43,25 +44,33 @@ gc.disable()
 wall0, cpu0 = wall(), cpu()
 from closewait.sources import prefetch
 early = prefetch.start((prefetch.TCP_CLOSE_WAIT, prefetch.TCP_LISTEN) if owners else (prefetch.TCP_CLOSE_WAIT,))
+owner_cache = None
+forked = False
+steps = {}
+if cache_path:  # the console's order: a tree that can forks the re-check before the imports
+    start = cpu()
+    from closewait.sources.owner_cache import file_cache
+    owner_cache = file_cache(cache_path)
+    try:
+        from closewait.sources.owner_check import fork_check
+    except ImportError:
+        pass
+    else:
+        owner_cache.checking = fork_check(owner_cache)
+        forked = True
+    steps["check_cache"] = (cpu() - start) * 1000
 import closewait._console as console
 console._defer_inspect()
 from closewait import scanning, serialize
 ahead = serialize.SocketJson() if hasattr(serialize, "SocketJson") else None
 if ahead is not None and early is not None:
-    early.while_waiting = ahead.add
-steps = {"imports": (cpu() - cpu0) * 1000}
-owner_cache = None
-if cache_path:  # as the console does: the re-check forked before the imports when the tree can
-    from closewait.sources.owner_cache import file_cache
+    waiting = getattr(console, "_while_waiting", None)
+    early.while_waiting = waiting(ahead, warm_up=owners) if waiting is not None else ahead.add
+steps["imports"] = (cpu() - cpu0) * 1000 - steps.get("check_cache", 0.0)
+if cache_path and not forked:  # a tree before the fork: the re-check after the imports, in line
+    from closewait.sources.owners import check_cache
     start = cpu()
-    owner_cache = file_cache(cache_path)
-    try:
-        from closewait.sources.owner_check import fork_check
-    except ImportError:
-        from closewait.sources.owners import check_cache
-        check_cache(owner_cache)
-    else:
-        owner_cache.checking = fork_check(owner_cache)
+    check_cache(owner_cache)
     steps["check_cache"] = (cpu() - start) * 1000
 def timed(name):
     step = getattr(scanning, name)

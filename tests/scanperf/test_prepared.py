@@ -96,26 +96,43 @@ def _same(
 
 def test_a_scan_through_the_prefetched_source_prepares_while_it_waits() -> None:
     """The console's path: scan() on a prefetched source installs its preparation in the source's
-    idle hook, chained after the caller's, and takes it off when the dump ends."""
+    idle hook, chained after the caller's (which still sees every batch), and takes it off when the
+    dump ends; this test's two sockets get the roles and diagnoses a scan through netlink gives."""
     kept, server_port, client_port = _ends()
     try:
         wait_for(lambda: {server_port, client_port} <= {s.local.port for s in _dump()[0]})
         early = prefetch.start((prefetch.TCP_CLOSE_WAIT, prefetch.TCP_LISTEN))
         assert early is not None
         seen: list[int] = []
-        early.while_waiting = lambda batch: seen.append(len(batch))
+
+        def callers_hook(batch: list[Socket]) -> None:
+            seen.append(len(batch))
+
+        early.while_waiting = callers_hook
         snapshot = scanning.scan(backend=early)
-        assert early.while_waiting is not None
-        assert early.while_waiting.__name__ == "<lambda>"  # the caller's hook is back
-        roles = {f.socket.local.port: f.role for f in snapshot.findings}
-        assert roles[server_port] == Role.SERVER
-        assert roles[client_port] == Role.CLIENT
+        assert early.while_waiting is callers_hook  # the caller's hook is back
+        ours = (server_port, client_port)
+        prefetched = {
+            f.socket.local.port: (f.role, f.diagnosis) for f in snapshot.findings if f.socket.local.port in ours
+        }
+        assert prefetched[server_port][0] == Role.SERVER
+        assert prefetched[client_port][0] == Role.CLIENT
         again = scanning.scan(backend="netlink")
-        before = {f.socket.inode: (f.role, f.diagnosis, len(f.owners)) for f in snapshot.findings}
-        after = {f.socket.inode: (f.role, f.diagnosis and f.diagnosis.code, len(f.owners)) for f in again.findings}
-        for inode in before.keys() & after.keys():
-            role, diagnosis, owners = before[inode]
-            assert (role, diagnosis and diagnosis.code, owners) == after[inode]
+        plain = {f.socket.local.port: (f.role, f.diagnosis) for f in again.findings if f.socket.local.port in ours}
+        assert {port: (role, d and d.code) for port, (role, d) in prefetched.items()} == {
+            port: (role, d and d.code) for port, (role, d) in plain.items()
+        }
+
+        # The chain itself (a dump may arrive whole before any wait, so it is driven here): the
+        # caller's hook sees each batch, then the preparation does.
+        targets, listeners = _dump()
+        prepared = scanning._Prepared.install(early, time.time())
+        assert prepared is not None
+        early.while_waiting(listeners + targets)
+        assert seen[-1] == len(listeners) + len(targets)
+        assert {id(s) for s in targets} == set(prepared.ready)
+        prepared.uninstall(early)
+        assert early.while_waiting is callers_hook
     finally:
         for sock in kept:
             sock.close()

@@ -315,7 +315,7 @@ def test_a_verified_holder_whose_pid_a_fork_took_since_is_the_new_process(spawn:
     cache = OwnerCache(max_age=60)
     assert find_owners(cookies, cookies=cookies, cache=cache).method == "bpf"
     first_start = read_process(first_child).start_time
-    check_cache(cache)  # before the dump, as the console does
+    check_cache(cache)  # before the dump, as the console's forked re-check does
     assert cache.verified is not None
     _ended(first_child)
     wait_for(lambda: owner_cache.boot_ticks() > first_start)  # the next process has another start time

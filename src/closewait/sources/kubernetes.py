@@ -59,8 +59,8 @@ class PodContainer:
 
 # kubelet's /var/log/containers/<pod>_<namespace>_<container>-<container id>.log, the convention
 # Fluent Bit's kubernetes filter parses (pod names are DNS subdomains, namespaces have no "_").
-# Compiled on first use (re's own cache keeps them), as closewait.workload's cgroup patterns.
-# Compiled on first use, as the cgroup patterns above: only hosts with kubelet's links need them.
+# Compiled on first use (re's own cache keeps them), as closewait.workload's cgroup patterns: only
+# hosts with kubelet's links need them.
 _LOG_NAME = (
     r"(?P<pod>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*)"
     r"_(?P<namespace>[^_]+)_(?P<container>.+)-(?P<id>[0-9a-f]{64})\.log"

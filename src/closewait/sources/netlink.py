@@ -812,7 +812,8 @@ def parse_reply(
     recv()s; ``data_type`` is the request's message type.
 
     Stops at NLMSG_DONE; an IPv6 dump the kernel refuses because IPv6 is disabled yields nothing.
-    ``dump`` reads the replies itself; ``closewait.sources.prefetch`` reads them on a thread.
+    ``dump`` reads the replies itself; ``closewait.sources.prefetch`` has a thread read them, and
+    parses each recv() with ``parse_messages`` as this does.
     """
     try:
         yield from _reply_items(replies, seq, data_type, parse_messages)

@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
         def join(self) -> None: ...
 
-    #: What ``owners.check_cache`` found: the holders still there by process, and the failed inodes.
+    #: What a re-check found (``owners.check_cache``, ``owner_check.ForkedCheck.join``): the holders
+    #: still there by process, and the failed inodes.
     Verified = tuple[list[tuple[int, Process, list[tuple[int, int]]]], set[int]]
 
 #: Where the one-shot CLI keeps the cache (a tmpfs, emptied at boot).
@@ -103,7 +104,8 @@ class OwnerCache:
         self._by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]] | None = []
         self._loaded = path is None
         self._dirty = False
-        #: What ``owners.check_cache`` found when it re-checked every holder: (pass_ticks, result).
+        #: What a re-check of every holder found (``owners.check_cache``, ``owner_check.ForkedCheck.join``):
+        #: (pass_ticks, result).
         self.verified: tuple[int, Verified] | None = None
         #: A re-check running meanwhile (``owners.start_check``'s thread, ``owner_check.fork_check``'s
         #: child); ``find_owners`` joins it, which sets ``verified``.

@@ -1,6 +1,6 @@
 """The owner cache's re-check in a child process, for the one-shot ``scan --json`` (the console).
 
-Re-checking a cached answer (``owners._verify_processes``) reads each holder's identity and one link
+Re-checking a cached answer (``owners.verify_in_process``) reads each holder's identity and one link
 per cached fd: 5,000 readlinks on the benchmark host, ~17 ms of system time. In a thread they would
 overlap the main thread's imports and parsing, but each readlink returns to a thread that must wait
 for the interpreter's lock while the main thread holds it (the console lowers the switch interval

@@ -319,15 +319,16 @@ def _kept(found: list[_Found]) -> dict[int, list[tuple[int, int, int]]]:
 
 
 def check_cache(cache: OwnerCache) -> None:
-    """Re-check every holder in ``cache`` now (``_verify_holders``), for ``find_owners`` to use.
+    """Re-check every holder in ``cache`` now, in this process (``verify_in_process``), for
+    ``find_owners`` to use (if the cache was not refilled since).
 
-    The expensive part of answering from the cache, a readlink per fd, does not depend on the dump,
-    so the console's ``scan --json`` calls this while the kernel walks its TCP table for the
-    prefetched dump (then ``find_owners`` uses the result, if the cache was not refilled since).
-    Nothing is checked when the cache is empty or too old.
+    The expensive part of answering from the cache, a readlink per fd, does not depend on the dump:
+    ``start_check`` runs this in a thread while the caller dumps (the exporter), and the console
+    has a child process read the same (``owner_check.fork_check``). Nothing is checked when the
+    cache is empty or too old.
     """
     everything = cache.by_process()
-    cache.verified = (cache.pass_ticks, _verify_processes(everything)) if everything else None
+    cache.verified = (cache.pass_ticks, verify_in_process(everything)) if everything else None
 
 
 def start_check(cache: OwnerCache) -> None:
@@ -504,11 +505,12 @@ def _new_holders(found: list[_Found], new: frozenset[int]) -> list[_Found] | Non
 def _verify_holders(cached: Mapping[int, Sequence[tuple[int, int, int]]]) -> tuple[list[_Found], set[int]]:
     """The cached holders (inode -> [(pid, fd, start time)]) that are still there, by process, and
     the inodes some fd of which no longer holds them (closed, moved, unreadable)."""
-    return _verify_processes(sorted(_by_process(cached).items()))
+    return verify_in_process(sorted(_by_process(cached).items()))
 
 
-def _verify_processes(by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]]) -> tuple[list[_Found], set[int]]:
-    """``_verify_holders`` of holders already by process: [((pid, start time), [(fd, inode), ...])]."""
+def verify_in_process(by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]]) -> Verified:
+    """``_verify_holders`` of holders already by process: [((pid, start time), [(fd, inode), ...])],
+    checked in this process (``owner_check`` has a child read the same, and falls back on this)."""
     n_fds = sum(len(hits) for _, hits in by_process)
     found: list[_Found] = []
     failed: set[int] = set()
@@ -517,11 +519,6 @@ def _verify_processes(by_process: list[tuple[tuple[int, int], list[tuple[int, in
     threads = 1 if n_fds < 1000 else _walk_threads(_PARALLEL_MIN_PIDS)
     _run_parallel(lambda: _check_cached(checks, found, failed), threads)
     return found, failed
-
-
-def verify_in_process(by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]]) -> Verified:
-    """``check_cache``'s answer for holders already by process, made in this process."""
-    return _verify_processes(by_process)
 
 
 def verified_from_reads(
