@@ -35,6 +35,8 @@ import _signal  # type: ignore[import-not-found]  # signal without its enum (not
 import marshal
 import os
 
+from closewait.sources._procread import read_at
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; mypy knows the name
 if TYPE_CHECKING:
     from typing import NoReturn
@@ -174,8 +176,8 @@ def read_process(pid: int, hits: list[tuple[int, int]]) -> Reads:
         except PermissionError:
             return (REFUSED, b"", b"", -1, [])
         try:
-            stat = _read_at(pid_dir, "stat")
-            cmdline = _read_at(pid_dir, "cmdline")
+            stat = read_at(pid_dir, "stat")
+            cmdline = read_at(pid_dir, "cmdline")
             try:
                 uid = os.fstat(pid_dir).st_uid
             except OSError:
@@ -200,17 +202,6 @@ def read_process(pid: int, hits: list[tuple[int, int]]) -> Reads:
         return (READ, stat, cmdline, uid, moved)
     finally:
         os.close(fd_dir)
-
-
-def _read_at(dir_fd: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def _reap(pid: int) -> int:

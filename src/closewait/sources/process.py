@@ -39,6 +39,7 @@ from closewait.errors import (
     from_os_error,
 )
 from closewait.model import Process
+from closewait.sources._procread import read_at
 
 SOCKET_LINK_PREFIX = "socket:["
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -145,14 +146,7 @@ def open_process(pid: int, proc_root: str = "/proc") -> int:
 
 def _read_at(dir_fd: int, pid: int, name: str) -> bytes:
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            chunks = []
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-            return b"".join(chunks)
-        finally:
-            os.close(fd)
+        return read_at(dir_fd, name)
     except OSError as err:
         raise from_os_error(err, f"reading /proc/{pid}/{name}", pid=pid) from err
 
