@@ -510,24 +510,43 @@ def _verify_holders(cached: Mapping[int, Sequence[tuple[int, int, int]]]) -> tup
 
 def verify_in_process(by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]]) -> Verified:
     """``_verify_holders`` of holders already by process: [((pid, start time), [(fd, inode), ...])],
-    checked in this process (``owner_check`` has a child read the same, and falls back on this)."""
-    n_fds = sum(len(hits) for _, hits in by_process)
-    found: list[_Found] = []
-    failed: set[int] = set()
-    checks = iter(by_process)
+    read in this process (``owner_check.read_process``, what the console's forked child reads) and
+    judged by ``verified_from_reads``. Reads that cannot be judged (a process file that could not be
+    read or parsed) fail every socket: a full pass answers, never a guess."""
+    from closewait.sources.owner_check import read_process
+
+    reads: list[Reads | None] = [None] * len(by_process)
+    todo = iter(enumerate(by_process))
+
+    def read_all() -> None:
+        for index, ((pid, _), hits) in todo:
+            reads[index] = read_process(pid, hits)
+
     # One readlink per fd is most of the cost (~4 us each): two threads halve it on a big cache.
-    threads = 1 if n_fds < 1000 else _walk_threads(_PARALLEL_MIN_PIDS)
-    _run_parallel(lambda: _check_cached(checks, found, failed), threads)
-    return found, failed
+    n_fds = sum(len(hits) for _, hits in by_process)
+    _run_parallel(read_all, 1 if n_fds < 1000 else _walk_threads(_PARALLEL_MIN_PIDS))
+    done = [read for read in reads if read is not None]
+    verified = verified_from_reads(by_process, done) if len(done) == len(reads) else None
+    if verified is None:
+        return [], {inode for _, hits in by_process for _, inode in hits}
+    return verified
 
 
 def verified_from_reads(
     by_process: list[tuple[tuple[int, int], list[tuple[int, int]]]], reads: Sequence[Reads]
 ) -> Verified | None:
-    """``_check_cached``'s answer from what ``owner_check``'s child read of each process (one
-    ``Reads`` per entry of ``by_process``, in order), by the same rules; None when the child met
-    something the in-process check would raise on (an unreadable process file, a stat line that
-    cannot be parsed): the caller then re-checks in-process."""
+    """The re-check's answer from what was read of each process (``owner_check.read_process``: one
+    ``Reads`` per entry of ``by_process``, in order, by the console's forked child or in this
+    process); None when something cannot be judged (a process file that could not be read, a stat
+    line that cannot be parsed, a read missing).
+
+    The rules: a process that is gone is skipped (its sockets need another holder, which the caller
+    checks); one that may not be read (another user's, to a user with CAP_BPF and CAP_PERFMON; any,
+    to root under an LSM that refuses), or whose start time cannot be read, is still there and may
+    still hold its sockets, so every inode of its holders fails (a full pass) rather than letting
+    another holder answer without it; one whose pid now names a process with another start time is
+    skipped (the caller walks processes started since the pass); an fd whose link is no longer its
+    socket's fails that socket."""
     from closewait.sources import owner_check as child
 
     found: list[_Found] = []
@@ -556,57 +575,9 @@ def verified_from_reads(
             still = [hit for hit in hits if hit[0] not in gone_fds]
         else:
             still = list(hits)
+        still.sort()  # in fd order, whatever order the holders came in (nearly always that one already)
         found.append((pid, process, still))
     return found, failed
-
-
-def _check_cached(
-    checks: Iterator[tuple[tuple[int, int], list[tuple[int, int]]]], found: list[_Found], failed: set[int]
-) -> None:
-    """For each ((pid, start time), [(fd, inode)]) from ``checks``: the process, if it is still the
-    one that started then (else it is skipped: that holder has exited), with the fds that still hold
-    their socket; the inodes of the others go to ``failed`` (set.add and set.update of ints are
-    atomic under the GIL).
-
-    Pitfall: only a process that is gone is skipped. One that may not be read (another user's, to a
-    user with CAP_BPF and CAP_PERFMON; any, to root under an LSM that refuses) is still there and
-    may still hold its sockets: skipping it would let another holder's check answer for the socket
-    without it. Every inode of its holders goes to ``failed`` (a full pass), as a refusal does in
-    the walk of processes started since the pass.
-    """
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-    readlink = os.readlink
-    prefix = SOCKET_LINK_PREFIX
-    for (pid, start_time), hits in checks:
-        try:
-            fd_dir = os.open(f"/proc/{pid}/fd", flags)
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # exited: its sockets need another holder, which the caller checks
-        except OSError:  # refused (or out of descriptors): not known to be gone
-            failed.update([inode for _, inode in hits])
-            continue
-        try:
-            process = _identified_through(fd_dir, pid)
-            if process is None:
-                continue  # exited since its fd directory was opened
-            if not process.start_time:  # its stat may not be read: who it is cannot be told
-                failed.update([inode for _, inode in hits])
-                continue
-            if process.start_time != start_time:
-                continue  # exited, and its pid now names a process started since (walked by the caller)
-            still = []
-            for fd, inode in hits:
-                try:
-                    link = readlink(str(fd), dir_fd=fd_dir)
-                except OSError:  # closed, or its links may not be read
-                    link = ""
-                if link == f"{prefix}{inode}]":
-                    still.append((fd, inode))
-                else:
-                    failed.add(inode)
-        finally:
-            os.close(fd_dir)
-        found.append((pid, process, sorted(still)))
 
 
 def _inode_of(hit: tuple[int, int]) -> int:
