@@ -269,9 +269,19 @@ def test_peer_not_reading_counts_data_queued_behind_the_fin(spawn: Spawn) -> Non
         local_port, sent = map(int, flooder.stdout.readline().split())
         states = closewait.parse_states(["fin-wait-1", "established"])
 
+        last: list[tuple[int, int]] = []
+
         def settled() -> dict[TcpState, closewait.Finding] | None:
+            """Both ends seen, with the same queues as in the scan before: bytes still moving from the
+            orphan's send queue to the reader's receive queue between the dump's reads of the two
+            would break the sum below (the reader never reads: its window closes, and they stop)."""
             found = {f.socket.state: f for f in closewait.scan(states, ports=[local_port]).findings}
-            return found if set(found) == {TcpState.FIN_WAIT1, TcpState.ESTABLISHED} else None
+            if set(found) != {TcpState.FIN_WAIT1, TcpState.ESTABLISHED}:
+                return None
+            queues = (found[TcpState.FIN_WAIT1].socket.send_q, found[TcpState.ESTABLISHED].socket.recv_q)
+            stable = bool(last) and last[-1] == queues
+            last.append(queues)
+            return found if stable else None
 
         found = wait_for(settled)
         orphan, reader = found[TcpState.FIN_WAIT1], found[TcpState.ESTABLISHED]
