@@ -139,13 +139,8 @@ def test_the_cached_answer_is_the_walks_answer(spawn: Spawn) -> None:
 
 @needs_bpf
 def test_a_fork_after_the_pass_is_found_and_a_moved_fd_means_a_new_pass(spawn: Spawn) -> None:
-    holder = spawn(argv=python_argv(FORKS_ON_SIGNAL))
+    holder, first_child, fd, cookies = _forking_holder(spawn)
     assert holder.stdout is not None
-    port = int(holder.stdout.readline())
-    with socket.create_connection(("127.0.0.1", port)):
-        first_child, fd = map(int, holder.stdout.readline().split())
-    close_wait_of(holder.pid, port)
-    cookies = _sockets([port])
     (inode,) = cookies
     cache = OwnerCache(max_age=60)
     assert find_owners(cookies, cookies=cookies, cache=cache).method == "bpf"

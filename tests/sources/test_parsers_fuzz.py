@@ -328,14 +328,10 @@ def _outcome(payload: bytes) -> tuple[str, object]:
         return ("error", str(err))
 
 
-@FUZZ
-@given(attribute_lists, st.permutations(range(6)), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255))))
-def test_remembered_attribute_layouts_parse_as_the_walk(
-    attrs: list[tuple[int, int]], order: list[int], corruptions: list[tuple[int, int]]
-) -> None:
-    """The parser remembers each attribute layout it walked, by length; a message whose attributes
-    have that length but other headers (reordered, another type, corrupted bytes) must still come
-    out as the walk alone makes it, error included."""
+def _layout_variants(attrs: list[tuple[int, int]], order: list[int], corruptions: list[tuple[int, int]]) -> list[bytes]:
+    """One CLOSE_WAIT message with the attributes ``attrs`` (kind, size), then the same with them
+    reordered by ``order``, with INET_DIAG_INFO's type changed, and with bytes after the
+    inet_diag_msg overwritten by ``corruptions`` (offset, value): one attribute length, other headers."""
     info = tcp_info_bytes({"last_ack_recv_ms": 77, "rtt_us": 5, "bytes_received": 3}, length=280)
     local, remote = Endpoint("127.0.0.1", 80), Endpoint("127.0.0.2", 40000)
 
@@ -351,6 +347,18 @@ def test_remembered_attribute_layouts_parse_as_the_walk(
         if netlink._MSG_SIZE + at < len(corrupted):
             corrupted[netlink._MSG_SIZE + at] = value
     messages.append(bytes(corrupted))
+    return messages
+
+
+@FUZZ
+@given(attribute_lists, st.permutations(range(6)), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255))))
+def test_remembered_attribute_layouts_parse_as_the_walk(
+    attrs: list[tuple[int, int]], order: list[int], corruptions: list[tuple[int, int]]
+) -> None:
+    """The parser remembers each attribute layout it walked, by length; a message whose attributes
+    have that length but other headers (reordered, another type, corrupted bytes) must still come
+    out as the walk alone makes it, error included."""
+    messages = _layout_variants(attrs, order, corruptions)
     walked = []
     for payload in messages:
         netlink._ATTRIBUTE_LAYOUTS.clear()
@@ -384,22 +392,8 @@ def test_messages_parsed_in_place_come_out_as_the_walk(
     walked: after a message of that layout, one with the same length but other attributes, another
     family, state or bytes must come out exactly as ``parse_diag_msg`` alone makes it, error included.
     ``spot`` corrupts the inet_diag_msg itself (family, state, timer, retransmits, the interface)."""
-    info = tcp_info_bytes({"last_ack_recv_ms": 77, "rtt_us": 5, "bytes_received": 3}, length=280)
-    local, remote = Endpoint("127.0.0.1", 80), Endpoint("127.0.0.2", 40000)
-
-    def message(attributes: list[tuple[int, int]]) -> bytes:
-        body = [(kind, info[:size] if kind == netlink.INET_DIAG_INFO else bytes(size)) for kind, size in attributes]
-        return diag_msg(Family.IPV4, TcpState.CLOSE_WAIT, local, remote, 1, 0, 0, 9, 5, body)
-
-    reordered = [attrs[i] for i in order if i < len(attrs)]
-    retyped = [(MARK if kind == netlink.INET_DIAG_INFO else kind, size) for kind, size in attrs]
-    first = message(attrs)
-    messages = [first, message(reordered), message(retyped)]
-    corrupted = bytearray(first)
-    for at, value in corruptions:
-        if netlink._MSG_SIZE + at < len(corrupted):
-            corrupted[netlink._MSG_SIZE + at] = value
-    messages.append(bytes(corrupted))
+    messages = _layout_variants(attrs, order, corruptions)
+    first = messages[0]
     for value in (0, 3, 99, 255):
         header = bytearray(first)
         header[spot] = value
