@@ -100,26 +100,19 @@ def exporters() -> Iterator[dict[str, str]]:
             "--collector.tcpstat",
             "--web.listen-address=127.0.0.1:{port}",
         ],
-        "closewait exporter --recorder off": [
-            CLOSEWAIT,
-            "exporter",
-            "--listen",
-            "127.0.0.1:{port}",
-            "--min-interval",
-            "0",
-            "--recorder",
-            "off",
-        ],
-        "closewait exporter --recorder on": [
-            CLOSEWAIT,
-            "exporter",
-            "--listen",
-            "127.0.0.1:{port}",
-            "--min-interval",
-            "0",
-            "--recorder",
-            "on",
-        ],
+        **{
+            f"closewait exporter --recorder {recorder}": [
+                CLOSEWAIT,
+                "exporter",
+                "--listen",
+                "127.0.0.1:{port}",
+                "--min-interval",
+                "0",
+                "--recorder",
+                recorder,
+            ]
+            for recorder in ("off", "on")
+        },
     }
     try:
         for name, argv in commands.items():
